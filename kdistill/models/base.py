@@ -1,0 +1,76 @@
+"""The one interface every kdistill model offers.
+
+A model is an ordinary ``nn.Module`` whose ``forward(x)`` returns logits. Distillation
+methods that work on intermediate representations also need the stage outputs and the
+pre-logit features; models provide them through ``forward_features`` (stage outputs,
+shallow to deep) and ``forward_head`` (last stage -> pre-logits -> logits), so that
+
+    forward(x) == forward_head(forward_features(x)[-1]).logits
+
+Feature methods select stages by index (``-1`` = deepest), never by module path.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+
+class ModelOutput(NamedTuple):
+    logits: Tensor  # (B, K)
+    features: list[Tensor]  # stage outputs, shallow to deep: (B, C_i, H_i, W_i)
+    pre_logits: Tensor  # (B, D): the input of the final linear classifier
+
+
+class Head(NamedTuple):
+    pre_logits: Tensor  # (B, D)
+    logits: Tensor  # (B, K)
+
+
+class KDModel(nn.Module):
+    """Base class: subclasses implement ``forward_features`` and ``forward_head``."""
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward_head(self, last: Tensor) -> Head:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x)[-1]).logits
+
+    def forward_all(self, x: Tensor) -> ModelOutput:
+        features = self.forward_features(x)
+        head = self.forward_head(features[-1])
+        return ModelOutput(head.logits, features, head.pre_logits)
+
+
+def forward_all(model: nn.Module, x: Tensor) -> ModelOutput:
+    """Logits, stage features and pre-logits of any model.
+
+    kdistill models answer directly. Other classifiers (a user's own ``nn.Module``) give
+    their logits only; a method that needs features then fails with a clear message.
+    """
+    if isinstance(model, KDModel):
+        return model.forward_all(x)
+    logits = model(x)
+    return ModelOutput(logits, [], logits)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def feature_shapes(model: nn.Module, image_shape: tuple[int, int, int]) -> ModelOutput:
+    """Run one dummy image through the model to learn its feature shapes (in eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = forward_all(model, torch.zeros(2, *image_shape, device=device))
+    finally:
+        model.train(was_training)
+    return out
