@@ -1,0 +1,234 @@
+"""The Python API: train or distill any classifier on images or on your own tensors.
+
+    import kdistill
+    data = kdistill.load_dataset("cifar10-mini")
+    teacher = kdistill.create_model("seed_teacher")
+    kdistill.train(teacher, data, epochs=10)
+    student = kdistill.create_model("seed_student")
+    result = kdistill.distill(teacher, student, data, epochs=10, alpha=0.9, temperature=4)
+    print(result.metrics["top1"])
+
+``train_data`` can be an :class:`~kdistill.data.ImageDataset` (or its name), a pair of
+tensors ``(inputs, labels)`` (uint8 images (N, C, H, W) are augmented and normalised;
+anything else is used as is), or any re-iterable of ``(inputs, labels)`` batches such as a
+``DataLoader``. The CLI's ``kdistill run`` is built from these same functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.config import DataConfig, DistillConfig, TrainConfig, _deep_merge, _format_errors
+from kdistill.data.dataset import ImageDataset, load_dataset
+from kdistill.data.loader import EvalData, IterableLoader, Normalize, TrainLoader
+from kdistill.engine import FitResult, fit, predict, select_device
+from kdistill.errors import ConfigError, DataError
+from kdistill.evaluate import classification_metrics
+from kdistill.methods import MethodContext, build_methods
+from kdistill.models.base import feature_shapes
+from kdistill.tasks import Distillation, Supervised
+
+
+@dataclass
+class Prepared:
+    """Training batches, evaluation sets and what a checkpoint must know about the data."""
+
+    loader: Any  # TrainLoader or IterableLoader
+    eval_sets: dict[str, EvalData]
+    num_classes: int
+    input_shape: tuple[int, ...]
+    num_samples: int
+    data_info: dict[str, Any]
+    classes: list[str] | None = None
+
+
+@dataclass
+class Result:
+    model: nn.Module
+    history: list[dict[str, Any]]
+    metrics: dict[str, Any]  # on the last evaluation set ("test" if given, else "val")
+    test_logits: Tensor | None
+    train_seconds: float
+    images_per_second: float
+    checkpoint: Path | None
+
+
+def make_train_config(config: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
+    """A TrainConfig from a config object or dict plus keyword overrides such as
+    ``epochs=5`` or ``lr=0.1`` (shorthand for ``optimizer={"lr": 0.1}``)."""
+    base = config.model_dump() if isinstance(config, TrainConfig) else dict(config or {})
+    if "lr" in overrides:
+        overrides.setdefault("optimizer", {})["lr"] = overrides.pop("lr")
+    try:
+        return TrainConfig.model_validate(_deep_merge(base, overrides))
+    except Exception as e:
+        raise ConfigError(f"train settings: {_format_errors(e) if hasattr(e, 'errors') else e}") from None
+
+
+def prepare_data(
+    train_data,
+    test_data=None,
+    *,
+    cfg: TrainConfig,
+    device: torch.device,
+    data: DataConfig | None = None,
+    seed: int = 0,
+    shard: tuple[int, int] = (0, 1),
+) -> Prepared:
+    data = data or DataConfig()
+    if isinstance(train_data, (str, Path)):
+        train_data = load_dataset(train_data, data.image_size, data.data_dir, data.download, data.val_size, seed)
+    channels_last = cfg.channels_last
+    if isinstance(train_data, ImageDataset):
+        ds = train_data
+        mean, std = ds.mean_std()
+        normalize = Normalize(mean, std, device, channels_last)
+        loader = TrainLoader(
+            ds.train_images, ds.train_labels, cfg.batch_size, device, normalize, seed,
+            augment=data.augment, padding=data.crop_padding, flip=data.flip, shard=shard,
+        )
+        evals = {}
+        if ds.val_images is not None:
+            evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize)
+        evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize)
+        info = {"dataset": ds.name, "checksum": ds.checksum, "classes": ds.classes, "mean": mean, "std": std, "image_size": ds.image_shape[-1]}
+        return Prepared(loader, evals, ds.num_classes, ds.image_shape, len(ds.train_labels), info, ds.classes)
+
+    if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, Tensor) for t in train_data):
+        inputs, labels = train_data
+        if len(inputs) != len(labels):
+            raise DataError(f"train_data: {len(inputs)} inputs but {len(labels)} labels")
+        images = inputs.dtype == torch.uint8 and inputs.ndim == 4
+        normalize = None
+        info: dict[str, Any] = {"dataset": "tensors"}
+        if images:
+            x = inputs.float().div_(255)
+            mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+            normalize = Normalize(mean, std, device, channels_last)
+            info.update(mean=mean, std=std, image_size=inputs.shape[-1])
+        loader = TrainLoader(inputs, labels, cfg.batch_size, device, normalize, seed, augment=data.augment and images, padding=data.crop_padding, flip=data.flip, shard=shard)
+        evals = {}
+        if test_data is not None:
+            tx, ty = test_data
+            evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize)
+        num_classes = int(labels.max()) + 1
+        return Prepared(loader, evals, num_classes, tuple(inputs.shape[1:]), len(labels), info)
+
+    if hasattr(train_data, "__iter__"):
+        loader = IterableLoader(train_data, device)
+        first_x, first_y = next(iter(train_data))[:2]
+        evals = {"test": EvalData(None, None, cfg.eval_batch_size, device, source=test_data)} if test_data is not None else {}
+        labels = evals["test"].labels if evals else first_y
+        num_classes = int(labels.max()) + 1
+        return Prepared(loader, evals, num_classes, tuple(first_x.shape[1:]), -1, {"dataset": "iterable"})
+    raise DataError(f"train_data: expected an ImageDataset, a data set name, a pair of tensors (inputs, labels) or an iterable of batches, got {type(train_data).__name__}")
+
+
+def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> Result:
+    name = "test" if "test" in prepared.eval_sets else next(iter(prepared.eval_sets), None)
+    metrics, logits = {}, None
+    if name:
+        data = prepared.eval_sets[name]
+        logits = predict(result.model, data, cfg.amp)
+        metrics = classification_metrics(logits, data.labels, prepared.classes)
+    return Result(result.model, result.history, metrics, logits, result.train_seconds, result.images_per_second, result.checkpoint)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def train(
+    model: nn.Module,
+    train_data,
+    test_data=None,
+    *,
+    config: TrainConfig | dict | None = None,
+    data: DataConfig | None = None,
+    device: str | torch.device = "auto",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    model_spec: dict | None = None,
+    desc: str = "train",
+    shard: tuple[int, int] = (0, 1),
+    **overrides,
+) -> Result:
+    """Train ``model`` with cross-entropy. Keyword overrides go to :class:`TrainConfig`
+    (``epochs=10``, ``batch_size=64``, ``lr=0.1``, ``label_smoothing=0.1``, ...)."""
+    cfg = make_train_config(config, **overrides)
+    device = select_device(str(device)) if not isinstance(device, torch.device) else device
+    _seed_everything(seed)
+    prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
+    task = Supervised(model, cfg.label_smoothing)
+    extra = {"kind": "train", "model_spec": model_spec, "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed}
+    result = fit(
+        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets,
+        run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
+    )
+    return _finish(result, prepared, cfg)
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    train_data,
+    test_data=None,
+    *,
+    methods: str | dict[str, dict] = "kd",
+    alpha: float = 0.9,
+    temperature: float | None = None,
+    ce_weight: float | None = None,
+    config: TrainConfig | dict | None = None,
+    data: DataConfig | None = None,
+    device: str | torch.device = "auto",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    model_spec: dict | None = None,
+    teacher_spec: dict | None = None,
+    desc: str = "distill",
+    shard: tuple[int, int] = (0, 1),
+    **overrides,
+) -> Result:
+    """Distill ``teacher`` into ``student``: loss = (1 - alpha) * CE + alpha * sum of the
+    methods' terms (``methods="kd"`` or ``{"kd": {"temperature": 4}, ...}``). The teacher
+    is frozen (eval mode, no gradients, never in the optimizer)."""
+    cfg = make_train_config(config, **overrides)
+    if isinstance(methods, str):
+        methods = {name.strip(): {} for name in methods.split("+")}
+    if temperature is not None:
+        methods = {n: ({"temperature": temperature, **o} if n == "kd" else o) for n, o in methods.items()}
+    try:
+        dcfg = DistillConfig(alpha=alpha, ce_weight=ce_weight, methods=methods)
+    except Exception as e:
+        raise ConfigError(f"distill settings: {_format_errors(e) if hasattr(e, 'errors') else e}") from None
+    device = select_device(str(device)) if not isinstance(device, torch.device) else device
+    _seed_everything(seed)
+    prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
+    teacher.to(device)
+    if cfg.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    student.to(device)
+    context = MethodContext(
+        student=feature_shapes(student, prepared.input_shape),
+        teacher=feature_shapes(teacher, prepared.input_shape),
+        num_classes=prepared.num_classes,
+        num_samples=prepared.num_samples,
+        epochs=cfg.epochs,
+    )
+    task = Distillation(student, teacher, build_methods(dcfg.methods, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing)
+    extra = {
+        "kind": "distill", "model_spec": model_spec, "teacher_spec": teacher_spec, "data": prepared.data_info,
+        "train_config": cfg.model_dump(mode="json"), "distill_config": dcfg.model_dump(mode="json"), "seed": seed,
+    }
+    result = fit(
+        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets,
+        run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
+    )
+    return _finish(result, prepared, cfg)

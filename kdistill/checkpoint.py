@@ -1,0 +1,88 @@
+"""Checkpoints: written atomically, loaded safely, self-describing.
+
+A checkpoint is a plain dict of tensors and primitives, loaded with
+``torch.load(..., weights_only=True)`` so a malicious file cannot run code. It records the
+model's registry name and constructor arguments, so ``load_model(path)`` rebuilds the model
+from the file alone, plus the preprocessing (mean/std, image size, class names) needed to
+use it, and, for resuming, the optimizer state, epoch, RNG state and metrics so far.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.errors import CheckpointError
+
+FORMAT = "kdistill-checkpoint/1"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk at any moment leaves either the old file or the new one, never
+    a truncated mix.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise CheckpointError(f"checkpoint {path} refused: it holds objects other than tensors and plain data ({first[:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e.__class__.__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a kdistill checkpoint (expected format {FORMAT!r})")
+    return state
+
+
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    from kdistill.models import create_model
+
+    try:
+        return create_model(spec["name"], **spec.get("kwargs", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot rebuild model from checkpoint spec {spec!r}: {e}") from None
+
+
+def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint and load its weights. Returns (model, checkpoint)."""
+    state = load_checkpoint(path, map_location)
+    try:
+        spec = state["model_spec"]
+        weights = state["model"]
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {path} lacks the key {e.args[0]!r}") from None
+    model = build_model(spec)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.get('name')!r}: {str(e).splitlines()[0]}") from None
+    return model, state

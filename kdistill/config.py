@@ -1,0 +1,279 @@
+"""Typed configuration: nested pydantic models, loaded from plain YAML.
+
+YAML is data only (``yaml.safe_load``); nothing is built from import paths. Unknown keys,
+wrong types and impossible values fail at load time with the key's dotted path, e.g.
+``config error in run.yaml: train.epochs: must be > 0 (got -3)``. Any key can be
+overridden from the command line with ``--set train.epochs=5`` (the value is parsed as
+YAML, so ``--set distill.methods.kd.temperature=2`` gives a float).
+
+Per-phase training settings: ``train`` holds the defaults of every phase; ``teacher.train``,
+``student.train`` and ``distill.train`` override any of its keys for one phase.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdistill.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dataset: str = "cifar10-mini"
+    """cifar10-mini (bundled sample), cifar10, cifar100, or a path to an ImageFolder tree
+    (root/{train,test}/<class>/<image>) or an archive (.tar, .tar.gz, .zip) of one."""
+    data_dir: Path | None = None
+    """Download and decoded-image cache folder (default: ~/.cache/kdistill)."""
+    image_size: int = Field(32, gt=0, le=1024)
+    val_size: int = Field(0, ge=0)
+    """Hold out this many training images as a validation split (tune on it, not on test)."""
+    augment: bool = True
+    crop_padding: int = Field(4, ge=0, le=64)
+    """Random crop with this many pixels of zero padding on each side (0 = no crop)."""
+    flip: bool = True
+    download: bool = True
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0, le=10)
+    """Peak learning rate, for one global batch of ``train.batch_size`` images."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
+    warmup_epochs: float = Field(0.0, ge=0)
+    """Linear warm-up from ``warmup_start`` x lr (cosine, step and constant schedules)."""
+    warmup_start: float = Field(0.1, ge=0, le=1)
+    pct_start: float = Field(0.25, gt=0, lt=1)
+    """One-cycle: fraction of the run spent rising linearly to the peak lr."""
+    final_lr_fraction: float = Field(0.0, ge=0, le=1)
+    """Cosine and one-cycle end at this fraction of the peak lr."""
+    milestones: list[float] = []
+    """Step schedule: epochs at which the lr is multiplied by ``gamma``."""
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(30, gt=0, le=100_000)
+    batch_size: int = Field(128, gt=0)
+    eval_batch_size: int = Field(500, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    """Clip the global gradient norm to this value (None: no clipping)."""
+    channels_last: bool = True
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    """auto: bf16 autocast on CUDA devices that support it, full precision on CPU."""
+    compile: bool = False
+    checkpoint_every: int = Field(1, gt=0)
+    """Write a resumable checkpoint every N epochs (always after the last)."""
+
+
+class ModelConfig(_Strict):
+    name: str
+    kwargs: dict[str, Any] = {}
+    checkpoint: Path | None = None
+    """Start from (teacher: use as is) this checkpoint instead of training."""
+    train: dict[str, Any] = {}
+    """Overrides of the top-level ``train`` keys for this model's phase."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from kdistill.models import MODELS
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+        return name
+
+
+class TeacherConfig(ModelConfig):
+    name: str = "seed_teacher"
+
+
+class StudentConfig(ModelConfig):
+    name: str = "seed_student"
+
+
+class DistillConfig(_Strict):
+    alpha: float = Field(0.9, ge=0, le=1)
+    """Weight of the distillation terms; hard-label cross-entropy gets ``1 - alpha``:
+    loss = (1 - alpha) * CE(y, s) + alpha * sum_m weight_m * L_m(s, t).
+    With the single method ``kd`` this is Hinton et al.'s
+    (1 - alpha) * CE + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))."""
+    ce_weight: float | None = Field(None, ge=0)
+    """Set to override the weight of the cross-entropy term (default: 1 - alpha)."""
+    methods: dict[str, dict[str, Any]] = {"kd": {}}
+    """Method name -> its options (see ``kdistill methods``); every method's options take
+    ``weight`` (default 1.0)."""
+    train: dict[str, Any] = {}
+    """Overrides of the top-level ``train`` keys for the distillation phase."""
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from kdistill.methods import parse_method_options
+
+        if not methods:
+            raise ValueError("at least one distillation method is required, e.g. {kd: {}}")
+        for name, options in methods.items():
+            parse_method_options(name, options or {})
+        return methods
+
+    @property
+    def effective_ce_weight(self) -> float:
+        return 1.0 - self.alpha if self.ce_weight is None else self.ce_weight
+
+
+class RunConfig(_Strict):
+    name: str = "quickstart"
+    seed: int = Field(0, ge=0)
+    device: str = "auto"
+    output_dir: Path = Path("runs")
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if device != "auto" and not (device == "cpu" or device == "mps" or device.startswith("cuda")):
+            raise ValueError(f"expected auto, cpu, cuda, cuda:N or mps (got {device!r})")
+        return device
+
+    @model_validator(mode="after")
+    def _phase_overrides_valid(self) -> RunConfig:
+        for phase in ("teacher", "student", "distill"):
+            self.train_for(phase)
+        return self
+
+    def train_for(self, phase: Literal["teacher", "student", "distill"]) -> TrainConfig:
+        """The top-level ``train`` settings with the phase's own overrides applied."""
+        overrides = getattr(self, phase).train
+        merged = _deep_merge(self.train.model_dump(), overrides)
+        try:
+            return TrainConfig.model_validate(merged)
+        except ValidationError as e:
+            raise ValueError(_format_errors(e, prefix=f"{phase}.train")) from None
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_errors(error: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            # a method's own validation reports "kd.temperature: ..." below distill.methods
+            head, sep, rest = msg.partition(": ")
+            if sep and loc.endswith("methods") and " " not in head:
+                loc, msg = f"{loc}.{head}", rest
+        path = ".".join(p for p in (prefix, loc) if p)
+        shown = "" if err["type"] in ("extra_forbidden", "value_error", "missing") else f" (got {err.get('input')!r})"
+        lines.append(f"{path}: {msg}{shown}" if path else f"{msg}{shown}")
+    return "; ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a bundled config (``quickstart``, ``cifar10_seed``, ...)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    bundled = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if bundled.exists():
+        return bundled
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {str(name_or_path)!r} not found (bundled configs: {known})")
+
+
+def load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config error in {path}:{where}: malformed YAML: {problem}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error in {path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate_config(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"config error in {source}: {_format_errors(e)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (default: the bundled quickstart), apply ``--set`` overrides, validate."""
+    resolved = resolve_config_path(path or "quickstart")
+    data = apply_overrides(load_yaml(resolved), overrides or [])
+    return validate_config(data, source=str(resolved))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,185 @@
+"""Data sets as in-memory uint8 tensors, whatever their source.
+
+``load_dataset("cifar10-mini" | "cifar10" | "cifar100" | path)`` returns an
+:class:`ImageDataset`. Decoding JPEGs is slow, so decoded arrays are cached on disk, keyed
+by the source's checksum and the image size: a second run on the same data loads them in
+well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from kdistill.data.imagefolder import is_archive, load_imagefolder
+from kdistill.errors import DataError
+from kdistill.progress import log
+
+BUNDLED = {"cifar10-mini": Path(__file__).parent / "bundled" / "cifar10-mini.tar.gz"}
+DOWNLOADABLE = ("cifar10", "cifar100")
+CACHE_VERSION = 1
+
+
+def default_data_dir() -> Path:
+    """$KDISTILL_CACHE, else $XDG_CACHE_HOME/kdistill, else ~/.cache/kdistill."""
+    if os.environ.get("KDISTILL_CACHE"):
+        return Path(os.environ["KDISTILL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdistill"
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """A classification data set held in memory. Images are uint8 (N, 3, H, W)."""
+
+    name: str
+    classes: list[str]
+    train_images: Tensor
+    train_labels: Tensor  # int64 (N,)
+    test_images: Tensor
+    test_labels: Tensor
+    checksum: str  # identifies the source data (and the decoding), for caches and fingerprints
+    val_images: Tensor | None = None
+    val_labels: Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of the training images, in [0, 1] units."""
+        x = self.train_images.float().div_(255)
+        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+
+    def with_validation(self, val_size: int, seed: int = 0) -> ImageDataset:
+        """Hold out ``val_size`` training images (a seeded random subset) as a validation split."""
+        if val_size == 0:
+            return self
+        n = len(self.train_labels)
+        if val_size >= n:
+            raise DataError(f"data.val_size={val_size} must be smaller than the {n} training images of {self.name}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        keep, val = perm[val_size:].sort().values, perm[:val_size].sort().values
+        return replace(
+            self,
+            train_images=self.train_images[keep],
+            train_labels=self.train_labels[keep],
+            val_images=self.train_images[val],
+            val_labels=self.train_labels[val],
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _folder_signature(root: Path) -> str:
+    """Cheap identity of a folder tree: names, sizes and modification times of its files."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _cache_path(data_dir: Path, checksum: str, image_size: int) -> Path:
+    return data_dir / "decoded" / f"{checksum[:32]}-{image_size}px-v{CACHE_VERSION}.npz"
+
+
+def _save_cache(path: Path, arrays: dict[str, np.ndarray], classes: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, classes=np.array(classes), **arrays)
+        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cache(path: Path) -> tuple[dict[str, np.ndarray], list[str]] | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "classes"}
+            return arrays, [str(c) for c in z["classes"]]
+    except (OSError, ValueError, KeyError):
+        return None  # missing or corrupt: decode again
+
+
+def load_dataset(
+    dataset: str | Path = "cifar10-mini",
+    image_size: int = 32,
+    data_dir: Path | None = None,
+    download: bool = True,
+    val_size: int = 0,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load a data set by name (cifar10-mini, cifar10, cifar100) or ImageFolder path."""
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    name = str(dataset)
+    if name in DOWNLOADABLE:
+        from kdistill.data.cifar import load_cifar
+
+        arrays = load_cifar(name, data_dir / name, download=download)
+        if image_size != 32:
+            raise DataError(f"data.image_size={image_size}: {name} images are 32x32; use image_size: 32")
+        ds = ImageDataset(
+            name=name,
+            classes=list(arrays.classes),
+            train_images=torch.from_numpy(arrays.train_images),
+            train_labels=torch.from_numpy(arrays.train_labels),
+            test_images=torch.from_numpy(arrays.test_images),
+            test_labels=torch.from_numpy(arrays.test_labels),
+            checksum=f"{name}-official",
+        )
+        return ds.with_validation(val_size, seed)
+
+    source = BUNDLED.get(name, Path(name).expanduser())
+    if not source.exists():
+        known = ", ".join([*BUNDLED, *DOWNLOADABLE])
+        raise DataError(f"data set {name!r} not found: expected one of {known}, or a path to an ImageFolder folder or archive")
+    if source.is_dir():
+        checksum = "dir-" + _folder_signature(source)
+    elif is_archive(source):
+        checksum = _sha256(source)
+    else:
+        raise DataError(f"data set {name!r}: {source} is neither a folder nor a .tar/.tar.gz/.zip archive")
+
+    cache = _cache_path(data_dir, checksum, image_size)
+    cached = _load_cache(cache) if cache.exists() else None
+    if cached is not None:
+        arrays, classes = cached
+    else:
+        log(f"decoding {source} (cached afterwards in {cache.parent})")
+        splits, classes = load_imagefolder(source, image_size)
+        arrays = {f"{s}_{kind}": a for s, (x, y) in splits.items() for kind, a in (("images", x), ("labels", y))}
+        try:
+            _save_cache(cache, arrays, classes)
+        except OSError as e:
+            log(f"warning: could not write the decoded-image cache {cache}: {e.strerror}")
+    ds = ImageDataset(
+        name=source.name.split(".")[0] if name not in BUNDLED else name,
+        classes=classes,
+        train_images=torch.from_numpy(arrays["train_images"]),
+        train_labels=torch.from_numpy(arrays["train_labels"]),
+        test_images=torch.from_numpy(arrays["test_images"]),
+        test_labels=torch.from_numpy(arrays["test_labels"]),
+        checksum=checksum,
+    )
+    return ds.with_validation(val_size, seed)

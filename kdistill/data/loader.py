@@ -1,0 +1,181 @@
+"""Batches from in-memory uint8 tensors, augmented on the training device.
+
+Every batch carries the sample indices (into the training set) of its images, so index-
+based methods and caches can use them. Augmentation is replayable: the shuffling order and
+the crop offsets and flips of every sample in every epoch are a pure function of
+(seed, epoch, sample index), computed with a dedicated generator, so a resumed run sees
+exactly the batches an uninterrupted one would, and a teacher cache can replay the views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class Batch(NamedTuple):
+    images: Tensor  # (B, 3, H, W) float, normalised, on the training device
+    labels: Tensor  # (B,) int64
+    indices: Tensor  # (B,) int64: positions in the split this batch comes from
+
+
+class Views(NamedTuple):
+    """The augmentation of every training sample for one epoch (indexed by sample index)."""
+
+    order: Tensor  # (N,) the epoch's shuffled sample indices
+    offsets: Tensor  # (N, 2) crop offsets (dy, dx) in [0, 2 * padding]
+    flips: Tensor  # (N,) bool
+
+
+def epoch_views(num_samples: int, seed: int, epoch: int, padding: int, flip: bool) -> Views:
+    """Shuffle order, crop offsets and flips of one epoch: a pure function of its arguments."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    order = torch.randperm(num_samples, generator=g)
+    offsets = torch.randint(0, 2 * padding + 1, (num_samples, 2), generator=g)
+    flips = torch.rand(num_samples, generator=g) < 0.5 if flip else torch.zeros(num_samples, dtype=torch.bool)
+    return Views(order, offsets, flips)
+
+
+def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
+    """Random crop with zero padding and horizontal flip, for a whole batch at once.
+
+    images: (B, C, H, W); offsets: (B, 2) in [0, 2*padding]; flips: (B,) bool.
+    """
+    B, C, H, W = images.shape
+    if padding > 0:
+        padded = F.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
+        rows = offsets[:, :1] + torch.arange(H, device=images.device)  # (B, H)
+        cols = offsets[:, 1:] + torch.arange(W, device=images.device)  # (B, W)
+    else:
+        padded = images
+        rows = torch.arange(H, device=images.device).expand(B, H)
+        cols = torch.arange(W, device=images.device).expand(B, W)
+    # a flip is a reversed column index: do it in the same gather, not as a second copy
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    b = torch.arange(B, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class Normalize:
+    """uint8 (B, C, H, W) -> float, (x/255 - mean) / std, as one fused multiply-add."""
+
+    def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
+        std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -mean_t / std_t
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: Tensor) -> Tensor:
+        x = images.contiguous(memory_format=self.memory_format).float()
+        return torch.addcmul(self.shift, x, self.scale)
+
+
+class TrainLoader:
+    """Shuffled (and, for images, augmented) training batches from in-memory tensors.
+
+    ``epoch(e)`` yields the batches of epoch ``e``. ``inputs`` are uint8 images
+    (N, C, H, W), which are cropped/flipped and normalised on the device, or any other
+    tensor (N, ...) of model inputs, used as they are.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        device: torch.device,
+        normalize: Normalize | None = None,
+        seed: int = 0,
+        augment: bool = True,
+        padding: int = 4,
+        flip: bool = True,
+        drop_last: bool = True,
+        shard: tuple[int, int] = (0, 1),
+    ):
+        self.inputs = inputs.to(device)  # stays on the device for the whole run
+        self.labels = labels.to(device)
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.device = device
+        self.seed = seed
+        images = inputs.dtype == torch.uint8 and inputs.ndim == 4
+        self.augment = augment and images
+        self.padding = padding if self.augment else 0
+        self.flip = flip and self.augment
+        self.drop_last = drop_last and len(labels) >= batch_size
+        self.rank, self.world = shard
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def views(self, epoch: int) -> Views:
+        return epoch_views(len(self.labels), self.seed, epoch, self.padding, self.flip)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        views = self.views(epoch)
+        order = views.order.to(self.device)
+        offsets, flips = views.offsets.to(self.device), views.flips.to(self.device)
+        for step in range(len(self)):
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            # each rank takes its own slice of the global batch (DDP); one rank takes it all
+            idx = idx[self.rank :: self.world]
+            x = self.inputs[idx]
+            if self.augment:
+                x = crop_flip(x, offsets[idx], flips[idx], self.padding)
+            if self.normalize is not None:
+                x = self.normalize(x)
+            yield Batch(x, self.labels[idx], idx)
+
+
+class IterableLoader:
+    """Training batches from any re-iterable source of (inputs, labels) pairs, e.g. a
+    ``torch.utils.data.DataLoader``. Indices count samples in the order they arrive, so
+    index-based methods (CRD) need in-memory tensors instead."""
+
+    def __init__(self, source, device: torch.device):
+        self.source = source
+        self.device = device
+        self.batch_size = None
+        self.labels = None
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        seen = 0
+        for item in self.source:
+            x, y = item[0], item[1]
+            idx = torch.arange(seen, seen + len(y), device=self.device)
+            seen += len(y)
+            yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx)
+
+
+class EvalData:
+    """Fixed-order evaluation batches; ``labels`` holds all labels on the CPU."""
+
+    def __init__(self, inputs: Tensor | None, labels: Tensor | None, batch_size: int, device: torch.device, normalize: Normalize | None = None, source=None):
+        self.inputs, self.batch_size, self.device, self.normalize, self.source = inputs, batch_size, device, normalize, source
+        if source is not None:
+            labels = torch.cat([item[1] for item in source])
+        self.labels = labels.cpu()
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.source is not None:
+            seen = 0
+            for item in self.source:
+                x, y = item[0], item[1]
+                yield Batch(x.to(self.device), y.to(self.device), torch.arange(seen, seen + len(y)))
+                seen += len(y)
+            return
+        for start in range(0, len(self.labels), self.batch_size):
+            x = self.inputs[start : start + self.batch_size].to(self.device, non_blocking=True)
+            if self.normalize is not None:
+                x = self.normalize(x)
+            yield Batch(x, self.labels[start : start + self.batch_size].to(self.device), torch.arange(start, start + len(x)))

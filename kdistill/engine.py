@@ -1,0 +1,279 @@
+"""The one training loop: teacher, baseline student and distillation runs alike.
+
+Read top to bottom: schedule -> forward (the task returns named losses) -> sum -> backward
+-> clip -> step -> accumulate statistics on the device (no host sync per step) -> evaluate
+at the end of each epoch -> checkpoint atomically. ``resume=True`` continues from the last
+checkpoint and, because the batches of every epoch are a pure function of (seed, epoch) and
+the RNG state is saved, ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdistill.checkpoint import load_checkpoint, save_checkpoint
+from kdistill.config import ScheduleConfig, TrainConfig
+from kdistill.data.loader import EvalData
+from kdistill.errors import CheckpointError, TrainingError
+from kdistill.progress import interactive, log, progress
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+    return device
+
+
+def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where it helps: on CUDA GPUs with bf16 support (auto), or when asked."""
+    use = amp == "bf16" or (amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not use:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    # no weight decay on biases and norm parameters (1-D tensors): standard practice
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas)
+
+
+def lr_factor(step: int, total_steps: int, steps_per_epoch: int, s: ScheduleConfig) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based), a pure function."""
+    t = step / max(total_steps, 1)  # progress through the run, [0, 1)
+    epoch = step / steps_per_epoch
+    if s.name == "onecycle":
+        rise = s.pct_start
+        if t < rise:  # linear warm-up from warmup_start to 1
+            return s.warmup_start + (1 - s.warmup_start) * t / rise
+        u = (t - rise) / (1 - rise)  # then linear decay to final_lr_fraction
+        return 1 - (1 - s.final_lr_fraction) * u
+    warm = s.warmup_epochs
+    if warm > 0 and epoch < warm:
+        return s.warmup_start + (1 - s.warmup_start) * epoch / warm
+    if s.name == "cosine":
+        u = (epoch - warm) / max(total_steps / steps_per_epoch - warm, 1e-9)
+        return s.final_lr_fraction + (1 - s.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * min(u, 1.0)))
+    if s.name == "step":
+        return s.gamma ** sum(epoch >= m for m in s.milestones)
+    return 1.0
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: EvalData, amp: str = "off") -> torch.Tensor:
+    """Logits (N, K) float32 on the CPU for every sample of ``data``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with autocast_for(data.device, amp):
+        for batch in data:
+            out.append(model(batch.images).float())
+    model.train(was_training)
+    return torch.cat(out).cpu()
+
+
+def quick_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {
+        "top1": (logits.argmax(1) == labels).float().mean().item() * 100,
+        "loss": F.cross_entropy(logits, labels).item(),
+    }
+
+
+def fit(
+    task: nn.Module,
+    loader,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    eval_sets: dict[str, EvalData] | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    checkpoint_extra: dict[str, Any] | None = None,
+    desc: str = "train",
+    num_classes: int | None = None,
+) -> FitResult:
+    """Train ``task`` (see :mod:`kdistill.tasks`) for ``cfg.epochs`` epochs.
+
+    ``loader`` yields the batches of an epoch from ``loader.epoch(e)`` (see
+    :mod:`kdistill.data.loader`); ``eval_sets`` ({"val": ..., "test": ...}) are evaluated
+    after every epoch. ``checkpoint_extra`` is stored in every checkpoint (model spec, preprocessing, config).
+    With ``run_dir`` set, writes ``checkpoint.pt`` and ``metrics.jsonl`` there.
+    """
+    model = task.model
+    task.to(device)
+    if cfg.channels_last:
+        task.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(task.parameters(), cfg)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size")
+    total_steps = steps_per_epoch * cfg.epochs
+    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir else None
+    metrics_path = run_dir / "metrics.jsonl" if run_dir else None
+
+    start_epoch, history = 0, []
+    if resume and ckpt_path and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, map_location=device)
+        try:
+            task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
+            optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume from {ckpt_path}: it does not match this run ({str(e).splitlines()[0]})") from None
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        start_epoch, history = state["epoch"], list(state["history"])
+        log(f"{desc}: resuming from {ckpt_path} after epoch {start_epoch}")
+    if metrics_path:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        # rewrite from the checkpoint's history: epochs after the last checkpoint are redone
+        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    if cfg.compile:
+        model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
+
+    eval_sets = eval_sets or {}
+    amp = autocast_for(device, cfg.amp)
+    chance = 100.0 / num_classes if num_classes else None
+    train_seconds = sum(h.get("train_seconds", 0.0) for h in history)
+    images_seen = sum(h.get("train_images", 0) for h in history)
+    first_bad = torch.tensor(-1, device=device)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        task.train()
+        term_names: list[str] | None = None
+        sums = None  # (n_terms + 3,) on the device: total, terms..., correct, count
+        t0 = time.perf_counter()
+        bar = progress(loader.epoch(epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+        for i, batch in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            factor = lr_factor(step, total_steps, steps_per_epoch, cfg.schedule)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            with amp:
+                logits, losses = task(batch, epoch + i / steps_per_epoch)
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
+            optimizer.step()
+
+            with torch.no_grad():
+                correct = (logits.argmax(1) == batch.labels).sum()
+                stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), torch.tensor(float(len(batch.labels)), device=device)])
+                sums = stats if sums is None else sums + stats
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), torch.tensor(step, device=device), first_bad)
+            term_names = term_names or list(losses)
+            if interactive() and i % 20 == 0:  # the only host syncs: for the bar, on terminals
+                s = sums.tolist()
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{s[0] / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] / elapsed:.0f}", refresh=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch_seconds = time.perf_counter() - t0
+        s = sums.tolist()
+        if not math.isfinite(s[0]):
+            bad_terms = [n for n, v in zip(term_names, s[1:-2]) if not math.isfinite(v)]
+            raise TrainingError(
+                f"{desc}: loss became non-finite at step {int(first_bad.item())} (epoch {epoch + 1}; "
+                f"term(s): {', '.join(bad_terms) or 'total'}); the last good checkpoint is kept"
+                + (f" in {ckpt_path}" if ckpt_path and ckpt_path.exists() else "")
+                + ". Lower the learning rate, add warm-up or set train.grad_clip."
+            )
+        steps = steps_per_epoch
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "lr": base_lrs[0] * lr_factor(min((epoch + 1) * steps, total_steps) - 1, total_steps, steps, cfg.schedule),
+            "train_loss": s[0] / steps,
+            **{f"train_{n}": v / steps for n, v in zip(term_names, s[1:-2])},
+            "train_top1": 100 * s[-2] / s[-1],
+            "train_seconds": epoch_seconds,
+            "train_images": int(s[-1]),
+            "images_per_second": s[-1] / epoch_seconds,
+        }
+        train_seconds += epoch_seconds
+        images_seen += int(s[-1])
+        for name, data in eval_sets.items():
+            logits = predict(model, data, cfg.amp)
+            for k, v in quick_metrics(logits, data.labels).items():
+                record[f"{name}_{k}"] = v
+        history.append(record)
+        log(
+            f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} train {record['train_top1']:.1f}%"
+            + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in eval_sets)
+            + f" ({record['images_per_second']:.0f} img/s)"
+        )
+        if metrics_path:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+        if chance and eval_sets:
+            watched = next(iter(eval_sets))
+            key = f"{watched}_top1"
+            best = max(h[key] for h in history)
+            if record[key] <= 1.2 * chance and best >= 2 * chance:
+                raise TrainingError(
+                    f"{desc}: training collapsed at epoch {epoch + 1}: {watched} accuracy fell from {best:.1f}% "
+                    f"to {record[key]:.1f}% (chance {chance:.1f}%). Lower the learning rate, add warm-up or set train.grad_clip."
+                )
+
+        last = epoch + 1 == cfg.epochs
+        if ckpt_path and (last or (epoch + 1) % cfg.checkpoint_every == 0):
+            task_state = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
+            rng = {"torch": torch.get_rng_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state()
+            save_checkpoint(
+                {
+                    **(checkpoint_extra or {}),
+                    "model": model.state_dict(),
+                    "task_state": task_state,
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch + 1,
+                    "epochs": cfg.epochs,
+                    "rng": rng,
+                    "history": history,
+                },
+                ckpt_path,
+            )
+
+    return FitResult(
+        model=model,
+        history=history,
+        checkpoint=ckpt_path,
+        train_seconds=train_seconds,
+        images_per_second=images_seen / train_seconds if train_seconds else 0.0,
+    )

@@ -1,0 +1,78 @@
+"""What the training engine optimises: a model plus a loss, returning named loss terms.
+
+The engine is the same for the teacher, the baseline student and every distillation run;
+they differ only in the task:
+
+- :class:`Supervised`: cross-entropy with the labels (optionally label-smoothed).
+- :class:`Distillation`: the student against a frozen teacher, with any set of methods.
+
+A task's ``forward(batch, epoch)`` returns ``(student_logits, {term: weighted loss})``;
+the engine sums the terms, backpropagates and logs each one. The trainable parameters are
+``task.parameters()``: the model's and the methods' own. The teacher is deliberately not a
+submodule, so it is never in the optimizer, never in a checkpoint and never switched to
+train mode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdistill.data.loader import Batch
+from kdistill.methods import Method
+from kdistill.models.base import ModelOutput, forward_all
+
+
+class Supervised(nn.Module):
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: Batch, epoch: float) -> tuple[Tensor, dict[str, Tensor]]:
+        logits = self.model(batch.images)
+        return logits, {"ce": F.cross_entropy(logits.float(), batch.labels, label_smoothing=self.label_smoothing)}
+
+
+class Distillation(nn.Module):
+    """loss = ce_weight * CE(y, s) + alpha * sum_m weight_m * L_m(s, t)."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        methods: dict[str, Method],
+        alpha: float,
+        ce_weight: float,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.model = student
+        self.methods = nn.ModuleDict(methods)
+        self.alpha = alpha
+        self.ce_weight = ce_weight
+        self.label_smoothing = label_smoothing
+        teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        self.needs_features = any(m.needs_features for m in methods.values())
+
+    def train(self, mode: bool = True) -> Distillation:
+        super().train(mode)
+        self.teacher.eval()  # batch norm statistics and dropout of the teacher stay frozen
+        return self
+
+    def forward(self, batch: Batch, epoch: float) -> tuple[Tensor, dict[str, Tensor]]:
+        x = batch.images
+        with torch.no_grad():
+            teacher = forward_all(self.teacher, x) if self.needs_features else ModelOutput(self.teacher(x), [], None)
+        student = forward_all(self.model, x) if self.needs_features else ModelOutput(self.model(x), [], None)
+        losses = {}
+        if self.ce_weight > 0:
+            ce = F.cross_entropy(student.logits.float(), batch.labels, label_smoothing=self.label_smoothing)
+            losses["ce"] = self.ce_weight * ce
+        for method in self.methods.values():
+            scale = self.alpha * method.options.weight
+            for term, value in method(student, teacher, batch.labels, batch.indices, epoch).items():
+                losses[term] = scale * value
+        return student.logits, losses
