@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdistill.data.archive import sha256_file
 from kdistill.data.imagefolder import is_archive, load_imagefolder
 from kdistill.errors import DataError
 from kdistill.progress import log
@@ -77,14 +78,6 @@ class ImageDataset:
             val_images=self.train_images[val],
             val_labels=self.train_labels[val],
         )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _folder_signature(root: Path) -> str:
@@ -157,7 +150,7 @@ def load_dataset(
     if source.is_dir():
         checksum = "dir-" + _folder_signature(source)
     elif is_archive(source):
-        checksum = _sha256(source)
+        checksum = sha256_file(source)
     else:
         raise DataError(f"data set {name!r}: {source} is neither a folder nor a .tar/.tar.gz/.zip archive")
 

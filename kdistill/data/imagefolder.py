@@ -112,10 +112,10 @@ def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.
     out = {}
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
         for split in SPLITS:
-            items = [(i, label) for label, cls in enumerate(classes) for i in sorted(layout[split][cls], key=lambda i: names[i])]
-            for label, cls in enumerate(classes):
+            for cls in classes:
                 if not layout[split].get(cls):
                     raise DataError(f"{source}: class folder {prefix}{split}/{cls}/ is empty")
+            items = [(i, label) for label, cls in enumerate(classes) for i in sorted(layout[split][cls], key=lambda i: names[i])]
             jobs = pool.map(lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size), items)
             images = np.stack(list(progress(jobs, total=len(items), desc=f"decode {split}")))
             labels = np.array([label for _, label in items], dtype=np.int64)
