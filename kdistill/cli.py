@@ -1,0 +1,231 @@
+"""Command line: ``kdistill run | train | distill | evaluate | models | methods``.
+
+Every training command reads a YAML config (``--config``, default: the bundled
+quickstart) and accepts ``--set key.path=value`` overrides plus a few shortcuts
+(``--data``, ``--epochs``, ``--seed``, ...). Errors the user can fix are printed as one
+line (no traceback unless ``--debug``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kdistill.errors import KDistillError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config file or bundled config name (default: quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--data", help="data set: cifar10-mini, cifar10, cifar100, or an ImageFolder folder/archive (data.dataset)")
+    p.add_argument("--data-dir", help="download and cache folder (data.data_dir)")
+    p.add_argument("--name", help="run name: outputs go to OUTPUT_DIR/NAME (name)")
+    p.add_argument("--output-dir", help="parent folder of run directories (output_dir, default runs)")
+    p.add_argument("--seed", type=int, help="random seed (seed)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
+    p.add_argument("--epochs", type=int, help="epochs of every phase (train.epochs)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _method_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="distillation method(s), e.g. kd, or kd+crd (distill.methods)")
+    p.add_argument("--alpha", type=float, help="weight of the distillation terms; CE gets 1 - alpha (distill.alpha)")
+    p.add_argument("--temperature", "-T", type=float, help="KD temperature (distill.methods.kd.temperature)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation of image classifiers, measured end to end.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the whole study: teacher -> student alone -> distilled student -> report")
+    _common(p)
+    _method_arg(p)
+    p.add_argument("--teacher-checkpoint", help="use this trained teacher instead of training one (teacher.checkpoint)")
+
+    p = sub.add_parser("train", help="train one model with cross-entropy")
+    _common(p)
+    p.add_argument("--model", "-m", help="model name (teacher.name of the config; see `kdistill models`)")
+
+    p = sub.add_parser("distill", help="distill a student from a teacher checkpoint")
+    _common(p)
+    _method_arg(p)
+    p.add_argument("--teacher", required=True, help="teacher checkpoint (checkpoint.pt of a train or run)")
+    p.add_argument("--student", "-m", help="student model name (student.name)")
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", help="data set (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--teacher", help="also report agreement with this teacher checkpoint")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--debug", action="store_true")
+
+    sub.add_parser("models", help="list the registered models")
+    sub.add_parser("methods", help="list the distillation methods and their options")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace):
+    from kdistill.config import load_config
+
+    overrides = list(args.overrides)
+    shortcuts = {
+        "data": "data.dataset", "data_dir": "data.data_dir", "name": "name", "output_dir": "output_dir",
+        "seed": "seed", "device": "device", "epochs": "train.epochs", "alpha": "distill.alpha",
+        "teacher_checkpoint": "teacher.checkpoint", "model": "teacher.name", "student": "student.name",
+    }
+    # shortcuts first, so an explicit --set wins
+    pre = [f"{key}={json.dumps(getattr(args, attr)) if isinstance(getattr(args, attr), str) else getattr(args, attr)}" for attr, key in shortcuts.items() if getattr(args, attr, None) is not None]
+    method = getattr(args, "method", None)
+    if method:
+        pre.append("distill.methods=" + json.dumps({m.strip(): {} for m in method.split("+")}))
+    if getattr(args, "temperature", None) is not None:
+        pre.append(f"distill.methods.kd.temperature={args.temperature}")
+    return load_config(args.config, pre + overrides)
+
+
+def cmd_run(args) -> None:
+    from kdistill.study import run_study
+
+    cfg = _config_from_args(args)
+    run_study(cfg, resume=args.resume)
+
+
+def cmd_train(args) -> None:
+    from kdistill import api
+    from kdistill.engine import select_device
+    from kdistill.models import create_model
+    from kdistill.study import load_data, model_spec, write_single_summary
+
+    cfg = _config_from_args(args)
+    run_dir = _prepare_run_dir(cfg, args.resume)
+    ds = load_data(cfg)
+    spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.teacher.name, **spec["kwargs"])
+    result = api.train(
+        model, ds, config=cfg.train_for("teacher"), data=cfg.data, device=select_device(cfg.device), run_dir=run_dir,
+        resume=args.resume, seed=cfg.seed, model_spec=spec, desc=cfg.teacher.name,
+    )
+    write_single_summary(run_dir, cfg.teacher.name, result, ds)
+
+
+def cmd_distill(args) -> None:
+    import torch
+
+    from kdistill import api
+    from kdistill.engine import select_device
+    from kdistill.models import create_model
+    from kdistill.study import load_data, load_teacher, model_spec, write_single_summary
+
+    cfg = _config_from_args(args)
+    run_dir = _prepare_run_dir(cfg, args.resume)
+    ds = load_data(cfg)
+    device = select_device(cfg.device)
+    teacher, _ = load_teacher(Path(args.teacher), ds.num_classes, device)
+    spec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+    torch.manual_seed(cfg.seed)
+    student = create_model(cfg.student.name, **spec["kwargs"])
+    d = cfg.distill
+    result = api.distill(
+        teacher, student, ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
+        data=cfg.data, device=device, run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_spec=spec,
+        teacher_spec={"checkpoint": str(args.teacher)}, desc="distill",
+    )
+    write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher)
+
+
+def _prepare_run_dir(cfg, resume: bool) -> Path:
+    from kdistill.config import dump_config
+    from kdistill.errors import ConfigError
+    from kdistill.study import git_revision
+
+    run_dir = cfg.output_dir / cfg.name
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "git.txt").write_text(git_revision() + "\n")
+    return run_dir
+
+
+def cmd_evaluate(args) -> None:
+    from kdistill.checkpoint import load_model
+    from kdistill.data.dataset import load_dataset
+    from kdistill.data.loader import EvalData, Normalize
+    from kdistill.engine import predict, select_device
+    from kdistill.errors import CheckpointError
+    from kdistill.evaluate import agreement, classification_metrics, profile_model
+
+    device = select_device(args.device)
+    model, state = load_model(Path(args.checkpoint))
+    if state.get("model_spec") is None:
+        raise CheckpointError(f"{args.checkpoint} holds a model trained through the Python API without a registry name; evaluate it from Python")
+    info = state.get("data", {})
+    dataset = args.data or info.get("dataset")
+    ds = load_dataset(dataset, info.get("image_size", 32), Path(args.data_dir) if args.data_dir else None)
+    expected = state["model_spec"]["kwargs"].get("num_classes")
+    if expected is not None and expected != ds.num_classes:
+        raise CheckpointError(f"{args.checkpoint} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
+    mean, std = info.get("mean") or ds.mean_std()[0], info.get("std") or ds.mean_std()[1]
+    test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
+    logits = predict(model.to(device), test)
+    metrics = {"checkpoint": args.checkpoint, "dataset": dataset, "test": classification_metrics(logits, ds.test_labels, ds.classes)}
+    if args.teacher:
+        teacher, _ = load_model(Path(args.teacher))
+        metrics["agreement"] = agreement(logits, predict(teacher.to(device), test))
+    metrics["profile"] = profile_model(model, ds.image_shape)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return
+    t = metrics["test"]
+    print(f"{args.checkpoint} on {dataset} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}")
+    if "agreement" in metrics:
+        a = metrics["agreement"]
+        print(f"agreement with teacher: {a['agreement_top1']:.2f}%  mean KL {a['mean_kl']:.4f}")
+    p = metrics["profile"]
+    print(f"parameters {p['parameters']:,}  MACs {p['macs']:,}  CPU latency b=1 {p['latency_b1']['median_ms']:.2f} ms  CPU throughput b=256 {p['throughput_b256']['images_per_second']:.0f} img/s")
+
+
+def cmd_models(args) -> None:
+    from kdistill.models import MODELS, count_parameters, create_model
+
+    for name in sorted(MODELS):
+        print(f"{name:14s} {count_parameters(create_model(name, num_classes=10)) / 1e6:6.2f} M parameters (10 classes)")
+
+
+def cmd_methods(args) -> None:
+    from kdistill.methods import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = " ".join((sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0].split())
+        opts = ", ".join(f"{k}={f.default}" for k, f in cls.Options.model_fields.items())
+        print(f"{name:8s} {doc}\n         options: {opts}")
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except KDistillError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"kdistill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdistill: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
