@@ -96,7 +96,7 @@ def prepare_data(
         if ds.val_images is not None:
             evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize)
         evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize)
-        info = {"dataset": ds.name, "checksum": ds.checksum, "classes": ds.classes, "mean": mean, "std": std, "image_size": ds.image_shape[-1]}
+        info = {"dataset": ds.source or ds.name, "checksum": ds.checksum, "classes": ds.classes, "mean": mean, "std": std, "image_size": ds.image_shape[-1]}
         return Prepared(loader, evals, ds.num_classes, ds.image_shape, len(ds.train_labels), info, ds.classes)
 
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, Tensor) for t in train_data):

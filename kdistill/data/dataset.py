@@ -46,6 +46,7 @@ class ImageDataset:
     test_images: Tensor
     test_labels: Tensor
     checksum: str  # identifies the source data (and the decoding), for caches and fingerprints
+    source: str = ""  # what to pass to load_dataset to load it again (name or absolute path)
     val_images: Tensor | None = None
     val_labels: Tensor | None = None
 
@@ -140,6 +141,7 @@ def load_dataset(
             test_images=torch.from_numpy(arrays.test_images),
             test_labels=torch.from_numpy(arrays.test_labels),
             checksum=f"{name}-official",
+            source=name,
         )
         return ds.with_validation(val_size, seed)
 
@@ -174,5 +176,6 @@ def load_dataset(
         test_images=torch.from_numpy(arrays["test_images"]),
         test_labels=torch.from_numpy(arrays["test_labels"]),
         checksum=checksum,
+        source=name if name in BUNDLED else str(source.resolve()),
     )
     return ds.with_validation(val_size, seed)
