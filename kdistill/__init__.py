@@ -1,6 +1,6 @@
 """kdistill: knowledge distillation of image classifiers, measured end to end."""
 
-from kdistill.api import Result, distill, train
+from kdistill.api import Result, distill, mutual, train
 from kdistill.config import RunConfig, TrainConfig, load_config
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.errors import KDistillError
@@ -11,5 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "MODELS", "ImageDataset", "KDistillError", "Result", "RunConfig", "TrainConfig",
-    "create_model", "distill", "kd_loss", "load_config", "load_dataset", "train",
+    "create_model", "distill", "kd_loss", "load_config", "load_dataset", "mutual", "train",
 ]

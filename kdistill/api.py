@@ -232,3 +232,40 @@ def distill(
         run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
     )
     return _finish(result, prepared, cfg)
+
+
+def mutual(
+    models: list[nn.Module],
+    train_data,
+    test_data=None,
+    *,
+    temperature: float = 1.0,
+    weight: float = 1.0,
+    config: TrainConfig | dict | None = None,
+    data: DataConfig | None = None,
+    device: str | torch.device = "auto",
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    model_specs: list[dict] | None = None,
+    desc: str = "mutual",
+    **overrides,
+) -> list[Result]:
+    """Deep mutual learning: train ``models`` (two or more) together, each distilled from the
+    others' current predictions (no pre-trained teacher). Returns one Result per model."""
+    from kdistill.tasks import MutualLearning
+
+    cfg = make_train_config(config, **overrides)
+    device = select_device(str(device)) if not isinstance(device, torch.device) else device
+    _seed_everything(seed)
+    prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed)
+    task = MutualLearning(list(models), temperature, weight, cfg.label_smoothing)
+    extra = {
+        "kind": "mutual", "model_spec": (model_specs or [None])[0], "peer_specs": (model_specs or [None])[1:],
+        "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed,
+    }
+    result = fit(
+        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets,
+        run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
+    )
+    return [_finish(FitResult(m, result.history, result.checkpoint, result.train_seconds, result.images_per_second), prepared, cfg) for m in task.all_models]

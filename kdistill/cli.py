@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _method_arg(p)
     p.add_argument("--teacher-checkpoint", help="use this trained teacher instead of training one (teacher.checkpoint)")
+    p.add_argument("--born-again", type=int, metavar="N", help="then train N more generations of the student, each distilled from the previous one (born_again)")
 
     p = sub.add_parser("train", help="train one model with cross-entropy")
     _common(p)
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="distill a student from a teacher checkpoint")
     _common(p)
     _method_arg(p)
-    p.add_argument("--teacher", required=True, help="teacher checkpoint (checkpoint.pt of a train or run)")
+    p.add_argument("--teacher", required=True, action="append", help="teacher checkpoint (checkpoint.pt of a train or run); repeat for multi-teacher distillation (teacher.checkpoints)")
+    p.add_argument("--teacher-weights", type=float, nargs="+", help="weights of the teachers' soft outputs (teacher.weights)")
     p.add_argument("--student", "-m", help="student model name (student.name)")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="also report agreement with this teacher checkpoint")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("mutual", help="deep mutual learning: train several models together, no teacher")
+    _common(p)
+    p.add_argument("--models", nargs="+", help="two or more model names (mutual.models)")
+    p.add_argument("--temperature", "-T", type=float, help="temperature of the mutual KL terms (mutual.temperature)")
 
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods and their options")
@@ -77,6 +84,7 @@ def _config_from_args(args: argparse.Namespace):
         "data": "data.dataset", "data_dir": "data.data_dir", "name": "name", "output_dir": "output_dir",
         "seed": "seed", "device": "device", "epochs": "train.epochs", "alpha": "distill.alpha",
         "teacher_checkpoint": "teacher.checkpoint", "model": "teacher.name", "student": "student.name",
+        "born_again": "born_again",
     }
     # shortcuts first, so an explicit --set wins
     pre = [f"{key}={json.dumps(getattr(args, attr)) if isinstance(getattr(args, attr), str) else getattr(args, attr)}" for attr, key in shortcuts.items() if getattr(args, attr, None) is not None]
@@ -84,7 +92,18 @@ def _config_from_args(args: argparse.Namespace):
     if method:
         pre.append("distill.methods=" + json.dumps({m.strip(): {} for m in method.split("+")}))
     if getattr(args, "temperature", None) is not None:
-        pre.append(f"distill.methods.kd.temperature={args.temperature}")
+        key = "mutual.temperature" if args.command == "mutual" else "distill.methods.kd.temperature"
+        pre.append(f"{key}={args.temperature}")
+    if args.command == "mutual" and args.models:
+        pre.append("mutual.models=" + json.dumps(args.models))
+    if args.command == "distill":
+        teachers = args.teacher
+        if len(teachers) == 1:
+            pre.append(f"teacher.checkpoint={json.dumps(teachers[0])}")
+        else:
+            pre.append("teacher.checkpoints=" + json.dumps(teachers))
+        if args.teacher_weights:
+            pre.append("teacher.weights=" + json.dumps(args.teacher_weights))
     return load_config(args.config, pre + overrides)
 
 
@@ -122,13 +141,13 @@ def cmd_distill(args) -> None:
     from kdistill import api
     from kdistill.engine import select_device
     from kdistill.models import create_model
-    from kdistill.study import load_data, load_teacher, model_spec, write_single_summary
+    from kdistill.study import build_teacher, load_data, model_spec, write_single_summary
 
     cfg = _config_from_args(args)
     run_dir = _prepare_run_dir(cfg, args.resume)
     ds = load_data(cfg)
     device = select_device(cfg.device)
-    teacher, _ = load_teacher(Path(args.teacher), ds.num_classes, device)
+    teacher, teacher_spec = build_teacher(cfg, ds.num_classes, device)
     spec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
     torch.manual_seed(cfg.seed)
     student = create_model(cfg.student.name, **spec["kwargs"])
@@ -136,9 +155,34 @@ def cmd_distill(args) -> None:
     result = api.distill(
         teacher, student, ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
         data=cfg.data, device=device, run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_spec=spec,
-        teacher_spec={"checkpoint": str(args.teacher)}, desc="distill",
+        teacher_spec=teacher_spec, desc="distill",
     )
     write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher)
+
+
+def cmd_mutual(args) -> None:
+    import torch
+
+    from kdistill import api
+    from kdistill.engine import select_device
+    from kdistill.models import create_model
+    from kdistill.study import load_data, model_spec, write_single_summary
+
+    cfg = _config_from_args(args)
+    run_dir = _prepare_run_dir(cfg, args.resume)
+    ds = load_data(cfg)
+    specs = [model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
+    models = []
+    for i, spec in enumerate(specs):
+        torch.manual_seed(cfg.seed + i)  # peers of the same architecture must not start identical
+        models.append(create_model(spec["name"], **spec["kwargs"]))
+    results = api.mutual(
+        models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=cfg.train_for("student"),
+        data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_specs=specs,
+    )
+    for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
+        (run_dir / f"model{i}").mkdir(exist_ok=True)
+        write_single_summary(run_dir / f"model{i}", name, result, ds)
 
 
 def _prepare_run_dir(cfg, resume: bool) -> Path:
@@ -209,7 +253,7 @@ def cmd_methods(args) -> None:
         print(f"{name:8s} {doc}\n         options: {opts}")
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "distill": cmd_distill, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "distill": cmd_distill, "mutual": cmd_mutual, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

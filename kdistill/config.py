@@ -105,6 +105,20 @@ class ModelConfig(_Strict):
 
 class TeacherConfig(ModelConfig):
     name: str = "seed_teacher"
+    checkpoints: list[Path] = []
+    """Multi-teacher distillation: several trained teachers whose softened outputs are
+    averaged (weighted by ``weights``) into the target. Replaces ``checkpoint``."""
+    weights: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _ensemble(self) -> TeacherConfig:
+        if self.checkpoints and self.checkpoint:
+            raise ValueError("checkpoints: set either teacher.checkpoint or teacher.checkpoints, not both")
+        if self.weights is not None and len(self.weights) != len(self.checkpoints):
+            raise ValueError(f"weights: {len(self.weights)} weights for {len(self.checkpoints)} teacher checkpoints")
+        if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
+            raise ValueError("weights: must be non-negative with a positive sum")
+        return self
 
 
 class StudentConfig(ModelConfig):
@@ -140,10 +154,48 @@ class DistillConfig(_Strict):
     def effective_ce_weight(self) -> float:
         return 1.0 - self.alpha if self.ce_weight is None else self.ce_weight
 
+    @property
+    def temperature(self) -> float:
+        """The temperature of the first method that has one (1.0 if none): the one at which
+        a teacher ensemble averages its members' soft outputs."""
+        for options in self.methods.values():
+            if options and "temperature" in options:
+                return float(options["temperature"])
+        from kdistill.methods import parse_method_options
+
+        for name, options in self.methods.items():
+            t = getattr(parse_method_options(name, options or {}), "temperature", None)
+            if t is not None:
+                return float(t)
+        return 1.0
+
+
+class MutualConfig(_Strict):
+    """Deep mutual learning (``kdistill mutual``): these models trained together."""
+
+    models: list[str] = ["seed_student", "seed_student"]
+    temperature: float = Field(1.0, gt=0, le=100)
+    weight: float = Field(1.0, ge=0)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, models: list[str]) -> list[str]:
+        from kdistill.models import MODELS
+
+        if len(models) < 2:
+            raise ValueError("mutual learning needs at least two models")
+        for name in models:
+            if name not in MODELS:
+                raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+        return models
+
 
 class RunConfig(_Strict):
     name: str = "quickstart"
     seed: int = Field(0, ge=0)
+    born_again: int = Field(0, ge=0, le=20)
+    """Self-distillation: after the distilled student, train this many further generations
+    of the student, each distilled from the previous one (born-again networks)."""
     device: str = "auto"
     output_dir: Path = Path("runs")
     data: DataConfig = DataConfig()
@@ -151,6 +203,7 @@ class RunConfig(_Strict):
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
+    mutual: MutualConfig = MutualConfig()
 
     @field_validator("device")
     @classmethod
@@ -194,9 +247,9 @@ def _format_errors(error: ValidationError, prefix: str = "") -> str:
             msg = "unknown key"
         elif err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-            # a method's own validation reports "kd.temperature: ..." below distill.methods
+            # validators report "sub.key: problem" for keys below the one they check
             head, sep, rest = msg.partition(": ")
-            if sep and loc.endswith("methods") and " " not in head:
+            if sep and head.replace(".", "").replace("_", "").isalnum():
                 loc, msg = f"{loc}.{head}", rest
         path = ".".join(p for p in (prefix, loc) if p)
         shown = "" if err["type"] in ("extra_forbidden", "value_error", "missing") else f" (got {err.get('input')!r})"

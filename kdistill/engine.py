@@ -25,6 +25,7 @@ from kdistill.checkpoint import load_checkpoint, save_checkpoint
 from kdistill.config import ScheduleConfig, TrainConfig
 from kdistill.data.loader import EvalData
 from kdistill.errors import CheckpointError, TrainingError
+from kdistill.perf import tune_allocator
 from kdistill.progress import interactive, log, progress
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -131,6 +132,7 @@ def fit(
     after every epoch. ``checkpoint_extra`` is stored in every checkpoint (model spec, preprocessing, config).
     With ``run_dir`` set, writes ``checkpoint.pt`` and ``metrics.jsonl`` there.
     """
+    tune_allocator()
     model = task.model
     task.to(device)
     if cfg.channels_last:

@@ -10,6 +10,12 @@ PHASES = ("teacher", "baseline", "distilled")
 LABELS = {"teacher": "teacher", "baseline": "student alone (baseline)", "distilled": "student distilled"}
 
 
+def label(phase: str) -> str:
+    if phase.startswith("generation"):
+        return f"born-again generation {phase.removeprefix('generation')}"
+    return LABELS.get(phase, phase)
+
+
 def read_metrics(phase_dir: Path) -> list[dict[str, Any]]:
     path = phase_dir / "metrics.jsonl"
     if not path.exists():
@@ -44,16 +50,16 @@ def plot_curves(run_dir: Path, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for phase in PHASES:
+    for phase in sorted((p.name for p in run_dir.iterdir() if (p / "metrics.jsonl").exists()), key=_order):
         rows = read_metrics(run_dir / phase)
         if not rows:
             continue
         epochs = [r["epoch"] for r in rows]
-        axes[0].plot(epochs, [r["train_loss"] for r in rows], label=LABELS[phase])
-        axes[1].plot(epochs, [r["test_top1"] for r in rows], label=f"{LABELS[phase]} (test)")
+        axes[0].plot(epochs, [r["train_loss"] for r in rows], label=label(phase))
+        axes[1].plot(epochs, [r["test_top1"] for r in rows], label=f"{label(phase)} (test)")
         if "val_top1" in rows[0]:
-            axes[1].plot(epochs, [r["val_top1"] for r in rows], "--", label=f"{LABELS[phase]} (val)")
-        axes[2].plot(epochs, [r["lr"] for r in rows], label=LABELS[phase])
+            axes[1].plot(epochs, [r["val_top1"] for r in rows], "--", label=f"{label(phase)} (val)")
+        axes[2].plot(epochs, [r["lr"] for r in rows], label=label(phase))
     for ax, title in zip(axes, ("training loss", "top-1 accuracy (%)", "learning rate (end of epoch)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
@@ -62,6 +68,12 @@ def plot_curves(run_dir: Path, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def _order(phase: str) -> tuple[int, int]:
+    if phase in PHASES:
+        return (PHASES.index(phase), 0)
+    return (len(PHASES), int(phase.removeprefix("generation") or 0) if phase.startswith("generation") else 0)
 
 
 def write_report(run_dir: Path) -> Path:
@@ -85,12 +97,11 @@ def write_report(run_dir: Path) -> Path:
         "| model | architecture | test top-1 | top-5 | agreement with teacher | KL to teacher | parameters | MACs | CPU latency (b=1) | CPU throughput (b=256) | training time | train img/s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for phase in PHASES:
-        m = models[phase]
+    for phase, m in models.items():
         p = m["profile"]
         agree = m.get("agreement", {})
         lines.append(
-            f"| {LABELS[phase]} | {m['model']} | {m['test']['top1']:.2f}% | {m['test']['top5']:.2f}% | "
+            f"| {label(phase)} | {m['model']} | {m['test']['top1']:.2f}% | {m['test']['top5']:.2f}% | "
             f"{agree.get('agreement_top1', 100.0):.2f}% | {agree.get('mean_kl', 0.0):.4f} | {_fmt_int(p['parameters'])} | "
             f"{_fmt_int(p['macs'])} | {p['latency_b1']['median_ms']:.2f} ms | {p['throughput_b256']['images_per_second']:.0f} img/s | "
             f"{m['train_seconds']:.0f} s | {m['images_per_second']:.0f} |"

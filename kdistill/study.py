@@ -27,6 +27,7 @@ from kdistill.engine import predict, select_device
 from kdistill.errors import CheckpointError, ConfigError
 from kdistill.evaluate import agreement, classification_metrics, profile_model
 from kdistill.models import create_model
+from kdistill.models.ensemble import TeacherEnsemble
 from kdistill.progress import log
 from kdistill.report import headline, write_report
 
@@ -42,6 +43,14 @@ def git_revision() -> str:
     from kdistill import __version__
 
     return f"kdistill {__version__} (not a git checkout)"
+
+
+def _teacher_name(cfg: RunConfig) -> str:
+    if cfg.teacher.checkpoints:
+        return f"ensemble of {len(cfg.teacher.checkpoints)} teachers"
+    if cfg.teacher.checkpoint:
+        return f"{cfg.teacher.checkpoint}"
+    return cfg.teacher.name
 
 
 def load_data(cfg: RunConfig) -> ImageDataset:
@@ -84,6 +93,19 @@ def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds:
     log(f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}")
 
 
+def build_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict] | None:
+    """The teacher from ``teacher.checkpoint`` or the ensemble of ``teacher.checkpoints``;
+    None when the teacher must be trained in this run."""
+    if cfg.teacher.checkpoint:
+        teacher, _ = load_teacher(cfg.teacher.checkpoint, num_classes, device)
+        return teacher, {"checkpoint": str(cfg.teacher.checkpoint)}
+    if cfg.teacher.checkpoints:
+        members = [load_teacher(p, num_classes, device)[0] for p in cfg.teacher.checkpoints]
+        ensemble = TeacherEnsemble(members, cfg.teacher.weights, cfg.distill.temperature).to(device)
+        return ensemble, {"checkpoints": [str(p) for p in cfg.teacher.checkpoints], "weights": cfg.teacher.weights}
+    return None
+
+
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
     """Run teacher -> baseline -> distilled -> report. Returns the run directory."""
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / cfg.name
@@ -102,10 +124,10 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
         return create_model(cfg.student.name, num_classes=ds.num_classes, **cfg.student.kwargs)
 
     phases: dict[str, api.Result] = {}
-    # 1. teacher: from a checkpoint, or trained here
-    if cfg.teacher.checkpoint:
-        teacher, _ = load_teacher(cfg.teacher.checkpoint, ds.num_classes, device)
-        teacher_spec = None
+    # 1. teacher: from a checkpoint (or several), or trained here
+    loaded = build_teacher(cfg, ds.num_classes, device)
+    if loaded:
+        teacher, teacher_spec = loaded
     else:
         teacher_spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         torch.manual_seed(cfg.seed)
@@ -125,19 +147,28 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
     phases["distilled"] = api.distill(
         teacher, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
         data=cfg.data, device=device, run_dir=run_dir / "distilled", resume=resume, seed=cfg.seed,
-        model_spec=sspec, teacher_spec=teacher_spec or {"checkpoint": str(cfg.teacher.checkpoint)}, desc="distill",
+        model_spec=sspec, teacher_spec=teacher_spec, desc="distill",
     )
+    # 3b. born-again generations: each student distilled from the previous generation
+    previous = phases["distilled"].model
+    for generation in range(2, cfg.born_again + 2):
+        phases[f"generation{generation}"] = api.distill(
+            previous, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
+            data=cfg.data, device=device, run_dir=run_dir / f"generation{generation}", resume=resume, seed=cfg.seed,
+            model_spec=sspec, teacher_spec={"generation": generation - 1, **sspec}, desc=f"generation {generation}",
+        )
+        previous = phases[f"generation{generation}"].model
 
     # 4. evaluate all three on the test set, the same way
     log("evaluating and profiling the three models")
     mean, std = ds.mean_std()
     test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
-    models = {"teacher": teacher, "baseline": phases["baseline"].model, "distilled": phases["distilled"].model}
+    models = {"teacher": teacher, **{name: r.model for name, r in phases.items() if name != "teacher"}}
     logits = {name: predict(m, test) for name, m in models.items()}
     summary_models = {}
     for name, model in models.items():
         entry: dict[str, Any] = {
-            "model": cfg.teacher.name if name == "teacher" else cfg.student.name,
+            "model": _teacher_name(cfg) if name == "teacher" else cfg.student.name,
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
             "profile": profile_model(model, ds.image_shape),
         }
@@ -147,7 +178,7 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
             r = phases[name]
             entry.update(train_seconds=r.train_seconds, images_per_second=r.images_per_second, epochs=len(r.history))
         else:
-            entry.update(train_seconds=0.0, images_per_second=0.0, from_checkpoint=str(cfg.teacher.checkpoint))
+            entry.update(train_seconds=0.0, images_per_second=0.0, from_checkpoint=teacher_spec)
         summary_models[name] = entry
         model.to(device)
         (run_dir / name).mkdir(exist_ok=True)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdistill.data.loader import Batch
+from kdistill.errors import ConfigError
 from kdistill.methods import Method
-from kdistill.models.base import ModelOutput, forward_all
+from kdistill.models.base import KDModel, ModelOutput, forward_all
 
 
 class Supervised(nn.Module):
@@ -56,6 +57,14 @@ class Distillation(nn.Module):
         teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         self.needs_features = any(m.needs_features for m in methods.values())
+        if self.needs_features:
+            names = ", ".join(n for n, m in methods.items() if m.needs_features)
+            for role, model in (("teacher", teacher), ("student", student)):
+                if not isinstance(model, KDModel):
+                    raise ConfigError(
+                        f"method(s) {names} need stage features, but the {role} ({type(model).__name__}) has no "
+                        "forward_features/forward_head; use a kdistill model or subclass kdistill.models.KDModel"
+                    )
 
     def train(self, mode: bool = True) -> Distillation:
         super().train(mode)
@@ -76,3 +85,44 @@ class Distillation(nn.Module):
             for term, value in method(student, teacher, batch.labels, batch.indices, epoch).items():
                 losses[term] = scale * value
         return student.logits, losses
+
+
+class MutualLearning(nn.Module):
+    """Deep mutual learning, Zhang, Xiang, Hospedales & Lu, CVPR 2018.
+
+    No pre-trained teacher: K >= 2 models are trained together, each against the labels and
+    against the others' *current* predictions:
+
+        L_k = CE(y, z_k) + weight * T^2 / (K - 1) * sum_{j != k} KL( softmax(z_j/T) || softmax(z_k/T) )
+
+    with the peers' logits detached in L_k, so each term only updates model k (the paper
+    alternates updates between models; the joint step here is the usual simplification).
+    ``self.model`` is the first model (the one the engine evaluates every epoch); the others
+    are ``self.peers`` and are saved in the checkpoint with it.
+    """
+
+    def __init__(self, models: list[nn.Module], temperature: float = 1.0, weight: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__()
+        if len(models) < 2:
+            raise ValueError("mutual learning needs at least two models")
+        self.model = models[0]
+        self.peers = nn.ModuleList(models[1:])
+        self.temperature = temperature
+        self.weight = weight
+        self.label_smoothing = label_smoothing
+
+    @property
+    def all_models(self) -> list[nn.Module]:
+        return [self.model, *self.peers]
+
+    def forward(self, batch: Batch, epoch: float) -> tuple[Tensor, dict[str, Tensor]]:
+        from kdistill.methods.kd import kd_loss
+
+        logits = [m(batch.images).float() for m in self.all_models]
+        K = len(logits)
+        losses = {}
+        for k, z in enumerate(logits):
+            losses[f"ce_{k}"] = F.cross_entropy(z, batch.labels, label_smoothing=self.label_smoothing)
+            kl = sum(kd_loss(z, logits[j].detach(), self.temperature) for j in range(K) if j != k)
+            losses[f"dml_{k}"] = self.weight * kl / (K - 1)
+        return logits[0], losses

@@ -6,6 +6,9 @@ Network", 2015 (arXiv:1503.02531).
 The T^2 factor keeps the gradient's magnitude roughly independent of T (the soft
 targets' gradients scale as 1/T^2). The hard-label term (1 - alpha) * CE(y, s) is added by
 the distillation task, so ``alpha`` means the same thing for every method.
+
+With ``logit_std: true`` both models' logits are z-scored per sample before the
+temperature (Sun et al., CVPR 2024; see :mod:`kdistill.methods.logit_std`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
 
 class KDOptions(MethodOptions):
     temperature: float = Field(4.0, gt=0, le=100)
+    logit_std: bool = False
+    """Z-score each row of both models' logits before the temperature (logit standardisation)."""
 
 
 class KD(Method):
@@ -36,4 +41,11 @@ class KD(Method):
     Options = KDOptions
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
-        return {"kd": kd_loss(student.logits, teacher.logits.float(), self.options.temperature)}
+        s, t = student.logits, teacher.logits.float()
+        if self.options.logit_std:
+            # imported here: logit_std.py imports this module to subclass KD
+            from kdistill.methods.logit_std import standardize
+
+            s, t = standardize(s.float()), standardize(t)
+        # keyed by the method's name, so "kd" and its subclass "ls" can run side by side
+        return {self.name: kd_loss(s, t, self.options.temperature)}
