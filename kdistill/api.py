@@ -202,8 +202,13 @@ def distill(
     cfg = make_train_config(config, **overrides)
     if isinstance(methods, str):
         methods = {name.strip(): {} for name in methods.split("+")}
-    if temperature is not None:
-        methods = {n: ({"temperature": temperature, **o} if n == "kd" else o) for n, o in methods.items()}
+    if temperature is not None:  # for every method that has a temperature, unless set there
+        from kdistill.methods import METHODS
+
+        def has_temperature(name: str) -> bool:
+            return name in METHODS and "temperature" in METHODS[name].Options.model_fields
+
+        methods = {n: {"temperature": temperature, **o} if has_temperature(n) else o for n, o in methods.items()}
     try:
         dcfg = DistillConfig(alpha=alpha, ce_weight=ce_weight, methods=methods)
     except Exception as e:

@@ -33,7 +33,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _method_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="distillation method(s), e.g. kd, or kd+crd (distill.methods)")
     p.add_argument("--alpha", type=float, help="weight of the distillation terms; CE gets 1 - alpha (distill.alpha)")
-    p.add_argument("--temperature", "-T", type=float, help="KD temperature (distill.methods.kd.temperature)")
+    p.add_argument("--temperature", "-T", type=float, help="temperature of the method(s) (distill.methods.<m>.temperature)")
+    p.add_argument("--logit-std", action="store_true", help="z-score logits before the temperature (Sun et al. 2024) in kd/dkd (distill.methods.<m>.logit_std)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +90,19 @@ def _config_from_args(args: argparse.Namespace):
     # shortcuts first, so an explicit --set wins
     pre = [f"{key}={json.dumps(getattr(args, attr)) if isinstance(getattr(args, attr), str) else getattr(args, attr)}" for attr, key in shortcuts.items() if getattr(args, attr, None) is not None]
     method = getattr(args, "method", None)
-    if method:
-        pre.append("distill.methods=" + json.dumps({m.strip(): {} for m in method.split("+")}))
+    methods = [m.strip() for m in method.split("+")] if method else None
+    if methods:
+        pre.append("distill.methods=" + json.dumps({m: {} for m in methods}))
     if getattr(args, "temperature", None) is not None:
-        key = "mutual.temperature" if args.command == "mutual" else "distill.methods.kd.temperature"
-        pre.append(f"{key}={args.temperature}")
+        if args.command == "mutual":
+            pre.append(f"mutual.temperature={args.temperature}")
+        for m in methods or ["kd"]:
+            if m in ("kd", "dkd", "ls", "dist"):
+                pre.append(f"distill.methods.{m}.temperature={args.temperature}")
+    if getattr(args, "logit_std", False):
+        for m in methods or ["kd"]:
+            if m in ("kd", "dkd"):
+                pre.append(f"distill.methods.{m}.logit_std=true")
     if args.command == "mutual" and args.models:
         pre.append("mutual.models=" + json.dumps(args.models))
     if args.command == "distill":

@@ -83,7 +83,8 @@ class Distillation(nn.Module):
         for method in self.methods.values():
             scale = self.alpha * method.options.weight
             for term, value in method(student, teacher, batch.labels, batch.indices, epoch).items():
-                losses[term] = scale * value
+                # two methods may name a term alike (kd+ls): keep both, apart
+                losses[term if term not in losses else f"{method.name}.{term}"] = scale * value
         return student.logits, losses
 
 

@@ -7,9 +7,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from kdistill.methods.base import Method, MethodContext, MethodOptions
+from kdistill.methods.dist import DIST
+from kdistill.methods.dkd import DKD
 from kdistill.methods.kd import KD, kd_loss
+from kdistill.methods.logit_std import LogitStdKD
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (KD,)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (KD, DKD, LogitStdKD, DIST)}
 
 
 def parse_method_options(name: str, options: dict[str, Any]) -> MethodOptions:

@@ -106,7 +106,8 @@ class DKD(Method):
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
         o = self.options
-        s, t = student.logits.float(), teacher.logits.float()
+        # float32 at least (bf16 under autocast), float64 kept (exact checks in the tests)
+        s, t = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (student.logits, teacher.logits))
         if o.logit_std:
             s, t = standardize(s), standardize(t)
         tckd, nckd = dkd_loss(s, t, labels, o.alpha, o.beta, o.temperature)

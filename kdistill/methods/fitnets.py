@@ -22,8 +22,11 @@ Choices, checked against HobbitLong/RepDistiller (``distiller_zoo/FitNet.py``,
   weight ``beta`` = 100 is RepDistiller's and mdistiller's (``-b 100``, FEAT_WEIGHT 100).
 - One-stage training (hint loss added to the task's loss from the first step), as both
   reference codebases do; the paper pre-trains the guided layers on the hint first.
-- Stages: RepDistiller's ``hint_layer=2`` is the middle of the three stages of the CIFAR
-  ResNets/WRNs, i.e. ``-2`` in kdistill's stage list; that is the default for both models.
+- Stages: the paper guides a middle layer of the student with a middle layer of the
+  teacher; RepDistiller's ``hint_layer=2`` is the middle of the three stages of the CIFAR
+  ResNets/WRNs. The default (``None``) is the middle stage of each model, index L // 2 of
+  its L stages: 1 (= -2) for the three-stage ResNets/WRNs, 1 (= -1, the deeper one) for
+  the two-stage seed pair. Any index (negative counts from the deepest) can be given.
 """
 
 from __future__ import annotations
@@ -37,12 +40,14 @@ from kdistill.methods.base import Method, MethodContext, MethodOptions
 from kdistill.models.base import ModelOutput
 
 
-def resolve_stage(index: int, features: list[Tensor], who: str, option: str) -> int:
-    """``index`` (negative counts from the deepest stage) as a position in ``features``,
-    or a ConfigError naming the option and the valid range."""
+def resolve_stage(index: int | None, features: list[Tensor], who: str, option: str) -> int:
+    """``index`` (negative counts from the deepest stage; None: the middle one, L // 2) as a
+    position in ``features``, or a ConfigError naming the option and the valid range."""
     n = len(features)
     if n == 0:
         raise ConfigError(f"{option}: the {who} exposes no stage features; feature methods need a kdistill model (KDModel)")
+    if index is None:
+        return n // 2
     if not -n <= index < n:
         raise ConfigError(f"{option}={index}: the {who} has {n} stages (valid indices {-n}..{n - 1})")
     return index % n
@@ -78,8 +83,10 @@ class HintRegressor(nn.Module):
 
 
 class FitNetsOptions(MethodOptions):
-    student_stage: int = -2
-    teacher_stage: int = -2
+    student_stage: int | None = None
+    """Guided stage of the student; None: its middle stage (index L // 2)."""
+    teacher_stage: int | None = None
+    """Hint stage of the teacher; None: its middle stage (index L // 2)."""
     beta: float = Field(100.0, ge=0)
     """Paper/reference weight of the hint loss, applied inside the term (on top of ``weight``)."""
     relu: bool = True
