@@ -24,11 +24,29 @@ from kdistill.errors import ConfigError
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
-class _Strict(BaseModel):
+class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: Any) -> Any:
+        """YAML reads yes/true as booleans, which pydantic would quietly turn into 1: refuse."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+                    raise ValueError(f"{key}: expected a number, got {str(value).lower()}")
+        return data
 
-class DataConfig(_Strict):
+
+def _is_number(annotation: Any) -> bool:
+    args = getattr(annotation, "__args__", None)
+    if args:  # Optional[int], int | None
+        return any(_is_number(a) for a in args)
+    return annotation in (int, float)
+
+
+class DataConfig(StrictConfig):
     dataset: str = "cifar10-mini"
     """cifar10-mini (bundled sample), cifar10, cifar100, or a path to an ImageFolder tree
     (root/{train,test}/<class>/<image>) or an archive (.tar, .tar.gz, .zip) of one."""
@@ -44,7 +62,7 @@ class DataConfig(_Strict):
     download: bool = True
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictConfig):
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.05, gt=0, le=10)
     """Peak learning rate, for one global batch of ``train.batch_size`` images."""
@@ -54,7 +72,7 @@ class OptimizerConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(StrictConfig):
     name: Literal["onecycle", "cosine", "step", "constant"] = "onecycle"
     warmup_epochs: float = Field(0.0, ge=0)
     """Linear warm-up from ``warmup_start`` x lr (cosine, step and constant schedules)."""
@@ -68,7 +86,7 @@ class ScheduleConfig(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     epochs: int = Field(30, gt=0, le=100_000)
     batch_size: int = Field(128, gt=0)
     eval_batch_size: int = Field(500, gt=0)
@@ -85,7 +103,7 @@ class TrainConfig(_Strict):
     """Write a resumable checkpoint every N epochs (always after the last)."""
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictConfig):
     name: str
     kwargs: dict[str, Any] = {}
     checkpoint: Path | None = None
@@ -125,7 +143,7 @@ class StudentConfig(ModelConfig):
     name: str = "seed_student"
 
 
-class DistillConfig(_Strict):
+class DistillConfig(StrictConfig):
     alpha: float = Field(0.9, ge=0, le=1)
     """Weight of the distillation terms; hard-label cross-entropy gets ``1 - alpha``:
     loss = (1 - alpha) * CE(y, s) + alpha * sum_m weight_m * L_m(s, t).
@@ -170,7 +188,7 @@ class DistillConfig(_Strict):
         return 1.0
 
 
-class MutualConfig(_Strict):
+class MutualConfig(StrictConfig):
     """Deep mutual learning (``kdistill mutual``): these models trained together."""
 
     models: list[str] = ["seed_student", "seed_student"]
@@ -190,7 +208,7 @@ class MutualConfig(_Strict):
         return models
 
 
-class RunConfig(_Strict):
+class RunConfig(StrictConfig):
     name: str = "quickstart"
     seed: int = Field(0, ge=0)
     born_again: int = Field(0, ge=0, le=20)
@@ -250,7 +268,7 @@ def _format_errors(error: ValidationError, prefix: str = "") -> str:
             # validators report "sub.key: problem" for keys below the one they check
             head, sep, rest = msg.partition(": ")
             if sep and head.replace(".", "").replace("_", "").isalnum():
-                loc, msg = f"{loc}.{head}", rest
+                loc, msg = (f"{loc}.{head}" if loc else head), rest
         path = ".".join(p for p in (prefix, loc) if p)
         shown = "" if err["type"] in ("extra_forbidden", "value_error", "missing") else f" (got {err.get('input')!r})"
         lines.append(f"{path}: {msg}{shown}" if path else f"{msg}{shown}")

@@ -26,8 +26,8 @@ def parse_method_options(name: str, options: dict[str, Any]) -> MethodOptions:
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise ValueError(f"{name}.{key}: {msg}") from None
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{name}.{key}: {msg}" if key else f"{name}.{msg}") from None
 
 
 def build_methods(methods: dict[str, dict[str, Any]], context: MethodContext) -> dict[str, Method]:

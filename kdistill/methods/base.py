@@ -17,16 +17,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor, nn
 
+from kdistill.config import StrictConfig
 from kdistill.models.base import ModelOutput
 
 
-class MethodOptions(BaseModel):
+class MethodOptions(StrictConfig):
     """Options every method accepts; subclasses add their hyperparameters with defaults."""
 
-    model_config = ConfigDict(extra="forbid")
     weight: float = Field(1.0, ge=0)
 
 

@@ -1,0 +1,27 @@
+"""Shared fixtures: an isolated decoded-image cache and the bundled CIFAR-10 sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import kdistill
+from kdistill.data.dataset import ImageDataset
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kdistill_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every test (and every subprocess it starts) caches decoded images in a temporary
+    folder, never in ~/.cache; the folder lives for the whole session so that the bundled
+    sample is decoded once."""
+    cache = tmp_path_factory.mktemp("kdistill-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KDISTILL_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="session")
+def mini(kdistill_cache: Path) -> ImageDataset:
+    """The bundled real CIFAR-10 sample: 5000 train / 1000 test 32x32 images, 10 classes."""
+    return kdistill.load_dataset("cifar10-mini")

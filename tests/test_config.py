@@ -1,0 +1,283 @@
+"""Typed configs: bundled files load, round-trip, take --set overrides with YAML typing, and
+every rejection is a ConfigError that names the offending key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdistill.config import (
+    CONFIG_DIR,
+    RunConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    validate_config,
+)
+from kdistill.errors import ConfigError
+from kdistill.methods import METHODS
+from kdistill.models import MODELS
+
+BUNDLED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_quickstart_is_bundled() -> None:
+    assert "quickstart" in {p.stem for p in BUNDLED}
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
+def test_bundled_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.teacher.name in MODELS and cfg.student.name in MODELS
+    assert set(cfg.distill.methods) <= set(METHODS)
+    # the bundled name resolves to the same file
+    assert load_config(path.stem) == cfg
+    for phase in ("teacher", "student", "distill"):
+        assert cfg.train_for(phase).epochs > 0
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
+def test_dump_load_round_trip(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(path)
+    text = dump_config(cfg)
+    assert validate_config(yaml.safe_load(text)) == cfg
+    out = tmp_path / "dumped.yaml"
+    out.write_text(text)
+    again = load_config(out)
+    assert again == cfg
+    assert dump_config(again) == text
+
+
+def test_round_trip_after_overrides(tmp_path: Path) -> None:
+    cfg = load_config(
+        None,
+        [
+            "train.schedule.milestones=[3, 6]",
+            "teacher.train.epochs=7",
+            "data.val_size=100",
+            "seed=3",
+        ],
+    )
+    out = tmp_path / "c.yaml"
+    out.write_text(dump_config(cfg))
+    assert load_config(out) == cfg
+    assert load_config(out).train_for("teacher").epochs == 7
+
+
+def test_default_is_quickstart() -> None:
+    assert load_config() == load_config(CONFIG_DIR / "quickstart.yaml")
+
+
+def test_overrides_apply_with_yaml_typing() -> None:
+    cfg = load_config(
+        "quickstart",
+        [
+            "train.epochs=5",
+            "distill.methods.kd.temperature=2",
+            "distill.alpha=0.5",
+            "data.augment=false",
+            "train.grad_clip=null",
+            "train.schedule.milestones=[10, 20]",
+            "train.optimizer={name: adamw, lr: 0.001}",
+            "name=my run",
+        ],
+    )
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.distill.methods["kd"]["temperature"] == 2
+    assert cfg.distill.alpha == 0.5
+    assert cfg.data.augment is False
+    assert cfg.train.grad_clip is None
+    assert cfg.train.schedule.milestones == [10.0, 20.0]
+    assert cfg.train.optimizer.name == "adamw" and cfg.train.optimizer.lr == 0.001
+    assert cfg.name == "my run"
+    # the rest of the file is untouched
+    base = load_config("quickstart")
+    assert cfg.train.batch_size == base.train.batch_size
+    assert cfg.teacher == base.teacher
+
+
+def test_later_override_wins() -> None:
+    assert load_config(None, ["train.epochs=5", "train.epochs=6"]).train.epochs == 6
+
+
+def test_apply_overrides_is_pure_and_creates_sections() -> None:
+    data = {"train": {"epochs": 3}}
+    out = apply_overrides(data, ["train.optimizer.lr=0.2", "teacher.name=resnet20"])
+    assert data == {"train": {"epochs": 3}}  # input not modified
+    assert out == {
+        "train": {"epochs": 3, "optimizer": {"lr": 0.2}},
+        "teacher": {"name": "resnet20"},
+    }
+
+
+@pytest.mark.parametrize("text", ["train.epochs", "=5", "  =5"])
+def test_malformed_override(text: str) -> None:
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, [text])
+
+
+def test_override_below_a_value_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'epochs' is not a section"):
+        load_config(None, ["train.epochs.x=1"])
+
+
+def _error(overrides: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config("quickstart", overrides)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "detail"),
+    [
+        ("train.epoch=5", "train.epoch", "unknown key"),
+        ("trian.epochs=5", "trian", "unknown key"),
+        ("train.epochs=abc", "train.epochs", "integer"),
+        ("train.epochs=1.5", "train.epochs", "integer"),
+        ("train.optimizer.lr=-1", "train.optimizer.lr", "greater than 0"),
+        ("distill.alpha=1.5", "distill.alpha", "less than or equal to 1"),
+        ("train.batch_size=0", "train.batch_size", "greater than 0"),
+        ("train.schedule.name=linear", "train.schedule.name", "onecycle"),
+        ("device=gpu", "device", "cuda"),
+        ("data.image_size=0", "data.image_size", "greater than 0"),
+    ],
+)
+def test_rejection_names_the_key(override: str, key: str, detail: str) -> None:
+    message = _error([override])
+    assert f"{key}:" in message, message
+    assert detail in message, message
+    assert "quickstart.yaml" in message, message  # and the file
+
+
+@pytest.mark.parametrize("override", ["train.epochs=true", "train.batch_size=yes"])
+def test_boolean_is_not_an_integer(override: str) -> None:
+    """YAML reads true/yes/on as booleans; a typo like ``--set train.epochs=yes`` must fail,
+    not silently train for 1 epoch (pydantic's lax mode turns True into 1)."""
+    key = override.partition("=")[0]
+    assert f"{key}:" in _error([override])
+
+
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_unknown_model(role: str) -> None:
+    message = _error([f"{role}.name=resnet9000"])
+    assert f"{role}.name" in message and "resnet9000" in message
+    assert "resnet20" in message and "seed_student" in message  # lists the valid ones
+
+
+@pytest.mark.parametrize("override", ["distill.methods.nope={}", "distill.methods={nope: {}}"])
+def test_unknown_method_lists_valid_ones(override: str) -> None:
+    message = _error([override])
+    assert "distill.methods" in message and "nope" in message
+    for name in METHODS:
+        assert name in message
+
+
+def test_no_method() -> None:
+    assert "distill.methods" in _error(["distill.methods={}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("distill.methods.kd.temperature=0", "distill.methods.kd.temperature"),
+        ("distill.methods.kd.temperature=-2", "distill.methods.kd.temperature"),
+        ("distill.methods.kd.temp=3", "distill.methods.kd.temp"),
+        ("distill.methods.kd.weight=-1", "distill.methods.kd.weight"),
+    ],
+)
+def test_bad_method_option(override: str, key: str) -> None:
+    message = _error([override])
+    assert f"{key}:" in message, message
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("student.train.epochs=0", "student.train.epochs"),
+        ("teacher.train.epoch=3", "teacher.train.epoch"),
+        ("distill.train.optimizer.lr=0", "distill.train.optimizer.lr"),
+    ],
+)
+def test_phase_override_rejection(override: str, key: str) -> None:
+    message = _error([override])
+    assert key in message, message
+
+
+def test_phase_override_path_is_well_formed() -> None:
+    """Same format as every other error: 'config error in FILE: KEY: problem'."""
+    message = _error(["student.train.epochs=0"])
+    assert "quickstart.yaml: student.train.epochs: " in message, message
+
+
+def test_phase_override_merges_into_train() -> None:
+    cfg = load_config(
+        None, ["train.epochs=9", "student.train.optimizer.lr=0.2", "distill.train.epochs=3"]
+    )
+    assert cfg.train_for("student").optimizer.lr == 0.2
+    assert cfg.train_for("student").optimizer.momentum == cfg.train.optimizer.momentum
+    assert cfg.train_for("student").epochs == 9
+    assert cfg.train_for("distill").epochs == 3
+    assert cfg.train_for("teacher") == cfg.train
+
+
+def test_malformed_yaml_reports_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrain:\n  epochs: 3\n  optimizer: {lr: 0.1\nseed: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "malformed YAML" in message
+    assert "line 5" in message, message
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_empty_file_gives_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("# nothing\n")
+    assert load_config(path) == RunConfig()
+
+
+def test_missing_file_lists_bundled_configs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "nope.yaml" in str(info.value) and "quickstart" in str(info.value)
+
+
+def test_yaml_is_plain_data(tmp_path: Path) -> None:
+    """safe_load only: a python tag is a YAML error, never an object."""
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError):
+        load_config(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(epochs=st.integers(-1000, 200_000), batch_size=st.integers(-1000, 100_000))
+def test_epochs_and_batch_size_property(epochs: int, batch_size: int) -> None:
+    overrides = [f"train.epochs={epochs}", f"train.batch_size={batch_size}"]
+    valid_epochs = 0 < epochs <= 100_000
+    valid_batch = batch_size > 0
+    if valid_epochs and valid_batch:
+        cfg = load_config(None, overrides)
+        assert cfg.train.epochs == epochs and cfg.train.batch_size == batch_size
+        assert cfg.train_for("distill").epochs == epochs
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, overrides)
+        message = str(info.value)
+        if not valid_epochs:
+            assert "train.epochs" in message
+        if not valid_batch:
+            assert "train.batch_size" in message
