@@ -6,13 +6,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kdistill.methods.at import AT
 from kdistill.methods.base import Method, MethodContext, MethodOptions
+from kdistill.methods.crd import CRD
 from kdistill.methods.dist import DIST
 from kdistill.methods.dkd import DKD
+from kdistill.methods.fitnets import FitNets
 from kdistill.methods.kd import KD, kd_loss
 from kdistill.methods.logit_std import LogitStdKD
+from kdistill.methods.pkt import PKT
+from kdistill.methods.rkd import RKD
+from kdistill.methods.sp import SP
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (KD, DKD, LogitStdKD, DIST)}
+# logit methods first, then feature methods, then contrastive
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (KD, DKD, LogitStdKD, DIST, FitNets, AT, SP, RKD, PKT, CRD)
+}
 
 
 def parse_method_options(name: str, options: dict[str, Any]) -> MethodOptions:
