@@ -1,0 +1,105 @@
+"""Every distillation method on the same footing: seed pair, full CIFAR-10, same recipe.
+
+    python benchmarks/methods_cifar10.py --data ../shared/data/cifar10-jpeg.tar.gz --seeds 0 1
+
+For each seed it trains the teacher and the baseline student once (or loads the teacher
+with --teacher-checkpoint, a list with one per seed), then distills a fresh student with
+each method, all with the recipe of configs/cifar10_seed.yaml (override with --set), and
+writes a markdown table (mean and spread over seeds of last-epoch test top-1, agreement
+with the teacher, wall time) to benchmarks/results/methods_cifar10.md. Run by hand; it
+takes hours on a CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import kdistill
+from kdistill.checkpoint import load_model
+from kdistill.config import load_config
+from kdistill.data.loader import EvalData, Normalize
+from kdistill.engine import predict
+from kdistill.evaluate import agreement
+from kdistill.study import load_data
+
+# the paper's recommended extra CE for feature methods: CE 1 + method (alpha = 1)
+FEATURE_RECIPE = {"alpha": 1.0, "ce_weight": 1.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="cifar10")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--methods", nargs="+", default=list(kdistill.METHODS))
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--teacher-checkpoint", nargs="*", default=[])
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods_cifar10.md"))
+    args = ap.parse_args()
+
+    cfg = load_config("cifar10_seed", [f"data.dataset={args.data}", *args.overrides])
+    rows: dict[str, list[dict]] = {}
+    for i, seed in enumerate(args.seeds):
+        cfg = cfg.model_copy(update={"seed": seed})
+        ds = load_data(cfg)
+        torch.manual_seed(seed)
+        if args.teacher_checkpoint:
+            teacher, _ = load_model(Path(args.teacher_checkpoint[i]))
+        else:
+            teacher = kdistill.create_model(cfg.teacher.name)
+            kdistill.train(teacher, ds, config=cfg.train_for("teacher"), seed=seed, desc=f"teacher s{seed}")
+
+        def student(seed: int = seed, name: str = cfg.student.name) -> torch.nn.Module:
+            torch.manual_seed(seed)  # every student of a seed starts from the same weights
+            return kdistill.create_model(name)
+
+        t0 = time.perf_counter()
+        base = kdistill.train(student(), ds, config=cfg.train_for("student"), seed=seed, desc=f"baseline s{seed}")
+        runs = {"baseline (CE only)": (base, time.perf_counter() - t0)}
+        for name in args.methods:
+            logit_method = not kdistill.METHODS[name].needs_features
+            recipe = {"alpha": cfg.distill.alpha} if logit_method else FEATURE_RECIPE
+            t0 = time.perf_counter()
+            r = kdistill.distill(teacher, student(), ds, methods={name: {}}, config=cfg.train_for("distill"), seed=seed, desc=f"{name} s{seed}", **recipe)
+            runs[name] = (r, time.perf_counter() - t0)
+        mean, std = ds.mean_std()
+        device = next(teacher.parameters()).device
+        teacher_logits = predict(teacher, EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False)))
+        for name, (r, seconds) in runs.items():
+            rows.setdefault(name, []).append(
+                {"top1": r.metrics["top1"], "agreement": agreement(r.test_logits, teacher_logits)["agreement_top1"], "seconds": seconds}
+            )
+        rows.setdefault("teacher", []).append({"top1": (teacher_logits.argmax(1) == ds.test_labels).float().mean().item() * 100, "agreement": 100.0, "seconds": 0.0})
+
+    def fmt(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+    lines = [
+        "# Distillation methods on CIFAR-10, seed_teacher -> seed_student",
+        "",
+        f"Command: `python benchmarks/methods_cifar10.py --data {args.data} --seeds {' '.join(map(str, args.seeds))}"
+        + "".join(f" --set {o}" for o in args.overrides) + "`",
+        "",
+        f"Recipe: configs/cifar10_seed.yaml ({cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.optimizer.lr}); "
+        f"logit methods with alpha {cfg.distill.alpha}, feature methods with CE 1 + method (paper defaults). "
+        f"Seeds: {args.seeds}. Last-epoch test top-1, mean ± spread (population std) over seeds.",
+        "",
+        "| method | test top-1 (%) | agreement with teacher (%) | wall time (s) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, rs in rows.items():
+        lines.append(f"| {name} | {fmt([r['top1'] for r in rs])} | {fmt([r['agreement'] for r in rs])} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
