@@ -124,24 +124,24 @@ def cmd_run(args) -> None:
 
 
 def cmd_train(args) -> None:
+    import torch
+
     from kdistill import api
     from kdistill.engine import select_device
     from kdistill.models import create_model
-    from kdistill.study import load_data, model_spec, write_single_summary
+    from kdistill.study import load_data, model_spec, open_run_dir, write_single_summary
 
     cfg = _config_from_args(args)
-    run_dir = _prepare_run_dir(cfg, args.resume)
-    ds = load_data(cfg)
-    spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
-    import torch
-
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.teacher.name, **spec["kwargs"])
-    result = api.train(
-        model, ds, config=cfg.train_for("teacher"), data=cfg.data, device=select_device(cfg.device), run_dir=run_dir,
-        resume=args.resume, seed=cfg.seed, model_spec=spec, desc=cfg.teacher.name,
-    )
-    write_single_summary(run_dir, cfg.teacher.name, result, ds)
+    with open_run_dir(cfg, args.resume) as run_dir:
+        ds = load_data(cfg)
+        spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+        torch.manual_seed(cfg.seed)
+        model = create_model(cfg.teacher.name, **spec["kwargs"])
+        result = api.train(
+            model, ds, config=cfg.train_for("teacher"), data=cfg.data, device=select_device(cfg.device), run_dir=run_dir,
+            resume=args.resume, seed=cfg.seed, model_spec=spec, desc=cfg.teacher.name,
+        )
+        write_single_summary(run_dir, cfg.teacher.name, result, ds)
 
 
 def cmd_distill(args) -> None:
@@ -150,23 +150,29 @@ def cmd_distill(args) -> None:
     from kdistill import api
     from kdistill.engine import select_device
     from kdistill.models import create_model
-    from kdistill.study import build_teacher, load_data, model_spec, write_single_summary
+    from kdistill.study import (
+        build_teacher,
+        load_data,
+        model_spec,
+        open_run_dir,
+        write_single_summary,
+    )
 
     cfg = _config_from_args(args)
-    run_dir = _prepare_run_dir(cfg, args.resume)
-    ds = load_data(cfg)
-    device = select_device(cfg.device)
-    teacher, teacher_spec = build_teacher(cfg, ds.num_classes, device)
-    spec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
-    torch.manual_seed(cfg.seed)
-    student = create_model(cfg.student.name, **spec["kwargs"])
-    d = cfg.distill
-    result = api.distill(
-        teacher, student, ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
-        data=cfg.data, device=device, run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_spec=spec,
-        teacher_spec=teacher_spec, desc="distill",
-    )
-    write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher)
+    with open_run_dir(cfg, args.resume) as run_dir:
+        ds = load_data(cfg)
+        device = select_device(cfg.device)
+        teacher, teacher_spec = build_teacher(cfg, ds.num_classes, device)
+        spec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+        torch.manual_seed(cfg.seed)
+        student = create_model(cfg.student.name, **spec["kwargs"])
+        d = cfg.distill
+        result = api.distill(
+            teacher, student, ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
+            data=cfg.data, device=device, run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_spec=spec,
+            teacher_spec=teacher_spec, desc="distill",
+        )
+        write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher)
 
 
 def cmd_mutual(args) -> None:
@@ -175,37 +181,23 @@ def cmd_mutual(args) -> None:
     from kdistill import api
     from kdistill.engine import select_device
     from kdistill.models import create_model
-    from kdistill.study import load_data, model_spec, write_single_summary
+    from kdistill.study import load_data, model_spec, open_run_dir, write_single_summary
 
     cfg = _config_from_args(args)
-    run_dir = _prepare_run_dir(cfg, args.resume)
-    ds = load_data(cfg)
-    specs = [model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
-    models = []
-    for i, spec in enumerate(specs):
-        torch.manual_seed(cfg.seed + i)  # peers of the same architecture must not start identical
-        models.append(create_model(spec["name"], **spec["kwargs"]))
-    results = api.mutual(
-        models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=cfg.train_for("student"),
-        data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_specs=specs,
-    )
-    for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
-        (run_dir / f"model{i}").mkdir(exist_ok=True)
-        write_single_summary(run_dir / f"model{i}", name, result, ds)
-
-
-def _prepare_run_dir(cfg, resume: bool) -> Path:
-    from kdistill.config import dump_config
-    from kdistill.errors import ConfigError
-    from kdistill.study import git_revision
-
-    run_dir = cfg.output_dir / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    (run_dir / "git.txt").write_text(git_revision() + "\n")
-    return run_dir
+    with open_run_dir(cfg, args.resume) as run_dir:
+        ds = load_data(cfg)
+        specs = [model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
+        models = []
+        for i, spec in enumerate(specs):
+            torch.manual_seed(cfg.seed + i)  # peers of the same architecture must not start identical
+            models.append(create_model(spec["name"], **spec["kwargs"]))
+        results = api.mutual(
+            models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=cfg.train_for("student"),
+            data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_specs=specs,
+        )
+        for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
+            (run_dir / f"model{i}").mkdir(exist_ok=True)
+            write_single_summary(run_dir / f"model{i}", name, result, ds)
 
 
 def cmd_evaluate(args) -> None:

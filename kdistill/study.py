@@ -9,10 +9,14 @@ distillation alone.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import platform
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ from kdistill.models import create_model
 from kdistill.models.ensemble import TeacherEnsemble
 from kdistill.progress import log
 from kdistill.report import headline, write_report
+
+LOCK_NAME = ".lock"
 
 
 def git_revision() -> str:
@@ -106,14 +112,43 @@ def build_teacher(cfg: RunConfig, num_classes: int, device: torch.device) -> tup
     return None
 
 
+@contextlib.contextmanager
+def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None) -> Iterator[Path]:
+    """Create (or, with ``resume``, reopen) the run directory, record the resolved config and
+    git revision, and hold an exclusive lock on it while the run lasts, so that two runs
+    never write into the same directory. The lock is released when the process ends, even
+    when it is killed."""
+    run_dir = Path(run_dir) if run_dir else cfg.output_dir / cfg.name
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
+        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / LOCK_NAME, "a+")
+    except OSError as e:
+        raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            raise ConfigError(f"run directory {run_dir} is in use by {holder}; wait for it to finish or choose another --name") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"kdistill pid {os.getpid()}\n")
+        lock.flush()
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "git.txt").write_text(git_revision() + "\n")
+        yield run_dir
+
+
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
     """Run teacher -> baseline -> distilled -> report. Returns the run directory."""
-    run_dir = Path(run_dir) if run_dir else cfg.output_dir / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    (run_dir / "git.txt").write_text(git_revision() + "\n")
+    with open_run_dir(cfg, resume, run_dir) as run_dir:
+        return _run_study(cfg, resume, run_dir)
+
+
+def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
     device = select_device(cfg.device)
     start = time.perf_counter()
     ds = load_data(cfg)
