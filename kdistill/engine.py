@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +85,31 @@ def lr_factor(step: int, total_steps: int, steps_per_epoch: int, s: ScheduleConf
     return 1.0
 
 
+class GracefulInterrupt:
+    """Turns the first Ctrl-C (SIGINT) into a flag that the loop checks between steps, so a
+    run stops at a step boundary (never halfway through an optimizer step) and can save a
+    resumable checkpoint; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("interrupt: stopping after this step (Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 @dataclass
 class FitResult:
     model: nn.Module
@@ -146,7 +173,29 @@ def fit(
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir else None
     metrics_path = run_dir / "metrics.jsonl" if run_dir else None
 
-    start_epoch, history = 0, []
+    def write_checkpoint(epochs_done: int, step: int = 0, partial: dict | None = None) -> None:
+        """``step`` > 0: interrupted after that many steps of epoch ``epochs_done + 1``,
+        with the epoch's statistics so far in ``partial``."""
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(
+            {
+                **(checkpoint_extra or {}),
+                "model": model.state_dict(),
+                "task_state": {k: v for k, v in task.state_dict().items() if not k.startswith("model.")},
+                "optimizer": optimizer.state_dict(),
+                "epoch": epochs_done,
+                "step": step,
+                "partial": partial,
+                "epochs": cfg.epochs,
+                "rng": rng,
+                "history": history,
+            },
+            ckpt_path,
+        )
+
+    start_epoch, start_step, partial, history = 0, 0, None, []
     if resume and ckpt_path and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, map_location=device)
         try:
@@ -158,7 +207,9 @@ def fit(
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         start_epoch, history = state["epoch"], list(state["history"])
-        log(f"{desc}: resuming from {ckpt_path} after epoch {start_epoch}")
+        start_step, partial = state.get("step", 0), state.get("partial")
+        where = f"step {start_step} of epoch {start_epoch + 1}" if start_step else f"the end of epoch {start_epoch}"
+        log(f"{desc}: resuming from {ckpt_path} at {where}")
     if metrics_path:
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         # rewrite from the checkpoint's history: epochs after the last checkpoint are redone
@@ -173,104 +224,102 @@ def fit(
     images_seen = sum(h.get("train_images", 0) for h in history)
     first_bad = torch.tensor(-1, device=device)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        task.train()
-        term_names: list[str] | None = None
-        sums = None  # (n_terms + 3,) on the device: total, terms..., correct, count
-        t0 = time.perf_counter()
-        bar = progress(loader.epoch(epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
-        for i, batch in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            factor = lr_factor(step, total_steps, steps_per_epoch, cfg.schedule)
-            for group, base in zip(optimizer.param_groups, base_lrs):
-                group["lr"] = base * factor
-            with amp:
-                logits, losses = task(batch, epoch + i / steps_per_epoch)
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
-            optimizer.step()
+    with GracefulInterrupt() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            task.train()
+            first = start_step if epoch == start_epoch else 0  # > 0 when resuming an interrupted epoch
+            resumed = partial if first and partial else None
+            # statistics summed on the device, no host sync per step: total, terms..., correct, count
+            sums = torch.tensor(resumed["sums"], device=device) if resumed else None
+            term_names: list[str] | None = resumed["terms"] if resumed else None
+            t0 = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
+            bar = progress(loader.epoch(epoch, first), total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+            done = first
+            try:
+                for i, batch in enumerate(bar, start=first):
+                    step = epoch * steps_per_epoch + i
+                    factor = lr_factor(step, total_steps, steps_per_epoch, cfg.schedule)
+                    for group, base in zip(optimizer.param_groups, base_lrs):
+                        group["lr"] = base * factor
+                    with amp:
+                        logits, losses = task(batch, epoch + i / steps_per_epoch)
+                    total = sum(losses.values())
+                    optimizer.zero_grad(set_to_none=True)
+                    total.backward()
+                    if cfg.grad_clip:
+                        nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
+                    optimizer.step()
 
-            with torch.no_grad():
-                correct = (logits.argmax(1) == batch.labels).sum()
-                stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), torch.tensor(float(len(batch.labels)), device=device)])
-                sums = stats if sums is None else sums + stats
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), torch.tensor(step, device=device), first_bad)
-            term_names = term_names or list(losses)
-            if interactive() and i % 20 == 0:  # the only host syncs: for the bar, on terminals
-                s = sums.tolist()
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{s[0] / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] / elapsed:.0f}", refresh=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        epoch_seconds = time.perf_counter() - t0
-        s = sums.tolist()
-        if not math.isfinite(s[0]):
-            bad_terms = [n for n, v in zip(term_names, s[1:-2]) if not math.isfinite(v)]
-            raise TrainingError(
-                f"{desc}: loss became non-finite at step {int(first_bad.item())} (epoch {epoch + 1}; "
-                f"term(s): {', '.join(bad_terms) or 'total'}); the last good checkpoint is kept"
-                + (f" in {ckpt_path}" if ckpt_path and ckpt_path.exists() else "")
-                + ". Lower the learning rate, add warm-up or set train.grad_clip."
-            )
-        steps = steps_per_epoch
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": base_lrs[0] * lr_factor(min((epoch + 1) * steps, total_steps) - 1, total_steps, steps, cfg.schedule),
-            "train_loss": s[0] / steps,
-            **{f"train_{n}": v / steps for n, v in zip(term_names, s[1:-2])},
-            "train_top1": 100 * s[-2] / s[-1],
-            "train_seconds": epoch_seconds,
-            "train_images": int(s[-1]),
-            "images_per_second": s[-1] / epoch_seconds,
-        }
-        train_seconds += epoch_seconds
-        images_seen += int(s[-1])
-        for name, data in eval_sets.items():
-            logits = predict(model, data, cfg.amp)
-            for k, v in quick_metrics(logits, data.labels).items():
-                record[f"{name}_{k}"] = v
-        history.append(record)
-        log(
-            f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} train {record['train_top1']:.1f}%"
-            + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in eval_sets)
-            + f" ({record['images_per_second']:.0f} img/s)"
-        )
-        if metrics_path:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-        if chance and eval_sets:
-            watched = next(iter(eval_sets))
-            key = f"{watched}_top1"
-            best = max(h[key] for h in history)
-            if record[key] <= 1.2 * chance and best >= 2 * chance:
-                raise TrainingError(
-                    f"{desc}: training collapsed at epoch {epoch + 1}: {watched} accuracy fell from {best:.1f}% "
-                    f"to {record[key]:.1f}% (chance {chance:.1f}%). Lower the learning rate, add warm-up or set train.grad_clip."
-                )
-
-        last = epoch + 1 == cfg.epochs
-        if ckpt_path and (last or (epoch + 1) % cfg.checkpoint_every == 0):
-            task_state = {k: v for k, v in task.state_dict().items() if not k.startswith("model.")}
-            rng = {"torch": torch.get_rng_state()}
+                    with torch.no_grad():
+                        correct = (logits.argmax(1) == batch.labels).sum()
+                        stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), torch.tensor(float(len(batch.labels)), device=device)])
+                        sums = stats if sums is None else sums + stats
+                        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), torch.tensor(step, device=device), first_bad)
+                    term_names = term_names or list(losses)
+                    done = i + 1
+                    if stop.requested:  # Ctrl-C arrived during this step: stop at its boundary
+                        raise KeyboardInterrupt
+                    if interactive() and i % 20 == 0:  # the only host syncs: for the bar, on terminals
+                        s = sums.tolist()
+                        elapsed = time.perf_counter() - t0
+                        bar.set_postfix(loss=f"{s[0] / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] / elapsed:.0f}", refresh=False)
+            except KeyboardInterrupt:
+                # Ctrl-C: save what this epoch has done, resumable from this very step
+                if ckpt_path and sums is not None and math.isfinite(sums[0].item()):
+                    write_checkpoint(epoch, done, {"sums": sums.tolist(), "terms": term_names, "seconds": time.perf_counter() - t0})
+                    log(f"{desc}: interrupted; saved a resumable checkpoint at step {done} of epoch {epoch + 1} in {ckpt_path}")
+                raise
             if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
-            save_checkpoint(
-                {
-                    **(checkpoint_extra or {}),
-                    "model": model.state_dict(),
-                    "task_state": task_state,
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "epochs": cfg.epochs,
-                    "rng": rng,
-                    "history": history,
-                },
-                ckpt_path,
+                torch.cuda.synchronize()
+            epoch_seconds = time.perf_counter() - t0
+            s = sums.tolist()
+            if not math.isfinite(s[0]):
+                bad_terms = [n for n, v in zip(term_names, s[1:-2]) if not math.isfinite(v)]
+                raise TrainingError(
+                    f"{desc}: loss became non-finite at step {int(first_bad.item())} (epoch {epoch + 1}; "
+                    f"term(s): {', '.join(bad_terms) or 'total'}); the last good checkpoint is kept"
+                    + (f" in {ckpt_path}" if ckpt_path and ckpt_path.exists() else "")
+                    + ". Lower the learning rate, add warm-up or set train.grad_clip."
+                )
+            steps = steps_per_epoch
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "lr": base_lrs[0] * lr_factor(min((epoch + 1) * steps, total_steps) - 1, total_steps, steps, cfg.schedule),
+                "train_loss": s[0] / steps,
+                **{f"train_{n}": v / steps for n, v in zip(term_names, s[1:-2])},
+                "train_top1": 100 * s[-2] / s[-1],
+                "train_seconds": epoch_seconds,
+                "train_images": int(s[-1]),
+                "images_per_second": s[-1] / epoch_seconds,
+            }
+            train_seconds += epoch_seconds
+            images_seen += int(s[-1])
+            for name, data in eval_sets.items():
+                logits = predict(model, data, cfg.amp)
+                for k, v in quick_metrics(logits, data.labels).items():
+                    record[f"{name}_{k}"] = v
+            history.append(record)
+            log(
+                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} train {record['train_top1']:.1f}%"
+                + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in eval_sets)
+                + f" ({record['images_per_second']:.0f} img/s)"
             )
+            if metrics_path:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+            if chance and eval_sets:
+                watched = next(iter(eval_sets))
+                key = f"{watched}_top1"
+                best = max(h[key] for h in history)
+                if record[key] <= 1.2 * chance and best >= 2 * chance:
+                    raise TrainingError(
+                        f"{desc}: training collapsed at epoch {epoch + 1}: {watched} accuracy fell from {best:.1f}% "
+                        f"to {record[key]:.1f}% (chance {chance:.1f}%). Lower the learning rate, add warm-up or set train.grad_clip."
+                    )
+
+            if ckpt_path and (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.checkpoint_every == 0):
+                write_checkpoint(epoch + 1)
 
     return FitResult(
         model=model,

@@ -15,9 +15,9 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False) -> Iterable[T]:
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0) -> Iterable[T]:
     """tqdm with an ETA on a terminal; elsewhere silent (the caller logs a summary line)."""
-    return tqdm(iterable, total=total, desc=desc, disable=disable or not interactive(), leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, disable=disable or not interactive(), leave=False, dynamic_ncols=True, initial=initial)
 
 
 def log(message: str) -> None:

@@ -118,11 +118,12 @@ class TrainLoader:
     def views(self, epoch: int) -> Views:
         return epoch_views(len(self.labels), self.seed, epoch, self.padding, self.flip)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from step ``start_step`` on (a resumed, interrupted epoch)."""
         views = self.views(epoch)
         order = views.order.to(self.device)
         offsets, flips = views.offsets.to(self.device), views.flips.to(self.device)
-        for step in range(len(self)):
+        for step in range(start_step, len(self)):
             idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             # each rank takes its own slice of the global batch (DDP); one rank takes it all
             idx = idx[self.rank :: self.world]
@@ -148,12 +149,14 @@ class IterableLoader:
     def __len__(self) -> int:
         return len(self.source)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         seen = 0
-        for item in self.source:
+        for step, item in enumerate(self.source):
             x, y = item[0], item[1]
             idx = torch.arange(seen, seen + len(y), device=self.device)
             seen += len(y)
+            if step < start_step:  # already trained on before an interruption
+                continue
             yield Batch(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx)
 
 
