@@ -30,7 +30,7 @@ from kdistill.study import open_run_dir
 with open_run_dir(validate_config({{'name': 'dead', 'output_dir': {str(tmp_path)!r}}}), False):
     os.kill(os.getpid(), 9)
 """
-    proc = subprocess.run([sys.executable, "-c", code], timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], timeout=600)
     assert proc.returncode == -9
     with open_run_dir(cfg, resume=True):  # the kernel dropped the dead process's lock
         pass
