@@ -248,7 +248,7 @@ def tar_filter(request, monkeypatch) -> str:
             trusted = staticmethod(tarfile.fully_trusted_filter)
             monkeypatch.setattr(tarfile.TarFile, "extraction_filter", trusted)
     elif not hasattr(tarfile, "data_filter"):
-        pytest.skip("this Python has no tarfile data filter")
+        return "without_filter"  # an old Python: our own checks are all there is to test
     return request.param
 
 

@@ -14,6 +14,7 @@ live) and ``needs_indices`` (sample indices, which every batch carries anyway).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,7 +40,7 @@ class MethodContext:
     epochs: int  # length of the distillation run (for warm-ups defined in epochs)
 
 
-class Method(nn.Module):
+class Method(nn.Module, ABC):
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs_features: ClassVar[bool] = False
@@ -48,8 +49,8 @@ class Method(nn.Module):
         super().__init__()
         self.options = options
 
+    @abstractmethod
     def forward(
         self, student: ModelOutput, teacher: ModelOutput, labels: Tensor, indices: Tensor, epoch: float
     ) -> dict[str, Tensor]:
         """Loss terms for one batch. ``epoch`` is fractional (e.g. 2.5 = halfway through the third)."""
-        raise NotImplementedError

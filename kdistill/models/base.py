@@ -12,6 +12,7 @@ Feature methods select stages by index (``-1`` = deepest), never by module path.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import NamedTuple
 
 import torch
@@ -29,14 +30,16 @@ class Head(NamedTuple):
     logits: Tensor  # (B, K)
 
 
-class KDModel(nn.Module):
+class KDModel(nn.Module, ABC):
     """Base class: subclasses implement ``forward_features`` and ``forward_head``."""
 
+    @abstractmethod
     def forward_features(self, x: Tensor) -> list[Tensor]:
-        raise NotImplementedError
+        """Stage outputs, shallow to deep."""
 
+    @abstractmethod
     def forward_head(self, last: Tensor) -> Head:
-        raise NotImplementedError
+        """Last stage output -> (pre-logits, logits)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x)[-1]).logits
