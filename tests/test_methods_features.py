@@ -562,7 +562,7 @@ def test_crd_banks_stay_identical_across_ddp_ranks(tmp_path) -> None:
     torch.multiprocessing.start_processes(
         _crd_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method=method
     )
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     torch.manual_seed(0)
     initial = CRD(CRD.Options(nce_k=5), crd_context(12))
     updated = torch.zeros(12, dtype=torch.bool)
