@@ -139,6 +139,18 @@ def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> Result:
     return Result(result.model, result.history, metrics, logits, result.train_seconds, result.images_per_second, result.checkpoint)
 
 
+def _device(device: str | torch.device) -> torch.device:
+    return device if isinstance(device, torch.device) else select_device(str(device))
+
+
+def _fit(task, prepared: Prepared, cfg: TrainConfig, device, run_dir, resume: bool, extra: dict, desc: str) -> FitResult:
+    """The engine on a prepared data set: the one call train, distill and mutual share."""
+    return fit(
+        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets,
+        run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
+    )
+
+
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
@@ -162,15 +174,12 @@ def train(
     """Train ``model`` with cross-entropy. Keyword overrides go to :class:`TrainConfig`
     (``epochs=10``, ``batch_size=64``, ``lr=0.1``, ``label_smoothing=0.1``, ...)."""
     cfg = make_train_config(config, **overrides)
-    device = select_device(str(device)) if not isinstance(device, torch.device) else device
+    device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
     task = Supervised(model, cfg.label_smoothing)
     extra = {"kind": "train", "model_spec": model_spec, "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed}
-    result = fit(
-        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets,
-        run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
-    )
+    result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc)
     return _finish(result, prepared, cfg)
 
 
@@ -213,7 +222,7 @@ def distill(
         dcfg = DistillConfig(alpha=alpha, ce_weight=ce_weight, methods=methods)
     except Exception as e:
         raise ConfigError(f"distill settings: {_format_errors(e) if hasattr(e, 'errors') else e}") from None
-    device = select_device(str(device)) if not isinstance(device, torch.device) else device
+    device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
     teacher.to(device)
@@ -232,10 +241,7 @@ def distill(
         "kind": "distill", "model_spec": model_spec, "teacher_spec": teacher_spec, "data": prepared.data_info,
         "train_config": cfg.model_dump(mode="json"), "distill_config": dcfg.model_dump(mode="json"), "seed": seed,
     }
-    result = fit(
-        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets,
-        run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
-    )
+    result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc)
     return _finish(result, prepared, cfg)
 
 
@@ -261,7 +267,7 @@ def mutual(
     from kdistill.tasks import MutualLearning
 
     cfg = make_train_config(config, **overrides)
-    device = select_device(str(device)) if not isinstance(device, torch.device) else device
+    device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed)
     task = MutualLearning(list(models), temperature, weight, cfg.label_smoothing)
@@ -269,8 +275,5 @@ def mutual(
         "kind": "mutual", "model_spec": (model_specs or [None])[0], "peer_specs": (model_specs or [None])[1:],
         "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed,
     }
-    result = fit(
-        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets,
-        run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
-    )
+    result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc)
     return [_finish(FitResult(m, result.history, result.checkpoint, result.train_seconds, result.images_per_second), prepared, cfg) for m in task.all_models]
