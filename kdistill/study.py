@@ -24,7 +24,7 @@ import torch
 
 from kdistill import api
 from kdistill.checkpoint import load_model
-from kdistill.config import RunConfig, dump_config
+from kdistill.config import RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import predict, select_device
@@ -59,6 +59,32 @@ def _teacher_name(cfg: RunConfig) -> str:
     return cfg.teacher.name
 
 
+# seconds kept back from a budget for what follows training (evaluation, profiling, report):
+# this fraction of the budget, at most REPORT_RESERVE_MAX seconds
+REPORT_RESERVE_FRACTION = 0.05
+REPORT_RESERVE_MAX = 8.0
+
+
+def budget_left(cfg: RunConfig, start: float, reserve: float | None = None) -> float | None:
+    """Seconds of ``cfg.budget`` left for training, counted from ``start`` (perf_counter)
+    and keeping ``reserve`` seconds for the evaluation and report at the end."""
+    if not cfg.budget:
+        return None
+    if reserve is None:
+        reserve = min(REPORT_RESERVE_FRACTION * cfg.budget, REPORT_RESERVE_MAX)
+    spent = time.perf_counter() - start
+    left = cfg.budget - spent - reserve
+    if left <= 0:
+        raise ConfigError(f"budget: {cfg.budget:.0f} s were spent before training could start ({spent:.0f} s of loading); give a larger --budget")
+    return left
+
+
+def train_config(cfg: RunConfig, phase: str, budget: float | None = None) -> TrainConfig:
+    """The phase's train settings, with a time budget (seconds) when given."""
+    tcfg = cfg.train_for(phase)
+    return tcfg.model_copy(update={"budget": budget}) if budget else tcfg
+
+
 def load_data(cfg: RunConfig) -> ImageDataset:
     d = cfg.data
     return load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed)
@@ -90,6 +116,8 @@ def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds:
         "images_per_second": result.images_per_second,
         "epochs": len(result.history),
     }
+    if result.budget:
+        summary["budget"] = result.budget
     if teacher is not None and result.test_logits is not None:
         mean, std = ds.mean_std()
         device = next(teacher.parameters()).device
