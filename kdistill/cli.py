@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", help="two or more model names (mutual.models)")
     p.add_argument("--temperature", "-T", type=float, help="temperature of the mutual KL terms (mutual.temperature)")
 
+    p = sub.add_parser("bench", help="training images/s: kdistill's pipeline vs the model-only ceiling vs a tutorial-style loop")
+    from kdistill.bench import add_arguments
+
+    add_arguments(p)
+
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods and their options")
     return parser
@@ -256,6 +261,12 @@ def cmd_cache_teacher(args) -> None:
     print(f"wrote {args.out}: {cache.describe()}; use it with: kdistill distill --teacher ... --teacher-cache {args.out} (same data, seed and augmentation)")
 
 
+def cmd_bench(args) -> None:
+    from kdistill.bench import main as bench
+
+    print(bench(args), end="")
+
+
 def cmd_evaluate(args) -> None:
     from kdistill.checkpoint import load_model
     from kdistill.data.dataset import load_dataset
@@ -312,12 +323,13 @@ def cmd_methods(args) -> None:
 
 COMMANDS = {
     "run": cmd_run, "train": cmd_train, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "mutual": cmd_mutual,
-    "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods,
+    "bench": cmd_bench, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command line, for outputs that record it (None: sys.argv)
     try:
         COMMANDS[args.command](args)
     except KDistillError as e:

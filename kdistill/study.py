@@ -170,6 +170,32 @@ def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None) -> I
         yield run_dir
 
 
+def _phase_budgets(cfg: RunConfig, start: float, teacher, student, image_shape, train_teacher: bool):
+    """With ``cfg.budget``: a function phase -> seconds. The time left (less a reserve for
+    the final evaluation and profiling) is split over the phases still to train in
+    proportion to their compute per step, estimated from MACs (a training step costs about
+    three forward passes; distillation adds one teacher forward), so that every phase
+    trains for about the same number of steps. Without a budget: phase -> None."""
+    if not cfg.budget:
+        return lambda phase: None
+    from kdistill.evaluate import count_macs
+
+    mt, ms = count_macs(teacher, image_shape), count_macs(student(), image_shape)
+    costs = {"teacher": 3 * mt} if train_teacher else {}
+    costs.update(baseline=3 * ms, distilled=mt + 3 * ms)
+    costs.update({f"generation{g}": 4 * ms for g in range(2, cfg.born_again + 2)})
+    reserve = min(0.05 * cfg.budget, 20.0)
+    remaining = list(costs)
+
+    def budget(phase: str) -> float:
+        left = budget_left(cfg, start, reserve)
+        share = costs[phase] / sum(costs[p] for p in remaining)
+        remaining.remove(phase)
+        return left * share
+
+    return budget
+
+
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
     """Run teacher -> baseline -> distilled -> report. Returns the run directory."""
     with open_run_dir(cfg, resume, run_dir) as run_dir:
@@ -189,34 +215,39 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
     phases: dict[str, api.Result] = {}
     # 1. teacher: from a checkpoint (or several), or trained here
     loaded = build_teacher(cfg, ds.num_classes, device)
+    if cfg.distill.teacher_cache and not loaded:
+        raise ConfigError("distill.teacher_cache: a teacher cache needs a trained teacher (teacher.checkpoint or --teacher-checkpoint), not one trained in this run")
     if loaded:
         teacher, teacher_spec = loaded
     else:
         teacher_spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         torch.manual_seed(cfg.seed)
         teacher = create_model(**{**teacher_spec["kwargs"], "name": cfg.teacher.name})
+    budgets = _phase_budgets(cfg, start, teacher, student, ds.image_shape, train_teacher=not loaded)
+    if not loaded:
         phases["teacher"] = api.train(
-            teacher, ds, config=cfg.train_for("teacher"), data=cfg.data, device=device, run_dir=run_dir / "teacher",
-            resume=resume, seed=cfg.seed, model_spec=teacher_spec, desc="teacher",
+            teacher, ds, config=train_config(cfg, "teacher", budgets("teacher")), data=cfg.data, device=device,
+            run_dir=run_dir / "teacher", resume=resume, seed=cfg.seed, model_spec=teacher_spec, desc="teacher",
         )
     # 2. the student alone
     sspec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
     phases["baseline"] = api.train(
-        student(), ds, config=cfg.train_for("student"), data=cfg.data, device=device, run_dir=run_dir / "baseline",
+        student(), ds, config=train_config(cfg, "student", budgets("baseline")), data=cfg.data, device=device, run_dir=run_dir / "baseline",
         resume=resume, seed=cfg.seed, model_spec=sspec, desc="baseline",
     )
     # 3. the student distilled from the teacher
     d = cfg.distill
     phases["distilled"] = api.distill(
-        teacher, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
-        data=cfg.data, device=device, run_dir=run_dir / "distilled", resume=resume, seed=cfg.seed,
-        model_spec=sspec, teacher_spec=teacher_spec, desc="distill",
+        teacher, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight,
+        config=train_config(cfg, "distill", budgets("distilled")), data=cfg.data, device=device, run_dir=run_dir / "distilled",
+        resume=resume, seed=cfg.seed, model_spec=sspec, teacher_spec=teacher_spec, desc="distill", teacher_cache=d.teacher_cache,
     )
     # 3b. born-again generations: each student distilled from the previous generation
     previous = phases["distilled"].model
     for generation in range(2, cfg.born_again + 2):
         phases[f"generation{generation}"] = api.distill(
-            previous, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
+            previous, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight,
+            config=train_config(cfg, "distill", budgets(f"generation{generation}")),
             data=cfg.data, device=device, run_dir=run_dir / f"generation{generation}", resume=resume, seed=cfg.seed,
             model_spec=sspec, teacher_spec={"generation": generation - 1, **sspec}, desc=f"generation {generation}",
         )
@@ -240,6 +271,8 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
         if name in phases:
             r = phases[name]
             entry.update(train_seconds=r.train_seconds, images_per_second=r.images_per_second, epochs=len(r.history))
+            if r.budget:
+                entry["budget"] = r.budget
         else:
             entry.update(train_seconds=0.0, images_per_second=0.0, from_checkpoint=teacher_spec)
         summary_models[name] = entry
@@ -257,6 +290,8 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
         "models": summary_models,
         "wall_seconds": time.perf_counter() - start,
     }
+    if cfg.budget:
+        summary["budget_seconds"] = cfg.budget
     summary["headline"] = headline(summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     report = write_report(run_dir)
