@@ -92,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", help="two or more model names (mutual.models)")
     p.add_argument("--temperature", "-T", type=float, help="temperature of the mutual KL terms (mutual.temperature)")
 
+    p = sub.add_parser("sweep", help="distill a grid of students/methods/T/alpha from one teacher, sharing one teacher cache; leaderboard + plot")
+    _common(p)
+    p.add_argument("--teacher", required=True, action="append", help="teacher checkpoint; repeat for an ensemble (teacher.checkpoints)")
+    p.add_argument("--teacher-weights", type=float, nargs="+", help="weights of the ensemble's teachers (teacher.weights)")
+    p.add_argument("--teacher-cache", help="an existing cache to use (default: built once into the run directory) (distill.teacher_cache)")
+    p.add_argument("--students", nargs="+", help="student models (default: student.name)")
+    p.add_argument("--methods", nargs="+", help="methods, each may combine several with + (default: the config's)")
+    p.add_argument("--temperatures", "-T", type=float, nargs="+", help="temperatures (default: the config's)")
+    p.add_argument("--alphas", type=float, nargs="+", help="alphas (default: distill.alpha)")
+
     p = sub.add_parser("bench", help="training images/s: kdistill's pipeline vs the model-only ceiling vs a tutorial-style loop")
     from kdistill.bench import add_arguments
 
@@ -261,6 +271,17 @@ def cmd_cache_teacher(args) -> None:
     print(f"wrote {args.out}: {cache.describe()}; use it with: kdistill distill --teacher ... --teacher-cache {args.out} (same data, seed and augmentation)")
 
 
+def cmd_sweep(args) -> None:
+    from kdistill.sweep import expand_grid, run_sweep
+
+    cfg = _config_from_args(args)
+    points = expand_grid(
+        args.students or [cfg.student.name], args.methods or ["+".join(cfg.distill.methods)],
+        args.temperatures or [cfg.distill.temperature], args.alphas or [cfg.distill.alpha],
+    )
+    run_sweep(cfg, points, resume=args.resume)
+
+
 def cmd_bench(args) -> None:
     from kdistill.bench import main as bench
 
@@ -323,7 +344,7 @@ def cmd_methods(args) -> None:
 
 COMMANDS = {
     "run": cmd_run, "train": cmd_train, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "mutual": cmd_mutual,
-    "bench": cmd_bench, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods,
+    "sweep": cmd_sweep, "bench": cmd_bench, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods,
 }
 
 
