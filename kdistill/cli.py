@@ -169,6 +169,7 @@ def cmd_train(args) -> None:
         load_data,
         model_spec,
         open_run_dir,
+        profile_seconds,
         train_config,
         write_single_summary,
     )
@@ -184,7 +185,7 @@ def cmd_train(args) -> None:
             model, ds, config=train_config(cfg, "teacher", budget_left(cfg, start)), data=cfg.data, device=select_device(cfg.device), run_dir=run_dir,
             resume=args.resume, seed=cfg.seed, model_spec=spec, desc=cfg.teacher.name,
         )
-        write_single_summary(run_dir, cfg.teacher.name, result, ds)
+        write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=profile_seconds(cfg))
 
 
 def cmd_distill(args) -> None:
@@ -199,6 +200,7 @@ def cmd_distill(args) -> None:
         load_data,
         model_spec,
         open_run_dir,
+        profile_seconds,
         train_config,
         write_single_summary,
     )
@@ -218,7 +220,7 @@ def cmd_distill(args) -> None:
             config=train_config(cfg, "distill", budget_left(cfg, start)), data=cfg.data, device=device, run_dir=run_dir,
             resume=args.resume, seed=cfg.seed, model_spec=spec, teacher_spec=teacher_spec, desc="distill", teacher_cache=d.teacher_cache,
         )
-        write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher)
+        write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=profile_seconds(cfg))
 
 
 def cmd_mutual(args) -> None:

@@ -241,6 +241,7 @@ def fit(
     train_seconds = sum(h.get("train_seconds", 0.0) for h in history)
     images_seen = sum(h.get("train_images", 0) for h in history)
     first_bad = torch.tensor(-1, device=device)
+    counts: dict[int, torch.Tensor] = {}  # batch size -> the same number on the device
 
     def epochs_label() -> str:
         if budget is None:
@@ -276,9 +277,14 @@ def fit(
 
                     with torch.no_grad():
                         correct = (logits.argmax(1) == batch.labels).sum()
-                        stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), torch.tensor(float(len(batch.labels)), device=device)])
+                        # no torch.tensor(...) per step: on a GPU each one is a blocking host-to-device copy
+                        n = len(batch.labels)
+                        count = counts.get(n)
+                        if count is None:
+                            count = counts[n] = torch.tensor(float(n), device=device)
+                        stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), count])
                         sums = stats if sums is None else sums + stats
-                        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), torch.tensor(step, device=device), first_bad)
+                        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), step, first_bad)
                     term_names = term_names or list(losses)
                     done = i + 1
                     if stop.requested:  # Ctrl-C arrived during this step: stop at its boundary

@@ -65,6 +65,11 @@ REPORT_RESERVE_FRACTION = 0.05
 REPORT_RESERVE_MAX = 8.0
 
 
+def profile_seconds(cfg: RunConfig) -> float:
+    """Time cap of each latency measurement: 5 s, less under a short budget."""
+    return min(5.0, max(0.2, 0.005 * cfg.budget)) if cfg.budget else 5.0
+
+
 def budget_left(cfg: RunConfig, start: float, reserve: float | None = None) -> float | None:
     """Seconds of ``cfg.budget`` left for training, counted from ``start`` (perf_counter)
     and keeping ``reserve`` seconds for the evaluation and report at the end."""
@@ -105,13 +110,13 @@ def load_teacher(path: Path, num_classes: int, device: torch.device) -> tuple[to
     return model.to(device), state
 
 
-def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds: ImageDataset, teacher=None) -> None:
+def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds: ImageDataset, teacher=None, profile_max_seconds: float = 5.0) -> None:
     """summary.json of a ``kdistill train`` or ``distill`` run: test metrics, cost, and
     agreement with the teacher for a distillation."""
     summary: dict[str, Any] = {
         "model": model_name,
         "test": result.metrics,
-        "profile": profile_model(result.model, ds.image_shape),
+        "profile": profile_model(result.model, ds.image_shape, max_seconds=profile_max_seconds),
         "train_seconds": result.train_seconds,
         "images_per_second": result.images_per_second,
         "epochs": len(result.history),
@@ -184,7 +189,7 @@ def _phase_budgets(cfg: RunConfig, start: float, teacher, student, image_shape, 
     costs = {"teacher": 3 * mt} if train_teacher else {}
     costs.update(baseline=3 * ms, distilled=mt + 3 * ms)
     costs.update({f"generation{g}": 4 * ms for g in range(2, cfg.born_again + 2)})
-    reserve = min(0.05 * cfg.budget, 20.0)
+    reserve = min(0.15 * cfg.budget, 30.0)  # evaluation, profiling and report of 3+ models
     remaining = list(costs)
 
     def budget(phase: str) -> float:
@@ -264,7 +269,7 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
         entry: dict[str, Any] = {
             "model": _teacher_name(cfg) if name == "teacher" else cfg.student.name,
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
-            "profile": profile_model(model, ds.image_shape),
+            "profile": profile_model(model, ds.image_shape, max_seconds=profile_seconds(cfg)),
         }
         if name != "teacher":
             entry["agreement"] = agreement(logits[name], logits["teacher"])
