@@ -107,7 +107,10 @@ def _decode(name: str, data: bytes, size: int) -> np.ndarray:
             img = img.convert("RGB")  # grayscale, palette, RGBA -> RGB
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
+            # contiguous (3, H, W): a transposed view would make the stacked array channels-last
+            # in memory, and reductions over it (the mean/std) round differently from the same
+            # values loaded back from the cache: the first run would differ from later ones
+            return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise DataError(f"{name}: unreadable image ({e.__class__.__name__}: {e}); expected a JPEG/PNG/... file") from None
 
