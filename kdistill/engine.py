@@ -235,13 +235,14 @@ def fit(
         try:
             task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
             optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot resume from {ckpt_path}: it does not match this run ({str(e).splitlines()[0]})") from None
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        start_step, partial = state.get("step", 0), state.get("partial")
+            torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+            start_step, partial = int(state.get("step", 0)), state.get("partial")
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise CheckpointError(f"cannot resume from {ckpt_path}: it does not match this run ({detail}); delete it or choose another --name") from None
         where = f"step {start_step} of epoch {start_epoch + 1}" if start_step else f"the end of epoch {start_epoch}"
         log(f"{desc}: resuming from {ckpt_path} at {where}")
     if metrics_path:
