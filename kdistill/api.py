@@ -226,7 +226,7 @@ def distill(
     student_size, teacher_size = count_parameters(student), count_parameters(teacher)
     if student_size > teacher_size:  # allowed (e.g. born-again with a wider student), but rarely meant
         log(
-            f"warning: the student ({student_size:,} parameters) is larger than its teacher ({teacher_size:,}); "
+            f"warning: the student ({student_size:,} parameters) is larger than its teacher ({teacher_size:,} parameters); "
             "distillation usually compresses into a smaller model"
         )
     device = _device(device)

@@ -39,7 +39,9 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     except OSError as e:
-        raise CheckpointError(f"cannot write {what} {path}: {e.strerror or e}") from None
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        cause = f"{blocker} is a file, not a folder" if blocker else e.strerror or e
+        raise CheckpointError(f"cannot write {what} {path}: {cause}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

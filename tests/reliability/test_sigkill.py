@@ -33,10 +33,12 @@ pytestmark = pytest.mark.slow
 
 KILLS = int(os.environ.get("KDISTILL_KILLS", "24"))
 EPOCHS = 5
-# in turn: SIGKILL once the run holds its directory (loading data, training, evaluating,
-# writing files), SIGKILL in the middle of a checkpoint write, SIGKILL at any moment from
-# the interpreter's start, SIGINT once the run holds its directory
-MODES = ("work", "write", "start-up", "interrupt")
+# in turn: SIGKILL at a random time once the run holds its directory (loading data,
+# training, evaluating, writing files); SIGKILL in the middle of a checkpoint write;
+# SIGKILL at any moment from the interpreter's start; SIGINT at a random time once the
+# run holds its directory; SIGKILL just after a random later epoch logged its metrics
+# (around its checkpoint write)
+MODES = ("work", "write", "start-up", "interrupt", "epoch")
 TIMING = ("train_seconds", "images_per_second")
 
 # Runs the real CLI with torch.save slowed down in the middle of the checkpoint of epoch
@@ -164,6 +166,14 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
         proc = _start(args, log)
         if mode == "start-up":  # anywhere from the interpreter's start on
             delay = rng.uniform(0, startup + work)
+            sig = signal.SIGKILL
+        elif mode == "epoch":
+            done = progress[0] if progress[0] >= 0 else 0
+            target = rng.randint(done + 1, EPOCHS)
+            line = f"epoch {target}/{EPOCHS}:"
+            while proc.poll() is None and line not in log.read_text():
+                time.sleep(0.005)
+            delay = rng.uniform(0, 0.2)
             sig = signal.SIGKILL
         else:  # once the run holds its directory: loading data, training, evaluating, writing
             deadline = time.monotonic() + 600
