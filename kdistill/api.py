@@ -30,7 +30,7 @@ from kdistill.engine import FitResult, autocast_for, fit, predict, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
 from kdistill.methods import MethodContext, build_methods
-from kdistill.models.base import feature_shapes
+from kdistill.models.base import count_parameters, feature_shapes
 from kdistill.progress import log
 from kdistill.tasks import Distillation, Supervised
 from kdistill.teacher_cache import TeacherCache, build_teacher_cache, fingerprint
@@ -277,6 +277,12 @@ def distill(
         dcfg = DistillConfig(alpha=alpha, ce_weight=ce_weight, methods=methods)
     except Exception as e:
         raise ConfigError(f"distill settings: {_format_errors(e) if hasattr(e, 'errors') else e}") from None
+    student_size, teacher_size = count_parameters(student), count_parameters(teacher)
+    if student_size > teacher_size:  # allowed (e.g. born-again with a wider student), but rarely meant
+        log(
+            f"warning: the student ({student_size:,} parameters) is larger than its teacher ({teacher_size:,} parameters); "
+            "distillation usually compresses into a smaller model"
+        )
     device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)

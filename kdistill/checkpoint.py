@@ -9,11 +9,13 @@ use it, and, for resuming, the optimizer state, epoch, RNG state and metrics so 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -21,29 +23,68 @@ from torch import nn
 from kdistill.errors import CheckpointError
 
 FORMAT = "kdistill-checkpoint/1"
+TMP_SUFFIX = ".tmp"  # of the temporary files of atomic writes: .<name>.<random>.tmp
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``.
+def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "file") -> None:
+    """Write ``path`` through ``write(f)`` into a temporary file in the same folder, fsync
+    it, rename it over ``path`` and fsync the folder.
 
-    A crash or a full disk at any moment leaves either the old file or the new one, never
-    a truncated mix.
+    A crash, a kill or a full disk at any moment leaves either the old file or the new one,
+    never a truncated mix (the rename is atomic; the folder's fsync makes it survive a power
+    cut too). A failed write raises :class:`CheckpointError` naming the file and the cause.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as e:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        cause = f"{blocker} is a file, not a folder" if blocker else e.strerror or e
+        raise CheckpointError(f"cannot write {what} {path}: {cause}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous checkpoint is intact") from None
+        kept = "; the previous one is intact" if path.exists() else ""
+        raise CheckpointError(f"cannot write {what} {path}: {e.strerror or e}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # not every file system can fsync a folder
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
+    atomic_write(path, lambda f: f.write(text.encode()), what)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that killed writers left in ``folder`` and below.
+
+    Call only while holding the run directory's lock: then no live process is writing
+    them. Returns the removed paths.
+    """
+    removed = []
+    for tmp in Path(folder).rglob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` atomically (see :func:`atomic_write`): a crash or a full disk at any
+    moment leaves the previous checkpoint or the new one, never a truncated mix."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f), "checkpoint")
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -363,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdistill: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine's fault, not kdistill's: a full disk, a read-only or vanished folder
+        if getattr(args, "debug", False):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"kdistill: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 

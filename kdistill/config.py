@@ -25,7 +25,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class StrictConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a learning rate, temperature or weight of .nan or .inf is
+    # rejected at load time instead of turning the first step's loss into NaN
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +197,18 @@ class DistillConfig(StrictConfig):
         for name, options in methods.items():
             parse_method_options(name, options or {})
         return methods
+
+    @model_validator(mode="after")
+    def _something_to_learn(self) -> DistillConfig:
+        from kdistill.methods import parse_method_options
+
+        weights = [parse_method_options(n, o or {}).weight for n, o in self.methods.items()]
+        if self.effective_ce_weight == 0 and (self.alpha == 0 or not any(weights)):
+            raise ValueError(
+                f"alpha: with alpha = {self.alpha}, ce_weight = {self.effective_ce_weight} and method weights "
+                f"{weights} every loss term has weight 0; nothing would be learned"
+            )
+        return self
 
     @property
     def effective_ce_weight(self) -> float:

@@ -10,6 +10,7 @@ the RNG state is saved, ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import signal
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.budget import BudgetPlan, format_seconds
-from kdistill.checkpoint import load_checkpoint, save_checkpoint
+from kdistill.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from kdistill.config import ScheduleConfig, TrainConfig
 from kdistill.data.loader import EvalData
 from kdistill.errors import CheckpointError, TrainingError
@@ -39,9 +40,14 @@ def select_device(name: str = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TrainingError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -109,6 +115,34 @@ class GracefulInterrupt:
     def __exit__(self, *exc) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A copy of a (nested) state dict with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def non_finite_terms(task: nn.Module, batch, epoch: float, amp: contextlib.AbstractContextManager) -> list[str]:
+    """The loss terms of one batch whose value or gradient is NaN or infinite, found with
+    one backward pass per term (only run to explain a failure, never while training)."""
+    params = [p for p in task.parameters() if p.requires_grad]
+    with amp:
+        _, losses = task(batch, epoch)
+    bad = []
+    for name, value in losses.items():
+        if not torch.isfinite(value).all():
+            bad.append(f"{name} (value)")
+            continue
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        if any(g is not None and not torch.isfinite(g).all() for g in grads):
+            bad.append(f"{name} (gradient)")
+    return bad
 
 
 @dataclass
@@ -217,22 +251,22 @@ def fit(
         try:
             task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
             optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot resume from {ckpt_path}: it does not match this run ({str(e).splitlines()[0]})") from None
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        start_step, partial = state.get("step", 0), state.get("partial")
+            torch.set_rng_state(state["rng"]["torch"])
+            if device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+            start_step, partial = int(state.get("step", 0)), state.get("partial")
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            raise CheckpointError(f"cannot resume from {ckpt_path}: it does not match this run ({detail}); delete it or choose another --name") from None
         if budget and state.get("budget"):
             budget.restore(state["budget"])  # continue with the budget that is left
             total_steps = budget.total_steps
         where = f"step {start_step} of epoch {start_epoch + 1}" if start_step else f"the end of epoch {start_epoch}"
         log(f"{desc}: resuming from {ckpt_path} at {where}")
     if metrics_path:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
         # rewrite from the checkpoint's history: epochs after the last checkpoint are redone
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history), "metrics")
     if cfg.compile:
         model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
 
@@ -240,8 +274,40 @@ def fit(
     chance = 100.0 / num_classes if num_classes else None
     train_seconds = sum(h.get("train_seconds", 0.0) for h in history)
     images_seen = sum(h.get("train_images", 0) for h in history)
-    first_bad = torch.tensor(-1, device=device)
     counts: dict[int, torch.Tensor] = {}  # batch size -> the same number on the device
+    params = [p for p in task.parameters() if p.requires_grad]
+
+    def train_step(batch, i: int, epoch: int):
+        """One optimizer step on ``batch``, the ``i``-th of ``epoch``. Returns the logits, the
+        named loss terms, their sum and the global gradient norm (before clipping)."""
+        step = epoch * steps_per_epoch + i
+        factor = lr_factor(step, total_steps, steps_per_epoch, cfg.schedule)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * factor
+        with amp:
+            logits, losses = task(batch, epoch + i / steps_per_epoch)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        # without train.grad_clip the norm is only measured (max_norm inf scales by exactly
+        # 1), so that a non-finite gradient is caught like a non-finite loss
+        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+        optimizer.step()
+        return logits, losses, total, grad_norm
+
+    def explain_non_finite(epoch: int, first: int, bad_step: int, snapshot: dict) -> list[str]:
+        """Replay ``epoch`` from its snapshot up to ``bad_step`` (batches are a pure function
+        of the epoch, the RNG state is restored), then find the terms at fault there."""
+        task.load_state_dict(snapshot["task"])
+        optimizer.load_state_dict(snapshot["optimizer"])
+        torch.set_rng_state(snapshot["rng"])
+        if "cuda" in snapshot:
+            torch.cuda.set_rng_state(snapshot["cuda"])
+        for i, batch in enumerate(loader.epoch(epoch, first), start=first):
+            if epoch * steps_per_epoch + i == bad_step:
+                return non_finite_terms(task, batch, epoch + i / steps_per_epoch, amp)
+            train_step(batch, i, epoch)
+        return []
 
     def epochs_label() -> str:
         if budget is None:
@@ -254,26 +320,22 @@ def fit(
             task.train()
             first = start_step if epoch == start_epoch else 0  # > 0 when resuming an interrupted epoch
             resumed = partial if first and partial else None
+            # the state at the start of the epoch (host memory), to explain a NaN by replaying
+            snapshot = {"task": _to_cpu(task.state_dict()), "optimizer": _to_cpu(optimizer.state_dict()), "rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                snapshot["cuda"] = torch.cuda.get_rng_state()
             # statistics summed on the device, no host sync per step: total, terms..., correct, count
             sums = torch.tensor(resumed["sums"], device=device) if resumed else None
             term_names: list[str] | None = resumed["terms"] if resumed else None
+            # the first step of the epoch with a non-finite loss or gradient (-1: none), and its statistics
+            first_bad, bad_stats = torch.tensor(-1, device=device), None
             t0 = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
             bar = progress(loader.epoch(epoch, first), total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{epochs_label()}")
             done = first
             try:
                 for i, batch in enumerate(bar, start=first):
                     step = epoch * steps_per_epoch + i
-                    factor = lr_factor(step, total_steps, steps_per_epoch, cfg.schedule)
-                    for group, base in zip(optimizer.param_groups, base_lrs):
-                        group["lr"] = base * factor
-                    with amp:
-                        logits, losses = task(batch, epoch + i / steps_per_epoch)
-                    total = sum(losses.values())
-                    optimizer.zero_grad(set_to_none=True)
-                    total.backward()
-                    if cfg.grad_clip:
-                        nn.utils.clip_grad_norm_(task.parameters(), cfg.grad_clip)
-                    optimizer.step()
+                    logits, losses, total, grad_norm = train_step(batch, i, epoch)
 
                     with torch.no_grad():
                         correct = (logits.argmax(1) == batch.labels).sum()
@@ -284,7 +346,9 @@ def fit(
                             count = counts[n] = torch.tensor(float(n), device=device)
                         stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), count])
                         sums = stats if sums is None else sums + stats
-                        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), step, first_bad)
+                        new_bad = (first_bad < 0) & ~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))
+                        first_bad = torch.where(new_bad, step, first_bad)
+                        bad_stats = stats if bad_stats is None else torch.where(new_bad, stats, bad_stats)
                     term_names = term_names or list(losses)
                     done = i + 1
                     if stop.requested:  # Ctrl-C arrived during this step: stop at its boundary
@@ -299,8 +363,9 @@ def fit(
                         elapsed = time.perf_counter() - t0
                         bar.set_postfix(loss=f"{s[0] / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] / elapsed:.0f}", refresh=False)
             except KeyboardInterrupt:
-                # Ctrl-C: save what this epoch has done, resumable from this very step
-                if ckpt_path and sums is not None and math.isfinite(sums[0].item()):
+                # Ctrl-C: save what this epoch has done, resumable from this very step (unless
+                # a step of it went non-finite: then the last good checkpoint stays)
+                if ckpt_path and sums is not None and first_bad.item() < 0:
                     write_checkpoint(epoch, done, {"sums": sums.tolist(), "terms": term_names, "seconds": time.perf_counter() - t0})
                     log(f"{desc}: interrupted; saved a resumable checkpoint at step {done} of epoch {epoch + 1} in {ckpt_path}")
                 raise
@@ -308,11 +373,21 @@ def fit(
                 torch.cuda.synchronize()
             epoch_seconds = time.perf_counter() - t0
             s = sums.tolist()
-            if not math.isfinite(s[0]):
-                bad_terms = [n for n, v in zip(term_names, s[1:-2]) if not math.isfinite(v)]
+            bad_step = int(first_bad.item())
+            if bad_step >= 0:
+                values = dict(zip(term_names, bad_stats.tolist()[1:-2]))
+                bad_terms = [n for n, v in values.items() if not math.isfinite(v)]
+                if bad_terms:
+                    what = f"loss became non-finite at step {bad_step} (epoch {epoch + 1}; term(s): {', '.join(bad_terms)})"
+                else:  # every term finite but the gradient not: replay the epoch to that step to find the term
+                    culprits = explain_non_finite(epoch, first, bad_step, snapshot)
+                    finite = ", ".join(f"{n}={v:.4g}" for n, v in values.items())
+                    what = (
+                        f"gradient became non-finite at step {bad_step} (epoch {epoch + 1}; "
+                        f"term(s): {', '.join(culprits) or 'none on replay'}; loss terms were finite: {finite})"
+                    )
                 raise TrainingError(
-                    f"{desc}: loss became non-finite at step {int(first_bad.item())} (epoch {epoch + 1}; "
-                    f"term(s): {', '.join(bad_terms) or 'total'}); the last good checkpoint is kept"
+                    f"{desc}: {what}; the last good checkpoint is kept"
                     + (f" in {ckpt_path}" if ckpt_path and ckpt_path.exists() else "")
                     + ". Lower the learning rate, add warm-up or set train.grad_clip."
                 )
@@ -342,8 +417,11 @@ def fit(
                 + f" ({record['images_per_second']:.0f} img/s)"
             )
             if metrics_path:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                try:
+                    with open(metrics_path, "a") as f:  # a line cut short by a kill is rewritten on resume
+                        f.write(json.dumps(record) + "\n")
+                except OSError as e:
+                    raise CheckpointError(f"cannot write metrics {metrics_path}: {e.strerror or e}; resume from the last checkpoint once fixed") from None
 
             if chance and eval_sets:
                 watched = next(iter(eval_sets))

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kdistill.checkpoint import atomic_write_text
+
 PHASES = ("teacher", "baseline", "distilled")
 LABELS = {"teacher": "teacher", "baseline": "student alone (baseline)", "distilled": "student distilled"}
 
@@ -135,5 +137,5 @@ def write_report(run_dir: Path) -> Path:
     plot_curves(run_dir, curves)
     lines += ["", "## Training curves", "", f"![training curves]({curves.name})", ""]
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines))
+    atomic_write_text(out, "\n".join(lines))
     return out

@@ -23,7 +23,12 @@ from typing import Any
 import torch
 
 from kdistill import api
-from kdistill.checkpoint import load_model
+from kdistill.checkpoint import (
+    atomic_write,
+    atomic_write_text,
+    load_model,
+    remove_stale_temporaries,
+)
 from kdistill.config import RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
@@ -128,7 +133,7 @@ def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds:
         device = next(teacher.parameters()).device
         test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
         summary["agreement"] = agreement(result.test_logits, predict(teacher, test))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}")
 
 
@@ -170,8 +175,12 @@ def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None) -> I
         lock.truncate()
         lock.write(f"kdistill pid {os.getpid()}\n")
         lock.flush()
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        (run_dir / "git.txt").write_text(git_revision() + "\n")
+        # with the lock held no other kdistill process writes here: temporary files are
+        # leftovers of a killed run's atomic writes
+        for tmp in remove_stale_temporaries(run_dir):
+            log(f"removed {tmp}, an unfinished write of an earlier, killed run")
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_text(run_dir / "git.txt", git_revision() + "\n")
         yield run_dir
 
 
@@ -283,7 +292,8 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
         summary_models[name] = entry
         model.to(device)
         (run_dir / name).mkdir(exist_ok=True)
-        torch.save({"logits": logits[name].half(), "labels": ds.test_labels}, run_dir / name / "test_logits.pt")
+        saved = {"logits": logits[name].half(), "labels": ds.test_labels}
+        atomic_write(run_dir / name / "test_logits.pt", lambda f, saved=saved: torch.save(saved, f))
 
     summary = {
         "name": cfg.name,
@@ -298,7 +308,7 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
     if cfg.budget:
         summary["budget_seconds"] = cfg.budget
     summary["headline"] = headline(summary)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     report = write_report(run_dir)
     h = summary["headline"]
     log(

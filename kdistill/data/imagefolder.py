@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from kdistill.data.archive import _zip_kind
 from kdistill.errors import DataError
 from kdistill.progress import progress
 
@@ -30,20 +31,28 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _iter_members(source: Path) -> Iterator[tuple[str, bytes]]:
-    """(relative posix name, file bytes) of every regular file in a folder or an archive."""
+def _iter_members(source: Path) -> Iterator[tuple[str, bytes | None]]:
+    """(relative posix name, file bytes) of every regular file in a folder or an archive,
+    and (name, None) for every folder (so that an empty class folder can be named)."""
     if source.is_dir():
         for path in sorted(source.rglob("*")):
-            if path.is_file():
-                yield path.relative_to(source).as_posix(), path.read_bytes()
+            name = path.relative_to(source).as_posix()
+            if path.is_dir():
+                yield name, None
+            elif path.is_file():
+                try:
+                    yield name, path.read_bytes()
+                except OSError as e:
+                    raise DataError(f"{source}:{name}: cannot read ({e.strerror or e})") from None
         return
     name = source.name.lower()
     try:
         if name.endswith(".zip"):
             with zipfile.ZipFile(source) as zf:
                 for info in zf.infolist():
-                    if not info.is_dir():
-                        yield _checked(source, info.filename), zf.read(info)
+                    if _zip_kind(info) == "zip-symlink":
+                        raise DataError(f"{source}: member {info.filename!r} is a link; ImageFolder archives must hold plain files")
+                    yield _checked(source, info.filename).rstrip("/"), None if info.is_dir() else zf.read(info)
         else:
             with tarfile.open(source, "r:*") as tf:
                 for member in tf:
@@ -51,6 +60,8 @@ def _iter_members(source: Path) -> Iterator[tuple[str, bytes]]:
                         raise DataError(f"{source}: member {member.name!r} is a link; ImageFolder archives must hold plain files")
                     if member.isfile():
                         yield _checked(source, member.name), tf.extractfile(member).read()
+                    elif member.isdir():
+                        yield _checked(source, member.name).rstrip("/"), None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise DataError(f"{source}: cannot read archive ({e}); expected a valid .tar, .tar.gz or .zip") from None
 
@@ -62,10 +73,11 @@ def _checked(archive: Path, name: str) -> str:
     return path.as_posix()
 
 
-def _split_layout(source: Path, names: list[str]) -> tuple[str, dict[str, dict[str, list[int]]]]:
-    """Find the ``train``/``test`` folders (at the top or one level down) and group by class."""
+def _split_layout(source: Path, names: list[str], is_file: list[bool]) -> tuple[str, dict[str, dict[str, list[int]]]]:
+    """Find the ``train``/``test`` folders (at the top or one level down) and group the
+    files by class; a class folder without files gets an empty list."""
     prefix = ""
-    tops = {n.split("/", 1)[0] for n in names}
+    tops = {n.split("/", 1)[0] for n, f in zip(names, is_file) if f or "/" in n}
     if "train" not in tops and len(tops) == 1:  # e.g. cifar10-jpeg/train/...
         prefix = next(iter(tops)) + "/"
     layout: dict[str, dict[str, list[int]]] = {s: {} for s in SPLITS}
@@ -73,10 +85,14 @@ def _split_layout(source: Path, names: list[str]) -> tuple[str, dict[str, dict[s
         if not name.startswith(prefix):
             continue
         parts = name[len(prefix) :].split("/")
+        if not is_file[i]:
+            if len(parts) == 2 and parts[0] in SPLITS and not parts[1].startswith("."):
+                layout[parts[0]].setdefault(parts[1], [])  # a class folder
+            continue
         if len(parts) != 3 or parts[0] not in SPLITS:
             continue
         split, cls, filename = parts
-        if filename.startswith("."):
+        if filename.startswith(".") or cls.startswith("."):  # .DS_Store, .ipynb_checkpoints/
             continue
         layout[split].setdefault(cls, []).append(i)
     for split in SPLITS:
@@ -91,8 +107,11 @@ def _decode(name: str, data: bytes, size: int) -> np.ndarray:
             img = img.convert("RGB")  # grayscale, palette, RGBA -> RGB
             if img.size != (size, size):
                 img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)  # (3, H, W)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            # contiguous (3, H, W): a transposed view would make the stacked array channels-last
+            # in memory, and reductions over it (the mean/std) round differently from the same
+            # values loaded back from the cache: the first run would differ from later ones
+            return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
         raise DataError(f"{name}: unreadable image ({e.__class__.__name__}: {e}); expected a JPEG/PNG/... file") from None
 
 
@@ -102,7 +121,11 @@ def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.
         raise DataError(f"data set {str(source)!r} does not exist; expected a folder or a .tar/.tar.gz/.zip archive of root/{{train,test}}/<class>/<image>")
     members = list(_iter_members(source))
     names = [n for n, _ in members]
-    prefix, layout = _split_layout(source, names)
+    prefix, layout = _split_layout(source, names, [data is not None for _, data in members])
+    for split in SPLITS:
+        for cls in sorted(layout[split]):
+            if not layout[split][cls]:
+                raise DataError(f"{source}: class folder {prefix}{split}/{cls}/ is empty; expected at least one image in it")
     classes = sorted(layout["train"])
     if set(layout["test"]) != set(classes):
         missing = sorted(set(classes) ^ set(layout["test"]))
@@ -112,9 +135,6 @@ def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.
     out = {}
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
         for split in SPLITS:
-            for cls in classes:
-                if not layout[split].get(cls):
-                    raise DataError(f"{source}: class folder {prefix}{split}/{cls}/ is empty")
             items = [(i, label) for label, cls in enumerate(classes) for i in sorted(layout[split][cls], key=lambda i: names[i])]
             jobs = pool.map(lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size), items)
             images = np.stack(list(progress(jobs, total=len(items), desc=f"decode {split}")))

@@ -65,7 +65,9 @@ class Normalize:
     """uint8 (B, C, H, W) -> float, (x/255 - mean) / std, as one fused multiply-add."""
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
-        std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        # a channel that is constant over the data set has std 0: dividing by it would make
+        # every input inf/NaN. At least one grey level (1/255) maps it to 0 instead.
+        std_t = torch.tensor(std, device=device).clamp_min(1 / 255).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = -mean_t / std_t
