@@ -1,4 +1,4 @@
-"""Command line: ``kdistill run | train | distill | evaluate | models | methods``.
+"""Command line: ``kdistill run | train | distill | mutual | evaluate | report | export | models | methods``.
 
 Every training command reads a YAML config (``--config``, default: the bundled
 quickstart) and accepts ``--set key.path=value`` overrides plus a few shortcuts
@@ -27,6 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
     p.add_argument("--epochs", type=int, help="epochs of every phase (train.epochs)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also log metrics as TensorBoard scalars in each phase's tensorboard/ (train.tensorboard; needs kdistill[tensorboard])")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
@@ -72,6 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", help="two or more model names (mutual.models)")
     p.add_argument("--temperature", "-T", type=float, help="temperature of the mutual KL terms (mutual.temperature)")
 
+    p = sub.add_parser("report", help="(re)write the report of a run, or compare several runs in one report")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `kdistill run`")
+    p.add_argument("--output", "-o", help="folder of the comparison report (several runs; default reports/<names joined by '-vs-'>)")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, verified on test images; optional int8")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", "-f", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--output", "-o", help="output file (default: model.onnx / model.torchscript.pt next to the checkpoint)")
+    p.add_argument("--quantize", choices=["static", "dynamic"], help="also write an int8 model (ONNX Runtime): static calibrates on training images, dynamic needs no data")
+    p.add_argument("--calibration-images", type=int, default=512, help="training images for static int8 calibration (default 512)")
+    p.add_argument("--data", help="data set to verify on (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--debug", action="store_true")
+
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods and their options")
     return parser
@@ -85,7 +102,7 @@ def _config_from_args(args: argparse.Namespace):
         "data": "data.dataset", "data_dir": "data.data_dir", "name": "name", "output_dir": "output_dir",
         "seed": "seed", "device": "device", "epochs": "train.epochs", "alpha": "distill.alpha",
         "teacher_checkpoint": "teacher.checkpoint", "model": "teacher.name", "student": "student.name",
-        "born_again": "born_again",
+        "born_again": "born_again", "tensorboard": "train.tensorboard",
     }
     # shortcuts first, so an explicit --set wins
     pre = [f"{key}={json.dumps(getattr(args, attr)) if isinstance(getattr(args, attr), str) else getattr(args, attr)}" for attr, key in shortcuts.items() if getattr(args, attr, None) is not None]
@@ -238,6 +255,42 @@ def cmd_evaluate(args) -> None:
     print(f"parameters {p['parameters']:,}  MACs {p['macs']:,}  CPU latency b=1 {p['latency_b1']['median_ms']:.2f} ms  CPU throughput b=256 {p['throughput_b256']['images_per_second']:.0f} img/s")
 
 
+def cmd_report(args) -> None:
+    from kdistill.report import write_comparison, write_report
+
+    if len(args.run_dirs) == 1:
+        out = write_report(Path(args.run_dirs[0]))
+        print(f"report: {out} and {out.with_suffix('.html')}")
+        return
+    out = write_comparison([Path(d) for d in args.run_dirs], Path(args.output) if args.output else None)
+    print(f"comparison report: {out} and {out.with_suffix('.html')}")
+
+
+def cmd_export(args) -> None:
+    from kdistill.errors import ExportError
+    from kdistill.export import export_checkpoint
+
+    if args.calibration_images <= 0:
+        raise ExportError(f"--calibration-images {args.calibration_images}: expected a positive number of training images")
+    result = export_checkpoint(
+        Path(args.checkpoint), args.format, Path(args.output) if args.output else None, dataset=args.data,
+        data_dir=Path(args.data_dir) if args.data_dir else None, quantization=args.quantize, calibration_count=args.calibration_images,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for key in ("onnx", "torchscript", "int8"):
+        if key not in result:
+            continue
+        r = result[key]
+        print(
+            f"{key}: {r['path']} ({r['disk_bytes'] / 1e6:.2f} MB): test top-1 {r['top1']:.2f}% (PyTorch {result['pytorch_top1']:.2f}%), "
+            f"max |logit diff| {r['max_abs_diff']:.1e}, top-1 identical on {r['top1_agreement']:.2f}% of {r['num_images']} test images; "
+            f"CPU latency b=1 {r['latency_b1']['median_ms']:.2f} ms (p90 {r['latency_b1']['p90_ms']:.2f}), "
+            f"throughput b=256 {r['throughput_b256']['images_per_second']:.0f} img/s"
+        )
+
+
 def cmd_models(args) -> None:
     from kdistill.models import MODELS, count_parameters, create_model
 
@@ -254,7 +307,7 @@ def cmd_methods(args) -> None:
         print(f"{name:8s} {doc}\n         options: {opts}")
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "distill": cmd_distill, "mutual": cmd_mutual, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "distill": cmd_distill, "mutual": cmd_mutual, "evaluate": cmd_evaluate, "report": cmd_report, "export": cmd_export, "models": cmd_models, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ the RNG state is saved, ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import threading
@@ -27,6 +26,7 @@ from kdistill.checkpoint import load_checkpoint, save_checkpoint
 from kdistill.config import ScheduleConfig, TrainConfig
 from kdistill.data.loader import EvalData
 from kdistill.errors import CheckpointError, TrainingError
+from kdistill.logger import MetricsLog
 from kdistill.perf import tune_allocator
 from kdistill.progress import interactive, log, progress
 
@@ -120,13 +120,15 @@ class FitResult:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: EvalData, amp: str = "off") -> torch.Tensor:
-    """Logits (N, K) float32 on the CPU for every sample of ``data``, in eval mode."""
+def predict(model: nn.Module, data: EvalData, amp: str = "off", desc: str | None = None) -> torch.Tensor:
+    """Logits (N, K) float32 on the CPU for every sample of ``data``, in eval mode. With
+    ``desc``, shows the progress of this evaluation (a bar on a terminal)."""
     was_training = model.training
     model.eval()
     out = []
+    batches = progress(data, total=len(data), desc=desc) if desc else data
     with autocast_for(data.device, amp):
-        for batch in data:
+        for batch in batches:
             out.append(model(batch.images).float())
     model.train(was_training)
     return torch.cat(out).cpu()
@@ -171,7 +173,6 @@ def fit(
         raise TrainingError(f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size")
     total_steps = steps_per_epoch * cfg.epochs
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir else None
-    metrics_path = run_dir / "metrics.jsonl" if run_dir else None
 
     def write_checkpoint(epochs_done: int, step: int = 0, partial: dict | None = None) -> None:
         """``step`` > 0: interrupted after that many steps of epoch ``epochs_done + 1``,
@@ -210,10 +211,8 @@ def fit(
         start_step, partial = state.get("step", 0), state.get("partial")
         where = f"step {start_step} of epoch {start_epoch + 1}" if start_step else f"the end of epoch {start_epoch}"
         log(f"{desc}: resuming from {ckpt_path} at {where}")
-    if metrics_path:
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        # rewrite from the checkpoint's history: epochs after the last checkpoint are redone
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    # metrics.jsonl / metrics.csv (rewritten from the checkpoint's history) and TensorBoard
+    metrics_log = MetricsLog(run_dir, history, cfg.tensorboard)
     if cfg.compile:
         model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
 
@@ -224,7 +223,7 @@ def fit(
     images_seen = sum(h.get("train_images", 0) for h in history)
     first_bad = torch.tensor(-1, device=device)
 
-    with GracefulInterrupt() as stop:
+    with GracefulInterrupt() as stop, contextlib.closing(metrics_log):
         for epoch in range(start_epoch, cfg.epochs):
             task.train()
             first = start_step if epoch == start_epoch else 0  # > 0 when resuming an interrupted epoch
@@ -304,9 +303,7 @@ def fit(
                 + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in eval_sets)
                 + f" ({record['images_per_second']:.0f} img/s)"
             )
-            if metrics_path:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            metrics_log.append(record)
 
             if chance and eval_sets:
                 watched = next(iter(eval_sets))

@@ -24,3 +24,11 @@ class CheckpointError(KDistillError):
 
 class TrainingError(KDistillError):
     """Training diverged (non-finite loss) or collapsed (accuracy at chance)."""
+
+
+class ExportError(KDistillError):
+    """A model cannot be exported, or the exported file does not reproduce the model."""
+
+
+class ReportError(KDistillError):
+    """A run directory cannot be reported on (missing or malformed summary.json)."""
