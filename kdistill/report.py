@@ -638,3 +638,78 @@ def write_comparison(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     (out / "comparison.csv").write_text(to_csv(csv_rows))
     blocks += [("note", "Written by kdistill from the runs' summary.json and metrics.jsonl; every model's numbers are in comparison.csv.")]
     return _write_documents(blocks, out, f"kdistill comparison: {', '.join(names)}")
+
+
+# ----------------------------------------------------------------------------- self-containment
+
+
+VOID_TAGS = {"meta", "img", "br", "hr", "link", "input", "source", "col", "area", "base", "wbr"}
+
+
+def check_html(text: str) -> dict[str, int]:
+    """Check that a report page is well formed and self-contained: balanced tags, no script,
+    no external resource (every ``src``/``href`` is a fragment or an embedded PNG that
+    decodes), every table with a header and rows. Returns counts of tables, table rows and
+    images; raises ReportError listing the problems."""
+    import io
+    from html.parser import HTMLParser
+
+    from PIL import Image
+
+    problems: list[str] = []
+    counts = {"tables": 0, "rows": 0, "images": 0}
+    stack: list[str] = []
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            line = self.getpos()[0]
+            if tag == "script":
+                problems.append(f"line {line}: <script> (reports carry no scripts)")
+            if tag == "link":
+                problems.append(f"line {line}: <link> to an external resource")
+            if tag == "table":
+                counts["tables"] += 1
+            if tag == "tr":
+                counts["rows"] += 1
+            for name in ("src", "href"):
+                value = attrs.get(name)
+                if value is None or value.startswith("#"):
+                    continue
+                if not value.startswith("data:image/png;base64,"):
+                    problems.append(f"line {line}: <{tag} {name}={value[:60]!r}> is not embedded")
+                    continue
+                try:
+                    with Image.open(io.BytesIO(base64.b64decode(value.split(",", 1)[1], validate=True))) as img:
+                        img.load()
+                        if img.width == 0 or img.height == 0:
+                            raise ValueError("empty image")
+                except Exception as e:  # any decoding failure means a broken image
+                    problems.append(f"line {line}: embedded image does not decode ({e})")
+            if tag == "img":
+                counts["images"] += 1
+                if not attrs.get("alt"):
+                    problems.append(f"line {line}: <img> without alt text")
+            if tag not in VOID_TAGS:
+                stack.append(tag)
+
+        def handle_endtag(self, tag):
+            if tag in VOID_TAGS:
+                return
+            if not stack or stack[-1] != tag:
+                problems.append(f"line {self.getpos()[0]}: </{tag}> does not close <{stack[-1] if stack else 'nothing'}>")
+                if tag in stack:
+                    del stack[len(stack) - 1 - stack[::-1].index(tag):]
+                return
+            stack.pop()
+
+    parser = Parser(convert_charrefs=True)
+    parser.feed(text)
+    parser.close()
+    if stack:
+        problems.append(f"unclosed tags at the end: {', '.join(stack)}")
+    if re.search(r"url\(\s*['\"]?(?!data:)", text):
+        problems.append("CSS url() to an external resource")
+    if problems:
+        raise ReportError("report HTML is not self-contained and well formed: " + "; ".join(problems[:10]))
+    return counts
