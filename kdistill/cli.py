@@ -237,7 +237,7 @@ def cmd_evaluate(args) -> None:
         raise CheckpointError(f"{args.checkpoint} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
     mean, std = info.get("mean") or ds.mean_std()[0], info.get("std") or ds.mean_std()[1]
     test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
-    logits = predict(model.to(device), test)
+    logits = predict(model.to(device), test, desc="evaluate")
     metrics = {"checkpoint": args.checkpoint, "dataset": dataset, "test": classification_metrics(logits, ds.test_labels, ds.classes)}
     if args.teacher:
         teacher, _ = load_model(Path(args.teacher))
@@ -247,12 +247,18 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(metrics, indent=2))
         return
     t = metrics["test"]
-    print(f"{args.checkpoint} on {dataset} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}")
+    print(f"{args.checkpoint} on {dataset} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}  ECE {t['ece']:.4f}")
     if "agreement" in metrics:
         a = metrics["agreement"]
         print(f"agreement with teacher: {a['agreement_top1']:.2f}%  mean KL {a['mean_kl']:.4f}")
     p = metrics["profile"]
-    print(f"parameters {p['parameters']:,}  MACs {p['macs']:,}  CPU latency b=1 {p['latency_b1']['median_ms']:.2f} ms  CPU throughput b=256 {p['throughput_b256']['images_per_second']:.0f} img/s")
+    print(
+        f"parameters {p['parameters']:,}  MACs {p['macs']:,}  size {p['disk_bytes'] / 1e6:.2f} MB  CPU latency b=1 {p['latency_b1']['median_ms']:.2f} ms "
+        f"(p90 {p['latency_b1']['p90_ms']:.2f})  CPU throughput b=256 {p['throughput_b256']['images_per_second']:.0f} img/s"
+    )
+    if "gpu" in p:
+        g = p["gpu"]
+        print(f"GPU ({g['device']}) latency b=1 {g['latency_b1']['median_ms']:.3f} ms  throughput b=256 {g['throughput_b256']['images_per_second']:.0f} img/s")
 
 
 def cmd_report(args) -> None:

@@ -182,14 +182,15 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], out: Path, names: di
             continue
         name = (names or {}).get(key, label(key))
         epochs = [r["epoch"] for r in rows]
-        line = axes[0].plot(epochs, [r["train_loss"] for r in rows], label=name)[0]
+        marker = "o" if len(rows) <= 20 else None  # short runs: show the epochs themselves
+        line = axes[0].plot(epochs, [r["train_loss"] for r in rows], marker=marker, label=name)[0]
         color = line.get_color()
-        axes[1].plot(epochs, [r.get("test_top1", float("nan")) for r in rows], color=color, label=f"{name} (test)")
+        axes[1].plot(epochs, [r.get("test_top1", float("nan")) for r in rows], marker=marker, color=color, label=f"{name} (test)")
         if "train_top1" in rows[0]:
             axes[1].plot(epochs, [r["train_top1"] for r in rows], ":", color=color, label=f"{name} (train)")
         if "val_top1" in rows[0]:
             axes[1].plot(epochs, [r["val_top1"] for r in rows], "--", color=color, label=f"{name} (val)")
-        axes[2].plot(epochs, [r["lr"] for r in rows], color=color, label=name)
+        axes[2].plot(epochs, [r["lr"] for r in rows], marker=marker, color=color, label=name)
     for ax, title in zip(axes, ("training loss", "top-1 accuracy (%)", "learning rate (end of epoch)")):
         ax.set_title(title)
         ax.set_xlabel("epoch")
