@@ -183,7 +183,7 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], out: Path, names: di
         name = (names or {}).get(key, label(key))
         epochs = [r["epoch"] for r in rows]
         marker = "o" if len(rows) <= 20 else None  # short runs: show the epochs themselves
-        line = axes[0].plot(epochs, [r["train_loss"] for r in rows], marker=marker, label=name)[0]
+        line = axes[0].plot(epochs, [r["train_loss"] for r in rows], marker=marker, color=COLORS.get(key), label=name)[0]
         color = line.get_color()
         axes[1].plot(epochs, [r.get("test_top1", float("nan")) for r in rows], marker=marker, color=color, label=f"{name} (test)")
         if "train_top1" in rows[0]:
