@@ -1,4 +1,4 @@
-"""Command line: ``kdistill run | train | distill | cache-teacher | sweep | bench | evaluate | models | methods``.
+"""Command line: ``kdistill run | train | distill | cache-teacher | mutual | sweep | bench | evaluate | report | export | models | methods``.
 
 Every training command reads a YAML config (``--config``, default: the bundled
 quickstart) and accepts ``--set key.path=value`` overrides plus a few shortcuts
@@ -29,6 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, help="epochs of every phase (train.epochs)")
     p.add_argument("--budget", help="wall-clock budget of the command, e.g. 90s, 10m, 1.5h: train as many steps as fit, lr schedule stretched over them (budget)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--tensorboard", action="store_true", default=None, help="also log metrics as TensorBoard scalars in each phase's tensorboard/ (train.tensorboard; needs kdistill[tensorboard])")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
@@ -107,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
 
+    p = sub.add_parser("report", help="(re)write the report of a run, or compare several runs in one report")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `kdistill run`")
+    p.add_argument("--output", "-o", help="folder of the comparison report (several runs; default reports/<names joined by '-vs-'>)")
+    p.add_argument("--debug", action="store_true")
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, verified on test images; optional int8")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", "-f", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--output", "-o", help="output file (default: model.onnx / model.torchscript.pt next to the checkpoint)")
+    p.add_argument("--quantize", choices=["static", "dynamic"], help="also write an int8 model (ONNX Runtime): static calibrates on training images, dynamic needs no data")
+    p.add_argument("--calibration-images", type=int, default=512, help="training images for static int8 calibration (default 512)")
+    p.add_argument("--data", help="data set to verify on (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--debug", action="store_true")
+
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods and their options")
     return parser
@@ -120,7 +137,7 @@ def _config_from_args(args: argparse.Namespace):
         "data": "data.dataset", "data_dir": "data.data_dir", "name": "name", "output_dir": "output_dir",
         "seed": "seed", "device": "device", "epochs": "train.epochs", "alpha": "distill.alpha",
         "teacher_checkpoint": "teacher.checkpoint", "model": "teacher.name", "student": "student.name",
-        "born_again": "born_again", "budget": "budget", "teacher_cache": "distill.teacher_cache",
+        "born_again": "born_again", "budget": "budget", "teacher_cache": "distill.teacher_cache", "tensorboard": "train.tensorboard",
     }
     # shortcuts first, so an explicit --set wins
     pre = [f"{key}={json.dumps(getattr(args, attr)) if isinstance(getattr(args, attr), str) else getattr(args, attr)}" for attr, key in shortcuts.items() if getattr(args, attr, None) is not None]
@@ -310,7 +327,7 @@ def cmd_evaluate(args) -> None:
         raise CheckpointError(f"{args.checkpoint} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
     mean, std = info.get("mean") or ds.mean_std()[0], info.get("std") or ds.mean_std()[1]
     test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
-    logits = predict(model.to(device), test)
+    logits = predict(model.to(device), test, desc="evaluate")
     metrics = {"checkpoint": args.checkpoint, "dataset": dataset, "test": classification_metrics(logits, ds.test_labels, ds.classes)}
     if args.teacher:
         teacher, _ = load_model(Path(args.teacher))
@@ -320,12 +337,54 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(metrics, indent=2))
         return
     t = metrics["test"]
-    print(f"{args.checkpoint} on {dataset} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}")
+    print(f"{args.checkpoint} on {dataset} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}  ECE {t['ece']:.4f}")
     if "agreement" in metrics:
         a = metrics["agreement"]
         print(f"agreement with teacher: {a['agreement_top1']:.2f}%  mean KL {a['mean_kl']:.4f}")
     p = metrics["profile"]
-    print(f"parameters {p['parameters']:,}  MACs {p['macs']:,}  CPU latency b=1 {p['latency_b1']['median_ms']:.2f} ms  CPU throughput b=256 {p['throughput_b256']['images_per_second']:.0f} img/s")
+    print(
+        f"parameters {p['parameters']:,}  MACs {p['macs']:,}  size {p['disk_bytes'] / 1e6:.2f} MB  CPU latency b=1 {p['latency_b1']['median_ms']:.2f} ms "
+        f"(p90 {p['latency_b1']['p90_ms']:.2f})  CPU throughput b=256 {p['throughput_b256']['images_per_second']:.0f} img/s"
+    )
+    if "gpu" in p:
+        g = p["gpu"]
+        print(f"GPU ({g['device']}) latency b=1 {g['latency_b1']['median_ms']:.3f} ms  throughput b=256 {g['throughput_b256']['images_per_second']:.0f} img/s")
+
+
+def cmd_report(args) -> None:
+    from kdistill.report import write_comparison, write_report
+
+    if len(args.run_dirs) == 1:
+        out = write_report(Path(args.run_dirs[0]))
+        print(f"report: {out} and {out.with_suffix('.html')}")
+        return
+    out = write_comparison([Path(d) for d in args.run_dirs], Path(args.output) if args.output else None)
+    print(f"comparison report: {out} and {out.with_suffix('.html')}")
+
+
+def cmd_export(args) -> None:
+    from kdistill.errors import ExportError
+    from kdistill.export import export_checkpoint
+
+    if args.calibration_images <= 0:
+        raise ExportError(f"--calibration-images {args.calibration_images}: expected a positive number of training images")
+    result = export_checkpoint(
+        Path(args.checkpoint), args.format, Path(args.output) if args.output else None, dataset=args.data,
+        data_dir=Path(args.data_dir) if args.data_dir else None, quantization=args.quantize, calibration_count=args.calibration_images,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for key in ("onnx", "torchscript", "int8"):
+        if key not in result:
+            continue
+        r = result[key]
+        print(
+            f"{key}: {r['path']} ({r['disk_bytes'] / 1e6:.2f} MB): test top-1 {r['top1']:.2f}% (PyTorch {result['pytorch_top1']:.2f}%), "
+            f"max |logit diff| {r['max_abs_diff']:.1e}, top-1 identical on {r['top1_agreement']:.2f}% of {r['num_images']} test images; "
+            f"CPU latency b=1 {r['latency_b1']['median_ms']:.2f} ms (p90 {r['latency_b1']['p90_ms']:.2f}), "
+            f"throughput b=256 {r['throughput_b256']['images_per_second']:.0f} img/s"
+        )
 
 
 def cmd_models(args) -> None:
@@ -346,7 +405,8 @@ def cmd_methods(args) -> None:
 
 COMMANDS = {
     "run": cmd_run, "train": cmd_train, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "mutual": cmd_mutual,
-    "sweep": cmd_sweep, "bench": cmd_bench, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods,
+    "sweep": cmd_sweep, "bench": cmd_bench, "evaluate": cmd_evaluate, "report": cmd_report, "export": cmd_export,
+    "models": cmd_models, "methods": cmd_methods,
 }
 
 

@@ -119,6 +119,10 @@ class TrainConfig(StrictConfig):
     compile: bool = False
     checkpoint_every: int = Field(1, gt=0)
     """Write a resumable checkpoint every N epochs (always after the last)."""
+    tensorboard: bool = False
+    """Also log every epoch's metrics as TensorBoard scalars in <phase dir>/tensorboard
+    (needs the optional extra: pip install 'kdistill[tensorboard]')."""
+
     budget: float | None = Field(None, gt=0)
     """Wall-clock budget of this phase in seconds (or 90s, 10m, 1.5h): replaces ``epochs``.
     The number of steps is planned from the throughput measured in the first steps (and
@@ -250,6 +254,20 @@ class MutualConfig(StrictConfig):
         return models
 
 
+class DeployConfig(StrictConfig):
+    """What ``kdistill run`` does with the distilled student after training: export it to
+    ONNX (verified against PyTorch on the test images) and quantize it to int8, reporting
+    accuracy, latency and size of both."""
+
+    onnx: bool | None = None
+    """null: when the export extra (onnx, onnxruntime) is installed; true: always (an error
+    if it is missing); false: never."""
+    quantization: Literal["static", "dynamic"] | None = "static"
+    """int8 post-training quantization in ONNX Runtime: static (calibrated on training
+    images), dynamic, or null for none."""
+    calibration_images: int = Field(512, gt=0)
+
+
 class RunConfig(StrictConfig):
     name: str = "quickstart"
     seed: int = Field(0, ge=0)
@@ -267,6 +285,7 @@ class RunConfig(StrictConfig):
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     mutual: MutualConfig = MutualConfig()
+    deploy: DeployConfig = DeployConfig()
 
     @field_validator("budget", mode="before")
     @classmethod

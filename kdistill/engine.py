@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import signal
 import threading
@@ -25,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.budget import BudgetPlan, format_seconds
-from kdistill.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from kdistill.checkpoint import load_checkpoint, save_checkpoint
 from kdistill.config import ScheduleConfig, TrainConfig
 from kdistill.data.loader import EvalData
 from kdistill.errors import CheckpointError, TrainingError
+from kdistill.logger import MetricsLog
 from kdistill.perf import tune_allocator
 from kdistill.progress import interactive, log, progress
 
@@ -156,13 +156,15 @@ class FitResult:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: EvalData, amp: str = "off") -> torch.Tensor:
-    """Logits (N, K) float32 on the CPU for every sample of ``data``, in eval mode."""
+def predict(model: nn.Module, data: EvalData, amp: str = "off", desc: str | None = None) -> torch.Tensor:
+    """Logits (N, K) float32 on the CPU for every sample of ``data``, in eval mode. With
+    ``desc``, shows the progress of this evaluation (a bar on a terminal)."""
     was_training = model.training
     model.eval()
     out = []
+    batches = progress(data, total=len(data), desc=desc) if desc else data
     with autocast_for(data.device, amp):
-        for batch in data:
+        for batch in batches:
             out.append(model(batch.images).float())
     model.train(was_training)
     return torch.cat(out).cpu()
@@ -220,7 +222,6 @@ def fit(
     optimizer = build_optimizer(task.parameters(), cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir else None
-    metrics_path = run_dir / "metrics.jsonl" if run_dir else None
 
     def write_checkpoint(epochs_done: int, step: int = 0, partial: dict | None = None) -> None:
         """``step`` > 0: interrupted after that many steps of epoch ``epochs_done + 1``,
@@ -264,9 +265,8 @@ def fit(
             total_steps = budget.total_steps
         where = f"step {start_step} of epoch {start_epoch + 1}" if start_step else f"the end of epoch {start_epoch}"
         log(f"{desc}: resuming from {ckpt_path} at {where}")
-    if metrics_path:
-        # rewrite from the checkpoint's history: epochs after the last checkpoint are redone
-        atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history), "metrics")
+    # metrics.jsonl / metrics.csv (rewritten from the checkpoint's history) and TensorBoard
+    metrics_log = MetricsLog(run_dir, history, cfg.tensorboard)
     if cfg.compile:
         model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
 
@@ -315,7 +315,7 @@ def fit(
         return f"~{-(-total_steps // steps_per_epoch)}" if budget.planned else "?"
 
     epoch = start_epoch
-    with GracefulInterrupt() as stop:
+    with GracefulInterrupt() as stop, contextlib.closing(metrics_log):
         while epoch * steps_per_epoch < total_steps:
             task.train()
             first = start_step if epoch == start_epoch else 0  # > 0 when resuming an interrupted epoch
@@ -416,12 +416,7 @@ def fit(
                 + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in eval_sets)
                 + f" ({record['images_per_second']:.0f} img/s)"
             )
-            if metrics_path:
-                try:
-                    with open(metrics_path, "a") as f:  # a line cut short by a kill is rewritten on resume
-                        f.write(json.dumps(record) + "\n")
-                except OSError as e:
-                    raise CheckpointError(f"cannot write metrics {metrics_path}: {e.strerror or e}; resume from the last checkpoint once fixed") from None
+            metrics_log.append(record)
 
             if chance and eval_sets:
                 watched = next(iter(eval_sets))

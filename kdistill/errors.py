@@ -28,3 +28,11 @@ class TrainingError(KDistillError):
 
 class CacheError(KDistillError):
     """A teacher cache is unreadable, or was made for other data, teacher or augmentation."""
+
+
+class ExportError(KDistillError):
+    """A model cannot be exported, or the exported file does not reproduce the model."""
+
+
+class ReportError(KDistillError):
+    """A run directory cannot be reported on (missing or malformed summary.json)."""

@@ -1,23 +1,97 @@
-"""Progress bars on a terminal, plain log lines elsewhere (CI, files)."""
+"""Progress bars on a terminal, plain log lines elsewhere (CI, files).
+
+Every long phase (decoding, training, evaluation, profiling, export) goes through
+:func:`progress`. On a terminal it is a tqdm bar with an ETA. Elsewhere, a bar would fill a
+log file with carriage returns, so the phase writes one plain line every
+``KDISTILL_LOG_INTERVAL`` seconds (default 30) with its position, elapsed time and ETA,
+and a closing line if it lasted that long; short phases stay quiet (their caller logs a
+summary line).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
-from collections.abc import Iterable
-from typing import TypeVar
+import time
+from collections.abc import Iterable, Iterator
+from typing import Generic, TypeVar
 
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
+DEFAULT_INTERVAL = 30.0  # seconds between plain progress lines
 
 
 def interactive() -> bool:
     return sys.stderr.isatty()
 
 
+def log_interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get("KDISTILL_LOG_INTERVAL", DEFAULT_INTERVAL)))
+    except ValueError:
+        return DEFAULT_INTERVAL
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class PlainProgress(Generic[T]):
+    """The non-terminal stand-in for a tqdm bar: the same iteration and ``set_postfix``,
+    plain log lines with an ETA every ``interval`` seconds."""
+
+    def __init__(self, iterable: Iterable[T], total: int | None, desc: str, initial: int = 0, interval: float | None = None):
+        self.iterable, self.total, self.desc, self.initial = iterable, total, desc, initial
+        self.interval = log_interval() if interval is None else interval
+        self.postfix = ""
+
+    def set_postfix(self, refresh: bool = False, **values) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def _line(self, done: int, elapsed: float) -> str:
+        rate = (done - self.initial) / elapsed if elapsed > 0 else 0.0
+        where = f"{done}/{self.total} ({100 * done / self.total:.0f}%)" if self.total else f"{done}"
+        eta = f", ETA {_duration((self.total - done) / rate)}" if self.total and rate > 0 else ""
+        extra = f", {self.postfix}" if self.postfix else ""
+        return f"{self.desc}: {where}, {_duration(elapsed)} elapsed{eta}{extra}"
+
+    def __iter__(self) -> Iterator[T]:
+        start = last = time.perf_counter()
+        done = self.initial
+        logged = False
+        for item in self.iterable:
+            yield item
+            done += 1
+            now = time.perf_counter()
+            if now - last >= self.interval and (not self.total or done < self.total):
+                log(self._line(done, now - start))
+                last, logged = now, True
+        elapsed = time.perf_counter() - start
+        if logged or (self.interval == 0 and done > self.initial):
+            log(f"{self.desc}: done, {done - self.initial} steps in {_duration(elapsed)}")
+
+    def __len__(self) -> int:
+        return self.total or 0
+
+
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0) -> Iterable[T]:
-    """tqdm with an ETA on a terminal; elsewhere silent (the caller logs a summary line)."""
-    return tqdm(iterable, total=total, desc=desc, disable=disable or not interactive(), leave=False, dynamic_ncols=True, initial=initial)
+    """A tqdm bar with an ETA on a terminal; plain log lines with an ETA elsewhere (see the
+    module's docstring). ``disable`` silences both."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    if disable:
+        return PlainProgress(iterable, total, desc, initial, interval=float("inf"))
+    if not interactive():
+        return PlainProgress(iterable, total, desc, initial)
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, initial=initial)
 
 
 def log(message: str) -> None:

@@ -37,7 +37,7 @@ from kdistill.errors import CheckpointError, ConfigError
 from kdistill.evaluate import agreement, classification_metrics, profile_model
 from kdistill.models import create_model
 from kdistill.models.ensemble import TeacherEnsemble
-from kdistill.progress import log
+from kdistill.progress import log, progress
 from kdistill.report import headline, write_report
 
 LOCK_NAME = ".lock"
@@ -210,6 +210,29 @@ def _phase_budgets(cfg: RunConfig, start: float, teacher, student, image_shape, 
     return budget
 
 
+def deploy_student(cfg: RunConfig, student: torch.nn.Module, ds: ImageDataset, out_dir: Path) -> dict[str, Any] | None:
+    """The distilled student as ONNX (verified) and int8 (``deploy`` config), measured; None
+    when ONNX export is off, or automatic and the export extra is not installed."""
+    from kdistill.export import EXPORT_HINT, deploy, onnx_available
+
+    if cfg.deploy.onnx is False:
+        return None
+    if cfg.deploy.onnx is None and not onnx_available():
+        log(f"skipping the ONNX export and int8 quantization of the student: {EXPORT_HINT}")
+        return None
+    log("exporting the distilled student to ONNX" + (f" and quantizing it to int8 ({cfg.deploy.quantization})" if cfg.deploy.quantization else ""))
+    mean, std = ds.mean_std()
+    device = next(student.parameters()).device
+    try:
+        return deploy(
+            student, out_dir / "model.onnx", test_images=ds.test_images, test_labels=ds.test_labels, train_images=ds.train_images,
+            mean=mean, std=std, classes=ds.classes, quantization=cfg.deploy.quantization,
+            calibration_count=cfg.deploy.calibration_images, seed=cfg.seed,
+        )
+    finally:
+        student.to(device)
+
+
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
     """Run teacher -> baseline -> distilled -> report. Returns the run directory."""
     with open_run_dir(cfg, resume, run_dir) as run_dir:
@@ -272,9 +295,9 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
     mean, std = ds.mean_std()
     test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
     models = {"teacher": teacher, **{name: r.model for name, r in phases.items() if name != "teacher"}}
-    logits = {name: predict(m, test) for name, m in models.items()}
+    logits = {name: predict(m, test, desc=f"evaluate {name}") for name, m in models.items()}
     summary_models = {}
-    for name, model in models.items():
+    for name, model in progress(models.items(), total=len(models), desc="profile (MACs, size, latency)"):
         entry: dict[str, Any] = {
             "model": _teacher_name(cfg) if name == "teacher" else cfg.student.name,
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
@@ -307,6 +330,9 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
     }
     if cfg.budget:
         summary["budget_seconds"] = cfg.budget
+    deployment = deploy_student(cfg, phases["distilled"].model, ds, run_dir / "distilled")
+    if deployment:
+        summary["deployment"] = deployment
     summary["headline"] = headline(summary)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     report = write_report(run_dir)

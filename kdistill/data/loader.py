@@ -179,6 +179,12 @@ class EvalData:
             labels = torch.cat([item[1] for item in source])
         self.labels = labels.cpu()
 
+    def __len__(self) -> int:
+        """Number of batches."""
+        if self.source is not None:
+            return len(self.source) if hasattr(self.source, "__len__") else 0
+        return -(-len(self.labels) // self.batch_size)
+
     def __iter__(self) -> Iterator[Batch]:
         if self.source is not None:
             seen = 0

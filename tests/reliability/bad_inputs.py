@@ -206,14 +206,14 @@ def epoch_one_kept(tmp: Path) -> None:
 
 
 def fail_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kdistill.engine as engine
+    import kdistill.logger as logger
 
     def broken_open(path, mode="r", *args, **kwargs):
         if str(path).endswith("metrics.jsonl") and "a" in mode:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "open", broken_open, raising=False)
+    monkeypatch.setattr(logger, "open", broken_open, raising=False)
 
 
 def locked_run_dir(tmp: Path) -> list[str]:

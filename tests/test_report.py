@@ -1,0 +1,334 @@
+"""Metrics (ECE, confusion), reports (Markdown + self-contained HTML, comparison of runs),
+metrics.csv / TensorBoard logging and progress lines.
+
+Report tests build run directories by hand from real metric functions (fast); the
+end-to-end ``kdistill run`` -> report path is in test_report_e2e.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdistill.cli import build_parser, main
+from kdistill.errors import ConfigError, ReportError
+from kdistill.evaluate import (
+    agreement,
+    calibration,
+    classification_metrics,
+    confusion_matrix,
+    profile_model,
+)
+from kdistill.logger import MetricsLog, scalar_tag, to_csv
+from kdistill.models import create_model
+from kdistill.progress import PlainProgress, progress
+from kdistill.report import check_html, headline, pareto_front, write_report
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _logits(probs: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(probs, dtype=torch.float64).log().float()  # softmax(log p) = p
+
+
+def test_ece_matches_a_hand_computation() -> None:
+    # confidences 0.9 (right), 0.95 (wrong), 0.7 (right), 0.7 (wrong); 15 bins of width 1/15
+    logits = _logits([[0.9, 0.1], [0.95, 0.05], [0.7, 0.3], [0.3, 0.7]])
+    labels = torch.tensor([0, 1, 0, 0])
+    c = calibration(logits, labels)
+    # bins: 0.9 in (13/15, 14/15] -> 13; 0.95 in (14/15, 1] -> 14; 0.7 in (10/15, 11/15] -> 10
+    # ECE = 1/4 |1 - 0.9| + 1/4 |0 - 0.95| + 2/4 |0.5 - 0.7| = 0.025 + 0.2375 + 0.1
+    assert c["ece"] == pytest.approx(0.3625, abs=1e-6)
+    assert c["bins"] == 15 and sum(c["bin_count"]) == 4
+    assert [i for i, n in enumerate(c["bin_count"]) if n] == [10, 13, 14]
+    assert c["bin_count"][10] == 2
+    assert c["bin_accuracy"][10] == pytest.approx(0.5) and c["bin_confidence"][10] == pytest.approx(0.7)
+    assert c["mean_confidence"] == pytest.approx((0.9 + 0.95 + 0.7 + 0.7) / 4)
+
+
+def test_ece_against_a_loop_over_bin_edges() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(500, 7, generator=g) * 3
+    labels = torch.randint(0, 7, (500,), generator=g)
+    probs = logits.softmax(1)
+    conf, pred = probs.max(1)
+    ece = 0.0
+    for b in range(15):
+        lo, hi = b / 15, (b + 1) / 15
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            acc = (pred[inside] == labels[inside]).float().mean()
+            ece += inside.float().mean().item() * abs(acc.item() - conf[inside].mean().item())
+    assert calibration(logits, labels)["ece"] == pytest.approx(ece, abs=1e-6)
+    # a perfectly confident, always right model is perfectly calibrated
+    assert calibration(torch.eye(7)[labels] * 100, labels)["ece"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_confusion_matrix_and_classification_metrics() -> None:
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [5.0, 0, 0], [0, 0, 5.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    assert confusion_matrix(logits, labels) == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    m = classification_metrics(logits, labels, CLASSES)
+    assert m["top1"] == pytest.approx(75.0)
+    assert m["per_class_top1"] == {"cat": 100.0, "dog": 50.0, "ship": 100.0}
+    assert m["confusion"] == [[1, 0, 0], [1, 1, 0], [0, 0, 1]] and m["classes"] == CLASSES
+    assert m["ece"] == pytest.approx(m["calibration"]["ece"]) and m["nll"] > 0
+
+
+def test_pareto_front() -> None:
+    points = [(10.0, 70.0), (1.0, 60.0), (5.0, 55.0), (5.0, 65.0), (20.0, 69.0)]
+    assert pareto_front(points) == [(1.0, 60.0), (5.0, 65.0), (10.0, 70.0)]
+
+
+def test_profile_has_size_and_latency_with_repeats() -> None:
+    model = create_model("seed_student", num_classes=3)
+    p = profile_model(model, (3, 32, 32))
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert state_bytes < p["disk_bytes"] < state_bytes + 20_000  # the weights plus a little metadata
+    for key in ("latency_b1", "throughput_b256"):
+        lat = p[key]
+        assert 0 < lat["median_ms"] <= lat["p90_ms"] and lat["repeats"] >= 5 and lat["warmup"] > 0
+    assert p["throughput_b256"]["batch_size"] == 256
+    assert ("gpu" in p) == torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- run directories
+
+
+def _history(epochs: int, kd: bool, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for e in range(1, epochs + 1):
+        row = {"epoch": e, "lr": 0.05 * (1 - e / (epochs + 1)), "train_loss": 2.0 / e + 0.1 * torch.rand(1, generator=g).item(),
+               "train_top1": 30 + 10 * e, "train_seconds": 1.0, "train_images": 100, "images_per_second": 100.0,
+               "test_top1": 25 + 9 * e, "test_loss": 2.0 / e}
+        if kd:
+            row.update(train_ce=1.0 / e, train_kd=1.0 / e)
+        rows.append(row)
+    return rows
+
+
+def fake_run(root: Path, name: str, temperature: float, seed: int = 0, deployment: bool = True) -> Path:
+    """A finished study run directory, written the way study.py writes one, with real
+    metrics of random logits and real profiles of real (untrained) models."""
+    run = root / name
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(60) % 3
+    models = {}
+    for phase, arch, skill in (("teacher", "seed_teacher", 3.0), ("baseline", "seed_student", 1.0), ("distilled", "seed_student", 1.5 + seed)):
+        logits = torch.randn(60, 3, generator=g) + skill * torch.nn.functional.one_hot(labels, 3)
+        profile = profile_model(create_model(arch, num_classes=3), (3, 32, 32), latency=False)
+        scale = 4.0 if phase == "teacher" else 1.0
+        profile["latency_b1"] = {"median_ms": 0.5 * scale, "p90_ms": 0.7 * scale, "images_per_second": 2000 / scale, "repeats": 30, "warmup": 5, "batch_size": 1}
+        profile["throughput_b256"] = {"median_ms": 50 * scale, "p90_ms": 60 * scale, "images_per_second": 5000 / scale, "repeats": 10, "warmup": 2, "batch_size": 256}
+        models[phase] = {"model": arch, "test": classification_metrics(logits, labels, CLASSES), "profile": profile,
+                         "train_seconds": 10.0, "images_per_second": 100.0, "epochs": 3, "logits": logits}
+        (run / phase).mkdir(parents=True)
+        (run / phase / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _history(3, phase == "distilled", seed)))
+    for phase in ("baseline", "distilled"):
+        models[phase]["agreement"] = agreement(models[phase]["logits"], models["teacher"]["logits"])
+    for m in models.values():
+        del m["logits"]
+    summary = {"name": name, "seed": seed, "device": "cpu", "method": "kd", "platform": "test",
+               "data": {"dataset": "fake", "train_size": 300, "test_size": 60, "num_classes": 3}, "models": models, "wall_seconds": 1.0}
+    if deployment:
+        lat = {"latency_b1": {"median_ms": 0.1, "p90_ms": 0.2}, "throughput_b256": {"images_per_second": 9000.0}}
+        summary["deployment"] = {
+            "pytorch_top1": models["distilled"]["test"]["top1"],
+            "onnx": {"path": str(run / "distilled/model.onnx"), "top1": models["distilled"]["test"]["top1"], "disk_bytes": 1_000_000,
+                     "max_abs_diff": 2e-6, "mean_abs_diff": 1e-7, "top1_agreement": 100.0, "num_images": 60, **lat},
+            "int8": {"path": str(run / "distilled/model.int8.onnx"), "mode": "static", "calibration_images": 64,
+                     "top1": models["distilled"]["test"]["top1"] - 1.0, "disk_bytes": 270_000, "max_abs_diff": 0.3,
+                     "mean_abs_diff": 0.05, "top1_agreement": 97.0, "num_images": 60, **lat},
+        }
+    summary["headline"] = headline(summary)
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "config.yaml").write_text(f"distill:\n  alpha: 0.9\n  methods:\n    kd: {{temperature: {temperature}}}\n")
+    return run
+
+
+def _embedded_images(html_text: str) -> list[bytes]:
+    import re
+
+    return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html_text)]
+
+
+def test_report_of_a_run(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "t4", 4.0)
+    md = write_report(run)
+    text = md.read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    d = summary["models"]["distilled"]
+    # the comparison table with the new columns, the headline and the deployment section
+    for needle in ("ECE", "NLL", "size on disk", "p90", f"{d['test']['top1']:.2f}%", f"{d['test']['ece']:.3f}",
+                   "kd (temperature 4.0), alpha 0.9", "ONNX Runtime int8 (static)", "calibrated on 64 training images",
+                   "Which classes distillation helped", "reliability diagram"):
+        assert needle in text, needle
+    gain = d["test"]["top1"] - summary["models"]["baseline"]["test"]["top1"]
+    assert f"Distillation bought {gain:+.2f} points" in text
+    for cls in CLASSES:
+        assert f"| {cls} |" in text
+    figures = ["curves.png", "figures/pareto.png", "figures/class_deltas.png", "figures/confusion.png", "figures/reliability.png"]
+    for fig in figures:
+        assert f"]({fig})" in text and (run / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
+
+    # report.html: the same content, self-contained, every figure embedded
+    page = (run / "report.html").read_text()
+    counts = check_html(page)
+    assert counts == {"tables": 3, "rows": 1 + 3 + 1 + 3 + 1 + 3, "images": len(figures)}
+    assert [img for img in _embedded_images(page)] == [(run / f).read_bytes() for f in ("figures/pareto.png", "curves.png", "figures/class_deltas.png", "figures/confusion.png", "figures/reliability.png")]
+    assert "<script" not in page and "http://" not in page and "https://" not in page
+
+    # summary.csv: one row per model, the numbers of summary.json
+    rows = (run / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("run,phase,model,top1") and len(rows) == 4
+    assert rows[3].split(",")[1] == "distilled" and float(rows[3].split(",")[3]) == pytest.approx(d["test"]["top1"])
+
+
+def test_report_without_deployment_or_new_metrics(tmp_path: Path) -> None:
+    """A run written before calibration/confusion/ONNX existed still gets a report."""
+    run = fake_run(tmp_path, "old", 2.0, deployment=False)
+    summary = json.loads((run / "summary.json").read_text())
+    for m in summary["models"].values():
+        for key in ("ece", "calibration", "confusion", "classes"):
+            del m["test"][key]
+        del m["profile"]["disk_bytes"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = write_report(run).read_text()
+    assert "No ONNX export in this run" in text and "n/a" in text
+    assert "Confusion matrices" not in text
+    check_html((run / "report.html").read_text())
+
+
+def test_report_command_compares_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a, b = fake_run(tmp_path / "runs", "t2", 2.0, seed=0), fake_run(tmp_path / "runs", "t4", 4.0, seed=1)
+    out = tmp_path / "cmp"
+    assert main(["report", str(a), str(b), "--output", str(out)]) == 0
+    assert "comparison report" in capsys.readouterr().out
+    text = (out / "report.md").read_text()
+    assert "comparison of 2 runs" in text
+    for run, t in ((a, "2.0"), (b, "4.0")):
+        s = json.loads((run / "summary.json").read_text())
+        gain = s["models"]["distilled"]["test"]["top1"] - s["models"]["baseline"]["test"]["top1"]
+        row = next(line for line in text.splitlines() if line.startswith(f"| {run.name} |"))
+        assert f"kd (temperature {t}), alpha 0.9" in row and f"{gain:+.2f}" in row
+    counts = check_html((out / "report.html").read_text())
+    assert counts["images"] == 4 and counts["tables"] == 2
+    csv_rows = (out / "comparison.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 6 and csv_rows[1].startswith("t2,teacher")
+
+    # one run: (re)writes that run's own report
+    assert not (a / "report.md").exists()
+    assert main(["report", str(a)]) == 0
+    assert (a / "report.md").is_file() and (a / "report.html").is_file()
+
+
+def test_report_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdistill: error:") and "summary.json does not exist" in err and len(err.splitlines()) == 1
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "summary.json").write_text("{not json")
+    assert main(["report", str(tmp_path / "bad")]) == 2
+    assert "bad/summary.json is unreadable" in capsys.readouterr().err
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "summary.json").write_text(json.dumps({"model": "seed_student", "test": {}}))
+    assert main(["report", str(tmp_path / "single")]) == 2
+    assert "not the summary of a study run" in capsys.readouterr().err
+    run = fake_run(tmp_path, "r", 2.0)
+    assert main(["report", str(run), str(run), "-o", str(tmp_path / "o")]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_check_html_rejects_external_and_broken_content() -> None:
+    ok = '<html><body><table><tr><th>a</th></tr></table></body></html>'
+    assert check_html(ok)["tables"] == 1
+    for bad, why in (
+        ('<html><body><img src="x.png" alt="a"></body></html>', "not embedded"),
+        ('<html><body><img src="data:image/png;base64,AAAA" alt="a"></body></html>', "does not decode"),
+        ('<html><body><script>1</script></body></html>', "<script>"),
+        ('<html><body><div></body></html>', "does not close"),
+        ('<html><head><link rel="stylesheet" href="https://cdn/x.css"></head><body></body></html>', "<link>"),
+        ('<html><body><p style="background: url(a.png)">x</p></body></html>', "url()"),
+    ):
+        with pytest.raises(ReportError, match=why.replace("(", r"\(").replace(")", r"\)")):
+            check_html(bad)
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def test_metrics_csv_and_tensorboard(tmp_path: Path) -> None:
+    import kdistill
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g)
+    y = torch.arange(64) % 2
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    kdistill.train(Tiny(), (x, y), (x, y), epochs=2, batch_size=16, device="cpu", run_dir=tmp_path / "r", tensorboard=True, channels_last=False)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    csv_lines = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
+    header = csv_lines[0].split(",")
+    assert header == list(rows[0]) and len(csv_lines) == 3
+    assert float(csv_lines[2].split(",")[header.index("test_top1")]) == pytest.approx(rows[1]["test_top1"])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/top1", "test/top1", "test/loss", "train/lr"} <= tags
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("test/top1")] == [(r["epoch"], round(r["test_top1"], 4)) for r in rows]
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    with pytest.raises(ConfigError, match=r"tensorboard package is not installed; install it with: pip install 'kdistill\[tensorboard\]'"):
+        MetricsLog(tmp_path, [], tensorboard=True)
+
+
+def test_tensorboard_flag_and_csv_helpers() -> None:
+    from kdistill.cli import _config_from_args
+
+    args = build_parser().parse_args(["run", "--tensorboard"])
+    assert _config_from_args(args).train.tensorboard is True
+    assert _config_from_args(build_parser().parse_args(["run"])).train.tensorboard is False
+    assert scalar_tag("train_kd") == "train/kd" and scalar_tag("val_top1") == "val/top1" and scalar_tag("lr") == "train/lr"
+    assert to_csv([{"a": 1}, {"a": 2, "b": 3}]) == "a,b\n1,\n2,3\n"
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def test_plain_progress_lines_with_eta(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("KDISTILL_LOG_INTERVAL", "0")
+    bar = progress(range(4), desc="evaluate teacher")  # stderr is not a terminal under pytest
+    assert isinstance(bar, PlainProgress)
+    assert list(bar) == [0, 1, 2, 3]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("evaluate teacher: 1/4 (25%)") and "ETA" in lines[0]
+    assert lines[-1].startswith("evaluate teacher: done, 4 steps in")
+    # the default interval keeps short phases quiet
+    monkeypatch.delenv("KDISTILL_LOG_INTERVAL")
+    assert list(progress(range(3), desc="quick")) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+    assert list(progress(iter([1, 2]), total=2, desc="x", disable=True)) == [1, 2]
+    assert not math.isnan(len(bar))
