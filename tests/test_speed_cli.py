@@ -81,7 +81,7 @@ def test_sweep_writes_leaderboard_csv_and_plot(teacher_ckpt: Path, tmp_path: Pat
 def test_sweep_runs_feature_methods_live(teacher_ckpt: Path, tmp_path: Path, capsys) -> None:
     assert main(["sweep", "--teacher", str(teacher_ckpt), "--methods", "at", "--output-dir", str(tmp_path), "--name", "f", *FAST]) == 0
     rows = list(csv.DictReader((tmp_path / "f" / "leaderboard.csv").open()))
-    assert [(r["name"], r["teacher"]) for r in rows] == [("seed_student-at-a0.9", "live")]
+    assert [(r["name"], r["teacher"]) for r in rows] == [("seed_student-at-a0.5", "live")]
     assert not (tmp_path / "f" / "teacher_cache.pt").exists()
     assert main(["sweep", "--teacher", str(teacher_ckpt), "--methods", "nope", "--output-dir", str(tmp_path), "--name", "g", *FAST]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
