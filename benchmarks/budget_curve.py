@@ -4,7 +4,7 @@
         --teacher-checkpoint runs/cifar10_seed/teacher/checkpoint.pt --budgets 1m 2m 5m 10m
 
 For each budget it trains the seed student alone and distilled from the teacher (live,
-KD T = 4, alpha 0.9, the recipe of configs/cifar10_seed.yaml, override with --set), each
+KD T = 4, alpha 0.5, the recipe of configs/cifar10_seed.yaml, override with --set), each
 with ``train.budget`` set to that budget, and writes a markdown table (steps and epochs
 reached, wall time, test top-1) with the command and machine to --out.
 """
