@@ -26,13 +26,14 @@ from torch import Tensor, nn
 from kdistill.config import DataConfig, DistillConfig, TrainConfig, _deep_merge, _format_errors
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, IterableLoader, Normalize, TrainLoader
-from kdistill.engine import FitResult, fit, predict, select_device
+from kdistill.engine import FitResult, autocast_for, fit, predict, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
 from kdistill.methods import MethodContext, build_methods
 from kdistill.models.base import count_parameters, feature_shapes
 from kdistill.progress import log
 from kdistill.tasks import Distillation, Supervised
+from kdistill.teacher_cache import TeacherCache, build_teacher_cache, fingerprint
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Result:
     train_seconds: float
     images_per_second: float
     checkpoint: Path | None
+    budget: dict[str, Any] | None = None  # with a time budget: steps, epochs and seconds it reached
 
 
 def make_train_config(config: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
@@ -137,19 +139,66 @@ def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> Result:
         data = prepared.eval_sets[name]
         logits = predict(result.model, data, cfg.amp)
         metrics = classification_metrics(logits, data.labels, prepared.classes)
-    return Result(result.model, result.history, metrics, logits, result.train_seconds, result.images_per_second, result.checkpoint)
+    return Result(result.model, result.history, metrics, logits, result.train_seconds, result.images_per_second, result.checkpoint, result.budget)
 
 
 def _device(device: str | torch.device) -> torch.device:
     return device if isinstance(device, torch.device) else select_device(str(device))
 
 
-def _fit(task, prepared: Prepared, cfg: TrainConfig, device, run_dir, resume: bool, extra: dict, desc: str) -> FitResult:
+def _fit(task, prepared: Prepared, cfg: TrainConfig, device, run_dir, resume: bool, extra: dict, desc: str, max_epochs: int | None = None) -> FitResult:
     """The engine on a prepared data set: the one call train, distill and mutual share."""
     return fit(
-        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets,
-        run_dir=Path(run_dir) if run_dir else None, resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes,
+        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets, run_dir=Path(run_dir) if run_dir else None,
+        resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes, max_epochs=max_epochs,
     )
+
+
+def _replayable(prepared: Prepared) -> TrainLoader:
+    if not isinstance(prepared.loader, TrainLoader):
+        raise ConfigError(
+            "a teacher cache needs in-memory training data (a data set, its name, or a pair of tensors) whose augmented "
+            "views can be replayed; batches from an iterable cannot"
+        )
+    return prepared.loader
+
+
+def _place_teacher(teacher: nn.Module, device: torch.device, channels_last: bool) -> None:
+    teacher.to(device)
+    if channels_last:
+        teacher.to(memory_format=torch.channels_last)
+
+
+def cache_teacher(
+    teacher: nn.Module,
+    train_data,
+    *,
+    epochs: int,
+    path: str | Path | None = None,
+    data: DataConfig | None = None,
+    seed: int = 0,
+    device: str | torch.device = "auto",
+    batch_size: int = 500,
+    channels_last: bool = True,
+    amp: str = "auto",
+    top_k: int = 0,
+    dtype: str = "float16",
+) -> TeacherCache:
+    """Run ``teacher`` once over ``epochs`` epochs of the augmented training views that a
+    distillation run with the same ``data`` settings and ``seed`` will see, and keep its
+    logits (saved to ``path`` if given). Pass the result (or the path) to
+    :func:`distill` as ``teacher_cache=``: the student then trains without the teacher."""
+    if epochs < 1:
+        raise ConfigError(f"teacher cache epochs={epochs}: expected at least 1")
+    cfg = make_train_config(None, channels_last=channels_last, amp=amp, eval_batch_size=batch_size)
+    device = _device(device)
+    prepared = prepare_data(train_data, None, cfg=cfg, device=device, data=data, seed=seed)
+    loader = _replayable(prepared)
+    _place_teacher(teacher, device, channels_last)
+    cache = build_teacher_cache(teacher, loader, epochs, batch_size=batch_size, autocast=autocast_for(device, amp), top_k=top_k, dtype=dtype)
+    if path is not None:
+        cache.save(path)
+    return cache
 
 
 def _seed_everything(seed: int) -> None:
@@ -204,11 +253,16 @@ def distill(
     teacher_spec: dict | None = None,
     desc: str = "distill",
     shard: tuple[int, int] = (0, 1),
+    teacher_cache: TeacherCache | str | Path | None = None,
     **overrides,
 ) -> Result:
     """Distill ``teacher`` into ``student``: loss = (1 - alpha) * CE + alpha * sum of the
     methods' terms (``methods="kd"`` or ``{"kd": {"temperature": 4}, ...}``). The teacher
-    is frozen (eval mode, no gradients, never in the optimizer)."""
+    is frozen (eval mode, no gradients, never in the optimizer).
+
+    ``teacher_cache`` (a :class:`TeacherCache` or its path, from :func:`cache_teacher`):
+    read the teacher's logits from it instead of running the teacher. It must have been
+    made for this teacher, data, augmentation and seed, and for at least ``epochs`` epochs."""
     cfg = make_train_config(config, **overrides)
     if isinstance(methods, str):
         methods = {name.strip(): {} for name in methods.split("+")}
@@ -232,10 +286,17 @@ def distill(
     device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
-    teacher.to(device)
-    if cfg.channels_last:
-        teacher.to(memory_format=torch.channels_last)
+    _place_teacher(teacher, device, cfg.channels_last)
     student.to(device)
+    cache_info = None
+    if teacher_cache is not None:
+        if not isinstance(teacher_cache, TeacherCache):
+            teacher_cache = TeacherCache.load(teacher_cache)
+        # a budget run may not outlast the cache; an epoch run must fit in it
+        teacher_cache.check(fingerprint(_replayable(prepared), teacher), epochs=1 if cfg.budget else cfg.epochs)
+        cache_info = {"path": str(teacher_cache.path) if teacher_cache.path else None, "epochs": teacher_cache.epochs, "fingerprint": teacher_cache.fingerprint}
+        log(f"{desc}: teacher logits from the cache{' ' + str(teacher_cache.path) if teacher_cache.path else ''} ({teacher_cache.describe()}); the teacher does not run")
+        teacher_cache = teacher_cache.to(device)
     context = MethodContext(
         student=feature_shapes(student, prepared.input_shape),
         teacher=feature_shapes(teacher, prepared.input_shape),
@@ -243,12 +304,17 @@ def distill(
         num_samples=prepared.num_samples,
         epochs=cfg.epochs,
     )
-    task = Distillation(student, teacher, build_methods(dcfg.methods, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing)
+    task = Distillation(
+        student, teacher, build_methods(dcfg.methods, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing,
+        teacher_cache=teacher_cache,
+    )
     extra = {
         "kind": "distill", "model_spec": model_spec, "teacher_spec": teacher_spec, "data": prepared.data_info,
         "train_config": cfg.model_dump(mode="json"), "distill_config": dcfg.model_dump(mode="json"), "seed": seed,
+        "teacher_cache": cache_info,
     }
-    result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc)
+    max_epochs = teacher_cache.epochs if teacher_cache is not None else None
+    result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc, max_epochs=max_epochs)
     return _finish(result, prepared, cfg)
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``kdistill run | train | distill | evaluate | models | methods``.
+"""Command line: ``kdistill run | train | distill | cache-teacher | sweep | bench | evaluate | models | methods``.
 
 Every training command reads a YAML config (``--config``, default: the bundled
 quickstart) and accepts ``--set key.path=value`` overrides plus a few shortcuts
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from kdistill.errors import KDistillError
@@ -26,6 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (seed)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
     p.add_argument("--epochs", type=int, help="epochs of every phase (train.epochs)")
+    p.add_argument("--budget", help="wall-clock budget of the command, e.g. 90s, 10m, 1.5h: train as many steps as fit, lr schedule stretched over them (budget)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -57,6 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, action="append", help="teacher checkpoint (checkpoint.pt of a train or run); repeat for multi-teacher distillation (teacher.checkpoints)")
     p.add_argument("--teacher-weights", type=float, nargs="+", help="weights of the teachers' soft outputs (teacher.weights)")
     p.add_argument("--student", "-m", help="student model name (student.name)")
+    p.add_argument("--teacher-cache", help="read the teacher's logits from this cache (kdistill cache-teacher) instead of running the teacher (distill.teacher_cache)")
+
+    p = sub.add_parser("cache-teacher", help="run a teacher once over the augmented views of E epochs and store its logits for distill --teacher-cache")
+    p.add_argument("--teacher", required=True, action="append", help="teacher checkpoint; repeat for an ensemble (its combined logits are cached)")
+    p.add_argument("--teacher-weights", type=float, nargs="+", help="weights of the ensemble's teachers (teacher.weights)")
+    p.add_argument("--out", "-o", required=True, help="the cache file to write")
+    p.add_argument("--epochs", type=int, help="epochs of views to cache: the distillation runs' epochs (train.epochs)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep only the K largest logits of each view (many classes); 0: all (default)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage of the logits (default float16)")
+    p.add_argument("--config", "-c", help="YAML config file or bundled config name: its data, seed and augmentation must be the distillation's")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--data", help="data set (data.dataset)")
+    p.add_argument("--data-dir", help="download and cache folder (data.data_dir)")
+    p.add_argument("--seed", type=int, help="random seed: the distillation's (seed)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
+    p.add_argument("--method", help="the distillation method(s); for an ensemble, its averaging temperature is theirs (distill.methods)")
+    p.add_argument("--temperature", "-T", type=float, help="temperature of the method(s), used to average an ensemble (distill.methods.<m>.temperature)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
     p.add_argument("checkpoint")
@@ -72,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", help="two or more model names (mutual.models)")
     p.add_argument("--temperature", "-T", type=float, help="temperature of the mutual KL terms (mutual.temperature)")
 
+    p = sub.add_parser("sweep", help="distill a grid of students/methods/T/alpha from one teacher, sharing one teacher cache; leaderboard + plot")
+    _common(p)
+    p.add_argument("--teacher", required=True, action="append", help="teacher checkpoint; repeat for an ensemble (teacher.checkpoints)")
+    p.add_argument("--teacher-weights", type=float, nargs="+", help="weights of the ensemble's teachers (teacher.weights)")
+    p.add_argument("--teacher-cache", help="an existing cache to use (default: built once into the run directory) (distill.teacher_cache)")
+    p.add_argument("--students", nargs="+", help="student models (default: student.name)")
+    p.add_argument("--methods", nargs="+", help="methods, each may combine several with + (default: the config's)")
+    p.add_argument("--temperatures", "-T", type=float, nargs="+", help="temperatures (default: the config's)")
+    p.add_argument("--alphas", type=float, nargs="+", help="alphas (default: distill.alpha)")
+
+    p = sub.add_parser("bench", help="training images/s: kdistill's pipeline vs the model-only ceiling vs a tutorial-style loop")
+    from kdistill.bench import add_arguments
+
+    add_arguments(p)
+
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods and their options")
     return parser
@@ -85,7 +120,7 @@ def _config_from_args(args: argparse.Namespace):
         "data": "data.dataset", "data_dir": "data.data_dir", "name": "name", "output_dir": "output_dir",
         "seed": "seed", "device": "device", "epochs": "train.epochs", "alpha": "distill.alpha",
         "teacher_checkpoint": "teacher.checkpoint", "model": "teacher.name", "student": "student.name",
-        "born_again": "born_again",
+        "born_again": "born_again", "budget": "budget", "teacher_cache": "distill.teacher_cache",
     }
     # shortcuts first, so an explicit --set wins
     pre = [f"{key}={json.dumps(getattr(args, attr)) if isinstance(getattr(args, attr), str) else getattr(args, attr)}" for attr, key in shortcuts.items() if getattr(args, attr, None) is not None]
@@ -105,7 +140,7 @@ def _config_from_args(args: argparse.Namespace):
                 pre.append(f"distill.methods.{m}.logit_std=true")
     if args.command == "mutual" and args.models:
         pre.append("mutual.models=" + json.dumps(args.models))
-    if args.command == "distill":
+    if args.command in ("distill", "cache-teacher", "sweep"):
         teachers = args.teacher
         if len(teachers) == 1:
             pre.append(f"teacher.checkpoint={json.dumps(teachers[0])}")
@@ -129,8 +164,17 @@ def cmd_train(args) -> None:
     from kdistill import api
     from kdistill.engine import select_device
     from kdistill.models import create_model
-    from kdistill.study import load_data, model_spec, open_run_dir, write_single_summary
+    from kdistill.study import (
+        budget_left,
+        load_data,
+        model_spec,
+        open_run_dir,
+        profile_seconds,
+        train_config,
+        write_single_summary,
+    )
 
+    start = time.perf_counter()
     cfg = _config_from_args(args)
     with open_run_dir(cfg, args.resume) as run_dir:
         ds = load_data(cfg)
@@ -138,10 +182,10 @@ def cmd_train(args) -> None:
         torch.manual_seed(cfg.seed)
         model = create_model(cfg.teacher.name, **spec["kwargs"])
         result = api.train(
-            model, ds, config=cfg.train_for("teacher"), data=cfg.data, device=select_device(cfg.device), run_dir=run_dir,
+            model, ds, config=train_config(cfg, "teacher", budget_left(cfg, start)), data=cfg.data, device=select_device(cfg.device), run_dir=run_dir,
             resume=args.resume, seed=cfg.seed, model_spec=spec, desc=cfg.teacher.name,
         )
-        write_single_summary(run_dir, cfg.teacher.name, result, ds)
+        write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=profile_seconds(cfg))
 
 
 def cmd_distill(args) -> None:
@@ -151,13 +195,17 @@ def cmd_distill(args) -> None:
     from kdistill.engine import select_device
     from kdistill.models import create_model
     from kdistill.study import (
+        budget_left,
         build_teacher,
         load_data,
         model_spec,
         open_run_dir,
+        profile_seconds,
+        train_config,
         write_single_summary,
     )
 
+    start = time.perf_counter()
     cfg = _config_from_args(args)
     with open_run_dir(cfg, args.resume) as run_dir:
         ds = load_data(cfg)
@@ -168,11 +216,11 @@ def cmd_distill(args) -> None:
         student = create_model(cfg.student.name, **spec["kwargs"])
         d = cfg.distill
         result = api.distill(
-            teacher, student, ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
-            data=cfg.data, device=device, run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_spec=spec,
-            teacher_spec=teacher_spec, desc="distill",
+            teacher, student, ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight,
+            config=train_config(cfg, "distill", budget_left(cfg, start)), data=cfg.data, device=device, run_dir=run_dir,
+            resume=args.resume, seed=cfg.seed, model_spec=spec, teacher_spec=teacher_spec, desc="distill", teacher_cache=d.teacher_cache,
         )
-        write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher)
+        write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=profile_seconds(cfg))
 
 
 def cmd_mutual(args) -> None:
@@ -181,8 +229,16 @@ def cmd_mutual(args) -> None:
     from kdistill import api
     from kdistill.engine import select_device
     from kdistill.models import create_model
-    from kdistill.study import load_data, model_spec, open_run_dir, write_single_summary
+    from kdistill.study import (
+        budget_left,
+        load_data,
+        model_spec,
+        open_run_dir,
+        train_config,
+        write_single_summary,
+    )
 
+    start = time.perf_counter()
     cfg = _config_from_args(args)
     with open_run_dir(cfg, args.resume) as run_dir:
         ds = load_data(cfg)
@@ -192,12 +248,46 @@ def cmd_mutual(args) -> None:
             torch.manual_seed(cfg.seed + i)  # peers of the same architecture must not start identical
             models.append(create_model(spec["name"], **spec["kwargs"]))
         results = api.mutual(
-            models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=cfg.train_for("student"),
+            models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=train_config(cfg, "student", budget_left(cfg, start)),
             data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_specs=specs,
         )
         for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
             (run_dir / f"model{i}").mkdir(exist_ok=True)
             write_single_summary(run_dir / f"model{i}", name, result, ds)
+
+
+def cmd_cache_teacher(args) -> None:
+    from kdistill import api
+    from kdistill.engine import select_device
+    from kdistill.study import build_teacher, load_data
+
+    cfg = _config_from_args(args)
+    ds = load_data(cfg)
+    device = select_device(cfg.device)
+    teacher, _ = build_teacher(cfg, ds.num_classes, device)
+    tcfg = cfg.train_for("distill")
+    cache = api.cache_teacher(
+        teacher, ds, epochs=tcfg.epochs, path=args.out, data=cfg.data, seed=cfg.seed, device=device,
+        batch_size=tcfg.eval_batch_size, channels_last=tcfg.channels_last, amp=tcfg.amp, top_k=args.top_k, dtype=args.dtype,
+    )
+    print(f"wrote {args.out}: {cache.describe()}; use it with: kdistill distill --teacher ... --teacher-cache {args.out} (same data, seed and augmentation)")
+
+
+def cmd_sweep(args) -> None:
+    from kdistill.sweep import expand_grid, run_sweep
+
+    cfg = _config_from_args(args)
+    points = expand_grid(
+        args.students or [cfg.student.name], args.methods or ["+".join(cfg.distill.methods)],
+        args.temperatures or [cfg.distill.temperature], args.alphas or [cfg.distill.alpha],
+    )
+    run_sweep(cfg, points, resume=args.resume)
+
+
+def cmd_bench(args) -> None:
+    from kdistill.bench import main as bench
+
+    print(bench(args), end="")
 
 
 def cmd_evaluate(args) -> None:
@@ -254,11 +344,15 @@ def cmd_methods(args) -> None:
         print(f"{name:8s} {doc}\n         options: {opts}")
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "distill": cmd_distill, "mutual": cmd_mutual, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods}
+COMMANDS = {
+    "run": cmd_run, "train": cmd_train, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "mutual": cmd_mutual,
+    "sweep": cmd_sweep, "bench": cmd_bench, "evaluate": cmd_evaluate, "models": cmd_models, "methods": cmd_methods,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command line, for outputs that record it (None: sys.argv)
     try:
         COMMANDS[args.command](args)
     except KDistillError as e:

@@ -48,6 +48,22 @@ def _is_number(annotation: Any) -> bool:
     return annotation in (int, float)
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from a number or a duration such as ``90s``, ``10m``, ``1.5h`` or ``1h30m``."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    import re
+
+    text = str(value).strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(min|h|m|s)", text)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*(min|h|m|s)", "", text).strip():
+        raise ValueError(f"expected a duration such as 90s, 10m, 1.5h or 1h30m, or a number of seconds (got {value!r})")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
 class DataConfig(StrictConfig):
     dataset: str = "cifar10-mini"
     """cifar10-mini (bundled sample), cifar10, cifar100, or a path to an ImageFolder tree
@@ -103,6 +119,15 @@ class TrainConfig(StrictConfig):
     compile: bool = False
     checkpoint_every: int = Field(1, gt=0)
     """Write a resumable checkpoint every N epochs (always after the last)."""
+    budget: float | None = Field(None, gt=0)
+    """Wall-clock budget of this phase in seconds (or 90s, 10m, 1.5h): replaces ``epochs``.
+    The number of steps is planned from the throughput measured in the first steps (and
+    re-planned as the run goes) and the learning-rate schedule is stretched over it."""
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return parse_duration(value)
 
 
 class ModelConfig(StrictConfig):
@@ -158,6 +183,9 @@ class DistillConfig(StrictConfig):
     ``weight`` (default 1.0)."""
     train: dict[str, Any] = {}
     """Overrides of the top-level ``train`` keys for the distillation phase."""
+    teacher_cache: Path | None = None
+    """Read the teacher's logits from this cache (``kdistill cache-teacher``) instead of
+    running the teacher; logit methods only."""
 
     @field_validator("methods")
     @classmethod
@@ -230,12 +258,20 @@ class RunConfig(StrictConfig):
     of the student, each distilled from the previous one (born-again networks)."""
     device: str = "auto"
     output_dir: Path = Path("runs")
+    budget: float | None = Field(None, gt=0)
+    """Wall-clock budget of the whole command in seconds (or 90s, 10m, 1.5h); replaces the
+    epoch counts: train/distill give it to their one phase, run splits it over its phases."""
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     mutual: MutualConfig = MutualConfig()
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> float | None:
+        return parse_duration(value)
 
     @field_validator("device")
     @classmethod

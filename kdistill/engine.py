@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdistill.budget import BudgetPlan, format_seconds
 from kdistill.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from kdistill.config import ScheduleConfig, TrainConfig
 from kdistill.data.loader import EvalData
@@ -151,6 +152,7 @@ class FitResult:
     checkpoint: Path | None = None
     train_seconds: float = 0.0
     images_per_second: float = 0.0
+    budget: dict[str, Any] | None = None  # with train.budget: what the run reached in it
 
 
 @torch.no_grad()
@@ -185,6 +187,7 @@ def fit(
     checkpoint_extra: dict[str, Any] | None = None,
     desc: str = "train",
     num_classes: int | None = None,
+    max_epochs: int | None = None,
 ) -> FitResult:
     """Train ``task`` (see :mod:`kdistill.tasks`) for ``cfg.epochs`` epochs.
 
@@ -192,18 +195,30 @@ def fit(
     :mod:`kdistill.data.loader`); ``eval_sets`` ({"val": ..., "test": ...}) are evaluated
     after every epoch. ``checkpoint_extra`` is stored in every checkpoint (model spec, preprocessing, config).
     With ``run_dir`` set, writes ``checkpoint.pt`` and ``metrics.jsonl`` there.
+    With ``cfg.budget`` set, trains for as many steps as fit in that many seconds instead
+    of ``cfg.epochs`` epochs (see :mod:`kdistill.budget`), at most ``max_epochs`` epochs.
     """
     tune_allocator()
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size")
+    eval_sets = eval_sets or {}
+    budget = None
+    if cfg.budget:
+        budget = BudgetPlan(
+            cfg.budget, steps_per_epoch, eval_images=sum(len(d.labels) for d in eval_sets.values()),
+            batch_size=cfg.eval_batch_size, max_steps=max_epochs * steps_per_epoch if max_epochs else None,
+            sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
+        )
+        total_steps = budget.total_steps
+    else:
+        total_steps = steps_per_epoch * cfg.epochs
     model = task.model
     task.to(device)
     if cfg.channels_last:
         task.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(task.parameters(), cfg)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise TrainingError(f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size")
-    total_steps = steps_per_epoch * cfg.epochs
     ckpt_path = run_dir / CHECKPOINT_NAME if run_dir else None
     metrics_path = run_dir / "metrics.jsonl" if run_dir else None
 
@@ -223,6 +238,7 @@ def fit(
                 "step": step,
                 "partial": partial,
                 "epochs": cfg.epochs,
+                "budget": budget.state() if budget else None,
                 "rng": rng,
                 "history": history,
             },
@@ -243,6 +259,9 @@ def fit(
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).splitlines()[0]
             raise CheckpointError(f"cannot resume from {ckpt_path}: it does not match this run ({detail}); delete it or choose another --name") from None
+        if budget and state.get("budget"):
+            budget.restore(state["budget"])  # continue with the budget that is left
+            total_steps = budget.total_steps
         where = f"step {start_step} of epoch {start_epoch + 1}" if start_step else f"the end of epoch {start_epoch}"
         log(f"{desc}: resuming from {ckpt_path} at {where}")
     if metrics_path:
@@ -251,7 +270,6 @@ def fit(
     if cfg.compile:
         model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
 
-    eval_sets = eval_sets or {}
     amp = autocast_for(device, cfg.amp)
     chance = 100.0 / num_classes if num_classes else None
     train_seconds = sum(h.get("train_seconds", 0.0) for h in history)
@@ -289,9 +307,16 @@ def fit(
                 return non_finite_terms(task, batch, epoch + i / steps_per_epoch, amp)
             train_step(batch, i, epoch)
         return []
+    counts: dict[int, torch.Tensor] = {}  # batch size -> the same number on the device
 
+    def epochs_label() -> str:
+        if budget is None:
+            return str(cfg.epochs)
+        return f"~{-(-total_steps // steps_per_epoch)}" if budget.planned else "?"
+
+    epoch = start_epoch
     with GracefulInterrupt() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
+        while epoch * steps_per_epoch < total_steps:
             task.train()
             first = start_step if epoch == start_epoch else 0  # > 0 when resuming an interrupted epoch
             resumed = partial if first and partial else None
@@ -305,23 +330,34 @@ def fit(
             # the first step of the epoch with a non-finite loss or gradient (-1: none), and its statistics
             first_bad, bad_stats = torch.tensor(-1, device=device), None
             t0 = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
-            bar = progress(loader.epoch(epoch, first), total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{cfg.epochs}")
+            bar = progress(loader.epoch(epoch, first), total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{epochs_label()}")
             done = first
             try:
                 for i, batch in enumerate(bar, start=first):
+                    step = epoch * steps_per_epoch + i
                     logits, losses, total, grad_norm = train_step(batch, i, epoch)
 
                     with torch.no_grad():
                         correct = (logits.argmax(1) == batch.labels).sum()
-                        stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), torch.tensor(float(len(batch.labels)), device=device)])
+                        # no torch.tensor(...) per step: on a GPU each one is a blocking host-to-device copy
+                        n = len(batch.labels)
+                        count = counts.get(n)
+                        if count is None:
+                            count = counts[n] = torch.tensor(float(n), device=device)
+                        stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), count])
                         sums = stats if sums is None else sums + stats
                         new_bad = (first_bad < 0) & ~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))
-                        first_bad = torch.where(new_bad, epoch * steps_per_epoch + i, first_bad)
+                        first_bad = torch.where(new_bad, step, first_bad)
                         bad_stats = stats if bad_stats is None else torch.where(new_bad, stats, bad_stats)
                     term_names = term_names or list(losses)
                     done = i + 1
                     if stop.requested:  # Ctrl-C arrived during this step: stop at its boundary
                         raise KeyboardInterrupt
+                    if budget is not None:
+                        budget.after_step(step + 1)
+                        total_steps = budget.total_steps
+                        if step + 1 >= total_steps:
+                            break
                     if interactive() and i % 20 == 0:  # the only host syncs: for the bar, on terminals
                         s = sums.tolist()
                         elapsed = time.perf_counter() - t0
@@ -355,10 +391,11 @@ def fit(
                     + (f" in {ckpt_path}" if ckpt_path and ckpt_path.exists() else "")
                     + ". Lower the learning rate, add warm-up or set train.grad_clip."
                 )
-            steps = steps_per_epoch
+            steps = done  # this epoch's steps: fewer than steps_per_epoch when a budget ends it
+            position = epoch * steps_per_epoch + done  # optimizer steps done in the run
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
-                "lr": base_lrs[0] * lr_factor(min((epoch + 1) * steps, total_steps) - 1, total_steps, steps, cfg.schedule),
+                "lr": base_lrs[0] * lr_factor(position - 1, total_steps, steps_per_epoch, cfg.schedule),
                 "train_loss": s[0] / steps,
                 **{f"train_{n}": v / steps for n, v in zip(term_names, s[1:-2])},
                 "train_top1": 100 * s[-2] / s[-1],
@@ -368,13 +405,14 @@ def fit(
             }
             train_seconds += epoch_seconds
             images_seen += int(s[-1])
+            overhead_start = time.perf_counter()
             for name, data in eval_sets.items():
                 logits = predict(model, data, cfg.amp)
                 for k, v in quick_metrics(logits, data.labels).items():
                     record[f"{name}_{k}"] = v
             history.append(record)
             log(
-                f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['train_loss']:.3f} train {record['train_top1']:.1f}%"
+                f"{desc} epoch {epoch + 1}/{epochs_label()}: loss {record['train_loss']:.3f} train {record['train_top1']:.1f}%"
                 + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in eval_sets)
                 + f" ({record['images_per_second']:.0f} img/s)"
             )
@@ -395,13 +433,26 @@ def fit(
                         f"to {record[key]:.1f}% (chance {chance:.1f}%). Lower the learning rate, add warm-up or set train.grad_clip."
                     )
 
-            if ckpt_path and (epoch + 1 == cfg.epochs or (epoch + 1) % cfg.checkpoint_every == 0):
+            if budget is not None:
+                budget.epoch_end(time.perf_counter() - overhead_start, position)
+                total_steps = budget.total_steps
+            if ckpt_path and (position >= total_steps or (epoch + 1) % cfg.checkpoint_every == 0):
                 write_checkpoint(epoch + 1)
+            epoch += 1
 
+    report = None
+    if budget is not None:
+        report = budget.report(total_steps)
+        log(
+            f"{desc}: budget {format_seconds(budget.seconds)}: {total_steps} steps ({report['epochs']:.1f} epochs) in "
+            f"{format_seconds(report['wall_seconds'])} ({100 * report['fraction_used']:.0f}% of the budget)"
+            + "".join(f", {name} {history[-1][name + '_top1']:.1f}%" for name in eval_sets if history)
+        )
     return FitResult(
         model=model,
         history=history,
         checkpoint=ckpt_path,
         train_seconds=train_seconds,
         images_per_second=images_seen / train_seconds if train_seconds else 0.0,
+        budget=report,
     )

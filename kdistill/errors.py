@@ -24,3 +24,7 @@ class CheckpointError(KDistillError):
 
 class TrainingError(KDistillError):
     """Training diverged (non-finite loss) or collapsed (accuracy at chance)."""
+
+
+class CacheError(KDistillError):
+    """A teacher cache is unreadable, or was made for other data, teacher or augmentation."""

@@ -55,9 +55,11 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
 
 @torch.no_grad()
-def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1, warmup: int = 5, repeats: int = 30, max_seconds: float = 5.0) -> dict:
+def measure_latency(
+    model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1, warmup: int = 5, repeats: int = 30, max_seconds: float = 5.0, min_repeats: int = 5
+) -> dict:
     """Median and p90 wall time (ms) of a forward pass at ``batch_size`` on the model's
-    device, after warm-up; stops early once ``max_seconds`` is spent (at least 5 repeats)."""
+    device, after warm-up; stops early once ``max_seconds`` is spent (at least ``min_repeats`` repeats)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -73,7 +75,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
         model(x)
         sync()
         times.append(time.perf_counter() - t0)
-        if len(times) >= 5 and time.perf_counter() - start > max_seconds:
+        if len(times) >= min_repeats and time.perf_counter() - start > max_seconds:
             break
     model.train(was_training)
     times.sort()
@@ -86,11 +88,15 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: 
     }
 
 
-def profile_model(model: nn.Module, input_shape: tuple[int, ...], latency: bool = True) -> dict:
-    """Parameters, MACs, CPU latency at batch 1 and CPU throughput at batch 256."""
+def profile_model(model: nn.Module, input_shape: tuple[int, ...], latency: bool = True, max_seconds: float = 5.0) -> dict:
+    """Parameters, MACs, CPU latency at batch 1 and CPU throughput at batch 256; each timing
+    stops after about ``max_seconds`` (fewer repeats when it is short: a time budget)."""
     out = {"parameters": count_parameters(model), "macs": count_macs(model, input_shape)}
     if latency:
         cpu_model = model.to("cpu")
-        out["latency_b1"] = measure_latency(cpu_model, input_shape, batch_size=1)
-        out["throughput_b256"] = measure_latency(cpu_model, input_shape, batch_size=256, warmup=2, repeats=10)
+        quick = max_seconds < 5.0
+        out["latency_b1"] = measure_latency(cpu_model, input_shape, batch_size=1, warmup=2 if quick else 5, max_seconds=max_seconds, min_repeats=3 if quick else 5)
+        out["throughput_b256"] = measure_latency(
+            cpu_model, input_shape, batch_size=256, warmup=1 if quick else 2, repeats=10, max_seconds=max_seconds, min_repeats=3 if quick else 5
+        )
     return out

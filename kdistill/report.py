@@ -108,6 +108,15 @@ def write_report(run_dir: Path) -> Path:
             f"{_fmt_int(p['macs'])} | {p['latency_b1']['median_ms']:.2f} ms | {p['throughput_b256']['images_per_second']:.0f} img/s | "
             f"{m['train_seconds']:.0f} s | {m['images_per_second']:.0f} |"
         )
+    if summary.get("budget_seconds"):
+        reached = ", ".join(
+            f"{label(phase)} {m['budget']['steps']} steps ({m['budget']['epochs']:.1f} epochs)" for phase, m in models.items() if m.get("budget")
+        )
+        lines += [
+            "",
+            f"Time budget: {summary['budget_seconds']:.0f} s; the study took {summary['wall_seconds']:.0f} s "
+            f"({100 * summary['wall_seconds'] / summary['budget_seconds']:.0f}%). Reached: {reached}.",
+        ]
     lines += [
         "",
         "Accuracies are from the last epoch (not the best one). Agreement: share of test images on which the model's "

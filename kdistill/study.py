@@ -29,7 +29,7 @@ from kdistill.checkpoint import (
     load_model,
     remove_stale_temporaries,
 )
-from kdistill.config import RunConfig, dump_config
+from kdistill.config import RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import predict, select_device
@@ -64,6 +64,37 @@ def _teacher_name(cfg: RunConfig) -> str:
     return cfg.teacher.name
 
 
+# seconds kept back from a budget for what follows training (evaluation, profiling, report):
+# this fraction of the budget, at most REPORT_RESERVE_MAX seconds
+REPORT_RESERVE_FRACTION = 0.05
+REPORT_RESERVE_MAX = 8.0
+
+
+def profile_seconds(cfg: RunConfig) -> float:
+    """Time cap of each latency measurement: 5 s, less under a short budget."""
+    return min(5.0, max(0.2, 0.005 * cfg.budget)) if cfg.budget else 5.0
+
+
+def budget_left(cfg: RunConfig, start: float, reserve: float | None = None) -> float | None:
+    """Seconds of ``cfg.budget`` left for training, counted from ``start`` (perf_counter)
+    and keeping ``reserve`` seconds for the evaluation and report at the end."""
+    if not cfg.budget:
+        return None
+    if reserve is None:
+        reserve = min(REPORT_RESERVE_FRACTION * cfg.budget, REPORT_RESERVE_MAX)
+    spent = time.perf_counter() - start
+    left = cfg.budget - spent - reserve
+    if left <= 0:
+        raise ConfigError(f"budget: {cfg.budget:.0f} s were spent before training could start ({spent:.0f} s of loading); give a larger --budget")
+    return left
+
+
+def train_config(cfg: RunConfig, phase: str, budget: float | None = None) -> TrainConfig:
+    """The phase's train settings, with a time budget (seconds) when given."""
+    tcfg = cfg.train_for(phase)
+    return tcfg.model_copy(update={"budget": budget}) if budget else tcfg
+
+
 def load_data(cfg: RunConfig) -> ImageDataset:
     d = cfg.data
     return load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed)
@@ -84,17 +115,19 @@ def load_teacher(path: Path, num_classes: int, device: torch.device) -> tuple[to
     return model.to(device), state
 
 
-def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds: ImageDataset, teacher=None) -> None:
+def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds: ImageDataset, teacher=None, profile_max_seconds: float = 5.0) -> None:
     """summary.json of a ``kdistill train`` or ``distill`` run: test metrics, cost, and
     agreement with the teacher for a distillation."""
     summary: dict[str, Any] = {
         "model": model_name,
         "test": result.metrics,
-        "profile": profile_model(result.model, ds.image_shape),
+        "profile": profile_model(result.model, ds.image_shape, max_seconds=profile_max_seconds),
         "train_seconds": result.train_seconds,
         "images_per_second": result.images_per_second,
         "epochs": len(result.history),
     }
+    if result.budget:
+        summary["budget"] = result.budget
     if teacher is not None and result.test_logits is not None:
         mean, std = ds.mean_std()
         device = next(teacher.parameters()).device
@@ -151,6 +184,32 @@ def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None) -> I
         yield run_dir
 
 
+def _phase_budgets(cfg: RunConfig, start: float, teacher, student, image_shape, train_teacher: bool):
+    """With ``cfg.budget``: a function phase -> seconds. The time left (less a reserve for
+    the final evaluation and profiling) is split over the phases still to train in
+    proportion to their compute per step, estimated from MACs (a training step costs about
+    three forward passes; distillation adds one teacher forward), so that every phase
+    trains for about the same number of steps. Without a budget: phase -> None."""
+    if not cfg.budget:
+        return lambda phase: None
+    from kdistill.evaluate import count_macs
+
+    mt, ms = count_macs(teacher, image_shape), count_macs(student(), image_shape)
+    costs = {"teacher": 3 * mt} if train_teacher else {}
+    costs.update(baseline=3 * ms, distilled=mt + 3 * ms)
+    costs.update({f"generation{g}": 4 * ms for g in range(2, cfg.born_again + 2)})
+    reserve = min(0.15 * cfg.budget, 30.0)  # evaluation, profiling and report of 3+ models
+    remaining = list(costs)
+
+    def budget(phase: str) -> float:
+        left = budget_left(cfg, start, reserve)
+        share = costs[phase] / sum(costs[p] for p in remaining)
+        remaining.remove(phase)
+        return left * share
+
+    return budget
+
+
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
     """Run teacher -> baseline -> distilled -> report. Returns the run directory."""
     with open_run_dir(cfg, resume, run_dir) as run_dir:
@@ -170,34 +229,39 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
     phases: dict[str, api.Result] = {}
     # 1. teacher: from a checkpoint (or several), or trained here
     loaded = build_teacher(cfg, ds.num_classes, device)
+    if cfg.distill.teacher_cache and not loaded:
+        raise ConfigError("distill.teacher_cache: a teacher cache needs a trained teacher (teacher.checkpoint or --teacher-checkpoint), not one trained in this run")
     if loaded:
         teacher, teacher_spec = loaded
     else:
         teacher_spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         torch.manual_seed(cfg.seed)
         teacher = create_model(**{**teacher_spec["kwargs"], "name": cfg.teacher.name})
+    budgets = _phase_budgets(cfg, start, teacher, student, ds.image_shape, train_teacher=not loaded)
+    if not loaded:
         phases["teacher"] = api.train(
-            teacher, ds, config=cfg.train_for("teacher"), data=cfg.data, device=device, run_dir=run_dir / "teacher",
-            resume=resume, seed=cfg.seed, model_spec=teacher_spec, desc="teacher",
+            teacher, ds, config=train_config(cfg, "teacher", budgets("teacher")), data=cfg.data, device=device,
+            run_dir=run_dir / "teacher", resume=resume, seed=cfg.seed, model_spec=teacher_spec, desc="teacher",
         )
     # 2. the student alone
     sspec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
     phases["baseline"] = api.train(
-        student(), ds, config=cfg.train_for("student"), data=cfg.data, device=device, run_dir=run_dir / "baseline",
+        student(), ds, config=train_config(cfg, "student", budgets("baseline")), data=cfg.data, device=device, run_dir=run_dir / "baseline",
         resume=resume, seed=cfg.seed, model_spec=sspec, desc="baseline",
     )
     # 3. the student distilled from the teacher
     d = cfg.distill
     phases["distilled"] = api.distill(
-        teacher, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
-        data=cfg.data, device=device, run_dir=run_dir / "distilled", resume=resume, seed=cfg.seed,
-        model_spec=sspec, teacher_spec=teacher_spec, desc="distill",
+        teacher, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight,
+        config=train_config(cfg, "distill", budgets("distilled")), data=cfg.data, device=device, run_dir=run_dir / "distilled",
+        resume=resume, seed=cfg.seed, model_spec=sspec, teacher_spec=teacher_spec, desc="distill", teacher_cache=d.teacher_cache,
     )
     # 3b. born-again generations: each student distilled from the previous generation
     previous = phases["distilled"].model
     for generation in range(2, cfg.born_again + 2):
         phases[f"generation{generation}"] = api.distill(
-            previous, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight, config=cfg.train_for("distill"),
+            previous, student(), ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight,
+            config=train_config(cfg, "distill", budgets(f"generation{generation}")),
             data=cfg.data, device=device, run_dir=run_dir / f"generation{generation}", resume=resume, seed=cfg.seed,
             model_spec=sspec, teacher_spec={"generation": generation - 1, **sspec}, desc=f"generation {generation}",
         )
@@ -214,13 +278,15 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
         entry: dict[str, Any] = {
             "model": _teacher_name(cfg) if name == "teacher" else cfg.student.name,
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
-            "profile": profile_model(model, ds.image_shape),
+            "profile": profile_model(model, ds.image_shape, max_seconds=profile_seconds(cfg)),
         }
         if name != "teacher":
             entry["agreement"] = agreement(logits[name], logits["teacher"])
         if name in phases:
             r = phases[name]
             entry.update(train_seconds=r.train_seconds, images_per_second=r.images_per_second, epochs=len(r.history))
+            if r.budget:
+                entry["budget"] = r.budget
         else:
             entry.update(train_seconds=0.0, images_per_second=0.0, from_checkpoint=teacher_spec)
         summary_models[name] = entry
@@ -239,6 +305,8 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
         "models": summary_models,
         "wall_seconds": time.perf_counter() - start,
     }
+    if cfg.budget:
+        summary["budget_seconds"] = cfg.budget
     summary["headline"] = headline(summary)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     report = write_report(run_dir)

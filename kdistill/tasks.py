@@ -4,7 +4,9 @@ The engine is the same for the teacher, the baseline student and every distillat
 they differ only in the task:
 
 - :class:`Supervised`: cross-entropy with the labels (optionally label-smoothed).
-- :class:`Distillation`: the student against a frozen teacher, with any set of methods.
+- :class:`Distillation`: the student against a frozen teacher, with any set of methods;
+  with a :class:`~kdistill.teacher_cache.TeacherCache` the teacher's logits are read from
+  the cache instead of computed.
 
 A task's ``forward(batch, epoch)`` returns ``(student_logits, {term: weighted loss})``;
 the engine sums the terms, backpropagates and logs each one. The trainable parameters are
@@ -23,6 +25,7 @@ from kdistill.data.loader import Batch
 from kdistill.errors import ConfigError
 from kdistill.methods import Method
 from kdistill.models.base import KDModel, ModelOutput, forward_all
+from kdistill.teacher_cache import TeacherCache
 
 
 class Supervised(nn.Module):
@@ -47,6 +50,7 @@ class Distillation(nn.Module):
         alpha: float,
         ce_weight: float,
         label_smoothing: float = 0.0,
+        teacher_cache: TeacherCache | None = None,
     ):
         super().__init__()
         self.model = student
@@ -56,9 +60,16 @@ class Distillation(nn.Module):
         self.label_smoothing = label_smoothing
         teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
+        # teacher logits read by (epoch, sample index) instead of running the teacher
+        self.teacher_cache = teacher_cache
         self.needs_features = any(m.needs_features for m in methods.values())
         if self.needs_features:
             names = ", ".join(n for n, m in methods.items() if m.needs_features)
+            if teacher_cache is not None:
+                raise ConfigError(
+                    f"method(s) {names} need the teacher's stage features, which a teacher cache (logits only) does not hold; "
+                    "distill without a teacher cache, or use logit methods (kd, dkd, ls, dist)"
+                )
             for role, model in (("teacher", teacher), ("student", student)):
                 if not isinstance(model, KDModel):
                     raise ConfigError(
@@ -73,8 +84,12 @@ class Distillation(nn.Module):
 
     def forward(self, batch: Batch, epoch: float) -> tuple[Tensor, dict[str, Tensor]]:
         x = batch.images
-        with torch.no_grad():
-            teacher = forward_all(self.teacher, x) if self.needs_features else ModelOutput(self.teacher(x), [], None)
+        if self.teacher_cache is not None:
+            # the batch is epoch floor(epoch)'s views of these samples: the cache holds exactly those
+            teacher = ModelOutput(self.teacher_cache.lookup(int(epoch), batch.indices), [], None)
+        else:
+            with torch.no_grad():
+                teacher = forward_all(self.teacher, x) if self.needs_features else ModelOutput(self.teacher(x), [], None)
         student = forward_all(self.model, x) if self.needs_features else ModelOutput(self.model(x), [], None)
         losses = {}
         if self.ce_weight > 0:

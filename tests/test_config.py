@@ -79,7 +79,7 @@ def test_overrides_apply_with_yaml_typing() -> None:
         [
             "train.epochs=5",
             "distill.methods.kd.temperature=2",
-            "distill.alpha=0.5",
+            "distill.alpha=0.7",
             "data.augment=false",
             "train.grad_clip=null",
             "train.schedule.milestones=[10, 20]",
@@ -89,7 +89,7 @@ def test_overrides_apply_with_yaml_typing() -> None:
     )
     assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
     assert cfg.distill.methods["kd"]["temperature"] == 2
-    assert cfg.distill.alpha == 0.5
+    assert cfg.distill.alpha == 0.7
     assert cfg.data.augment is False
     assert cfg.train.grad_clip is None
     assert cfg.train.schedule.milestones == [10.0, 20.0]

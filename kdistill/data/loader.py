@@ -122,19 +122,27 @@ class TrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from step ``start_step`` on (a resumed, interrupted epoch)."""
-        views = self.views(epoch)
-        order = views.order.to(self.device)
-        offsets, flips = views.offsets.to(self.device), views.flips.to(self.device)
+        views = self.device_views(epoch)
         for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
+            idx = views.order[step * self.batch_size : (step + 1) * self.batch_size]
             # each rank takes its own slice of the global batch (DDP); one rank takes it all
             idx = idx[self.rank :: self.world]
-            x = self.inputs[idx]
-            if self.augment:
-                x = crop_flip(x, offsets[idx], flips[idx], self.padding)
-            if self.normalize is not None:
-                x = self.normalize(x)
-            yield Batch(x, self.labels[idx], idx)
+            yield self.batch(idx, views)
+
+    def device_views(self, epoch: int) -> Views:
+        """The views of ``epoch`` on the training device."""
+        v = self.views(epoch)
+        return Views(v.order.to(self.device), v.offsets.to(self.device), v.flips.to(self.device))
+
+    def batch(self, idx: Tensor, views: Views) -> Batch:
+        """The samples ``idx`` (on the device) as the given epoch's views present them: the
+        one place where a training input is made, shared with the teacher cache."""
+        x = self.inputs[idx]
+        if self.augment:
+            x = crop_flip(x, views.offsets[idx], views.flips[idx], self.padding)
+        if self.normalize is not None:
+            x = self.normalize(x)
+        return Batch(x, self.labels[idx], idx)
 
 
 class IterableLoader:

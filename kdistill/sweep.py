@@ -1,0 +1,216 @@
+"""Sweeps: many students against one teacher, sharing one teacher cache (``kdistill sweep``).
+
+The grid is the product of students x methods x temperatures x alphas. The teacher's
+logits are computed once (``kdistill cache-teacher``, or here at the start into
+``<run>/teacher_cache.pt``) and every logit-method configuration reads them; configurations
+with feature methods (which need the live teacher's stages) run the teacher live. Each
+configuration trains in its own folder with its checkpoint, metrics and ``summary.json``;
+``--resume`` skips finished ones. The run directory gets ``leaderboard.md``,
+``leaderboard.csv`` and ``accuracy_vs_cost.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdistill import api
+from kdistill.config import DistillConfig, RunConfig, _format_errors
+from kdistill.data.loader import EvalData, Normalize
+from kdistill.engine import predict, select_device
+from kdistill.errors import ConfigError
+from kdistill.evaluate import agreement, count_macs
+from kdistill.methods import METHODS
+from kdistill.models import MODELS, count_parameters, create_model
+from kdistill.progress import log
+from kdistill.study import (
+    budget_left,
+    build_teacher,
+    load_data,
+    model_spec,
+    open_run_dir,
+    train_config,
+)
+from kdistill.teacher_cache import TeacherCache
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    student: str
+    method: str  # "kd" or "kd+dist"
+    temperature: float | None  # None: no method of the point has a temperature
+    alpha: float
+
+    @property
+    def name(self) -> str:
+        t = f"-T{self.temperature:g}" if self.temperature is not None else ""
+        return f"{self.student}-{self.method}{t}-a{self.alpha:g}"
+
+    @property
+    def methods(self) -> dict[str, dict[str, Any]]:
+        return {m: ({"temperature": self.temperature} if _has_temperature(m) else {}) for m in self.method.split("+")}
+
+    @property
+    def needs_features(self) -> bool:
+        return any(METHODS[m].needs_features for m in self.method.split("+"))
+
+
+def _has_temperature(method: str) -> bool:
+    return "temperature" in METHODS[method].Options.model_fields
+
+
+def expand_grid(students: list[str], methods: list[str], temperatures: list[float], alphas: list[float]) -> list[SweepPoint]:
+    """Every combination, once: a method without a temperature does not multiply by T."""
+    for name in students:
+        if name not in MODELS:
+            raise ConfigError(f"sweep: unknown student {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+    points: dict[str, SweepPoint] = {}
+    for student, method, t, alpha in itertools.product(students, methods, temperatures, alphas):
+        parts = [m.strip() for m in method.split("+")]
+        for m in parts:
+            if m not in METHODS:
+                raise ConfigError(f"sweep: unknown method {m!r}; expected one of: {', '.join(sorted(METHODS))}")
+        point = SweepPoint(student, "+".join(parts), float(t) if any(_has_temperature(m) for m in parts) else None, float(alpha))
+        try:
+            DistillConfig(alpha=point.alpha, methods=point.methods)
+        except Exception as e:
+            raise ConfigError(f"sweep {point.name}: {_format_errors(e) if hasattr(e, 'errors') else e}") from None
+        points.setdefault(point.name, point)
+    return list(points.values())
+
+
+def run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool = False) -> Path:
+    with open_run_dir(cfg, resume) as run_dir:
+        return _run_sweep(cfg, points, resume, run_dir)
+
+
+def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: Path) -> Path:
+    start = time.perf_counter()
+    device = select_device(cfg.device)
+    ds = load_data(cfg)
+    loaded = build_teacher(cfg, ds.num_classes, device)
+    if loaded is None:
+        raise ConfigError("sweep: needs a trained teacher: --teacher checkpoint.pt (teacher.checkpoint)")
+    teacher, teacher_spec = loaded
+    temperatures = {p.temperature for p in points if p.temperature is not None}
+    if cfg.teacher.checkpoints and len(temperatures) > 1:
+        raise ConfigError("sweep: an ensemble teacher averages its members at one temperature; sweep a single temperature with it")
+    tcfg = cfg.train_for("distill")
+
+    # one teacher cache for every logit-method point
+    cache, cache_seconds = None, 0.0
+    if any(not p.needs_features for p in points):
+        path = cfg.distill.teacher_cache or run_dir / "teacher_cache.pt"
+        if cfg.distill.teacher_cache or path.exists():
+            cache = TeacherCache.load(path)
+        else:
+            t0 = time.perf_counter()
+            cache = api.cache_teacher(
+                teacher, ds, epochs=tcfg.epochs, path=path, data=cfg.data, seed=cfg.seed, device=device,
+                batch_size=tcfg.eval_batch_size, channels_last=tcfg.channels_last, amp=tcfg.amp,
+            )
+            cache_seconds = time.perf_counter() - t0
+
+    mean, std = ds.mean_std()
+    test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
+    teacher_logits = predict(teacher, test)
+    rows = []
+    for i, point in enumerate(points):
+        out = run_dir / point.name
+        summary_path = out / "summary.json"
+        if resume and summary_path.exists():
+            rows.append(json.loads(summary_path.read_text()))
+            continue
+        log(f"sweep {i + 1}/{len(points)}: {point.name}")
+        spec = model_spec(point.student, {}, ds.num_classes)
+        torch.manual_seed(cfg.seed)  # every student of an architecture starts from the same weights
+        student = create_model(point.student, **spec["kwargs"])
+        use_cache = cache if not point.needs_features else None
+        # with a budget, each configuration gets an equal share of what is left
+        left = budget_left(cfg, start)
+        config = train_config(cfg, "distill", left / (len(points) - i) if left else None)
+        r = api.distill(
+            teacher, student, ds, methods=point.methods, alpha=point.alpha, config=config, data=cfg.data, device=device,
+            run_dir=out, resume=resume, seed=cfg.seed, model_spec=spec, teacher_spec=teacher_spec, desc=point.name,
+            teacher_cache=use_cache,
+        )
+        row = {
+            "name": point.name, "student": point.student, "method": point.method, "temperature": point.temperature,
+            "alpha": point.alpha, "teacher": "cache" if use_cache is not None else "live",
+            "top1": r.metrics["top1"], "top5": r.metrics["top5"],
+            "agreement": agreement(r.test_logits, teacher_logits)["agreement_top1"],
+            "parameters": count_parameters(r.model), "macs": count_macs(r.model, ds.image_shape),
+            "epochs": len(r.history), "train_seconds": r.train_seconds, "images_per_second": r.images_per_second,
+        }
+        summary_path.write_text(json.dumps(row, indent=2))
+        rows.append(row)
+    rows.sort(key=lambda r: -r["top1"])
+    write_leaderboard(run_dir, rows, cache_seconds=cache_seconds, cache=cache, wall_seconds=time.perf_counter() - start)
+    log(f"sweep: {len(rows)} configurations; best {rows[0]['name']} {rows[0]['top1']:.2f}%; leaderboard: {run_dir / 'leaderboard.md'}")
+    return run_dir
+
+
+COLUMNS = ["rank", "name", "student", "method", "temperature", "alpha", "teacher", "top1", "top5", "agreement",
+           "parameters", "macs", "epochs", "train_seconds", "images_per_second"]
+
+
+def write_leaderboard(run_dir: Path, rows: list[dict], *, cache_seconds: float, cache: TeacherCache | None, wall_seconds: float) -> None:
+    with open(run_dir / "leaderboard.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for rank, row in enumerate(rows, 1):
+            writer.writerow({"rank": rank, **{k: row[k] for k in COLUMNS[1:]}})
+    lines = [
+        f"# Sweep leaderboard: {run_dir.name}",
+        "",
+        f"{len(rows)} configurations, sorted by test top-1 (last epoch). Wall time of this invocation {wall_seconds:.0f} s"
+        + (f"; the teacher cache ({cache.describe()}) took {cache_seconds:.0f} s to build and served every 'cache' row" if cache is not None and cache_seconds else "")
+        + (f"; teacher cache: {cache.describe()}" if cache is not None and not cache_seconds else "")
+        + ".",
+        "",
+        "| rank | student | method | T | alpha | teacher | test top-1 | top-5 | agreement with teacher | parameters | MACs | epochs | training time | img/s |",
+        "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for rank, r in enumerate(rows, 1):
+        t = f"{r['temperature']:g}" if r["temperature"] is not None else "–"
+        lines.append(
+            f"| {rank} | {r['student']} | {r['method']} | {t} | {r['alpha']:g} | {r['teacher']} | {r['top1']:.2f}% | {r['top5']:.2f}% | "
+            f"{r['agreement']:.2f}% | {r['parameters'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {r['epochs']} | {r['train_seconds']:.0f} s | {r['images_per_second']:.0f} |"
+        )
+    lines += ["", "![accuracy vs cost](accuracy_vs_cost.png)", ""]
+    (run_dir / "leaderboard.md").write_text("\n".join(lines))
+    plot_accuracy_vs_cost(rows, run_dir / "accuracy_vs_cost.png")
+
+
+def plot_accuracy_vs_cost(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    students = sorted({r["student"] for r in rows})
+    markers = dict(zip(students, "osD^v<>ph*"))
+    for ax, key, xlabel in ((axes[0], "train_seconds", "training time (s)"), (axes[1], "macs", "student MACs per image (millions)")):
+        for s in students:
+            pts = [r for r in rows if r["student"] == s]
+            xs = [r[key] / (1e6 if key == "macs" else 1) for r in pts]
+            ax.scatter(xs, [r["top1"] for r in pts], marker=markers.get(s, "o"), label=s)
+            for r, x in zip(pts, xs):
+                ax.annotate(r["name"].removeprefix(f"{s}-"), (x, r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("accuracy vs training cost")
+    axes[1].set_title("accuracy vs inference cost")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,137 @@
+"""Time budgets: step planning (simulated clock), real runs ending on time, CLI, config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdistill
+from kdistill.budget import BudgetPlan
+from kdistill.cli import main
+from kdistill.config import load_config, parse_duration
+from kdistill.data.dataset import ImageDataset
+from kdistill.errors import ConfigError
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def simulate(budget: float, step_seconds, steps_per_epoch: int, eval_seconds: float, eval_images: int = 0) -> tuple[BudgetPlan, float, int]:
+    """Drive a plan the way the engine does; ``step_seconds(i)`` is the cost of step i."""
+    clock = FakeClock()
+    start = clock.now
+    plan = BudgetPlan(budget, steps_per_epoch, eval_images=eval_images, batch_size=100, clock=clock)
+    done, epoch = 0, 0
+    while epoch * steps_per_epoch < plan.total_steps:
+        for _ in range(steps_per_epoch):
+            clock.now += step_seconds(done)
+            done += 1
+            plan.after_step(done)
+            if done >= plan.total_steps:
+                break
+        clock.now += eval_seconds
+        plan.epoch_end(eval_seconds, done)
+        epoch += 1
+        assert done == min(epoch * steps_per_epoch, plan.total_steps) or done == plan.total_steps
+    return plan, clock.now - start, done
+
+
+@pytest.mark.parametrize("budget", [10.0, 60.0, 600.0])
+@pytest.mark.parametrize("eval_seconds", [0.0, 0.4])
+def test_plan_fills_the_budget(budget: float, eval_seconds: float) -> None:
+    # warm-up steps are slow, then 20 ms per step
+    plan, wall, steps = simulate(budget, lambda i: 0.5 if i < 3 else 0.02, 40, eval_seconds, eval_images=1000)
+    assert 0.95 * budget <= wall <= 1.0 * budget
+    assert plan.total_steps == steps
+    assert plan.step_seconds == pytest.approx(0.02)
+
+
+def test_plan_follows_a_slowdown() -> None:
+    # the machine gets twice as slow halfway through: the re-plans keep the run on time
+    plan, wall, steps = simulate(60.0, lambda i: 0.02 if i < 1200 else 0.04, 50, 0.2)
+    assert 0.95 * 60 <= wall <= 60.0
+    assert 1200 < steps < 3000
+
+
+def test_plan_respects_max_steps() -> None:
+    clock = FakeClock()
+    plan = BudgetPlan(100.0, 10, max_steps=30, clock=clock)
+    assert plan.total_steps == 30
+    for done in range(1, 20):
+        clock.now += 0.01
+        plan.after_step(done)
+    assert plan.total_steps == 30  # the budget would allow thousands: capped
+
+
+def test_durations() -> None:
+    assert parse_duration("10m") == 600 and parse_duration("1h30m") == 5400 and parse_duration("90s") == 90
+    assert parse_duration("1.5h") == 5400 and parse_duration(42) == 42 and parse_duration(None) is None
+    assert load_config(None, ["budget=2m"]).budget == 120
+    with pytest.raises(ConfigError, match="budget: expected a duration such as 90s"):
+        load_config(None, ["budget=ten minutes"])
+    with pytest.raises(ConfigError, match="train.budget"):
+        load_config(None, ["train.budget=-5"])
+
+
+@pytest.fixture(scope="module")
+def small(mini: ImageDataset) -> ImageDataset:
+    keep = torch.arange(0, len(mini.train_labels), 5)  # 1000 images of every class
+    test = torch.arange(0, len(mini.test_labels), 4)
+    return dataclasses.replace(
+        mini, train_images=mini.train_images[keep], train_labels=mini.train_labels[keep],
+        test_images=mini.test_images[test], test_labels=mini.test_labels[test],
+    )
+
+
+def test_training_run_ends_on_budget(small: ImageDataset) -> None:
+    torch.manual_seed(0)
+    model = kdistill.create_model("seed_student")
+    t0 = time.perf_counter()
+    r = kdistill.train(model, small, budget=6.0, batch_size=64, device="cpu")
+    wall = time.perf_counter() - t0
+    b = r.budget
+    assert b["budget_seconds"] == 6.0 and b["steps"] > 15
+    assert 0.8 * 6.0 <= b["wall_seconds"] <= 1.05 * 6.0
+    assert wall <= 6.0 * 1.1 + 1.0  # data preparation and the final evaluation included
+    # the schedule was stretched over the planned steps: one-cycle ends at its final lr (0)
+    assert r.history[-1]["lr"] < 0.1 * 0.05
+    assert sum(h["train_images"] for h in r.history) == b["steps"] * 64
+
+
+def test_budget_with_a_cache_stops_at_the_cached_epochs(small: ImageDataset) -> None:
+    torch.manual_seed(0)
+    teacher = kdistill.create_model("seed_teacher")
+    cache = kdistill.cache_teacher(teacher, small, epochs=2, device="cpu")
+    torch.manual_seed(1)
+    r = kdistill.distill(teacher, kdistill.create_model("seed_student"), small, teacher_cache=cache, budget=120, batch_size=100, device="cpu")
+    assert len(r.history) == 2 and r.budget["steps"] == 20
+    assert r.budget["wall_seconds"] < 60
+
+
+@pytest.mark.slow
+def test_cli_train_with_budget(tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    code = main(["train", "--budget", "12s", "--output-dir", str(tmp_path), "--name", "b", "--device", "cpu", "--model", "seed_student"])
+    wall = time.perf_counter() - t0
+    assert code == 0
+    summary = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert summary["budget"]["budget_seconds"] < 12 and summary["budget"]["steps"] > 0
+    assert 0.85 * 12 <= wall <= 1.08 * 12
+    assert load_config(tmp_path / "b" / "config.yaml").budget == 12
+
+
+def test_cli_budget_too_small_is_one_line(tmp_path: Path, capsys) -> None:
+    code = main(["train", "--budget", "0.01s", "--output-dir", str(tmp_path), "--name", "b", "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdistill: error: budget:") and "\n" not in err

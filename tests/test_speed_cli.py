@@ -1,0 +1,113 @@
+"""The speed commands end to end on the bundled sample: cache-teacher + distill
+--teacher-cache, sweep (leaderboard, CSV, plot), bench, run --budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdistill
+from kdistill.checkpoint import save_checkpoint
+from kdistill.cli import main
+from kdistill.data.dataset import ImageDataset
+from kdistill.teacher_cache import TeacherCache
+
+FAST = ["--device", "cpu", "--epochs", "1", "--set", "train.batch_size=250"]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(mini: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An (untrained) seed teacher saved as a kdistill checkpoint."""
+    torch.manual_seed(0)
+    model = kdistill.create_model("seed_teacher")
+    path = tmp_path_factory.mktemp("teacher") / "checkpoint.pt"
+    save_checkpoint({"model_spec": {"name": "seed_teacher", "kwargs": {"num_classes": 10}}, "model": model.state_dict(), "data": {"classes": mini.classes}}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_cache_teacher_then_distill_from_it(teacher_ckpt: Path, tmp_path: Path, capsys) -> None:
+    cache = tmp_path / "cache.pt"
+    assert main(["cache-teacher", "--teacher", str(teacher_ckpt), "--out", str(cache), *FAST]) == 0
+    assert "wrote" in capsys.readouterr().out
+    loaded = TeacherCache.load(cache)
+    assert loaded.epochs == 1 and loaded.num_samples == 5000 and loaded.logits.dtype == torch.float16
+    args = ["distill", "--teacher", str(teacher_ckpt), "--teacher-cache", str(cache), "--output-dir", str(tmp_path), *FAST]
+    assert main([*args, "--name", "d"]) == 0
+    summary = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and "agreement" in summary
+    # another seed means other views: refused, one line, naming what differs
+    assert main([*args, "--name", "e", "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the run's log lines come first
+    assert err.startswith("kdistill: error: teacher cache") and "seed (cache 0, this run 3)" in err
+    # more epochs than cached
+    assert main([*args, "--name", "f", "--epochs", "2"]) == 2
+    assert "holds 1 epochs of teacher outputs but this run trains 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sweep_writes_leaderboard_csv_and_plot(teacher_ckpt: Path, tmp_path: Path) -> None:
+    code = main([
+        "sweep", "--teacher", str(teacher_ckpt), "--students", "seed_student", "--methods", "kd", "dist",
+        "--temperatures", "2", "4", "--alphas", "0.9", "--output-dir", str(tmp_path), "--name", "s", *FAST,
+    ])
+    assert code == 0
+    run = tmp_path / "s"
+    rows = list(csv.DictReader((run / "leaderboard.csv").open()))
+    names = {r["name"] for r in rows}
+    assert names == {"seed_student-kd-T2-a0.9", "seed_student-kd-T4-a0.9", "seed_student-dist-T2-a0.9", "seed_student-dist-T4-a0.9"}
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]
+    top1 = [float(r["top1"]) for r in rows]
+    assert top1 == sorted(top1, reverse=True)
+    assert {r["teacher"] for r in rows} == {"cache"}
+    assert (run / "teacher_cache.pt").is_file()
+    md = (run / "leaderboard.md").read_text()
+    assert "| 1 | seed_student |" in md and "took" in md
+    assert (run / "accuracy_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in names:
+        assert (run / name / "checkpoint.pt").is_file()
+    # resume: every configuration is finished, nothing is retrained (no checkpoint rewritten)
+    stamps = {name: (run / name / "checkpoint.pt").stat().st_mtime_ns for name in names}
+    assert main(["sweep", "--teacher", str(teacher_ckpt), "--students", "seed_student", "--methods", "kd", "dist",
+                 "--temperatures", "2", "4", "--output-dir", str(tmp_path), "--name", "s", "--resume", *FAST]) == 0
+    assert {name: (run / name / "checkpoint.pt").stat().st_mtime_ns for name in names} == stamps
+
+
+@pytest.mark.slow
+def test_sweep_runs_feature_methods_live(teacher_ckpt: Path, tmp_path: Path, capsys) -> None:
+    assert main(["sweep", "--teacher", str(teacher_ckpt), "--methods", "at", "--output-dir", str(tmp_path), "--name", "f", *FAST]) == 0
+    rows = list(csv.DictReader((tmp_path / "f" / "leaderboard.csv").open()))
+    assert [(r["name"], r["teacher"]) for r in rows] == [("seed_student-at-a0.9", "live")]
+    assert not (tmp_path / "f" / "teacher_cache.pt").exists()
+    assert main(["sweep", "--teacher", str(teacher_ckpt), "--methods", "nope", "--output-dir", str(tmp_path), "--name", "g", *FAST]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_bench_quick_writes_a_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "throughput.md"
+    assert main(["bench", "--quick", "--device", "cpu", "--steps", "2", "--batch-size", "32", "--workers", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text == capsys.readouterr().out
+    assert "Command: `kdistill bench --quick" in text and f"torch {torch.__version__}" in text and "threads" in text
+    live = next(line for line in text.splitlines() if line.startswith("| seed_teacher → seed_student | live |"))
+    cells = [c.strip() for c in live.strip("|").split("|")]
+    assert all(c[0].isdigit() for c in cells[2:])  # three rates and two ratios
+    assert "| seed_teacher → seed_student | cache |" in text
+    assert main(["bench", "--pair", "seed_teacher", "--quick"]) == 2
+    assert "expected TEACHER:STUDENT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_run_with_budget_plans_every_phase(mini: ImageDataset, tmp_path: Path) -> None:
+    # Behaviour only: how close a run ends to its budget depends on the machine's load and is
+    # measured by benchmarks/budget_curve.py, not asserted here.
+    assert main(["run", "--budget", "40s", "--device", "cpu", "--output-dir", str(tmp_path), "--name", "r"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["budget_seconds"] == 40
+    steps = {p: summary["models"][p]["budget"]["steps"] for p in ("teacher", "baseline", "distilled")}
+    assert all(s > 0 for s in steps.values())
+    assert "Time budget: 40 s" in (tmp_path / "r" / "report.md").read_text()
