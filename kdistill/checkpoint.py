@@ -94,13 +94,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's message is a page of advice; the line naming the refused object is the one that matters
+        first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "unsafe content")
         raise CheckpointError(f"checkpoint {path} refused: it holds objects other than tensors and plain data ({first[:200]})") from None
     except Exception as e:  # torch.load fails in many ways on garbage (KeyError, IndexError, ...)
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e.__class__.__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a kdistill checkpoint (expected format {FORMAT!r})")
     return state
+
+
+def state_dict_mismatch(error: RuntimeError) -> str:
+    """The first concrete mismatch of a load_state_dict error (its first line is a header)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch")[:300]
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
@@ -124,5 +132,5 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.get('name')!r}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.get('name')!r}: {state_dict_mismatch(e)}") from None
     return model, state

@@ -137,6 +137,7 @@ def _build(kind: str, root: Path, tree: dict[str, dict[str, list[str]]]) -> Path
                 name, data = _content(file_kind, k)
                 files[f"{split}/{cls}/{name}"] = data
     if kind == "folder":
+        (root / "tree").mkdir()
         for folder in folders:
             (root / "tree" / folder).mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
