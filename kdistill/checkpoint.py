@@ -48,10 +48,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer turns a failed write (disk full) into a RuntimeError from
+        # its clean-up, with the OSError as the context: find it
+        os_error = _os_error_in(e)
         Path(tmp).unlink(missing_ok=True)
+        if os_error is None:
+            raise
         kept = "; the previous one is intact" if path.exists() else ""
-        raise CheckpointError(f"cannot write {what} {path}: {e.strerror or e}{kept}") from None
+        raise CheckpointError(f"cannot write {what} {path}: {os_error.strerror or os_error}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -61,6 +66,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """``error`` itself or the first OSError among its causes and contexts."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
