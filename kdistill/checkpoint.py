@@ -48,10 +48,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer turns a failed write (disk full) into a RuntimeError from
+        # its clean-up, with the OSError as the context: find it
+        os_error = _os_error_in(e)
         Path(tmp).unlink(missing_ok=True)
+        if os_error is None:
+            raise
         kept = "; the previous one is intact" if path.exists() else ""
-        raise CheckpointError(f"cannot write {what} {path}: {e.strerror or e}{kept}") from None
+        raise CheckpointError(f"cannot write {what} {path}: {os_error.strerror or os_error}{kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -61,6 +66,17 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    """``error`` itself or the first OSError among its causes and contexts."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def atomic_write_text(path: Path, text: str, what: str = "file") -> None:
@@ -94,13 +110,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's message is a page of advice; the line naming the refused object is the one that matters
+        first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "unsafe content")
         raise CheckpointError(f"checkpoint {path} refused: it holds objects other than tensors and plain data ({first[:200]})") from None
     except Exception as e:  # torch.load fails in many ways on garbage (KeyError, IndexError, ...)
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e.__class__.__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a kdistill checkpoint (expected format {FORMAT!r})")
     return state
+
+
+def state_dict_mismatch(error: RuntimeError) -> str:
+    """The first concrete mismatch of a load_state_dict error (its first line is a header)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 else lines[0] if lines else "mismatch")[:300]
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
@@ -124,5 +148,5 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.get('name')!r}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.get('name')!r}: {state_dict_mismatch(e)}") from None
     return model, state

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill.budget import BudgetPlan, format_seconds
-from kdistill.checkpoint import load_checkpoint, save_checkpoint
+from kdistill.checkpoint import load_checkpoint, save_checkpoint, state_dict_mismatch
 from kdistill.config import ScheduleConfig, TrainConfig
 from kdistill.data.loader import EvalData
 from kdistill.errors import CheckpointError, TrainingError
@@ -258,7 +258,7 @@ def fit(
             start_epoch, history = int(state["epoch"]), list(state["history"])
             start_step, partial = int(state.get("step", 0)), state.get("partial")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+            detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else state_dict_mismatch(e)
             raise CheckpointError(f"cannot resume from {ckpt_path}: it does not match this run ({detail}); delete it or choose another --name") from None
         if budget and state.get("budget"):
             budget.restore(state["budget"])  # continue with the budget that is left

@@ -111,7 +111,9 @@ def _decode(name: str, data: bytes, size: int) -> np.ndarray:
             # in memory, and reductions over it (the mean/std) round differently from the same
             # values loaded back from the cache: the first run would differ from later ones
             return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise DataError(f"{name}: unreadable image (not a format Pillow recognises); expected a JPEG/PNG/... file") from None
+    except (Image.DecompressionBombError, OSError, ValueError) as e:
         raise DataError(f"{name}: unreadable image ({e.__class__.__name__}: {e}); expected a JPEG/PNG/... file") from None
 
 

@@ -140,6 +140,8 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
         log = tmp / f"attempt{attempt}.log"
         args = _args(command, data, tmp, run_dir.name, teacher)
         mode = MODES[attempt % len(MODES)]
+        if mode == "epoch" and progress[0] >= EPOCHS:  # every epoch is checkpointed: only the end is left to kill
+            mode = "work"
         if mode == "write":
             before = _state(run_dir)
             epoch = (before[0] if before else 0) + 1
@@ -185,13 +187,15 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
             delay = rng.uniform(0, work)
             sig = signal.SIGINT if mode == "interrupt" else signal.SIGKILL
         try:
-            proc.wait(timeout=delay)
+            code = proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(sig)
             rc = proc.wait(timeout=600)
             output = log.read_text()
             if rc == 0:
                 pass  # it finished just before the signal
+            elif sig == signal.SIGINT and rc == -signal.SIGINT and "Traceback" not in output and "outputs in" in output.strip().splitlines()[-1]:
+                rc = 0  # it finished, and the signal arrived while the interpreter was exiting: nothing was lost
             elif sig == signal.SIGINT:
                 assert rc == 130, output
                 assert "Traceback" not in output, output
@@ -200,15 +204,16 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
             else:
                 assert rc == -signal.SIGKILL, output
                 tally.kills[f"SIGKILL during {mode}"] += 1
+            code = rc
         else:
-            assert proc.returncode == 0, log.read_text()
+            assert code == 0, log.read_text()
         state = _state(run_dir)
         if state is not None:
             assert state >= progress, f"the checkpoint went back from {progress} to {state}"
             progress = state
-        if proc.returncode != 0:
+        if code != 0:
             tally.reached[state] += 1
-        if proc.returncode == 0:  # this chain reached the end: check it, start another
+        if code == 0:  # this chain reached the end: check it, start another
             _assert_identical(run_dir, reference)
             tally.chains += 1
             chain += 1
