@@ -24,3 +24,7 @@ class CheckpointError(KDistillError):
 
 class TrainingError(KDistillError):
     """Training diverged (non-finite loss) or collapsed (accuracy at chance)."""
+
+
+class DistributedError(KDistillError):
+    """A multi-process job cannot start, or one of its processes died or stopped responding."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kdistill import api
+from kdistill import api, distributed
 from kdistill.checkpoint import load_model
 from kdistill.config import RunConfig, dump_config
 from kdistill.data.dataset import ImageDataset, load_dataset
@@ -60,8 +60,10 @@ def _teacher_name(cfg: RunConfig) -> str:
 
 
 def load_data(cfg: RunConfig) -> ImageDataset:
+    """The run's data set; in a torchrun job one process per machine downloads and decodes
+    it first, the others then read its cache."""
     d = cfg.data
-    return load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed)
+    return distributed.local_main_first(lambda: load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed))
 
 
 def model_spec(name: str, kwargs: dict, num_classes: int) -> dict[str, Any]:
@@ -81,7 +83,15 @@ def load_teacher(path: Path, num_classes: int, device: torch.device) -> tuple[to
 
 def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds: ImageDataset, teacher=None) -> None:
     """summary.json of a ``kdistill train`` or ``distill`` run: test metrics, cost, and
-    agreement with the teacher for a distillation."""
+    agreement with the teacher for a distillation. All ranks call it; rank 0 writes."""
+    teacher_logits = None
+    if teacher is not None and result.test_logits is not None:
+        mean, std = ds.mean_std()
+        device = next(teacher.parameters()).device
+        test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
+        teacher_logits = predict(teacher, test)  # sharded over the ranks
+    if not distributed.is_main():
+        return
     summary: dict[str, Any] = {
         "model": model_name,
         "test": result.metrics,
@@ -90,11 +100,9 @@ def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds:
         "images_per_second": result.images_per_second,
         "epochs": len(result.history),
     }
-    if teacher is not None and result.test_logits is not None:
-        mean, std = ds.mean_std()
-        device = next(teacher.parameters()).device
-        test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
-        summary["agreement"] = agreement(result.test_logits, predict(teacher, test))
+    if teacher_logits is not None:
+        summary["agreement"] = agreement(result.test_logits, teacher_logits)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}")
 
@@ -117,8 +125,16 @@ def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None) -> I
     """Create (or, with ``resume``, reopen) the run directory, record the resolved config and
     git revision, and hold an exclusive lock on it while the run lasts, so that two runs
     never write into the same directory. The lock is released when the process ends, even
-    when it is killed."""
+    when it is killed. In a torchrun job rank 0 does all this; every rank gets its errors."""
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / cfg.name
+    stack = contextlib.ExitStack()
+    distributed.on_main(lambda: stack.enter_context(_locked_run_dir(cfg, resume, run_dir)))
+    with stack:
+        yield run_dir
+
+
+@contextlib.contextmanager
+def _locked_run_dir(cfg: RunConfig, resume: bool, run_dir: Path) -> Iterator[Path]:
     if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
         raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name")
     try:
@@ -199,7 +215,9 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
     mean, std = ds.mean_std()
     test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
     models = {"teacher": teacher, **{name: r.model for name, r in phases.items() if name != "teacher"}}
-    logits = {name: predict(m, test) for name, m in models.items()}
+    logits = {name: predict(m, test) for name, m in models.items()}  # sharded over the ranks
+    if not distributed.is_main():
+        return run_dir  # rank 0 profiles and writes the report
     summary_models = {}
     for name, model in models.items():
         entry: dict[str, Any] = {
