@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -158,6 +159,12 @@ def translate_errors() -> Iterator[None]:
     try:
         yield
     except Exception as e:
+        if is_initialized() and "Expected to have finished reduction in the prior iteration" in str(e):
+            raise DistributedError(
+                f"rank {rank()} of {world_size()}: some trainable parameters received no gradient in a step (for "
+                "example the student's classifier when distill.ce_weight is 0 and no method uses the logits); "
+                "DistributedDataParallel needs every parameter to take part in every step: use them in the loss"
+            ) from None
         if not is_initialized() or not _is_communication_error(e):
             raise
         wait = f"{_timeout_s:.0f} s"
@@ -290,7 +297,11 @@ def wrap(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+    # torch >= 2.13 names the per-forward buffer broadcast forward_sync_buffers (buffers are
+    # then still synced once at start, which is harmless: they are equal on every rank)
+    no_sync = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    sync_option = {"forward_sync_buffers": False} if no_sync else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, **sync_option)
 
 
 @torch.no_grad()

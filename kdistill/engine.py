@@ -299,6 +299,7 @@ def _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra
     train_seconds = sum(h.get("train_seconds", 0.0) for h in history)
     images_seen = sum(h.get("train_images", 0) for h in history)
     first_bad = torch.tensor(-1, device=device)
+    counts: dict[int, torch.Tensor] = {}  # micro-batch size -> that number on the device
 
     with GracefulInterrupt() as stop:
         for epoch in range(start_epoch, cfg.epochs):
@@ -337,7 +338,9 @@ def _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra
 
                         with torch.no_grad():
                             correct = (logits.argmax(1) == part.labels).sum()
-                            stats = torch.stack([share * total.detach().float(), *(share * v.detach().float() for v in losses.values()), correct.float(), torch.tensor(float(len(part.labels)), device=device)])
+                            n = len(part.labels)  # a host-to-device copy per size, not per step (it blocks on GPUs)
+                            count = counts[n] if n in counts else counts.setdefault(n, torch.tensor(float(n), device=device))
+                            stats = torch.stack([share * total.detach().float(), *(share * v.detach().float() for v in losses.values()), correct.float(), count])
                             sums = stats if sums is None else sums + stats
                             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), torch.tensor(step, device=device), first_bad)
                         term_names = term_names or list(losses)
