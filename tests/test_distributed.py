@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out: Path, scenario, args: tuple) 
         os._exit(0)  # skip the forked copy of pytest's own exit handlers
 
 
-def _launch(scenario, out: Path, *args, world: int = WORLD, timeout: float = 120, wait_for: int | None = None) -> None:
+def _launch(scenario, out: Path, *args, world: int = WORLD, timeout: float = 300, wait_for: int | None = None) -> None:
     """Fork ``world`` ranks running ``scenario``; wait for all of them (or for the first
     ``wait_for`` ranks, then kill the others: what torchrun does when a worker fails)."""
     ctx = torch.multiprocessing.get_context("fork")  # no re-import of torch in the children
