@@ -5,7 +5,7 @@
 
 Each configuration is a real ``torchrun --standalone --nproc_per_node=N`` job (N = 1 too, so
 every figure pays the same launcher) that distills seed_teacher into seed_student with KD on
-the first ``--train-size`` images of the data set, with the same global batch for every N.
+``--train-size`` images of the data set (every k-th), with the same global batch for every N.
 The figure is the engine's own: images of the last epoch (all ranks) / its training seconds
 (evaluation excluded), so the first epoch's warm-up is not counted. Every process gets
 ``--threads`` intra-op threads (OMP_NUM_THREADS). Writes a markdown table to
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,8 +37,9 @@ def worker(args: argparse.Namespace) -> None:
     device = select_device(args.device)
     distributed.ensure(device)
     ds = distributed.local_main_first(lambda: kdistill.load_dataset(args.data))
-    n = min(args.train_size, len(ds.train_labels))
-    data = (ds.train_images[:n], ds.train_labels[:n])
+    # every k-th image: the bundled sample is sorted by class, a prefix would hold few classes
+    stride = max(1, len(ds.train_labels) // args.train_size)
+    data = (ds.train_images[::stride][: args.train_size], ds.train_labels[::stride][: args.train_size])
     torch.manual_seed(0)
     teacher = kdistill.create_model("seed_teacher", num_classes=ds.num_classes)
     student = kdistill.create_model("seed_student", num_classes=ds.num_classes)
@@ -90,9 +92,9 @@ def main() -> None:
     lines = [
         "# Data-parallel scaling (torchrun, DDP)",
         "",
-        f"`python benchmarks/ddp_scaling.py {' '.join(sys.argv[1:])}`",
+        f"`python benchmarks/ddp_scaling.py {shlex.join(sys.argv[1:])}`",
         "",
-        f"KD seed_teacher -> seed_student, {args.data} (first {args.train_size} training images), global batch "
+        f"KD seed_teacher -> seed_student, {args.data} ({args.train_size} training images), global batch "
         f"{args.batch_size}, last of {args.epochs} epochs timed (evaluation excluded). Device: {device}, "
         f"{args.threads} thread(s) per process; {platform.machine()} {platform.system()}, torch {torch.__version__}."
         + (f" {args.note}." if args.note else ""),
