@@ -12,6 +12,10 @@
 tensors ``(inputs, labels)`` (uint8 images (N, C, H, W) are augmented and normalised;
 anything else is used as is), or any re-iterable of ``(inputs, labels)`` batches such as a
 ``DataLoader``. The CLI's ``kdistill run`` is built from these same functions.
+
+Started by torchrun, these functions train data-parallel (see :mod:`kdistill.distributed`):
+in-memory data is sharded automatically; an iterable of batches is used as given on every
+process, so shard it yourself (e.g. a DataLoader with a DistributedSampler).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill import distributed
 from kdistill.config import DataConfig, DistillConfig, TrainConfig, _deep_merge, _format_errors
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, IterableLoader, Normalize, TrainLoader
@@ -81,9 +86,12 @@ def prepare_data(
     device: torch.device,
     data: DataConfig | None = None,
     seed: int = 0,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
 ) -> Prepared:
+    """``shard`` = (rank, world size): this process's share of every global batch (default:
+    that of the torchrun job, or everything in a single process)."""
     data = data or DataConfig()
+    shard = shard or distributed.shard()
     if isinstance(train_data, (str, Path)):
         train_data = load_dataset(train_data, data.image_size, data.data_dir, data.download, data.val_size, seed)
     channels_last = cfg.channels_last
@@ -143,7 +151,9 @@ def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> Result:
 
 
 def _device(device: str | torch.device) -> torch.device:
-    return device if isinstance(device, torch.device) else select_device(str(device))
+    device = device if isinstance(device, torch.device) else select_device(str(device))
+    distributed.ensure(device)  # started by torchrun: join the job (no-op otherwise, or when joined)
+    return device
 
 
 def _fit(task, prepared: Prepared, cfg: TrainConfig, device, run_dir, resume: bool, extra: dict, desc: str, max_epochs: int | None = None) -> FitResult:
@@ -187,7 +197,10 @@ def cache_teacher(
     """Run ``teacher`` once over ``epochs`` epochs of the augmented training views that a
     distillation run with the same ``data`` settings and ``seed`` will see, and keep its
     logits (saved to ``path`` if given). Pass the result (or the path) to
-    :func:`distill` as ``teacher_cache=``: the student then trains without the teacher."""
+    :func:`distill` as ``teacher_cache=``: the student then trains without the teacher.
+    The cache is the same for any number of processes: it is looked up by (epoch, global
+    sample index), and every process of a torchrun job reads the whole of it. (Started by
+    torchrun, every process builds the whole cache and rank 0 writes it: no faster.)"""
     if epochs < 1:
         raise ConfigError(f"teacher cache epochs={epochs}: expected at least 1")
     cfg = make_train_config(None, channels_last=channels_last, amp=amp, eval_batch_size=batch_size)
@@ -197,7 +210,8 @@ def cache_teacher(
     _place_teacher(teacher, device, channels_last)
     cache = build_teacher_cache(teacher, loader, epochs, batch_size=batch_size, autocast=autocast_for(device, amp), top_k=top_k, dtype=dtype)
     if path is not None:
-        cache.save(path)
+        distributed.on_main(lambda: cache.save(path))  # under torchrun every rank built the same cache: rank 0 writes
+        cache.path = Path(path)
     return cache
 
 
@@ -218,7 +232,7 @@ def train(
     seed: int = 0,
     model_spec: dict | None = None,
     desc: str = "train",
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
     **overrides,
 ) -> Result:
     """Train ``model`` with cross-entropy. Keyword overrides go to :class:`TrainConfig`
@@ -252,7 +266,7 @@ def distill(
     model_spec: dict | None = None,
     teacher_spec: dict | None = None,
     desc: str = "distill",
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] | None = None,
     teacher_cache: TeacherCache | str | Path | None = None,
     **overrides,
 ) -> Result:

@@ -4,17 +4,23 @@ Every training command reads a YAML config (``--config``, default: the bundled
 quickstart) and accepts ``--set key.path=value`` overrides plus a few shortcuts
 (``--data``, ``--epochs``, ``--seed``, ...). Errors the user can fix are printed as one
 line (no traceback unless ``--debug``) and exit with status 2.
+
+The training commands run data-parallel when started by torchrun
+(``torchrun --nproc_per_node=2 -m kdistill run``): see :mod:`kdistill.distributed`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from kdistill.errors import KDistillError
+from kdistill.errors import ConfigError, KDistillError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -168,11 +174,22 @@ def _config_from_args(args: argparse.Namespace):
     return load_config(args.config, pre + overrides)
 
 
+@contextlib.contextmanager
+def _job(cfg) -> Iterator[None]:
+    """The command inside the torchrun job's process group, if torchrun started it."""
+    from kdistill import distributed
+    from kdistill.engine import select_device
+
+    with distributed.process_group(select_device(cfg.device), cfg.distributed.backend, cfg.distributed.timeout_s):
+        yield
+
+
 def cmd_run(args) -> None:
     from kdistill.study import run_study
 
     cfg = _config_from_args(args)
-    run_study(cfg, resume=args.resume)
+    with _job(cfg):
+        run_study(cfg, resume=args.resume)
 
 
 def cmd_train(args) -> None:
@@ -193,7 +210,7 @@ def cmd_train(args) -> None:
 
     start = time.perf_counter()
     cfg = _config_from_args(args)
-    with open_run_dir(cfg, args.resume) as run_dir:
+    with _job(cfg), open_run_dir(cfg, args.resume) as run_dir:
         ds = load_data(cfg)
         spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         torch.manual_seed(cfg.seed)
@@ -224,7 +241,7 @@ def cmd_distill(args) -> None:
 
     start = time.perf_counter()
     cfg = _config_from_args(args)
-    with open_run_dir(cfg, args.resume) as run_dir:
+    with _job(cfg), open_run_dir(cfg, args.resume) as run_dir:
         ds = load_data(cfg)
         device = select_device(cfg.device)
         teacher, teacher_spec = build_teacher(cfg, ds.num_classes, device)
@@ -257,7 +274,7 @@ def cmd_mutual(args) -> None:
 
     start = time.perf_counter()
     cfg = _config_from_args(args)
-    with open_run_dir(cfg, args.resume) as run_dir:
+    with _job(cfg), open_run_dir(cfg, args.resume) as run_dir:
         ds = load_data(cfg)
         specs = [model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
         models = []
@@ -269,7 +286,6 @@ def cmd_mutual(args) -> None:
             data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=args.resume, seed=cfg.seed, model_specs=specs,
         )
         for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
-            (run_dir / f"model{i}").mkdir(exist_ok=True)
             write_single_summary(run_dir / f"model{i}", name, result, ds)
 
 
@@ -410,15 +426,26 @@ COMMANDS = {
 }
 
 
+# the commands that run data-parallel under torchrun; the others run in one process
+DISTRIBUTED_COMMANDS = ("run", "train", "distill", "mutual")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv  # the exact command line, for outputs that record it (None: sys.argv)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.command not in DISTRIBUTED_COMMANDS:
+            raise ConfigError(
+                f"kdistill {args.command} runs in one process; launch it without torchrun "
+                f"(torchrun runs only {', '.join(DISTRIBUTED_COMMANDS)})"
+            )
         COMMANDS[args.command](args)
     except KDistillError as e:
         if getattr(args, "debug", False):
             raise
-        print(f"kdistill: error: {e}", file=sys.stderr)
+        # in a torchrun job every rank reports, tagged, so a failure of one is easy to find
+        rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        print(f"kdistill: {rank}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kdistill: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

@@ -107,12 +107,20 @@ class ScheduleConfig(StrictConfig):
 class TrainConfig(StrictConfig):
     epochs: int = Field(30, gt=0, le=100_000)
     batch_size: int = Field(128, gt=0)
+    """The global batch: samples per optimizer step over all processes (torchrun) and
+    accumulation micro-batches together; ``optimizer.lr`` is defined for it."""
     eval_batch_size: int = Field(500, gt=0)
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
     """Clip the global gradient norm to this value (None: no clipping)."""
+    grad_accumulation: int = Field(1, gt=0, le=1024)
+    """Split every global batch into this many micro-batches per process and step once
+    after them all: a large ``batch_size`` on few devices (same gradient, less memory)."""
+    sync_batchnorm: bool = False
+    """Multi-GPU runs (torchrun): batch-norm statistics over the global batch (SyncBatchNorm,
+    CUDA only) instead of each process's shard."""
     channels_last: bool = True
     amp: Literal["auto", "bf16", "off"] = "auto"
     """auto: bf16 autocast on CUDA devices that support it, full precision on CPU."""
@@ -268,6 +276,17 @@ class DeployConfig(StrictConfig):
     calibration_images: int = Field(512, gt=0)
 
 
+class DistributedConfig(StrictConfig):
+    """Multi-process jobs launched with torchrun (ignored in a single process)."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """auto: NCCL between CUDA devices, gloo on CPUs."""
+    timeout_s: float = Field(1800.0, gt=0)
+    """A collective that waits longer than this for another process (dead, hung or
+    unreachable) fails the job with an error. It must exceed the longest time one process
+    works alone: rank 0 downloading/decoding the data set on first use, writing reports."""
+
+
 class RunConfig(StrictConfig):
     name: str = "quickstart"
     seed: int = Field(0, ge=0)
@@ -286,6 +305,7 @@ class RunConfig(StrictConfig):
     distill: DistillConfig = DistillConfig()
     mutual: MutualConfig = MutualConfig()
     deploy: DeployConfig = DeployConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @field_validator("budget", mode="before")
     @classmethod

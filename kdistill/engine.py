@@ -5,6 +5,13 @@ Read top to bottom: schedule -> forward (the task returns named losses) -> sum -
 at the end of each epoch -> checkpoint atomically. ``resume=True`` continues from the last
 checkpoint and, because the batches of every epoch are a pure function of (seed, epoch) and
 the RNG state is saved, ends with the same weights as an uninterrupted run.
+
+In a multi-process job (torchrun, see :mod:`kdistill.distributed`) the same loop runs on
+every rank: the task is wrapped in DistributedDataParallel, each rank trains on its share
+of every global batch, statistics are summed over the ranks once per epoch, evaluation is
+sharded, and only rank 0 writes files. Whatever decides how far training goes is agreed
+by all ranks at the same step (a rank that stopped alone would hang the others'
+collectives): Ctrl-C, a time budget's step count (rank 0's plan) and a non-finite loss.
 """
 
 from __future__ import annotations
@@ -23,23 +30,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdistill import distributed
 from kdistill.budget import BudgetPlan, format_seconds
 from kdistill.checkpoint import load_checkpoint, save_checkpoint, state_dict_mismatch
 from kdistill.config import ScheduleConfig, TrainConfig
-from kdistill.data.loader import EvalData
-from kdistill.errors import CheckpointError, TrainingError
+from kdistill.data.loader import Batch, EvalData
+from kdistill.errors import CheckpointError, ConfigError, TrainingError
 from kdistill.logger import MetricsLog
 from kdistill.perf import tune_allocator
 from kdistill.progress import interactive, log, progress
 
 CHECKPOINT_NAME = "checkpoint.pt"
+# multi-process runs agree on a Ctrl-C and on a budget's step count every this many steps
+# (one tiny all-reduce); a budget run may so overrun its plan by up to this many steps - 1
+STOP_CHECK_STEPS = 10
 
 
 def select_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when available, else the CPU. Under torchrun each process takes the GPU
+    of its LOCAL_RANK, so ``auto`` and ``cuda`` mean cuda:LOCAL_RANK there."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -48,6 +59,13 @@ def select_device(name: str = "auto") -> torch.device:
         raise TrainingError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise TrainingError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "cuda" and distributed.env_world_size() > 1:
+        if device.index is not None:
+            raise ConfigError(
+                f"device: {name!r} under torchrun: every process uses the GPU of its LOCAL_RANK; "
+                "set device to auto or cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)"
+            )
+        device = torch.device("cuda", distributed.local_rank())
     return device
 
 
@@ -158,16 +176,61 @@ class FitResult:
 @torch.no_grad()
 def predict(model: nn.Module, data: EvalData, amp: str = "off", desc: str | None = None) -> torch.Tensor:
     """Logits (N, K) float32 on the CPU for every sample of ``data``, in eval mode. With
-    ``desc``, shows the progress of this evaluation (a bar on a terminal)."""
+    ``desc``, shows the progress of this evaluation (a bar on a terminal).
+
+    In a multi-process job every rank computes the logits of its contiguous share of the
+    samples and gets everyone's (gathered in order): all ranks must call it together.
+    """
     was_training = model.training
     model.eval()
+    sharded = distributed.enabled() and data.source is None and len(data.labels) >= distributed.world_size()
+    part = data.subset(*distributed.shard_range(len(data.labels))) if sharded else data
     out = []
-    batches = progress(data, total=len(data), desc=desc) if desc else data
+    batches = progress(part, total=len(part), desc=desc) if desc else part
     with autocast_for(data.device, amp):
         for batch in batches:
             out.append(model(batch.images).float())
     model.train(was_training)
-    return torch.cat(out).cpu()
+    logits = torch.cat(out)
+    return (distributed.all_gather_rows(logits) if sharded else logits).cpu()
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def _decorrelate_ranks() -> None:
+    """Give every rank a random stream of its own (dropout masks, CRD negatives), derived
+    from the stream they share, so a run is still a function of its seed."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    torch.manual_seed(seed + distributed.rank())
+
+
+def _micro_batches(batch: Batch, parts: int) -> list[Batch]:
+    """A batch split into ``parts`` micro-batches (gradient accumulation)."""
+    if parts == 1:
+        return [batch]
+    return [type(batch)(*fields) for fields in zip(*(t.tensor_split(parts) for t in batch))]
+
+
+def _check_shares(loader, cfg: TrainConfig, world: int, desc: str) -> None:
+    """Every optimizer step must give every rank at least one sample per micro-batch."""
+    smallest = loader.samples_in_step(len(loader) - 1) if hasattr(loader, "samples_in_step") else None
+    need = world * cfg.grad_accumulation
+    if smallest is not None and smallest < need:
+        raise ConfigError(
+            f"{desc}: train.batch_size={cfg.batch_size}: a step of {smallest} samples cannot feed {world} process(es) "
+            f"x train.grad_accumulation={cfg.grad_accumulation} micro-batches; use a global batch of at least {need}"
+        )
 
 
 def quick_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -201,9 +264,16 @@ def fit(
     of ``cfg.epochs`` epochs (see :mod:`kdistill.budget`), at most ``max_epochs`` epochs.
     """
     tune_allocator()
+    with distributed.translate_errors(), distributed.sync_batchnorm(task, device, cfg.sync_batchnorm):
+        return _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra, desc, num_classes, max_epochs)
+
+
+def _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra, desc, num_classes, max_epochs) -> FitResult:
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size")
+    world, main = distributed.world_size(), distributed.is_main()
+    _check_shares(loader, cfg, world, desc)
     eval_sets = eval_sets or {}
     budget = None
     if cfg.budget:
@@ -225,10 +295,11 @@ def fit(
 
     def write_checkpoint(epochs_done: int, step: int = 0, partial: dict | None = None) -> None:
         """``step`` > 0: interrupted after that many steps of epoch ``epochs_done + 1``,
-        with the epoch's statistics so far in ``partial``."""
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
+        with the epoch's statistics so far in ``partial``. All ranks call it; rank 0 writes
+        (its budget plan is the one all ranks follow)."""
+        rngs = distributed.all_gather_object(_rng_state(device))  # every rank's stream, for an exact resume
+        if not main:
+            return
         save_checkpoint(
             {
                 **(checkpoint_extra or {}),
@@ -240,21 +311,27 @@ def fit(
                 "partial": partial,
                 "epochs": cfg.epochs,
                 "budget": budget.state() if budget else None,
-                "rng": rng,
+                "rng": rngs[0],
+                **({"rng_ranks": rngs} if world > 1 else {}),
                 "history": history,
             },
             ckpt_path,
         )
 
     start_epoch, start_step, partial, history = 0, 0, None, []
-    if resume and ckpt_path and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, map_location=device)
+    own_rng = False  # whether this rank's random stream came from the checkpoint
+    state = None
+    if resume and ckpt_path:
+        # rank 0 reads (other machines need not see the file); tensors travel on the CPU
+        map_to = device if world == 1 else "cpu"
+        state = distributed.on_main(lambda: load_checkpoint(ckpt_path, map_location=map_to) if ckpt_path.exists() else None, share=True)
+    if state is not None:
         try:
             task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
             optimizer.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
+            ranks = state.get("rng_ranks")
+            own_rng = world == 1 or (ranks is not None and len(ranks) == world)  # else: a job of another size
+            _set_rng_state(ranks[distributed.rank()] if world > 1 and own_rng else state["rng"], device)
             start_epoch, history = int(state["epoch"]), list(state["history"])
             start_step, partial = int(state.get("step", 0)), state.get("partial")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
@@ -265,39 +342,67 @@ def fit(
             total_steps = budget.total_steps
         where = f"step {start_step} of epoch {start_epoch + 1}" if start_step else f"the end of epoch {start_epoch}"
         log(f"{desc}: resuming from {ckpt_path} at {where}")
-    # metrics.jsonl / metrics.csv (rewritten from the checkpoint's history) and TensorBoard
-    metrics_log = MetricsLog(run_dir, history, cfg.tensorboard)
+    # metrics.jsonl / metrics.csv (rewritten from the checkpoint's history) and TensorBoard: rank 0 writes
+    metrics_log = MetricsLog(run_dir if main else None, history, cfg.tensorboard and main)
+    if world > 1 and not own_rng:
+        _decorrelate_ranks()
     if cfg.compile:
         model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
+    net = distributed.wrap(task, device)  # DistributedDataParallel on several ranks, else task itself
+    accumulate = cfg.grad_accumulation
 
     amp = autocast_for(device, cfg.amp)
     chance = 100.0 / num_classes if num_classes else None
     train_seconds = sum(h.get("train_seconds", 0.0) for h in history)
     images_seen = sum(h.get("train_images", 0) for h in history)
-    counts: dict[int, torch.Tensor] = {}  # batch size -> the same number on the device
+    counts: dict[int, torch.Tensor] = {}  # micro-batch size -> the same number on the device
     params = [p for p in task.parameters() if p.requires_grad]
 
     def train_step(batch, i: int, epoch: int):
-        """One optimizer step on ``batch``, the ``i``-th of ``epoch``. Returns the logits, the
-        named loss terms, their sum and the global gradient norm (before clipping)."""
+        """One optimizer step on ``batch`` (this rank's share of the global batch), the
+        ``i``-th of ``epoch``, in ``grad_accumulation`` micro-batches. Returns the step's
+        statistics on the device (total, terms..., correct, count; losses weighted by this
+        rank's share of the global batch), the terms' names and the global gradient norm
+        (before clipping)."""
         step = epoch * steps_per_epoch + i
         factor = lr_factor(step, total_steps, steps_per_epoch, cfg.schedule)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * factor
-        with amp:
-            logits, losses = task(batch, epoch + i / steps_per_epoch)
-        total = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        # this rank's batch is its share of the global batch of `step_samples` samples;
+        # weighting each (micro-)batch mean by its share, times the world size that DDP
+        # divides the summed gradients by, gives the gradient of the global mean
+        step_samples = (loader.samples_in_step(i) if hasattr(loader, "samples_in_step") else None) or len(batch.labels) * world
+        parts = _micro_batches(batch, accumulate)
+        stats = None
+        for j, part in enumerate(parts):
+            share = len(part.labels) / step_samples
+            sync = world == 1 or j == len(parts) - 1  # DDP all-reduces on the last backward only
+            with contextlib.nullcontext() if sync else net.no_sync():
+                with amp:
+                    logits, losses = net(part, epoch + i / steps_per_epoch)
+                total = sum(losses.values())
+                (total * (share * world)).backward()
+            with torch.no_grad():
+                correct = (logits.argmax(1) == part.labels).sum()
+                # no torch.tensor(...) per step: on a GPU each one is a blocking host-to-device copy
+                n = len(part.labels)
+                count = counts.get(n)
+                if count is None:
+                    count = counts[n] = torch.tensor(float(n), device=device)
+                part_stats = torch.stack([share * total.detach().float(), *(share * v.detach().float() for v in losses.values()), correct.float(), count])
+                stats = part_stats if stats is None else stats + part_stats
         # without train.grad_clip the norm is only measured (max_norm inf scales by exactly
-        # 1), so that a non-finite gradient is caught like a non-finite loss
+        # 1), so that a non-finite gradient is caught like a non-finite loss; the gradients
+        # are all-reduced by now, so the norm (and its finiteness) is the same on every rank
         grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
         optimizer.step()
-        return logits, losses, total, grad_norm
+        return stats, list(losses), grad_norm
 
     def explain_non_finite(epoch: int, first: int, bad_step: int, snapshot: dict) -> list[str]:
         """Replay ``epoch`` from its snapshot up to ``bad_step`` (batches are a pure function
-        of the epoch, the RNG state is restored), then find the terms at fault there."""
+        of the epoch, the RNG state is restored), then find the terms at fault there. Several
+        ranks replay together (the steps' collectives) and each tests its own shard."""
         task.load_state_dict(snapshot["task"])
         optimizer.load_state_dict(snapshot["optimizer"])
         torch.set_rng_state(snapshot["rng"])
@@ -309,12 +414,26 @@ def fit(
             train_step(batch, i, epoch)
         return []
 
+    def agreed_non_finite(first_bad: torch.Tensor, bad_stats, term_names) -> tuple[int, dict[str, float]]:
+        """The run's first step with a non-finite loss or gradient (-1: none) and the loss
+        terms there; over all ranks (summed over the ranks that saw that step), so that all
+        stop together and explain the failure alike."""
+        bad_step = int(first_bad.item())
+        values = dict(zip(term_names, bad_stats.tolist()[1:-2])) if bad_step >= 0 else {}
+        if world == 1:
+            return bad_step, values
+        reports = distributed.all_gather_object((bad_step, values))
+        bad_step = min((b for b, _ in reports if b >= 0), default=-1)
+        at_step = [v for b, v in reports if b == bad_step and bad_step >= 0]
+        return bad_step, {n: sum(v[n] for v in at_step) for n in (at_step[0] if at_step else {})}
+
     def epochs_label() -> str:
         if budget is None:
             return str(cfg.epochs)
         return f"~{-(-total_steps // steps_per_epoch)}" if budget.planned else "?"
 
     epoch = start_epoch
+    steps_run = total_steps  # optimizer steps done when the loop ends
     with GracefulInterrupt() as stop, contextlib.closing(metrics_log):
         while epoch * steps_per_epoch < total_steps:
             task.train()
@@ -326,61 +445,73 @@ def fit(
                 snapshot["cuda"] = torch.cuda.get_rng_state()
             # statistics summed on the device, no host sync per step: total, terms..., correct, count
             sums = torch.tensor(resumed["sums"], device=device) if resumed else None
+            if sums is not None and not main:
+                sums.zero_()  # the checkpoint holds the sums of all ranks: count them once
             term_names: list[str] | None = resumed["terms"] if resumed else None
             # the first step of the epoch with a non-finite loss or gradient (-1: none), and its statistics
             first_bad, bad_stats = torch.tensor(-1, device=device), None
             t0 = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
             bar = progress(loader.epoch(epoch, first), total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{epochs_label()}")
             done = first
+            agreed = False  # several ranks: whether they all agreed to stop at this step
             try:
                 for i, batch in enumerate(bar, start=first):
                     step = epoch * steps_per_epoch + i
-                    logits, losses, total, grad_norm = train_step(batch, i, epoch)
+                    stats, names, grad_norm = train_step(batch, i, epoch)
 
                     with torch.no_grad():
-                        correct = (logits.argmax(1) == batch.labels).sum()
-                        # no torch.tensor(...) per step: on a GPU each one is a blocking host-to-device copy
-                        n = len(batch.labels)
-                        count = counts.get(n)
-                        if count is None:
-                            count = counts[n] = torch.tensor(float(n), device=device)
-                        stats = torch.stack([total.detach().float(), *(v.detach().float() for v in losses.values()), correct.float(), count])
                         sums = stats if sums is None else sums + stats
-                        new_bad = (first_bad < 0) & ~(torch.isfinite(total.detach()) & torch.isfinite(grad_norm))
+                        new_bad = (first_bad < 0) & ~(torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
                         first_bad = torch.where(new_bad, step, first_bad)
                         bad_stats = stats if bad_stats is None else torch.where(new_bad, stats, bad_stats)
-                    term_names = term_names or list(losses)
+                    term_names = term_names or names
                     done = i + 1
-                    if stop.requested:  # Ctrl-C arrived during this step: stop at its boundary
+                    if world == 1 and stop.requested:  # Ctrl-C arrived during this step: stop at its boundary
                         raise KeyboardInterrupt
                     if budget is not None:
                         budget.after_step(step + 1)
-                        total_steps = budget.total_steps
-                        if step + 1 >= total_steps:
-                            break
+                        if world == 1:
+                            total_steps = budget.total_steps
+                    if world > 1 and (done % STOP_CHECK_STEPS == 0 or done == steps_per_epoch or (budget is not None and step + 1 >= total_steps)):
+                        # ranks stop together (a rank leaving alone would hang the others'
+                        # collectives) and follow rank 0's budget plan from the same step on
+                        agreed, planned = distributed.agree(stop.requested, budget.total_steps if budget is not None else -1, device)
+                        if agreed:
+                            raise KeyboardInterrupt
+                        if budget is not None:
+                            total_steps = planned
+                    if budget is not None and step + 1 >= total_steps:
+                        break
                     if interactive() and i % 20 == 0:  # the only host syncs: for the bar, on terminals
                         s = sums.tolist()
                         elapsed = time.perf_counter() - t0
-                        bar.set_postfix(loss=f"{s[0] / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] / elapsed:.0f}", refresh=False)
+                        # rank 0's own share, scaled to the job (the exact sums come at the epoch's end)
+                        bar.set_postfix(loss=f"{s[0] * world / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] * world / elapsed:.0f}", refresh=False)
             except KeyboardInterrupt:
+                if world > 1 and not agreed:
+                    raise  # a second Ctrl-C, at any moment: no collective can be trusted now
                 # Ctrl-C: save what this epoch has done, resumable from this very step (unless
-                # a step of it went non-finite: then the last good checkpoint stays)
-                if ckpt_path and sums is not None and first_bad.item() < 0:
+                # a step of it went non-finite on any rank: then the last good checkpoint stays)
+                sums = distributed.all_reduce_sum(sums) if sums is not None else None
+                went_bad = distributed.any_rank(bool(first_bad.item() >= 0), device)
+                if ckpt_path and sums is not None and not went_bad:
+                    distributed.average_batchnorm_stats(task)
                     write_checkpoint(epoch, done, {"sums": sums.tolist(), "terms": term_names, "seconds": time.perf_counter() - t0})
                     log(f"{desc}: interrupted; saved a resumable checkpoint at step {done} of epoch {epoch + 1} in {ckpt_path}")
                 raise
             if device.type == "cuda":
                 torch.cuda.synchronize()
             epoch_seconds = time.perf_counter() - t0
-            s = sums.tolist()
-            bad_step = int(first_bad.item())
+            s = distributed.all_reduce_sum(sums).tolist()  # the global batch's statistics, on every rank
+            bad_step, values = agreed_non_finite(first_bad, bad_stats, term_names)
             if bad_step >= 0:
-                values = dict(zip(term_names, bad_stats.tolist()[1:-2]))
                 bad_terms = [n for n, v in values.items() if not math.isfinite(v)]
                 if bad_terms:
                     what = f"loss became non-finite at step {bad_step} (epoch {epoch + 1}; term(s): {', '.join(bad_terms)})"
                 else:  # every term finite but the gradient not: replay the epoch to that step to find the term
                     culprits = explain_non_finite(epoch, first, bad_step, snapshot)
+                    if world > 1:  # each rank tested its own shard: the union, in order
+                        culprits = list(dict.fromkeys(c for found in distributed.all_gather_object(culprits) for c in found))
                     finite = ", ".join(f"{n}={v:.4g}" for n, v in values.items())
                     what = (
                         f"gradient became non-finite at step {bad_step} (epoch {epoch + 1}; "
@@ -393,6 +524,7 @@ def fit(
                 )
             steps = done  # this epoch's steps: fewer than steps_per_epoch when a budget ends it
             position = epoch * steps_per_epoch + done  # optimizer steps done in the run
+            steps_run = position
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "lr": base_lrs[0] * lr_factor(position - 1, total_steps, steps_per_epoch, cfg.schedule),
@@ -406,6 +538,7 @@ def fit(
             train_seconds += epoch_seconds
             images_seen += int(s[-1])
             overhead_start = time.perf_counter()
+            distributed.average_batchnorm_stats(task)  # every rank evaluates and saves the same model
             for name, data in eval_sets.items():
                 logits = predict(model, data, cfg.amp)
                 for k, v in quick_metrics(logits, data.labels).items():
@@ -430,16 +563,17 @@ def fit(
 
             if budget is not None:
                 budget.epoch_end(time.perf_counter() - overhead_start, position)
-                total_steps = budget.total_steps
+                # several ranks: rank 0's plan, so that all checkpoint and stop at the same step
+                total_steps = budget.total_steps if world == 1 else distributed.agree(False, budget.total_steps, device)[1]
             if ckpt_path and (position >= total_steps or (epoch + 1) % cfg.checkpoint_every == 0):
                 write_checkpoint(epoch + 1)
             epoch += 1
 
     report = None
     if budget is not None:
-        report = budget.report(total_steps)
+        report = budget.report(steps_run)
         log(
-            f"{desc}: budget {format_seconds(budget.seconds)}: {total_steps} steps ({report['epochs']:.1f} epochs) in "
+            f"{desc}: budget {format_seconds(budget.seconds)}: {steps_run} steps ({report['epochs']:.1f} epochs) in "
             f"{format_seconds(report['wall_seconds'])} ({100 * report['fraction_used']:.0f}% of the budget)"
             + "".join(f", {name} {history[-1][name + '_top1']:.1f}%" for name in eval_sets if history)
         )

@@ -36,3 +36,7 @@ class ExportError(KDistillError):
 
 class ReportError(KDistillError):
     """A run directory cannot be reported on (missing or malformed summary.json)."""
+
+
+class DistributedError(KDistillError):
+    """A multi-process job cannot start, or one of its processes died or stopped responding."""

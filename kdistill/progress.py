@@ -6,6 +6,9 @@ log file with carriage returns, so the phase writes one plain line every
 ``KDISTILL_LOG_INTERVAL`` seconds (default 30) with its position, elapsed time and ETA,
 and a closing line if it lasted that long; short phases stay quiet (their caller logs a
 summary line).
+
+In a multi-process job (torchrun) only rank 0 shows bars and log lines: the other ranks train
+the same steps and would print the same lines.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ T = TypeVar("T")
 DEFAULT_INTERVAL = 30.0  # seconds between plain progress lines
 
 
+def _main_process() -> bool:
+    # the rank torchrun announces; read from the environment so that it holds before the
+    # process group exists and without importing torch.distributed here
+    return (os.environ.get("RANK") or "0") == "0"
+
+
 def interactive() -> bool:
-    return sys.stderr.isatty()
+    return sys.stderr.isatty() and _main_process()
 
 
 def log_interval() -> float:
@@ -95,5 +104,7 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", di
 
 
 def log(message: str) -> None:
-    """One line to stderr, safe to interleave with a progress bar."""
+    """One line to stderr, safe to interleave with a progress bar (rank 0 only)."""
+    if not _main_process():
+        return
     tqdm.write(message, file=sys.stderr)

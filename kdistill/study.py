@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kdistill import api
+from kdistill import api, distributed
 from kdistill.checkpoint import (
     atomic_write,
     atomic_write_text,
@@ -77,9 +77,14 @@ def profile_seconds(cfg: RunConfig) -> float:
 
 def budget_left(cfg: RunConfig, start: float, reserve: float | None = None) -> float | None:
     """Seconds of ``cfg.budget`` left for training, counted from ``start`` (perf_counter)
-    and keeping ``reserve`` seconds for the evaluation and report at the end."""
+    and keeping ``reserve`` seconds for the evaluation and report at the end. In a torchrun
+    job rank 0's clock decides, for every rank (all call it together)."""
     if not cfg.budget:
         return None
+    return distributed.on_main(lambda: _budget_left(cfg, start, reserve), share=True)
+
+
+def _budget_left(cfg: RunConfig, start: float, reserve: float | None) -> float:
     if reserve is None:
         reserve = min(REPORT_RESERVE_FRACTION * cfg.budget, REPORT_RESERVE_MAX)
     spent = time.perf_counter() - start
@@ -96,8 +101,10 @@ def train_config(cfg: RunConfig, phase: str, budget: float | None = None) -> Tra
 
 
 def load_data(cfg: RunConfig) -> ImageDataset:
+    """The run's data set; in a torchrun job one process per machine downloads and decodes
+    it first, the others then read its cache."""
     d = cfg.data
-    return load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed)
+    return distributed.local_main_first(lambda: load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed))
 
 
 def model_spec(name: str, kwargs: dict, num_classes: int) -> dict[str, Any]:
@@ -117,7 +124,15 @@ def load_teacher(path: Path, num_classes: int, device: torch.device) -> tuple[to
 
 def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds: ImageDataset, teacher=None, profile_max_seconds: float = 5.0) -> None:
     """summary.json of a ``kdistill train`` or ``distill`` run: test metrics, cost, and
-    agreement with the teacher for a distillation."""
+    agreement with the teacher for a distillation. All ranks call it; rank 0 writes."""
+    teacher_logits = None
+    if teacher is not None and result.test_logits is not None:
+        mean, std = ds.mean_std()
+        device = next(teacher.parameters()).device
+        test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
+        teacher_logits = predict(teacher, test)  # sharded over the ranks
+    if not distributed.is_main():
+        return
     summary: dict[str, Any] = {
         "model": model_name,
         "test": result.metrics,
@@ -128,11 +143,8 @@ def write_single_summary(run_dir: Path, model_name: str, result: api.Result, ds:
     }
     if result.budget:
         summary["budget"] = result.budget
-    if teacher is not None and result.test_logits is not None:
-        mean, std = ds.mean_std()
-        device = next(teacher.parameters()).device
-        test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
-        summary["agreement"] = agreement(result.test_logits, predict(teacher, test))
+    if teacher_logits is not None:
+        summary["agreement"] = agreement(result.test_logits, teacher_logits)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}")
 
@@ -155,8 +167,16 @@ def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None) -> I
     """Create (or, with ``resume``, reopen) the run directory, record the resolved config and
     git revision, and hold an exclusive lock on it while the run lasts, so that two runs
     never write into the same directory. The lock is released when the process ends, even
-    when it is killed."""
+    when it is killed. In a torchrun job rank 0 does all this; every rank gets its errors."""
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / cfg.name
+    stack = contextlib.ExitStack()
+    distributed.on_main(lambda: stack.enter_context(_locked_run_dir(cfg, resume, run_dir)))
+    with stack:
+        yield run_dir
+
+
+@contextlib.contextmanager
+def _locked_run_dir(cfg: RunConfig, resume: bool, run_dir: Path) -> Iterator[Path]:
     if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
         raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name")
     try:
@@ -295,7 +315,9 @@ def _run_study(cfg: RunConfig, resume: bool, run_dir: Path) -> Path:
     mean, std = ds.mean_std()
     test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
     models = {"teacher": teacher, **{name: r.model for name, r in phases.items() if name != "teacher"}}
-    logits = {name: predict(m, test, desc=f"evaluate {name}") for name, m in models.items()}
+    logits = {name: predict(m, test, desc=f"evaluate {name}") for name, m in models.items()}  # sharded over the ranks
+    if not distributed.is_main():
+        return run_dir  # rank 0 profiles and writes the report
     summary_models = {}
     for name, model in progress(models.items(), total=len(models), desc="profile (MACs, size, latency)"):
         entry: dict[str, Any] = {

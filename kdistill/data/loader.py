@@ -117,6 +117,10 @@ class TrainLoader:
         n = len(self.labels)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def samples_in_step(self, step: int) -> int:
+        """Samples of the global batch of ``step``, over all ranks (the last may be short)."""
+        return min(self.batch_size, len(self.labels) - step * self.batch_size)
+
     def views(self, epoch: int) -> Views:
         return epoch_views(len(self.labels), self.seed, epoch, self.padding, self.flip)
 
@@ -159,6 +163,10 @@ class IterableLoader:
     def __len__(self) -> int:
         return len(self.source)
 
+    def samples_in_step(self, step: int) -> None:
+        """Unknown: each process iterates its own source (shard it, e.g. DistributedSampler)."""
+        return None
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         seen = 0
         for step, item in enumerate(self.source):
@@ -184,6 +192,10 @@ class EvalData:
         if self.source is not None:
             return len(self.source) if hasattr(self.source, "__len__") else 0
         return -(-len(self.labels) // self.batch_size)
+
+    def subset(self, start: int, stop: int) -> EvalData:
+        """Samples [start, stop) only (in-memory data): one rank's share of an evaluation."""
+        return EvalData(self.inputs[start:stop], self.labels[start:stop], self.batch_size, self.device, self.normalize)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.source is not None:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
+from kdistill.distributed import all_gather_rows as _all_gather_rows
 from kdistill.errors import ConfigError
 from kdistill.methods.base import Method, MethodContext, MethodOptions
 from kdistill.models.base import ModelOutput
@@ -86,22 +87,6 @@ def momentum_update(memory: Tensor, indices: Tensor, values: Tensor, momentum: f
     """memory[i] <- normalise(m * memory[i] + (1 - m) * v) for the given rows, in place."""
     rows = memory.index_select(0, indices) * momentum + values.to(memory.dtype) * (1 - momentum)
     memory.index_copy_(0, indices, F.normalize(rows, dim=1))
-
-
-def _all_gather_rows(x: Tensor) -> Tensor:
-    """Every DDP rank's rows of x, concatenated in rank order (x itself when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)  # shards of a global batch may differ by one sample
-    sizes = [int(s) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
 
 class Embed(nn.Module):
