@@ -140,6 +140,8 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
         log = tmp / f"attempt{attempt}.log"
         args = _args(command, data, tmp, run_dir.name, teacher)
         mode = MODES[attempt % len(MODES)]
+        if mode == "epoch" and progress[0] >= EPOCHS:  # no epoch left to wait for
+            mode = "work"
         if mode == "write":
             before = _state(run_dir)
             epoch = (before[0] if before else 0) + 1
@@ -168,8 +170,7 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
             delay = rng.uniform(0, startup + work)
             sig = signal.SIGKILL
         elif mode == "epoch":
-            done = progress[0] if progress[0] >= 0 else 0
-            target = rng.randint(done + 1, EPOCHS)
+            target = rng.randint(max(progress[0], 0) + 1, EPOCHS)
             line = f"epoch {target}/{EPOCHS}:"
             while proc.poll() is None and line not in log.read_text():
                 time.sleep(0.005)
