@@ -194,7 +194,9 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
             if rc == 0:
                 pass  # it finished just before the signal
             elif sig == signal.SIGINT:
-                assert rc == 130, output
+                # 130, or killed by SIGINT itself (shells show both as 130): seen once after
+                # the message was printed, with the interrupt during start-up of a distill run
+                assert rc in (130, -signal.SIGINT), output
                 assert "Traceback" not in output, output
                 assert output.strip().splitlines()[-1].startswith("kdistill: interrupted"), output
                 tally.kills["SIGINT"] += 1
