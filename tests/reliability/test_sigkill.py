@@ -170,8 +170,7 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
             delay = rng.uniform(0, startup + work)
             sig = signal.SIGKILL
         elif mode == "epoch":
-            done = progress[0] if progress[0] >= 0 else 0
-            target = rng.randint(done + 1, EPOCHS)
+            target = rng.randint(max(progress[0], 0) + 1, EPOCHS)
             line = f"epoch {target}/{EPOCHS}:"
             while proc.poll() is None and line not in log.read_text():
                 time.sleep(0.005)
@@ -197,7 +196,9 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
             elif sig == signal.SIGINT and rc == -signal.SIGINT and "Traceback" not in output and "outputs in" in output.strip().splitlines()[-1]:
                 rc = 0  # it finished, and the signal arrived while the interpreter was exiting: nothing was lost
             elif sig == signal.SIGINT:
-                assert rc == 130, output
+                # 130, or killed by SIGINT itself (shells show both as 130): seen once after
+                # the message was printed, with the interrupt during start-up of a distill run
+                assert rc in (130, -signal.SIGINT), output
                 assert "Traceback" not in output, output
                 assert output.strip().splitlines()[-1].startswith("kdistill: interrupted"), output
                 tally.kills["SIGINT"] += 1
