@@ -12,6 +12,7 @@ configuration trains in its own folder with its checkpoint, metrics and ``summar
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from kdistill import api
+from kdistill.checkpoint import atomic_write_text
 from kdistill.config import DistillConfig, RunConfig, _format_errors
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import predict, select_device
@@ -149,7 +151,8 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
             "parameters": count_parameters(r.model), "macs": count_macs(r.model, ds.image_shape),
             "epochs": len(r.history), "train_seconds": r.train_seconds, "images_per_second": r.images_per_second,
         }
-        summary_path.write_text(json.dumps(row, indent=2))
+        # atomic: --resume skips a configuration by its summary, which must never be half-written
+        atomic_write_text(summary_path, json.dumps(row, indent=2), "summary")
         rows.append(row)
     rows.sort(key=lambda r: -r["top1"])
     write_leaderboard(run_dir, rows, cache_seconds=cache_seconds, cache=cache, wall_seconds=time.perf_counter() - start)
@@ -162,11 +165,12 @@ COLUMNS = ["rank", "name", "student", "method", "temperature", "alpha", "teacher
 
 
 def write_leaderboard(run_dir: Path, rows: list[dict], *, cache_seconds: float, cache: TeacherCache | None, wall_seconds: float) -> None:
-    with open(run_dir / "leaderboard.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for rank, row in enumerate(rows, 1):
-            writer.writerow({"rank": rank, **{k: row[k] for k in COLUMNS[1:]}})
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for rank, row in enumerate(rows, 1):
+        writer.writerow({"rank": rank, **{k: row[k] for k in COLUMNS[1:]}})
+    atomic_write_text(run_dir / "leaderboard.csv", table.getvalue(), "leaderboard")
     lines = [
         f"# Sweep leaderboard: {run_dir.name}",
         "",
@@ -185,7 +189,7 @@ def write_leaderboard(run_dir: Path, rows: list[dict], *, cache_seconds: float, 
             f"{r['agreement']:.2f}% | {r['parameters'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {r['epochs']} | {r['train_seconds']:.0f} s | {r['images_per_second']:.0f} |"
         )
     lines += ["", "![accuracy vs cost](accuracy_vs_cost.png)", ""]
-    (run_dir / "leaderboard.md").write_text("\n".join(lines))
+    atomic_write_text(run_dir / "leaderboard.md", "\n".join(lines), "leaderboard")
     plot_accuracy_vs_cost(rows, run_dir / "accuracy_vs_cost.png")
 
 
