@@ -295,14 +295,15 @@ def cmd_cache_teacher(args) -> None:
     from kdistill.study import build_teacher, load_data
 
     cfg = _config_from_args(args)
-    ds = load_data(cfg)
-    device = select_device(cfg.device)
-    teacher, _ = build_teacher(cfg, ds.num_classes, device)
-    tcfg = cfg.train_for("distill")
-    cache = api.cache_teacher(
-        teacher, ds, epochs=tcfg.epochs, path=args.out, data=cfg.data, seed=cfg.seed, device=device,
-        batch_size=tcfg.eval_batch_size, channels_last=tcfg.channels_last, amp=tcfg.amp, top_k=args.top_k, dtype=args.dtype,
-    )
+    with _job(cfg):  # under torchrun the ranks share the work; rank 0 writes the file
+        ds = load_data(cfg)
+        device = select_device(cfg.device)
+        teacher, _ = build_teacher(cfg, ds.num_classes, device)
+        tcfg = cfg.train_for("distill")
+        cache = api.cache_teacher(
+            teacher, ds, epochs=tcfg.epochs, path=args.out, data=cfg.data, seed=cfg.seed, device=device,
+            batch_size=tcfg.eval_batch_size, channels_last=tcfg.channels_last, amp=tcfg.amp, top_k=args.top_k, dtype=args.dtype,
+        )
     print(f"wrote {args.out}: {cache.describe()}; use it with: kdistill distill --teacher ... --teacher-cache {args.out} (same data, seed and augmentation)")
 
 
@@ -427,7 +428,7 @@ COMMANDS = {
 
 
 # the commands that run data-parallel under torchrun; the others run in one process
-DISTRIBUTED_COMMANDS = ("run", "train", "distill", "mutual")
+DISTRIBUTED_COMMANDS = ("run", "train", "distill", "mutual", "cache-teacher")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -185,6 +185,13 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     return x
 
 
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Element-wise maximum of x over all ranks, in place (x itself when alone)."""
+    if enabled():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any rank (one tiny all-reduce)."""
     if not enabled():

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill import distributed
 from kdistill.errors import CacheError
 from kdistill.progress import log, progress
 
@@ -222,8 +223,14 @@ def build_teacher_cache(
     store: dict[str, Tensor] = {}
     k = num_classes = 0
     work = [(epoch, start) for epoch in range(epochs) for start in range(0, n, batch_size)]
+    # under torchrun every rank runs the teacher on its share of the work; the shares are
+    # merged below with one all-reduce (MAX over a store filled with -inf / -1, so the
+    # entries a rank did not compute never win). A rank without a share redoes the first
+    # item: the same inputs and weights give the same values, so MAX keeps them.
+    rank, world = distributed.shard()
+    mine = work[rank::world] or work[:1]
     views, views_epoch = None, -1
-    for epoch, start in progress(work, total=len(work), desc=desc):
+    for epoch, start in progress(mine, total=len(mine), desc=desc):
         if epoch != views_epoch:
             views, views_epoch = loader.device_views(epoch), epoch
         idx = torch.arange(start, min(start + batch_size, n), device=device)
@@ -232,13 +239,18 @@ def build_teacher_cache(
         if not store:  # first batch: the class count is now known
             num_classes = z.shape[1]
             k = top_k if 0 < top_k < num_classes else 0
+            low = float("-inf") if world > 1 else None  # the merge's neutral value (see above)
+
+            def new(shape, dtype_, fill=low):
+                return torch.empty(shape, dtype=dtype_, device=device) if fill is None else torch.full(shape, fill, dtype=dtype_, device=device)
+
             if k:
                 index_dtype = torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32767 else torch.int32
-                store["values"] = torch.empty(epochs, n, k, dtype=torch.float16, device=device)
-                store["classes"] = torch.empty(epochs, n, k, dtype=index_dtype, device=device)
-                store["tail"] = torch.empty(epochs, n, dtype=torch.float16, device=device)
+                store["values"] = new((epochs, n, k), torch.float16)
+                store["classes"] = new((epochs, n, k), index_dtype, None if world == 1 else 0)
+                store["tail"] = new((epochs, n), torch.float16)
             else:
-                store["logits"] = torch.empty(epochs, n, num_classes, dtype=DTYPES[dtype], device=device)
+                store["logits"] = new((epochs, n, num_classes), DTYPES[dtype])
         if k:
             values, classes = z.topk(k, dim=1)
             store["values"][epoch, idx] = values.half()
@@ -247,6 +259,17 @@ def build_teacher_cache(
         else:
             store["logits"][epoch, idx] = z.to(store["logits"].dtype)
     teacher.train(was_training)
+    if world > 1:
+        done = torch.zeros(epochs, n, dtype=torch.int32, device=device)  # which entries this rank computed
+        for epoch, start in mine:
+            done[epoch, start : start + batch_size] = 1
+        for key, t in store.items():
+            if key == "classes":  # integers: entries not computed here are -1 for the MAX
+                merged = torch.where(done[..., None].bool(), t.to(torch.int32), -1)
+            else:
+                merged = t.float()
+            distributed.all_reduce_max(merged)
+            store[key] = merged.to(t.dtype)
     cache = TeacherCache(fp, epochs, n, num_classes, **store)
     log(f"{desc}: {cache.describe()}")
     return cache

@@ -284,6 +284,32 @@ def test_a_teacher_cache_serves_every_rank_by_sample_index(small: dict, tmp_path
     _assert_close(c0, reference)  # each rank looked up its own share of the samples
 
 
+def _scenario_build_cache(rank: int, out: Path, small: dict, top_k: int) -> None:
+    torch.manual_seed(1)
+    teacher = kdistill.create_model("seed_student")
+    # batch_size 96 over 256 samples x 3 epochs: 9 work items, shared unevenly by the ranks
+    kdistill.cache_teacher(teacher, small["train_data"], epochs=3, path=out / f"built{top_k}.cache", seed=0, device="cpu",
+                           dtype="float32", top_k=top_k, batch_size=96)
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_two_ranks_build_the_same_teacher_cache_as_one_process(small: dict, tmp_path: Path, top_k: int) -> None:
+    from kdistill.teacher_cache import TeacherCache
+
+    torch.manual_seed(1)
+    teacher = kdistill.create_model("seed_student")
+    reference = kdistill.cache_teacher(teacher, small["train_data"], epochs=3, seed=0, device="cpu", dtype="float32", top_k=top_k, batch_size=96)
+    _launch(_scenario_build_cache, tmp_path, small, top_k)
+    assert not _errors(tmp_path), _errors(tmp_path)
+    built = TeacherCache.load(tmp_path / f"built{top_k}.cache")  # written once, by rank 0
+    assert built.fingerprint == reference.fingerprint
+    for key in ("logits", "values", "classes", "tail"):
+        a, b = getattr(built, key), getattr(reference, key)
+        assert (a is None) == (b is None), key
+        if a is not None:
+            assert torch.equal(a, b), key
+
+
 def _scenario_non_finite(rank: int, out: Path, small: dict) -> None:
     original = engine.lr_factor
 
@@ -419,7 +445,7 @@ def test_single_process_commands_refuse_torchrun(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    assert main(["report", "nowhere"]) == 2
+    assert main(["report", "nowhere"]) == 2  # cache-teacher, like run/train/distill/mutual, runs under torchrun
     assert "kdistill: [rank 1] error: kdistill report runs in one process; launch it without torchrun" in capsys.readouterr().err
 
 
