@@ -20,7 +20,7 @@ process, so shard it yourself (e.g. a DataLoader with a DistributedSampler).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -363,4 +363,4 @@ def mutual(
         "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed,
     }
     result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc)
-    return [_finish(FitResult(m, result.history, result.checkpoint, result.train_seconds, result.images_per_second), prepared, cfg) for m in task.all_models]
+    return [_finish(replace(result, model=m), prepared, cfg) for m in task.all_models]  # each model, the run's history and budget

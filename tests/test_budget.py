@@ -130,3 +130,12 @@ def test_cli_budget_too_small_is_one_line(tmp_path: Path, capsys) -> None:
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kdistill: error: budget:") and "\n" not in err
+
+
+def test_mutual_learning_reports_its_budget(small: ImageDataset) -> None:
+    torch.manual_seed(0)
+    models = [kdistill.create_model("seed_student") for _ in range(2)]
+    results = kdistill.mutual(models, small, budget=4.0, batch_size=64, device="cpu")
+    assert len(results) == 2
+    for r in results:  # every model's result says what the shared run reached in its budget
+        assert r.budget is not None and r.budget["budget_seconds"] == 4.0 and r.budget["steps"] > 0
