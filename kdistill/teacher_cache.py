@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from kdistill import distributed
-from kdistill.errors import CacheError
+from kdistill.checkpoint import atomic_write
+from kdistill.errors import CacheError, CheckpointError
 from kdistill.progress import log, progress
 
 FORMAT = "kdistill-teacher-cache/1"
@@ -154,25 +153,14 @@ class TeacherCache:
             raise CacheError(f"{where} holds {self.epochs} epochs of teacher outputs but this run trains {epochs}; rebuild it with --epochs {epochs} or train for at most {self.epochs} epochs")
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temporary file + rename)."""
+        """Write atomically: a crash or a full disk leaves the old file or the new one."""
         path = Path(path)
         tensors = {k: getattr(self, k).cpu() for k in ("logits", "values", "classes", "tail") if getattr(self, k) is not None}
         state = {"format": FORMAT, "fingerprint": self.fingerprint, "epochs": self.epochs, "num_samples": self.num_samples, "num_classes": self.num_classes, **tensors}
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as e:
-            raise CacheError(f"cannot write teacher cache {path}: {e.strerror or e}") from None
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, path)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise CacheError(f"cannot write teacher cache {path}: {e.strerror or e}") from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        try:  # the checkpoints' writer: temporary file, fsync, rename, fsync of the folder
+            atomic_write(path, lambda f: torch.save(state, f), "teacher cache")
+        except CheckpointError as e:
+            raise CacheError(str(e)) from None
         self.path = path
         return path
 
