@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -338,6 +339,28 @@ def test_corrupt_cache_is_ignored(tmp_path: Path) -> None:
         path.write_bytes(b"garbage")
     again = load_dataset(source, image_size=8, data_dir=cache)
     assert torch.equal(again.train_images, first.train_images)
+
+
+def test_killed_writers_temporaries_are_removed(tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "decoded"
+    cache.mkdir(parents=True)
+    stale, live = cache / ".x.npz.abc.tmp", cache / ".y.npz.def.tmp"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    old = time.time() - 2 * dataset_module.STALE_SECONDS
+    os.utime(stale, (old, old))
+    load_dataset(_make_source("tar", tmp_path), image_size=8, data_dir=tmp_path / "cache")
+    assert not stale.exists(), "a killed writer's leftover stayed"
+    assert live.exists(), "a live writer's temporary file was removed"
+    assert sorted(p.suffix for p in cache.iterdir()) == [".npz", ".tmp"]
+
+
+def test_unwritable_cache_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    ds = load_dataset(_make_source("tar", tmp_path), image_size=8, data_dir=blocker)
+    assert len(ds.train_labels) > 0  # the run goes on without the cache
+    assert "warning: cannot write decoded-image cache" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ the bundled sample

@@ -8,9 +8,10 @@ well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdistill.checkpoint import TMP_SUFFIX, atomic_write
 from kdistill.data.archive import sha256_file
 from kdistill.data.imagefolder import is_archive, load_imagefolder
-from kdistill.errors import DataError
+from kdistill.errors import CheckpointError, DataError
 from kdistill.progress import log
 
 BUNDLED = {"cifar10-mini": Path(__file__).parent / "bundled" / "cifar10-mini.tar.gz"}
@@ -95,16 +97,18 @@ def _cache_path(data_dir: Path, checksum: str, image_size: int) -> Path:
     return data_dir / "decoded" / f"{checksum[:32]}-{image_size}px-v{CACHE_VERSION}.npz"
 
 
+STALE_SECONDS = 3600  # a temporary file this old is a killed writer's leftover, not a live one's
+
+
 def _save_cache(path: Path, arrays: dict[str, np.ndarray], classes: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, classes=np.array(classes), **arrays)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write atomically (a killed run never leaves a half-written cache) and remove the
+    temporaries that killed writers left behind earlier."""
+    now = time.time()
+    for tmp in path.parent.glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_SECONDS:
+                tmp.unlink()
+    atomic_write(path, lambda f: np.savez(f, classes=np.array(classes), **arrays), "decoded-image cache")
 
 
 def _load_cache(path: Path) -> tuple[dict[str, np.ndarray], list[str]] | None:
@@ -166,8 +170,8 @@ def load_dataset(
         arrays = {f"{s}_{kind}": a for s, (x, y) in splits.items() for kind, a in (("images", x), ("labels", y))}
         try:
             _save_cache(cache, arrays, classes)
-        except OSError as e:
-            log(f"warning: could not write the decoded-image cache {cache}: {e.strerror}")
+        except CheckpointError as e:  # only a speed-up: the run goes on without it
+            log(f"warning: {e}")
     ds = ImageDataset(
         name=source.name.split(".")[0] if name not in BUNDLED else name,
         classes=classes,
