@@ -20,6 +20,7 @@ process, so shard it yourself (e.g. a DataLoader with a DistributedSampler).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,20 @@ def _replayable(prepared: Prepared) -> TrainLoader:
     return prepared.loader
 
 
+@contextlib.contextmanager
+def _borrowed(teacher: nn.Module):
+    """A distillation run freezes its teacher (eval mode, no gradients); afterwards the
+    module is given back as it came, so that it can still be trained or fine-tuned."""
+    flags = [(p, p.requires_grad) for p in teacher.parameters()]
+    training = teacher.training
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        teacher.train(training)
+
+
 def _place_teacher(teacher: nn.Module, device: torch.device, channels_last: bool) -> None:
     teacher.to(device)
     if channels_last:
@@ -318,17 +333,18 @@ def distill(
         num_samples=prepared.num_samples,
         epochs=cfg.epochs,
     )
-    task = Distillation(
-        student, teacher, build_methods(dcfg.methods, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing,
-        teacher_cache=teacher_cache,
-    )
-    extra = {
-        "kind": "distill", "model_spec": model_spec, "teacher_spec": teacher_spec, "data": prepared.data_info,
-        "train_config": cfg.model_dump(mode="json"), "distill_config": dcfg.model_dump(mode="json"), "seed": seed,
-        "teacher_cache": cache_info,
-    }
-    max_epochs = teacher_cache.epochs if teacher_cache is not None else None
-    result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc, max_epochs=max_epochs)
+    with _borrowed(teacher):  # frozen for the run, given back as it came
+        task = Distillation(
+            student, teacher, build_methods(dcfg.methods, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing,
+            teacher_cache=teacher_cache,
+        )
+        extra = {
+            "kind": "distill", "model_spec": model_spec, "teacher_spec": teacher_spec, "data": prepared.data_info,
+            "train_config": cfg.model_dump(mode="json"), "distill_config": dcfg.model_dump(mode="json"), "seed": seed,
+            "teacher_cache": cache_info,
+        }
+        max_epochs = teacher_cache.epochs if teacher_cache is not None else None
+        result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc, max_epochs=max_epochs)
     return _finish(result, prepared, cfg)
 
 

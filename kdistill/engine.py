@@ -286,6 +286,11 @@ def _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra
     else:
         total_steps = steps_per_epoch * cfg.epochs
     model = task.model
+    if not any(p.requires_grad for p in task.parameters()):
+        raise TrainingError(
+            f"{desc}: {type(model).__name__} has no trainable parameters (every parameter has requires_grad=False); "
+            "unfreeze at least one layer with requires_grad_(True)"
+        )
     task.to(device)
     if cfg.channels_last:
         task.to(memory_format=torch.channels_last)

@@ -523,3 +523,24 @@ def test_method_parameters_are_trained_with_the_student(
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert set(state["task_state"]) == {"methods.learned_scale.log_scale"}
     assert not any(k.startswith("teacher") for k in state["model"])
+
+
+def test_teacher_is_given_back_as_it_came() -> None:
+    """distill freezes its teacher for the run only: afterwards the same module trains."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    teacher, student = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)), nn.Linear(8, 3)
+    teacher[0].requires_grad_(False)  # the user's own choice (a frozen first layer) is kept too
+    teacher.train()
+    kdistill.distill(teacher, student, (x, y), epochs=1, batch_size=32, device="cpu")
+    assert teacher.training
+    assert [p.requires_grad for p in teacher.parameters()] == [False, False, True, True]
+    before = teacher[2].weight.detach().clone()
+    kdistill.train(teacher, (x, y), epochs=1, batch_size=32, device="cpu")
+    assert not torch.equal(before, teacher[2].weight)
+
+
+def test_nothing_to_train_is_a_clear_error() -> None:
+    model = nn.Linear(8, 3).requires_grad_(False)
+    with pytest.raises(TrainingError, match="Linear has no trainable parameters"):
+        kdistill.train(model, (torch.randn(64, 8), torch.randint(0, 3, (64,))), epochs=1, batch_size=32, device="cpu")
