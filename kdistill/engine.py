@@ -233,6 +233,29 @@ def _check_shares(loader, cfg: TrainConfig, world: int, desc: str) -> None:
         )
 
 
+# the settings that define a run's trajectory: a resumed run must keep them
+RESUME_KEYS = ("epochs", "batch_size", "optimizer", "schedule", "label_smoothing", "grad_clip")
+
+
+def _changed_settings(saved: dict | None, cfg: TrainConfig) -> str:
+    """'train.epochs=30 (this run: 40), ...' for the trajectory settings that differ from the
+    checkpoint's run; empty when none do (or the checkpoint does not record them)."""
+    if not saved:
+        return ""
+    now = cfg.model_dump(mode="json")
+    keys = [k for k in RESUME_KEYS if not (k == "epochs" and cfg.budget)]  # a budget run plans its own steps
+
+    def flat(d: dict, prefix: str) -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old = flat({k: saved[k] for k in keys if k in saved}, "train.")
+    new = flat({k: now[k] for k in keys if k in saved}, "train.")
+    return ", ".join(f"{k}={old[k]!r} (this run: {new.get(k)!r})" for k in old if old[k] != new.get(k))
+
+
 def quick_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {
         "top1": (logits.argmax(1) == labels).float().mean().item() * 100,
@@ -331,6 +354,12 @@ def _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra
         map_to = device if world == 1 else "cpu"
         state = distributed.on_main(lambda: load_checkpoint(ckpt_path, map_location=map_to) if ckpt_path.exists() else None, share=True)
     if state is not None:
+        changed = _changed_settings(state.get("train_config"), cfg)
+        if changed:
+            raise CheckpointError(
+                f"cannot resume from {ckpt_path}: it was written with {changed}; resuming continues the same run, "
+                "so use the same settings, or start a new run (another --name)"
+            )
         try:
             task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
             optimizer.load_state_dict(state["optimizer"])

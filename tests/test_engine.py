@@ -267,6 +267,19 @@ def test_resume_into_another_model_is_refused(uninterrupted, mini: ImageDataset)
         kdistill.train(other, **_subset(mini), run_dir=run_a, resume=True, **SETTINGS)
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [({"epochs": 6}, r"train.epochs=4 \(this run: 6\)"), ({"lr": 0.2}, r"train.optimizer.lr=0.05 \(this run: 0.2\)")],
+)
+def test_resume_with_other_settings_is_refused(uninterrupted, mini: ImageDataset, change: dict, named: str) -> None:
+    """Resuming continues the same run: a changed schedule would silently make another one."""
+    run_a, _ = uninterrupted
+    before = (run_a / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=named):
+        kdistill.train(_student(), **_subset(mini), run_dir=run_a, resume=True, model_spec=SPEC, **{**SETTINGS, **change})
+    assert (run_a / "checkpoint.pt").read_bytes() == before
+
+
 def test_distill_resume_equals_uninterrupted_run(
     mini: ImageDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
