@@ -2,6 +2,8 @@
 
     python benchmarks/methods_cifar10.py --data ../shared/data/cifar10-jpeg.tar.gz --seeds 0 1
 
+or one process per seed (--seeds 0 --out a.md, --seeds 1 --out b.md), then --merge a.json b.json.
+
 For each seed it trains the teacher and the baseline student once (or loads the teacher
 with --teacher-checkpoint, a list with one per seed), then distills a fresh student with
 each method, all with the recipe of configs/cifar10_seed.yaml (override with --set), and
@@ -48,7 +50,10 @@ def main() -> None:
     ap.add_argument("--teacher-checkpoint", nargs="*", default=[])
     ap.add_argument("--teacher-cache", action="store_true", help="logit methods read one teacher cache per seed (kdistill cache-teacher)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods_cifar10.md"))
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only write one table from the .json files of earlier runs")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
 
     cfg = load_config("cifar10_seed", [f"data.dataset={args.data}", *args.overrides])
     rows: dict[str, list[dict]] = {}
@@ -95,31 +100,62 @@ def main() -> None:
             )
         rows.setdefault("teacher", []).append({"top1": (teacher_logits.argmax(1) == ds.test_labels).float().mean().item() * 100, "agreement": 100.0, "seconds": 0.0})
 
-    def fmt(values: list[float]) -> str:
-        return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-
-    lines = [
-        "# Distillation methods on CIFAR-10, seed_teacher -> seed_student",
-        "",
-        f"Command: `python benchmarks/methods_cifar10.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`",
-        "",
-        f"Recipe: configs/cifar10_seed.yaml ({cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.optimizer.lr}); "
+    recipe = (
+        f"configs/cifar10_seed.yaml ({cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.optimizer.lr}); "
         f"logit methods with alpha {cfg.distill.alpha}, feature methods with CE 1 + method (paper defaults; DKD's warm-up "
         f"{method_options('dkd', cfg.train.epochs)['warmup_epochs']} epochs, 20/240 of the schedule as in the paper). "
         + ("Logit methods read one teacher cache per seed (its time is shared among them). " if args.teacher_cache else "")
-        + f"Teacher: {', '.join(args.teacher_checkpoint) or 'trained per seed with the same recipe'}. "
-        f"Seeds: {args.seeds}. Last-epoch test top-1, mean ± spread (population std) over seeds.",
+        + f"Teacher: {', '.join(args.teacher_checkpoint) or 'trained per seed with the same recipe'}."
+    )
+    command = "python benchmarks/methods_cifar10.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    write_table({"commands": [command], "recipe": [recipe], "seeds": args.seeds, "rows": rows}, Path(args.out))
+
+
+def write_table(result: dict, out: Path) -> None:
+    """The markdown table (and its data as JSON next to it)."""
+    rows = result["rows"]
+
+    def fmt(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+    base = [r["top1"] for r in rows["baseline (CE only)"]]
+    lines = [
+        "# Distillation methods on CIFAR-10, seed_teacher -> seed_student",
         "",
-        "| method | test top-1 (%) | agreement with teacher (%) | wall time (s) |",
-        "| --- | ---: | ---: | ---: |",
+        *(f"Command: `{c}`" for c in result["commands"]),
+        "",
+        *(f"Recipe: {r}" for r in dict.fromkeys(result["recipe"])),
+        "",
+        f"Seeds: {result['seeds']}. Last-epoch test top-1, mean ± spread (population std) "
+        "over seeds; gain: the mean of each seed's difference to the baseline student of the same seed.",
+        "",
+        "| method | test top-1 (%) | gain over baseline (points) | agreement with teacher (%) | wall time (s) |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, rs in rows.items():
-        lines.append(f"| {name} | {fmt([r['top1'] for r in rs])} | {fmt([r['agreement'] for r in rs])} | {statistics.mean(r['seconds'] for r in rs):.0f} |")
-    out = Path(args.out)
+        gain = "" if name in ("teacher", "baseline (CE only)") else f"{statistics.mean(r['top1'] - b for r, b in zip(rs, base)):+.2f}"
+        lines.append(
+            f"| {name} | {fmt([r['top1'] for r in rs])} | {gain} | {fmt([r['agreement'] for r in rs])} | "
+            f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    (out.with_suffix(".json")).write_text(json.dumps(rows, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """One table from runs made separately (e.g. one process per seed)."""
+    merged: dict = {"commands": [], "recipe": [], "seeds": [], "rows": {}}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        merged["commands"] += part["commands"]
+        merged["recipe"] += part["recipe"]
+        merged["seeds"] += part["seeds"]
+        for name, rs in part["rows"].items():
+            merged["rows"].setdefault(name, []).extend(rs)
+    merged["commands"].append("python benchmarks/methods_cifar10.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    write_table(merged, out)
 
 
 if __name__ == "__main__":
