@@ -29,9 +29,11 @@ from kdistill.checkpoint import load_model
 from kdistill.config import load_config
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import predict
+from kdistill.errors import TrainingError
 from kdistill.evaluate import agreement
 from kdistill.study import load_data
 
+BASELINE = "baseline (CE only)"
 # the paper's recommended extra CE for feature methods: CE 1 + method (alpha = 1)
 FEATURE_RECIPE = {"alpha": 1.0, "ce_weight": 1.0}
 
@@ -56,6 +58,10 @@ def main() -> None:
         return merge(args.merge, Path(args.out))
 
     cfg = load_config("cifar10_seed", [f"data.dataset={args.data}", *args.overrides])
+    out = Path(args.out)
+    # every finished run is kept here at once: a killed benchmark restarts where it stopped
+    partial = out.with_suffix(".partial.json")
+    done: dict[str, dict] = json.loads(partial.read_text()) if partial.exists() else {}
     rows: dict[str, list[dict]] = {}
     for i, seed in enumerate(args.seeds):
         cfg = cfg.model_copy(update={"seed": seed})
@@ -66,39 +72,49 @@ def main() -> None:
         else:
             teacher = kdistill.create_model(cfg.teacher.name)
             kdistill.train(teacher, ds, config=cfg.train_for("teacher"), seed=seed, desc=f"teacher s{seed}")
+        mean, std = ds.mean_std()
+        device = next(teacher.parameters()).device
+        teacher_logits = predict(teacher, EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False)))
 
         def student(seed: int = seed, name: str = cfg.student.name) -> torch.nn.Module:
             torch.manual_seed(seed)  # every student of a seed starts from the same weights
             return kdistill.create_model(name)
 
         cache, cache_seconds = None, 0.0
-        if args.teacher_cache:  # one teacher pass over the run's augmented views, shared by every logit method
-            t0 = time.perf_counter()
+        logit_methods = [m for m in args.methods if not kdistill.METHODS[m].needs_features]
+        if args.teacher_cache and any(f"{seed}:{m}" not in done for m in logit_methods):
+            t0 = time.perf_counter()  # one teacher pass over the run's augmented views, shared by every logit method
             cache = kdistill.cache_teacher(teacher, ds, epochs=cfg.train.epochs, seed=seed)
             cache_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        base = kdistill.train(student(), ds, config=cfg.train_for("student"), seed=seed, desc=f"baseline s{seed}")
-        runs = {"baseline (CE only)": (base, time.perf_counter() - t0)}
-        for name in args.methods:
-            logit_method = not kdistill.METHODS[name].needs_features
-            recipe = {"alpha": cfg.distill.alpha} if logit_method else FEATURE_RECIPE
-            options = method_options(name, cfg.train.epochs)
+
+        for name in [BASELINE, *args.methods]:
+            key = f"{seed}:{name}"
+            if key in done:
+                rows.setdefault(name, []).append(done[key])
+                continue
+            logit_method = name in logit_methods
             t0 = time.perf_counter()
-            r = kdistill.distill(
-                teacher, student(), ds, methods={name: options}, config=cfg.train_for("distill"), seed=seed, desc=f"{name} s{seed}",
-                teacher_cache=cache if logit_method else None, **recipe,
-            )
-            # a cached run's time includes its share of the one teacher pass
-            shared = cache_seconds / sum(not kdistill.METHODS[m].needs_features for m in args.methods) if logit_method else 0.0
-            runs[name] = (r, time.perf_counter() - t0 + shared)
-        mean, std = ds.mean_std()
-        device = next(teacher.parameters()).device
-        teacher_logits = predict(teacher, EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False)))
-        for name, (r, seconds) in runs.items():
-            rows.setdefault(name, []).append(
-                {"top1": r.metrics["top1"], "agreement": agreement(r.test_logits, teacher_logits)["agreement_top1"], "seconds": seconds}
-            )
-        rows.setdefault("teacher", []).append({"top1": (teacher_logits.argmax(1) == ds.test_labels).float().mean().item() * 100, "agreement": 100.0, "seconds": 0.0})
+            try:
+                if name == BASELINE:
+                    r = kdistill.train(student(), ds, config=cfg.train_for("student"), seed=seed, desc=f"baseline s{seed}")
+                else:
+                    r = kdistill.distill(
+                        teacher, student(), ds, methods={name: method_options(name, cfg.train.epochs)}, config=cfg.train_for("distill"),
+                        seed=seed, desc=f"{name} s{seed}", teacher_cache=cache if logit_method else None,
+                        **({"alpha": cfg.distill.alpha} if logit_method else FEATURE_RECIPE),
+                    )
+                # a cached run's time includes its share of the one teacher pass
+                shared = cache_seconds / len(logit_methods) if args.teacher_cache and logit_method else 0.0
+                agree = agreement(r.test_logits, teacher_logits)["agreement_top1"]
+                row = {"seed": seed, "top1": r.metrics["top1"], "agreement": agree, "seconds": time.perf_counter() - t0 + shared}
+            except TrainingError as e:  # a collapsed or non-finite run is a result too
+                row = {"seed": seed, "top1": None, "failed": str(e).split(": ", 1)[-1].split(". ")[0], "seconds": time.perf_counter() - t0}
+            done[key] = row
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps(done, indent=2))
+            rows.setdefault(name, []).append(row)
+        top1 = (teacher_logits.argmax(1) == ds.test_labels).float().mean().item() * 100
+        rows.setdefault("teacher", []).append({"seed": seed, "top1": top1, "agreement": 100.0, "seconds": 0.0})
 
     recipe = (
         f"configs/cifar10_seed.yaml ({cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.optimizer.lr}); "
@@ -108,7 +124,7 @@ def main() -> None:
         + f"Teacher: {', '.join(args.teacher_checkpoint) or 'trained per seed with the same recipe'}."
     )
     command = "python benchmarks/methods_cifar10.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_table({"commands": [command], "recipe": [recipe], "seeds": args.seeds, "rows": rows}, Path(args.out))
+    write_table({"commands": [command], "recipe": [recipe], "seeds": args.seeds, "rows": rows}, out)
 
 
 def write_table(result: dict, out: Path) -> None:
@@ -118,7 +134,7 @@ def write_table(result: dict, out: Path) -> None:
     def fmt(values: list[float]) -> str:
         return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    base = [r["top1"] for r in rows["baseline (CE only)"]]
+    base = [r["top1"] for r in rows[BASELINE]]
     lines = [
         "# Distillation methods on CIFAR-10, seed_teacher -> seed_student",
         "",
@@ -133,7 +149,11 @@ def write_table(result: dict, out: Path) -> None:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, rs in rows.items():
-        gain = "" if name in ("teacher", "baseline (CE only)") else f"{statistics.mean(r['top1'] - b for r, b in zip(rs, base)):+.2f}"
+        failed = [f"seed {r['seed']}: {r['failed']}" for r in rs if r["top1"] is None]
+        if failed:
+            lines.append(f"| {name} | {'; '.join(failed)} | | | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+            continue
+        gain = "" if name in ("teacher", BASELINE) else f"{statistics.mean(r['top1'] - b for r, b in zip(rs, base)):+.2f}"
         lines.append(
             f"| {name} | {fmt([r['top1'] for r in rs])} | {gain} | {fmt([r['agreement'] for r in rs])} | "
             f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
