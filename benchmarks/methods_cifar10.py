@@ -47,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="cifar10")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--methods", nargs="+", default=list(kdistill.METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(kdistill.METHODS), help="names; NAME:paper = CE 1 + the method (its paper's weights)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--teacher-checkpoint", nargs="*", default=[])
     ap.add_argument("--teacher-cache", action="store_true", help="logit methods read one teacher cache per seed (kdistill cache-teacher)")
@@ -81,8 +81,10 @@ def main() -> None:
             return kdistill.create_model(name)
 
         cache, cache_seconds = None, 0.0
-        logit_methods = [m for m in args.methods if not kdistill.METHODS[m].needs_features]
-        if args.teacher_cache and any(f"{seed}:{m}" not in done for m in logit_methods):
+        # "dkd:paper": the method with its paper's loss weights (CE 1 + method) instead of the config's alpha
+        logit_methods = [m for m in args.methods if not kdistill.METHODS[m.split(":")[0]].needs_features]
+        cache_users = [m for m in logit_methods if f"{seed}:{m}" not in done]  # the runs that share the cache's cost
+        if args.teacher_cache and cache_users:
             t0 = time.perf_counter()  # one teacher pass over the run's augmented views, shared by every logit method
             cache = kdistill.cache_teacher(teacher, ds, epochs=cfg.train.epochs, seed=seed)
             cache_seconds = time.perf_counter() - t0
@@ -93,18 +95,19 @@ def main() -> None:
                 rows.setdefault(name, []).append(done[key])
                 continue
             logit_method = name in logit_methods
+            method, paper_recipe = name.split(":")[0], name.endswith(":paper")
             t0 = time.perf_counter()
             try:
                 if name == BASELINE:
                     r = kdistill.train(student(), ds, config=cfg.train_for("student"), seed=seed, desc=f"baseline s{seed}")
                 else:
                     r = kdistill.distill(
-                        teacher, student(), ds, methods={name: method_options(name, cfg.train.epochs)}, config=cfg.train_for("distill"),
+                        teacher, student(), ds, methods={method: method_options(method, cfg.train.epochs)}, config=cfg.train_for("distill"),
                         seed=seed, desc=f"{name} s{seed}", teacher_cache=cache if logit_method else None,
-                        **({"alpha": cfg.distill.alpha} if logit_method else FEATURE_RECIPE),
+                        **({"alpha": cfg.distill.alpha} if logit_method and not paper_recipe else FEATURE_RECIPE),
                     )
                 # a cached run's time includes its share of the one teacher pass
-                shared = cache_seconds / len(logit_methods) if args.teacher_cache and logit_method else 0.0
+                shared = cache_seconds / len(cache_users) if args.teacher_cache and logit_method else 0.0
                 agree = agreement(r.test_logits, teacher_logits)["agreement_top1"]
                 row = {"seed": seed, "top1": r.metrics["top1"], "agreement": agree, "seconds": time.perf_counter() - t0 + shared}
             except TrainingError as e:  # a collapsed or non-finite run is a result too
