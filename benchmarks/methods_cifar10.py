@@ -137,7 +137,7 @@ def write_table(result: dict, out: Path) -> None:
     def fmt(values: list[float]) -> str:
         return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    base = [r["top1"] for r in rows[BASELINE]]
+    base = {r["seed"]: r["top1"] for r in rows[BASELINE]}
     lines = [
         "# Distillation methods on CIFAR-10, seed_teacher -> seed_student",
         "",
@@ -145,7 +145,7 @@ def write_table(result: dict, out: Path) -> None:
         "",
         *(f"Recipe: {r}" for r in dict.fromkeys(result["recipe"])),
         "",
-        f"Seeds: {result['seeds']}. Last-epoch test top-1, mean ± spread (population std) "
+        f"Seeds: {sorted(set(result['seeds']))}. Last-epoch test top-1, mean ± spread (population std) "
         "over seeds; gain: the mean of each seed's difference to the baseline student of the same seed.",
         "",
         "| method | test top-1 (%) | gain over baseline (points) | agreement with teacher (%) | wall time (s) |",
@@ -156,7 +156,7 @@ def write_table(result: dict, out: Path) -> None:
         if failed:
             lines.append(f"| {name} | {'; '.join(failed)} | | | {statistics.mean(r['seconds'] for r in rs):.0f} |")
             continue
-        gain = "" if name in ("teacher", BASELINE) else f"{statistics.mean(r['top1'] - b for r, b in zip(rs, base)):+.2f}"
+        gain = "" if name in ("teacher", BASELINE) else f"{statistics.mean(r['top1'] - base[r['seed']] for r in rs):+.2f}"
         lines.append(
             f"| {name} | {fmt([r['top1'] for r in rs])} | {gain} | {fmt([r['agreement'] for r in rs])} | "
             f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
@@ -172,6 +172,11 @@ def merge(paths: list[str], out: Path) -> None:
     merged: dict = {"commands": [], "recipe": [], "seeds": [], "rows": {}}
     for path in paths:
         part = json.loads(Path(path).read_text())
+        if "rows" not in part:  # the .partial.json of a run that has not finished: its finished runs
+            rows: dict[str, list[dict]] = {}
+            for key, row in part.items():
+                rows.setdefault(key.split(":", 1)[1], []).append(row)
+            part = {"commands": [f"(finished runs of an unfinished benchmark, from {path})"], "recipe": [], "seeds": sorted({r["seed"] for rs in rows.values() for r in rs}), "rows": rows}
         merged["commands"] += part["commands"]
         merged["recipe"] += part["recipe"]
         merged["seeds"] += part["seeds"]
