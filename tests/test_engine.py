@@ -496,11 +496,15 @@ def test_distill_optimizes_only_the_student(
     recorder = _Recorder(monkeypatch)
     teacher, student = _teacher(), _student()
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    modes = []  # the teacher's mode at every training step
+    forward = teacher.forward
+    monkeypatch.setattr(teacher, "forward", lambda x: modes.append(teacher.training) or forward(x))
     kdistill.distill(teacher, student, **_subset(mini), **{**SETTINGS, "epochs": 1})
     assert recorder.param_ids() == {id(p) for p in student.parameters()}
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k
-    assert not teacher.training
+    assert modes and not any(modes)  # eval mode during the run...
+    assert teacher.training  # ...and given back in the mode it came in
     assert all(p.grad is None for p in teacher.parameters())
 
 
