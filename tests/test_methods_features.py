@@ -662,3 +662,19 @@ def test_end_to_end_tiny(name: str, mini) -> None:
     after = result.history[-1]["test_top1"]
     assert all(math.isfinite(v) for k, v in result.history[-1].items() if k.startswith("train_"))
     assert after > before + 10, f"{name}: test accuracy {before:.1f}% -> {after:.1f}%"
+
+
+@pytest.mark.parametrize(("n", "k"), [(1000, 7), (20, 31)])  # the bank larger than the sample, and smaller
+def test_crd_scores_both_ways_equal_the_formula(n: int, k: int) -> None:
+    from kdistill.methods.crd import contrast_scores, sample_contrast_indices
+
+    g = torch.Generator().manual_seed(0)
+    memory = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1)
+    anchor = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=1).requires_grad_(True)
+    idx = sample_contrast_indices(torch.tensor([0, 3, 5, 9]), n, k)
+    want = torch.stack([torch.stack([torch.exp(memory[j] @ anchor[i] / 0.07) for j in idx[i].tolist()]) for i in range(4)])
+    got = contrast_scores(anchor, memory, idx, 0.07)
+    torch.testing.assert_close(got, want)
+    (g_got,) = torch.autograd.grad(got.log().sum(), anchor)
+    (g_want,) = torch.autograd.grad(want.log().sum(), anchor)
+    torch.testing.assert_close(g_got, g_want)

@@ -60,8 +60,18 @@ def contrast_scores(anchor: Tensor, memory: Tensor, sample_idx: Tensor, temperat
     positive. Returns (B, 1 + K). The bank rows are constants (no gradient).
     """
     b, k1 = sample_idx.shape
-    rows = memory.index_select(0, sample_idx.reshape(-1)).detach().view(b, k1, -1)  # (B, 1+K, d)
-    return torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / temperature)
+    memory = memory.detach()
+    if b * k1 > memory.shape[0]:
+        # more sampled rows than the bank has (CIFAR: 128 x 16,385 against 50,000): gathering
+        # them would copy B x (1+K) x d floats (1 GB) every step; scoring the anchors against
+        # the whole bank once (one matrix product) and picking the sampled scores gives the same
+        # number, many times cheaper, most of all on a CPU. (The product's backward needs the
+        # bank as it is now, and the bank is updated in place before the backward: a copy.)
+        dots = (anchor @ memory.clone().t()).gather(1, sample_idx)  # (B, N) -> (B, 1+K)
+    else:
+        rows = memory.index_select(0, sample_idx.reshape(-1)).view(b, k1, -1)  # (B, 1+K, d)
+        dots = torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2)
+    return torch.exp(dots / temperature)
 
 
 def nce_loss(probs: Tensor, num_samples: int) -> Tensor:
