@@ -214,6 +214,11 @@ def quantize_onnx(source: Path, target: Path, mode: str = "static", calibration:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # reduce_range (7-bit weights): x86 CPUs without VNNI multiply uint8 x int8 with an
+    # instruction (VPMADDUBSW) whose 16-bit sums saturate, and the model's accuracy falls
+    # apart (a seed student on CIFAR-10: 78.95% in float, 55.26% in int8, 78.86% with 7-bit
+    # weights). ONNX Runtime's documentation gives this remedy; it costs almost nothing on
+    # other CPUs, and the file may be deployed on any of them.
     if mode not in QUANTIZATION:
         raise ExportError(f"quantization {mode!r}: expected one of {', '.join(QUANTIZATION)}")
     target = Path(target)
@@ -223,7 +228,7 @@ def quantize_onnx(source: Path, target: Path, mode: str = "static", calibration:
         with warnings.catch_warnings(), contextlib.redirect_stdout(None):
             warnings.simplefilter("ignore")
             if mode == "dynamic":
-                quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8)
+                quantize_dynamic(str(prepared), str(target), weight_type=QuantType.QInt8, reduce_range=True)
             else:
                 if calibration is None or normalize is None or len(calibration) == 0:
                     raise ExportError("static int8 quantization needs calibration images")
@@ -238,7 +243,7 @@ def quantize_onnx(source: Path, target: Path, mode: str = "static", calibration:
 
                 quantize_static(
                     str(prepared), str(target), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
                 )
     finally:
         prepared.unlink(missing_ok=True)
