@@ -32,6 +32,7 @@ from kdistill.config import load_config
 from kdistill.data.dataset import ImageDataset
 from kdistill.data.loader import TrainLoader
 from kdistill.errors import ConfigError, DistributedError
+from tests.test_engine import _subset
 
 WORLD = 2
 # two processes that follow the same global batches as one: they differ only in the order
@@ -92,14 +93,8 @@ def _errors(out: Path) -> dict[int, str]:
 
 @pytest.fixture(scope="module")
 def small(mini: ImageDataset) -> dict:
-    """256 training and 100 test images of real CIFAR-10."""
-    g = torch.Generator().manual_seed(0)
-    train = torch.randperm(len(mini.train_labels), generator=g)[:256]
-    test = torch.randperm(len(mini.test_labels), generator=g)[:100]
-    return {
-        "train_data": (mini.train_images[train], mini.train_labels[train]),
-        "test_data": (mini.test_images[test], mini.test_labels[test]),
-    }
+    """256 training and 100 test images of real CIFAR-10 (the engine tests' subset)."""
+    return _subset(mini)
 
 
 def _distill(small: dict, run_dir: Path | None = None, resume: bool = False, **kw) -> kdistill.Result:
