@@ -2,7 +2,8 @@
 
     python benchmarks/methods_cifar10.py --data ../shared/data/cifar10-jpeg.tar.gz --seeds 0 1
 
-or one process per seed (--seeds 0 --out a.md, --seeds 1 --out b.md), then --merge a.json b.json.
+A row name may carry the method's options: dkd:beta=2, dkd:paper:beta=2 (see parse_row).
+Or one process per seed (--seeds 0 --out a.md, --seeds 1 --out b.md), then --merge a.json b.json.
 
 For each seed it trains the teacher and the baseline student once (or loads the teacher
 with --teacher-checkpoint, a list with one per seed), then distills a fresh student with
@@ -23,14 +24,16 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 import kdistill
 from kdistill.checkpoint import load_model
 from kdistill.config import load_config
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import predict
-from kdistill.errors import TrainingError
+from kdistill.errors import KDistillError, TrainingError
 from kdistill.evaluate import agreement
+from kdistill.methods import parse_method_options
 from kdistill.study import load_data
 
 BASELINE = "baseline (CE only)"
@@ -41,6 +44,26 @@ FEATURE_RECIPE = {"alpha": 1.0, "ce_weight": 1.0}
 def method_options(name: str, epochs: int) -> dict:
     """Paper defaults, except DKD's warm-up: 20 of the paper's 240 epochs, scaled to this schedule."""
     return {"warmup_epochs": round(20 / 240 * epochs, 2)} if name == "dkd" else {}
+
+
+def parse_row(name: str) -> tuple[str, bool, dict]:
+    """A row name: METHOD, then optional ``:paper`` (CE 1 + the method, its paper's loss
+    weights, instead of the config's alpha) and ``:KEY=VALUE,...`` (the method's options,
+    values parsed as YAML), e.g. ``dkd:beta=2`` or ``dkd:paper:beta=2,temperature=2``."""
+    method, *parts = name.split(":")
+    if method not in kdistill.METHODS:
+        raise SystemExit(f"--methods {name!r}: unknown method {method!r}; expected one of: {', '.join(kdistill.METHODS)}")
+    paper, options = False, {}
+    for part in parts:
+        if part == "paper":
+            paper = True
+            continue
+        for item in part.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise SystemExit(f"--methods {name!r}: expected :paper or :KEY=VALUE[,KEY=VALUE], got {part!r}")
+            options[key] = yaml.safe_load(value)
+    return method, paper, options
 
 
 def main() -> None:
@@ -57,6 +80,12 @@ def main() -> None:
     if args.merge:
         return merge(args.merge, Path(args.out))
 
+    for name in args.methods:  # every row's options are checked before hours of training
+        method, _, options = parse_row(name)
+        try:
+            parse_method_options(method, options)
+        except ValueError as e:
+            raise SystemExit(f"--methods {name!r}: {e}") from None
     cfg = load_config("cifar10_seed", [f"data.dataset={args.data}", *args.overrides])
     out = Path(args.out)
     # every finished run is kept here at once: a killed benchmark restarts where it stopped
@@ -82,7 +111,7 @@ def main() -> None:
 
         cache, cache_seconds = None, 0.0
         # "dkd:paper": the method with its paper's loss weights (CE 1 + method) instead of the config's alpha
-        logit_methods = [m for m in args.methods if not kdistill.METHODS[m.split(":")[0]].needs_features]
+        logit_methods = [m for m in args.methods if not kdistill.METHODS[parse_row(m)[0]].needs_features]
         cache_users = [m for m in logit_methods if f"{seed}:{m}" not in done]  # the runs that share the cache's cost
         if args.teacher_cache and cache_users:
             t0 = time.perf_counter()  # one teacher pass over the run's augmented views, shared by every logit method
@@ -95,14 +124,14 @@ def main() -> None:
                 rows.setdefault(name, []).append(done[key])
                 continue
             logit_method = name in logit_methods
-            method, paper_recipe = name.split(":")[0], name.endswith(":paper")
+            method, paper_recipe, options = parse_row(name)
             t0 = time.perf_counter()
             try:
                 if name == BASELINE:
                     r = kdistill.train(student(), ds, config=cfg.train_for("student"), seed=seed, desc=f"baseline s{seed}")
                 else:
                     r = kdistill.distill(
-                        teacher, student(), ds, methods={method: method_options(method, cfg.train.epochs)}, config=cfg.train_for("distill"),
+                        teacher, student(), ds, methods={method: {**method_options(method, cfg.train.epochs), **options}}, config=cfg.train_for("distill"),
                         seed=seed, desc=f"{name} s{seed}", teacher_cache=cache if logit_method else None,
                         **({"alpha": cfg.distill.alpha} if logit_method and not paper_recipe else FEATURE_RECIPE),
                     )
@@ -187,4 +216,7 @@ def merge(paths: list[str], out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KDistillError as e:  # bad data, config or checkpoint: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None
