@@ -109,6 +109,7 @@ def prepare_data(
             evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize)
         evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize)
         info = {"dataset": ds.source or ds.name, "checksum": ds.checksum, "classes": ds.classes, "mean": mean, "std": std, "image_size": ds.image_shape[-1]}
+        info["val_split"] = ds.val_split  # a teacher trained here may be checked against a later run's split
         return Prepared(loader, evals, ds.num_classes, ds.image_shape, len(ds.train_labels), info, ds.classes)
 
     if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, Tensor) for t in train_data):

@@ -244,7 +244,7 @@ def cmd_distill(args) -> None:
     with _job(cfg), open_run_dir(cfg, args.resume) as run_dir:
         ds = load_data(cfg)
         device = select_device(cfg.device)
-        teacher, teacher_spec = build_teacher(cfg, ds.num_classes, device)
+        teacher, teacher_spec = build_teacher(cfg, ds.num_classes, device, ds)
         spec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
         torch.manual_seed(cfg.seed)
         student = create_model(cfg.student.name, **spec["kwargs"])
@@ -298,7 +298,7 @@ def cmd_cache_teacher(args) -> None:
     with _job(cfg):  # under torchrun the ranks share the work; rank 0 writes the file
         ds = load_data(cfg)
         device = select_device(cfg.device)
-        teacher, _ = build_teacher(cfg, ds.num_classes, device)
+        teacher, _ = build_teacher(cfg, ds.num_classes, device, ds)
         tcfg = cfg.train_for("distill")
         cache = api.cache_teacher(
             teacher, ds, epochs=tcfg.epochs, path=args.out, data=cfg.data, seed=cfg.seed, device=device,

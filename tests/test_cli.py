@@ -291,3 +291,27 @@ def test_methods_command(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert any(line.split()[:1] == ["kd"] for line in out.splitlines()), out
     assert "temperature" in out
+
+
+def test_a_teacher_trained_on_the_validation_images_is_flagged(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
+    from kdistill.data.dataset import load_dataset
+    from kdistill.study import build_teacher, teacher_saw_validation
+
+    path = finished_run / "teacher" / "checkpoint.pt"
+    state = load_checkpoint(path)
+    assert state["data"]["val_split"] is None  # the run held out nothing
+    held_out = load_dataset("cifar10-mini", val_size=200, seed=3)
+    cfg = load_config("quickstart", [f"teacher.checkpoint={path}"])
+    capsys.readouterr()
+    build_teacher(cfg, 10, engine.select_device("cpu"), held_out)
+    out = "".join(capsys.readouterr())
+    assert f"warning: teacher checkpoint {path} held out no validation images" in out
+    assert "200 validation images (seed 3)" in out
+
+    # the same split, another data set, or no validation split: nothing to flag
+    same = {**state, "data": {**state["data"], "val_split": {"size": 200, "seed": 3}}}
+    assert not teacher_saw_validation(same, held_out)
+    assert teacher_saw_validation({**state, "data": {**state["data"], "val_split": {"size": 200, "seed": 4}}}, held_out)
+    assert not teacher_saw_validation({**state, "data": {**state["data"], "checksum": "other"}}, held_out)
+    build_teacher(cfg, 10, engine.select_device("cpu"), load_dataset("cifar10-mini"))
+    assert "warning" not in "".join(capsys.readouterr())

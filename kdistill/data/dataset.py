@@ -51,6 +51,7 @@ class ImageDataset:
     source: str = ""  # what to pass to load_dataset to load it again (name or absolute path)
     val_images: Tensor | None = None
     val_labels: Tensor | None = None
+    val_split: dict | None = None  # {"size": N, "seed": S}: how the validation images were drawn
 
     @property
     def num_classes(self) -> int:
@@ -80,6 +81,7 @@ class ImageDataset:
             train_labels=self.train_labels[keep],
             val_images=self.train_images[val],
             val_labels=self.train_labels[val],
+            val_split={"size": val_size, "seed": seed},
         )
 
 
