@@ -32,7 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", help="parent folder of run directories (output_dir, default runs)")
     p.add_argument("--seed", type=int, help="random seed (seed)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
-    p.add_argument("--epochs", type=int, help="epochs of every phase (train.epochs)")
+    p.add_argument("--epochs", type=int, help="epochs of every phase (train.epochs and each phase's train.epochs)")
     p.add_argument("--budget", help="wall-clock budget of the command, e.g. 90s, 10m, 1.5h: train as many steps as fit, lr schedule stretched over them (budget)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     p.add_argument("--tensorboard", action="store_true", default=None, help="also log metrics as TensorBoard scalars in each phase's tensorboard/ (train.tensorboard; needs kdistill[tensorboard])")
@@ -147,6 +147,8 @@ def _config_from_args(args: argparse.Namespace):
     }
     # shortcuts first, so an explicit --set wins
     pre = [f"{key}={json.dumps(getattr(args, attr)) if isinstance(getattr(args, attr), str) else getattr(args, attr)}" for attr, key in shortcuts.items() if getattr(args, attr, None) is not None]
+    if getattr(args, "epochs", None) is not None:  # every phase, whatever the config's phase overrides say
+        pre += [f"{phase}.train.epochs={args.epochs}" for phase in ("teacher", "student", "distill")]
     method = getattr(args, "method", None)
     methods = [m.strip() for m in method.split("+")] if method else None
     if methods:

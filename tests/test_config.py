@@ -216,11 +216,12 @@ def test_phase_override_path_is_well_formed() -> None:
 
 def test_phase_override_merges_into_train() -> None:
     cfg = load_config(
-        None, ["train.epochs=9", "student.train.optimizer.lr=0.2", "distill.train.epochs=3"]
+        None, ["train.epochs=9", "train.batch_size=64", "student.train.optimizer.lr=0.2", "distill.train.epochs=3"]
     )
     assert cfg.train_for("student").optimizer.lr == 0.2
     assert cfg.train_for("student").optimizer.momentum == cfg.train.optimizer.momentum
-    assert cfg.train_for("student").epochs == 9
+    assert cfg.train_for("student").batch_size == 64
+    assert cfg.train_for("student").epochs == 15  # the quickstart's own phase override stays
     assert cfg.train_for("distill").epochs == 3
     assert cfg.train_for("teacher") == cfg.train
 
@@ -272,7 +273,7 @@ def test_epochs_and_batch_size_property(epochs: int, batch_size: int) -> None:
     if valid_epochs and valid_batch:
         cfg = load_config(None, overrides)
         assert cfg.train.epochs == epochs and cfg.train.batch_size == batch_size
-        assert cfg.train_for("distill").epochs == epochs
+        assert cfg.train_for("teacher").epochs == epochs
     else:
         with pytest.raises(ConfigError) as info:
             load_config(None, overrides)
@@ -281,3 +282,14 @@ def test_epochs_and_batch_size_property(epochs: int, batch_size: int) -> None:
             assert "train.epochs" in message
         if not valid_batch:
             assert "train.batch_size" in message
+
+
+def test_the_epochs_shortcut_sets_every_phase_over_the_configs_own_phase_overrides() -> None:
+    from kdistill.cli import _config_from_args, build_parser
+
+    default = _config_from_args(build_parser().parse_args(["run"]))
+    assert (default.train_for("teacher").epochs, default.train_for("student").epochs, default.train_for("distill").epochs) == (30, 15, 15)
+    cfg = _config_from_args(build_parser().parse_args(["run", "--epochs", "3"]))
+    assert {cfg.train_for(phase).epochs for phase in ("teacher", "student", "distill")} == {3}
+    cfg = _config_from_args(build_parser().parse_args(["run", "--epochs", "3", "--set", "student.train.epochs=2"]))
+    assert (cfg.train_for("teacher").epochs, cfg.train_for("student").epochs) == (3, 2)  # an explicit --set wins
