@@ -97,7 +97,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
     start = time.perf_counter()
     device = select_device(cfg.device)
     ds = load_data(cfg)
-    loaded = build_teacher(cfg, ds.num_classes, device)
+    loaded = build_teacher(cfg, ds.num_classes, device, ds)
     if loaded is None:
         raise ConfigError("sweep: needs a trained teacher: --teacher checkpoint.pt (teacher.checkpoint)")
     teacher, teacher_spec = loaded
