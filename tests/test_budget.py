@@ -135,7 +135,10 @@ def test_cli_budget_too_small_is_one_line(tmp_path: Path, capsys) -> None:
 def test_mutual_learning_reports_its_budget(small: ImageDataset) -> None:
     torch.manual_seed(0)
     models = [kdistill.create_model("seed_student") for _ in range(2)]
-    results = kdistill.mutual(models, small, budget=4.0, batch_size=64, device="cpu")
+    # the planned steps depend on the measured speed, so the trajectory varies from run to
+    # run: a gentle lr and clipping keep these batch-norm-free models from collapsing (the
+    # engine stops collapsed runs) on a slow or a fast machine alike
+    results = kdistill.mutual(models, small, budget=4.0, batch_size=64, device="cpu", lr=0.02, grad_clip=5.0)
     assert len(results) == 2
     for r in results:  # every model's result says what the shared run reached in its budget
         assert r.budget is not None and r.budget["budget_seconds"] == 4.0 and r.budget["steps"] > 0
