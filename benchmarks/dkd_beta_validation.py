@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 import kdistill
-from kdistill.checkpoint import load_model
 from kdistill.config import load_config
 from kdistill.errors import KDistillError
-from kdistill.study import load_data, warn_if_teacher_saw_validation
+from kdistill.methods.dkd import scaled_warmup_epochs
+from kdistill.study import load_data, load_teacher
 
 
 def main() -> None:
@@ -47,8 +47,7 @@ def main() -> None:
     for seed, path in zip(args.seeds, args.teacher_checkpoint):
         cfg = cfg.model_copy(update={"seed": seed})
         ds = load_data(cfg)
-        teacher, state = load_model(Path(path))
-        warn_if_teacher_saw_validation(Path(path), state, ds)
+        teacher, _ = load_teacher(Path(path), ds.num_classes, torch.device("cpu"), ds)  # warns if it saw the split
 
         def student(seed: int = seed, name: str = cfg.student.name) -> torch.nn.Module:
             torch.manual_seed(seed)  # every student of a seed starts from the same weights
@@ -58,7 +57,7 @@ def main() -> None:
         cache = kdistill.cache_teacher(teacher, ds, epochs=epochs, data=cfg.data, seed=seed)
         cells = []
         for beta in args.betas:
-            methods = {"dkd": {"beta": beta, "warmup_epochs": round(20 / 240 * epochs, 2)}}
+            methods = {"dkd": {"beta": beta, "warmup_epochs": scaled_warmup_epochs(epochs)}}
             r = kdistill.distill(
                 teacher, student(), ds, methods=methods, alpha=cfg.distill.alpha, config=cfg.train_for("distill"),
                 data=cfg.data, seed=seed, desc=f"dkd beta {beta:g} s{seed}", teacher_cache=cache,

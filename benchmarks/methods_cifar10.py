@@ -34,6 +34,7 @@ from kdistill.engine import predict
 from kdistill.errors import KDistillError, TrainingError
 from kdistill.evaluate import agreement
 from kdistill.methods import parse_method_options
+from kdistill.methods.dkd import scaled_warmup_epochs
 from kdistill.study import load_data
 
 BASELINE = "baseline (CE only)"
@@ -43,7 +44,7 @@ FEATURE_RECIPE = {"alpha": 1.0, "ce_weight": 1.0}
 
 def method_options(name: str, epochs: int) -> dict:
     """Paper defaults, except DKD's warm-up: 20 of the paper's 240 epochs, scaled to this schedule."""
-    return {"warmup_epochs": round(20 / 240 * epochs, 2)} if name == "dkd" else {}
+    return {"warmup_epochs": scaled_warmup_epochs(epochs)} if name == "dkd" else {}
 
 
 def parse_row(name: str) -> tuple[str, bool, dict]:

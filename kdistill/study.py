@@ -111,7 +111,9 @@ def model_spec(name: str, kwargs: dict, num_classes: int) -> dict[str, Any]:
     return {"name": name, "kwargs": {**kwargs, "num_classes": num_classes}}
 
 
-def load_teacher(path: Path, num_classes: int, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def load_teacher(path: Path, num_classes: int, device: torch.device, ds: ImageDataset | None = None) -> tuple[torch.nn.Module, dict]:
+    """A trained teacher, checked against the data set (with ``ds``: warn when it was
+    trained on the run's validation images)."""
     model, state = load_model(path, map_location="cpu")
     classes = state.get("data", {}).get("classes")
     got = state["model_spec"]["kwargs"].get("num_classes")
@@ -119,6 +121,8 @@ def load_teacher(path: Path, num_classes: int, device: torch.device) -> tuple[to
         raise CheckpointError(f"teacher checkpoint {path} predicts {got} classes but the data set has {num_classes}")
     if classes is not None and len(classes) != num_classes:
         raise CheckpointError(f"teacher checkpoint {path} was trained on {len(classes)} classes but the data set has {num_classes}")
+    if ds is not None:
+        warn_if_teacher_saw_validation(path, state, ds)
     return model.to(device), state
 
 
@@ -178,17 +182,10 @@ def build_teacher(cfg: RunConfig, num_classes: int, device: torch.device, ds: Im
     None when the teacher must be trained in this run. With ``ds``, warn when a teacher
     was trained on its validation images."""
     if cfg.teacher.checkpoint:
-        teacher, state = load_teacher(cfg.teacher.checkpoint, num_classes, device)
-        if ds is not None:
-            warn_if_teacher_saw_validation(cfg.teacher.checkpoint, state, ds)
+        teacher, _ = load_teacher(cfg.teacher.checkpoint, num_classes, device, ds)
         return teacher, {"checkpoint": str(cfg.teacher.checkpoint)}
     if cfg.teacher.checkpoints:
-        members = []
-        for p in cfg.teacher.checkpoints:
-            member, state = load_teacher(p, num_classes, device)
-            if ds is not None:
-                warn_if_teacher_saw_validation(p, state, ds)
-            members.append(member)
+        members = [load_teacher(p, num_classes, device, ds)[0] for p in cfg.teacher.checkpoints]
         ensemble = TeacherEnsemble(members, cfg.teacher.weights, cfg.distill.temperature).to(device)
         return ensemble, {"checkpoints": [str(p) for p in cfg.teacher.checkpoints], "weights": cfg.teacher.weights}
     return None

@@ -75,6 +75,11 @@ def dkd_loss(
     return alpha * scale * tckd, beta * scale * nckd
 
 
+def scaled_warmup_epochs(epochs: int) -> float:
+    """The paper's warm-up (20 of its 240 epochs) scaled to a schedule of ``epochs``."""
+    return round(20 / 240 * epochs, 2)
+
+
 def dkd_warmup(epoch: float, warmup_epochs: float) -> float:
     """Linear ramp of the DKD weight: min(epoch / warmup, 1); 1 when warmup is 0.
 
