@@ -143,13 +143,25 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
+# What gloo says, without its source path, when a peer is gone or a wait timed out: a
+# timed-out wait closes every pair of the process group, and the collectives still running
+# on it then fail with the first of these (seen in CI) rather than with the timeout itself.
+_GLOO_PEER_FAILURES = (
+    "Application timeout caused pair closure",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out waiting",
+)
+
+
 def _is_communication_error(e: BaseException) -> bool:
-    """gloo reports a dead or stuck peer as a plain RuntimeError from its sources; NCCL and
-    the rendezvous store raise torch.distributed.DistError subclasses."""
+    """gloo reports a dead or stuck peer as a plain RuntimeError, usually naming its source
+    file; NCCL and the rendezvous store raise torch.distributed.DistError subclasses."""
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     text = str(e)
-    return isinstance(e, RuntimeError) and ("/gloo/" in text or "NCCL" in text or "ProcessGroup" in text)
+    markers = ("/gloo/", "NCCL", "ProcessGroup", *_GLOO_PEER_FAILURES)
+    return isinstance(e, RuntimeError) and any(m in text for m in markers)
 
 
 @contextlib.contextmanager

@@ -402,6 +402,20 @@ def test_single_process_helpers_are_no_ops() -> None:
         distributed.on_main(lambda: (_ for _ in ()).throw(ConfigError("boom")))
 
 
+@pytest.mark.parametrize("text", [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: Connection reset by peer",
+    "Application timeout caused pair closure",  # what a hung peer gave rank 0 in CI: no source path
+    "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation to complete",
+])
+def test_gloo_peer_failures_are_recognised(text: str) -> None:
+    assert distributed._is_communication_error(RuntimeError(text))
+
+
+def test_other_runtime_errors_are_not_communication_errors() -> None:
+    assert not distributed._is_communication_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not distributed._is_communication_error(ValueError("Connection closed by peer"))
+
+
 def test_sync_batchnorm_alone_is_plain_batch_norm() -> None:
     """Alone there is nothing to synchronise: the flag changes nothing, layers stay as they are."""
     def run(sync: bool) -> nn.Module:
