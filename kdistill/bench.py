@@ -229,19 +229,30 @@ def measure_reference(teacher_name, student_name, ds, *, batch_size, steps, repe
 
 
 def run_pair(teacher_name: str, student_name: str, ds: ImageDataset, *, batch_size: int, steps: int, repeats: int, device: torch.device,
-             workers: int = 2, cache: bool = True, reference: bool = True, channels_last: bool = True, compile: bool = False) -> dict[str, Any]:
+             workers: int = 2, cache: bool = True, reference: bool = True, channels_last: bool = True, compile: bool = False,
+             rounds: int = 1) -> dict[str, Any]:
+    """All measurements of one pair, ``rounds`` times in turn: a slow drift of the machine
+    (other jobs, clocks) then shows in every measurement alike instead of in one of them.
+    The ratios are the median over the rounds of each round's ratio of medians."""
     common = dict(batch_size=batch_size, steps=steps, repeats=repeats, device=device)
     opts = dict(channels_last=channels_last, compile=compile)
-    runs: dict[str, list[float]] = {
-        "pipeline": measure_pipeline(teacher_name, student_name, ds, cache=False, **common, **opts),
-        "ceiling": measure_ceiling(teacher_name, student_name, ds, cache=False, **common, **opts),
-    }
-    if cache:
-        runs["pipeline_cached"] = measure_pipeline(teacher_name, student_name, ds, cache=True, **common, **opts)
-        runs["ceiling_cached"] = measure_ceiling(teacher_name, student_name, ds, cache=True, **common, **opts)
-    if reference:
-        runs["reference"] = measure_reference(teacher_name, student_name, ds, workers=workers, **common)
-    return {"teacher": teacher_name, "student": student_name, "runs": runs, "median": {k: statistics.median(v) for k, v in runs.items()}}
+    runs: dict[str, list[float]] = {}
+    per_round: list[dict[str, float]] = []
+    for _ in range(rounds):
+        this = {
+            "pipeline": measure_pipeline(teacher_name, student_name, ds, cache=False, **common, **opts),
+            "ceiling": measure_ceiling(teacher_name, student_name, ds, cache=False, **common, **opts),
+        }
+        if cache:
+            this["pipeline_cached"] = measure_pipeline(teacher_name, student_name, ds, cache=True, **common, **opts)
+            this["ceiling_cached"] = measure_ceiling(teacher_name, student_name, ds, cache=True, **common, **opts)
+        if reference:
+            this["reference"] = measure_reference(teacher_name, student_name, ds, workers=workers, **common)
+        for k, v in this.items():
+            runs.setdefault(k, []).extend(v)
+        per_round.append({k: statistics.median(v) for k, v in this.items()})
+    return {"teacher": teacher_name, "student": student_name, "runs": runs, "rounds": per_round,
+            "median": {k: statistics.median(v) for k, v in runs.items()}}
 
 
 def _cell(result: dict, key: str) -> str:
@@ -251,9 +262,17 @@ def _cell(result: dict, key: str) -> str:
     return f"{statistics.median(v):,.0f} ({min(v):,.0f}–{max(v):,.0f})"
 
 
+def ratio(result: dict, a: str, b: str) -> float | None:
+    """Median over the rounds of each round's median of ``a`` over its median of ``b``."""
+    rounds = result.get("rounds") or [result["median"]]
+    if a not in rounds[0] or b not in rounds[0]:
+        return None
+    return statistics.median(r[a] / r[b] for r in rounds)
+
+
 def _ratio(result: dict, a: str, b: str) -> str:
-    m = result["median"]
-    return f"{m[a] / m[b]:.2f}" if a in m and b in m else "–"
+    value = ratio(result, a, b)
+    return "–" if value is None else f"{value:.2f}"
 
 
 def format_markdown(results: list[dict], *, command: str, settings: dict[str, Any], device: torch.device) -> str:
@@ -264,7 +283,8 @@ def format_markdown(results: list[dict], *, command: str, settings: dict[str, An
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_description(device)}; device {device}; "
         f"allocator: {settings['allocator']}; data {settings['data']}; batch {settings['batch_size']}; "
-        f"{settings['steps']} timed steps per repeat after warm-up, median of {settings['repeats']} repeats; "
+        f"{settings['steps']} timed steps per repeat after warm-up, median of {settings['repeats']} repeats"
+        + (f" in each of {settings['rounds']} rounds (ratios: median of the rounds' ratios)" if settings.get("rounds", 1) > 1 else "") + "; "
         f"channels_last {settings['channels_last']}, compile {settings['compile']}; reference loop with {settings['workers']} DataLoader workers.",
         "",
         "Images/s of training, median (min–max) of the repeats. (a) kdistill's full pipeline (`kdistill.distill`); "
@@ -286,7 +306,7 @@ def format_markdown(results: list[dict], *, command: str, settings: dict[str, An
     if cached:
         lines += ["", "Cost of a distillation epoch with the teacher cache, as a fraction of the live-teacher epoch (pipeline (a)):", ""]
         for r in cached:
-            lines.append(f"- {r['teacher']} → {r['student']}: {r['median']['pipeline'] / r['median']['pipeline_cached']:.2f}x")
+            lines.append(f"- {r['teacher']} → {r['student']}: {ratio(r, 'pipeline', 'pipeline_cached'):.2f}x")
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +321,9 @@ def main(args) -> str:
         os.environ["KDISTILL_NO_MALLOPT"] = "1"
     allocator = "glibc defaults" if args.no_mallopt else ("tuned with mallopt (kdistill.perf)" if tune_allocator() else "platform default")
     if args.quick:
-        args.steps, args.repeats = min(args.steps, 5), 1
+        args.steps, args.repeats, args.rounds = min(args.steps, 5), 1, 1
+    if args.rounds < 1 or args.repeats < 1 or args.steps < 1:
+        raise ConfigError(f"--steps, --repeats and --rounds must be at least 1; got {args.steps}, {args.repeats}, {args.rounds}")
     pairs = []
     for text in args.pair or ["seed_teacher:seed_student"]:
         teacher, sep, student = text.partition(":")
@@ -324,13 +346,13 @@ def main(args) -> str:
             results.append(run_pair(
                 teacher, student, ds, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, device=device,
                 workers=args.workers, cache=not args.no_cache, reference=not args.no_reference,
-                channels_last=not args.no_channels_last, compile=args.compile,
+                channels_last=not args.no_channels_last, compile=args.compile, rounds=args.rounds,
             ))
         except ValueError as e:
             raise ConfigError(str(e)) from None
     settings = {
         "allocator": allocator, "data": f"{ds.name} ({len(ds.train_labels)} training images)", "batch_size": args.batch_size,
-        "steps": args.steps, "repeats": args.repeats, "channels_last": not args.no_channels_last, "compile": args.compile, "workers": args.workers,
+        "steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, "channels_last": not args.no_channels_last, "compile": args.compile, "workers": args.workers,
     }
     command = "kdistill " + " ".join(shlex.quote(a) for a in (args.argv if args.argv is not None else sys.argv[1:]))
     text = format_markdown(results, command=command, settings=settings, device=device)
@@ -348,6 +370,7 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=30, help="timed steps per repeat (default 30)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
+    p.add_argument("--rounds", type=int, default=1, help="measure everything this many times in turn (default 1); ratios: median of the rounds' ratios")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop (default 2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-cache", action="store_true", help="skip the teacher-cache measurements")

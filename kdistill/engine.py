@@ -256,6 +256,13 @@ def _changed_settings(saved: dict | None, cfg: TrainConfig) -> str:
     return ", ".join(f"{k}={old[k]!r} (this run: {new.get(k)!r})" for k in old if old[k] != new.get(k))
 
 
+def gradient_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients, as a tensor (no host sync): what
+    ``clip_grad_norm_`` measures, without its pass that rescales every gradient."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 def quick_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return {
         "top1": (logits.argmax(1) == labels).float().mean().item() * 100,
@@ -426,10 +433,10 @@ def _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra
                     count = counts[n] = torch.tensor(float(n), device=device)
                 part_stats = torch.stack([share * total.detach().float(), *(share * v.detach().float() for v in losses.values()), correct.float(), count])
                 stats = part_stats if stats is None else stats + part_stats
-        # without train.grad_clip the norm is only measured (max_norm inf scales by exactly
-        # 1), so that a non-finite gradient is caught like a non-finite loss; the gradients
-        # are all-reduced by now, so the norm (and its finiteness) is the same on every rank
-        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+        # without train.grad_clip the norm is only measured, so that a non-finite gradient
+        # is caught like a non-finite loss; the gradients are all-reduced by now, so the norm
+        # (and its finiteness) is the same on every rank
+        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else gradient_norm(params)
         optimizer.step()
         return stats, list(losses), grad_norm
 

@@ -20,7 +20,14 @@ import kdistill.data.dataset as dataset_module
 import kdistill.data.imagefolder as imagefolder_module
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.imagefolder import load_imagefolder
-from kdistill.data.loader import Normalize, TrainLoader, crop_flip, epoch_views
+from kdistill.data.loader import (
+    Normalize,
+    TrainLoader,
+    crop_flip,
+    crop_flip_packed,
+    epoch_views,
+    pack_pixels,
+)
 from kdistill.errors import DataError
 
 CIFAR10_CLASSES = [
@@ -471,16 +478,27 @@ def _naive_crop_flip(
     return out
 
 
-@pytest.mark.parametrize(("padding", "H", "W"), [(4, 32, 32), (2, 7, 5), (0, 6, 6), (1, 1, 3)])
-def test_crop_flip_matches_naive(padding: int, H: int, W: int) -> None:
-    g = torch.Generator().manual_seed(padding * 100 + H)
+@pytest.mark.parametrize(("padding", "H", "W", "C"), [(4, 32, 32, 3), (2, 7, 5, 3), (0, 6, 6, 3), (1, 1, 3, 3), (4, 8, 8, 1), (3, 5, 9, 2), (2, 6, 4, 4), (2, 6, 4, 5), (2, 5, 5, 9)])
+def test_crop_flip_matches_naive(padding: int, H: int, W: int, C: int) -> None:
+    """Every channel count: packed as 1, 2, 4 or 8 bytes per pixel, or (9) gathered per value."""
+    g = torch.Generator().manual_seed(padding * 100 + H + C)
     B = 16
-    images = torch.randint(0, 256, (B, 3, H, W), generator=g, dtype=torch.uint8)
+    images = torch.randint(0, 256, (B, C, H, W), generator=g, dtype=torch.uint8)
     offsets = torch.randint(0, 2 * padding + 1, (B, 2), generator=g)
     flips = torch.rand(B, generator=g) < 0.5
     got = crop_flip(images, offsets, flips, padding)
     assert got.shape == images.shape and got.dtype == torch.uint8
     assert torch.equal(got, _naive_crop_flip(images, offsets, flips, padding))
+
+
+def test_packed_crop_flip_takes_the_indexed_images() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 6, 6), generator=g, dtype=torch.uint8)
+    idx = torch.tensor([7, 0, 19, 7])
+    offsets = torch.randint(0, 5, (4, 2), generator=g)
+    flips = torch.tensor([True, False, True, False])
+    got = crop_flip_packed(pack_pixels(images), idx, offsets, flips, 2)[:, :3]
+    assert torch.equal(got, _naive_crop_flip(images[idx], offsets, flips, 2))
 
 
 def test_crop_flip_edge_cases() -> None:

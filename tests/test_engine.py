@@ -561,3 +561,19 @@ def test_nothing_to_train_is_a_clear_error() -> None:
     model = nn.Linear(8, 3).requires_grad_(False)
     with pytest.raises(TrainingError, match="Linear has no trainable parameters"):
         kdistill.train(model, (torch.randn(64, 8), torch.randint(0, 3, (64,))), epochs=1, batch_size=32, device="cpu")
+
+
+def test_gradient_norm_is_the_clipping_norm_and_changes_nothing() -> None:
+    from kdistill.engine import gradient_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    model(torch.randn(8, 5)).sum().backward()
+    params = list(model.parameters()) + [nn.Parameter(torch.ones(2))]  # one without a gradient
+    before = [p.grad.clone() for p in params if p.grad is not None]
+    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+    assert torch.allclose(gradient_norm(params).double(), expected)
+    assert all(torch.equal(a, p.grad) for a, p in zip(before, params))
+    params[0].grad[0, 0] = float("nan")
+    assert not torch.isfinite(gradient_norm(params))
+    assert gradient_norm([nn.Parameter(torch.ones(2))]) == 0

@@ -111,3 +111,15 @@ def test_run_with_budget_plans_every_phase(mini: ImageDataset, tmp_path: Path) -
     steps = {p: summary["models"][p]["budget"]["steps"] for p in ("teacher", "baseline", "distilled")}
     assert all(s > 0 for s in steps.values())
     assert "Time budget: 40 s" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_bench_ratios_are_the_median_of_each_rounds_ratio(capsys) -> None:
+    from kdistill.bench import ratio
+
+    # a machine whose speed changed between rounds: every round says 0.9
+    rounds = [{"pipeline": 900.0, "ceiling": 1000.0}, {"pipeline": 90.0, "ceiling": 100.0}, {"pipeline": 450.0, "ceiling": 500.0}]
+    result = {"rounds": rounds, "median": {"pipeline": 450.0, "ceiling": 110.0}}  # pooled medians: not used
+    assert ratio(result, "pipeline", "ceiling") == pytest.approx(0.9)
+    assert ratio(result, "pipeline", "reference") is None
+    assert main(["bench", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err

@@ -40,21 +40,58 @@ def epoch_views(num_samples: int, seed: int, epoch: int, padding: int, flip: boo
     return Views(order, offsets, flips)
 
 
+# a pixel of C uint8 channels, padded to a power of two, read as one wider integer
+_PIXEL_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def pack_pixels(images: Tensor) -> Tensor | None:
+    """uint8 images (N, C, H, W) with C <= 8 as (N, H + 1, W + 1) integers, one per pixel
+    (its channels side by side, zero-padded to 1, 2, 4 or 8 bytes), with a zero last row
+    and column that every crop position outside the image reads; None for more channels.
+
+    A crop/flip then moves one element per pixel instead of one per channel value (for RGB
+    about 2.5x faster on the CPU) and needs no mask, for 1.4x the memory of the images."""
+    N, C, H, W = images.shape
+    width = next((w for w in _PIXEL_DTYPES if w >= C), None)
+    if width is None:
+        return None
+    hwc = F.pad(images.permute(0, 2, 3, 1), (0, width - C, 0, 1, 0, 1))  # (N, H+1, W+1, width)
+    return hwc.contiguous().view(_PIXEL_DTYPES[width]).view(N, H + 1, W + 1)
+
+
+def crop_flip_packed(pixels: Tensor, idx: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
+    """Random crop with zero padding and horizontal flip of the images ``idx`` of
+    ``pixels`` (from :func:`pack_pixels`) in one gather of whole pixels; offsets: (B, 2) in
+    [0, 2*padding]; flips: (B,) bool.
+
+    Returns uint8 (B, P, H, W) in channels_last layout, P >= C the packed channels (the
+    first C are the image's): one dense tensor, so its conversion to float is vectorised."""
+    N, H1, W1 = pixels.shape
+    H, W = H1 - 1, W1 - 1
+    B = len(idx)
+    rows = offsets[:, :1] - padding + torch.arange(H, device=pixels.device)  # (B, H)
+    cols = offsets[:, 1:] - padding + torch.arange(W, device=pixels.device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)  # a flip is a reversed column index
+    rows = torch.where((rows >= 0) & (rows < H), rows, H)  # outside: the zero row / column
+    cols = torch.where((cols >= 0) & (cols < W), cols, W)
+    where = (idx[:, None] * H1 + rows)[:, :, None] * W1 + cols[:, None, :]  # (B, H, W)
+    out = pixels.view(-1).take(where)
+    return out.view(torch.uint8).view(B, H, W, -1).permute(0, 3, 1, 2)
+
+
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
     """Random crop with zero padding and horizontal flip, for a whole batch at once.
 
-    images: (B, C, H, W); offsets: (B, 2) in [0, 2*padding]; flips: (B,) bool.
+    images: (B, C, H, W) uint8; offsets: (B, 2) in [0, 2*padding]; flips: (B,) bool.
     """
     B, C, H, W = images.shape
-    if padding > 0:
-        padded = F.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
-        rows = offsets[:, :1] + torch.arange(H, device=images.device)  # (B, H)
-        cols = offsets[:, 1:] + torch.arange(W, device=images.device)  # (B, W)
-    else:
-        padded = images
-        rows = torch.arange(H, device=images.device).expand(B, H)
-        cols = torch.arange(W, device=images.device).expand(B, W)
-    # a flip is a reversed column index: do it in the same gather, not as a second copy
+    pixels = pack_pixels(images)
+    if pixels is not None:
+        return crop_flip_packed(pixels, torch.arange(B, device=images.device), offsets, flips, padding)[:, :C]
+    # more than 8 channels: one gather of every channel value
+    padded = F.pad(images, (padding,) * 4)  # (B, C, H+2p, W+2p)
+    rows = offsets[:, :1] + torch.arange(H, device=images.device)  # (B, H)
+    cols = offsets[:, 1:] + torch.arange(W, device=images.device)  # (B, W)
     cols = torch.where(flips[:, None], cols.flip(1), cols)
     b = torch.arange(B, device=images.device)[:, None, None]
     out = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
@@ -62,7 +99,8 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> T
 
 
 class Normalize:
-    """uint8 (B, C, H, W) -> float, (x/255 - mean) / std, as one fused multiply-add."""
+    """uint8 (B, C, H, W) -> float, (x/255 - mean) / std, as one fused multiply-add, in the
+    model's memory format. Extra channels beyond ``len(mean)`` (packed pixels) are dropped."""
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
         # a channel that is constant over the data set has std 0: dividing by it would make
@@ -74,8 +112,10 @@ class Normalize:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, images: Tensor) -> Tensor:
-        x = images.contiguous(memory_format=self.memory_format).float()
-        return torch.addcmul(self.shift, x, self.scale)
+        B, _, H, W = images.shape
+        x = images.float()[:, : self.scale.shape[1]]  # a dense input stays dense: vectorised
+        out = torch.empty((B, x.shape[1], H, W), device=x.device, memory_format=self.memory_format)
+        return torch.addcmul(self.shift, x, self.scale, out=out)
 
 
 class TrainLoader:
@@ -100,7 +140,6 @@ class TrainLoader:
         drop_last: bool = True,
         shard: tuple[int, int] = (0, 1),
     ):
-        self.inputs = inputs.to(device)  # stays on the device for the whole run
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.normalize = normalize
@@ -112,6 +151,11 @@ class TrainLoader:
         self.flip = flip and self.augment
         self.drop_last = drop_last and len(labels) >= batch_size
         self.rank, self.world = shard
+        # what stays on the device for the whole run: images packed a pixel per element for
+        # the crop/flip gather (the uint8 originals stay where they were, for fingerprints)
+        pixels = pack_pixels(inputs) if self.augment else None  # packed on the host, then moved
+        self.pixels = pixels.to(device) if pixels is not None else None
+        self.inputs = inputs if self.pixels is not None else inputs.to(device)
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -141,9 +185,14 @@ class TrainLoader:
     def batch(self, idx: Tensor, views: Views) -> Batch:
         """The samples ``idx`` (on the device) as the given epoch's views present them: the
         one place where a training input is made, shared with the teacher cache."""
-        x = self.inputs[idx]
-        if self.augment:
-            x = crop_flip(x, views.offsets[idx], views.flips[idx], self.padding)
+        if self.pixels is not None:
+            x = crop_flip_packed(self.pixels, idx, views.offsets[idx], views.flips[idx], self.padding)
+            if self.normalize is None:
+                x = x[:, : self.inputs.shape[1]]
+        elif self.augment:
+            x = crop_flip(self.inputs[idx], views.offsets[idx], views.flips[idx], self.padding)
+        else:
+            x = self.inputs[idx]
         if self.normalize is not None:
             x = self.normalize(x)
         return Batch(x, self.labels[idx], idx)
