@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="methods, each may combine several with + (default: the config's)")
     p.add_argument("--temperatures", "-T", type=float, nargs="+", help="temperatures (default: the config's)")
     p.add_argument("--alphas", type=float, nargs="+", help="alphas (default: distill.alpha)")
+    p.add_argument("--jobs", "-j", default="1", help="configurations trained at once, each in its own process with its share of "
+                   "the CPU cores, or one GPU each; 'auto': one per core (at most 4) or per GPU (default 1)")
 
     p = sub.add_parser("bench", help="training images/s: kdistill's pipeline vs the model-only ceiling vs a tutorial-style loop")
     from kdistill.bench import add_arguments
@@ -317,7 +319,8 @@ def cmd_sweep(args) -> None:
         args.students or [cfg.student.name], args.methods or ["+".join(cfg.distill.methods)],
         args.temperatures or [cfg.distill.temperature], args.alphas or [cfg.distill.alpha],
     )
-    run_sweep(cfg, points, resume=args.resume)
+    jobs = int(args.jobs) if args.jobs.isdigit() else args.jobs  # anything else: resolve_jobs says what is expected
+    run_sweep(cfg, points, resume=args.resume, jobs=jobs)
 
 
 def cmd_bench(args) -> None:

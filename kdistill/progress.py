@@ -31,8 +31,18 @@ def _main_process() -> bool:
     return (os.environ.get("RANK") or "0") == "0"
 
 
+_plain_only = False
+
+
+def plain_progress_only() -> None:
+    """Plain log lines from now on, even on a terminal (worker processes: their bars would
+    overwrite each other)."""
+    global _plain_only
+    _plain_only = True
+
+
 def interactive() -> bool:
-    return sys.stderr.isatty() and _main_process()
+    return sys.stderr.isatty() and _main_process() and not _plain_only
 
 
 def log_interval() -> float:

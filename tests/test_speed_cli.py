@@ -78,6 +78,25 @@ def test_sweep_writes_leaderboard_csv_and_plot(teacher_ckpt: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
+def test_sweep_trains_configurations_in_parallel_processes(teacher_ckpt: Path, tmp_path: Path, capsys) -> None:
+    grid = ["sweep", "--teacher", str(teacher_ckpt), "--methods", "kd", "at", "--temperatures", "2", "4", "--alphas", "0.5", "--output-dir", str(tmp_path)]
+    assert main([*grid, "--name", "par", "--jobs", "2", *FAST]) == 0
+    assert "3 configurations, 2 at a time, 1 thread(s) each" in capsys.readouterr().err
+    assert main([*grid, "--name", "seq", *FAST]) == 0
+    par = {r["name"]: r for r in csv.DictReader((tmp_path / "par" / "leaderboard.csv").open())}
+    seq = {r["name"]: r for r in csv.DictReader((tmp_path / "seq" / "leaderboard.csv").open())}
+    assert par.keys() == seq.keys() == {"seed_student-kd-T2-a0.5", "seed_student-kd-T4-a0.5", "seed_student-at-a0.5"}
+    assert par["seed_student-at-a0.5"]["teacher"] == "live" and par["seed_student-kd-T2-a0.5"]["teacher"] == "cache"
+    for name in par:  # the same training, one thread instead of two: equal up to summation order
+        assert abs(float(par[name]["top1"]) - float(seq[name]["top1"])) <= 1.0, name
+        assert json.loads((tmp_path / "par" / name / "summary.json").read_text())["name"] == name
+    for bad in ("0", "x"):
+        assert main([*grid, "--name", "bad", "--jobs", bad, *FAST]) == 2
+        err = capsys.readouterr().err
+        assert "sweep: --jobs" in err and bad in err and "expected a whole number >= 1 or 'auto'" in err
+
+
+@pytest.mark.slow
 def test_sweep_runs_feature_methods_live(teacher_ckpt: Path, tmp_path: Path, capsys) -> None:
     assert main(["sweep", "--teacher", str(teacher_ckpt), "--methods", "at", "--output-dir", str(tmp_path), "--name", "f", *FAST]) == 0
     rows = list(csv.DictReader((tmp_path / "f" / "leaderboard.csv").open()))
