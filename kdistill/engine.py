@@ -115,6 +115,10 @@ class GracefulInterrupt:
     run stops at a step boundary (never halfway through an optimizer step) and can save a
     resumable checkpoint; a second Ctrl-C interrupts at once."""
 
+    # set by a SIGINT that arrived outside training (a sweep's worker process between a
+    # configuration's phases): the next run stops at its first step boundary
+    pending = False
+
     def __init__(self):
         self.requested = False
         self._previous = None
@@ -126,6 +130,7 @@ class GracefulInterrupt:
         log("interrupt: stopping after this step (Ctrl-C again to stop at once)")
 
     def __enter__(self) -> GracefulInterrupt:
+        self.requested = GracefulInterrupt.pending
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
         return self

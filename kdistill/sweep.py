@@ -17,11 +17,15 @@ other on two threads), on several GPUs one GPU each.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import io
 import itertools
 import json
+import math
 import multiprocessing
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +37,7 @@ from kdistill import api
 from kdistill.checkpoint import atomic_write_text
 from kdistill.config import DistillConfig, RunConfig, _format_errors
 from kdistill.data.loader import EvalData, Normalize
-from kdistill.engine import predict, select_device
+from kdistill.engine import GracefulInterrupt, predict, select_device
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.evaluate import agreement, count_macs
 from kdistill.methods import METHODS
@@ -183,7 +187,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
             done[i] = _train_point(shared, points[i], i, len(points), left / (len(pending) - k) if left else None)
     else:
         left = budget_left(cfg, start)
-        share = left * jobs / len(pending) if left else None  # jobs at a time: each gets jobs/pending of it
+        share = left / math.ceil(len(pending) / jobs) if left else None  # jobs at a time, in rounds
         done.update(_train_in_parallel(shared, points, pending, jobs, cache_path, share))
     rows = sorted(done.values(), key=lambda r: -r["top1"])
     write_leaderboard(run_dir, rows, cache_seconds=cache_seconds, cache=cache, wall_seconds=time.perf_counter() - start)
@@ -222,13 +226,22 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
 # ---------------------------------------------------------------- several configurations at once
 
 _worker: _Shared | None = None  # a worker process's own copy of the shared state
+_stop = None  # set by the main process: start no further configuration
 
 
 def _worker_init(cfg: RunConfig, run_dir: Path, resume: bool, device: str, slots, threads: int, cache_path: Path | None,
-                 teacher_logits: torch.Tensor) -> None:
-    """Start-up of a worker process: its threads and device, then the data, teacher and
-    cache (read from disk: the data from its decoded cache, in about a second)."""
-    global _worker
+                 teacher_logits: torch.Tensor, stop) -> None:
+    """Start-up of a worker process: its signals, threads and device, then the data,
+    teacher and cache (read from disk: the data from its decoded cache, in about a second).
+
+    A worker leaves the terminal's process group, so a Ctrl-C reaches the main process
+    only, which then stops the workers in order (:func:`_stop_workers`): during training
+    the engine turns SIGINT into a checkpoint at the next step boundary; outside it (data,
+    model, evaluation) the worker notes it and its next training stops at its first step."""
+    global _worker, _stop
+    os.setpgrp()
+    signal.signal(signal.SIGINT, _note_interrupt)
+    _stop = stop
     plain_progress_only()  # several processes' bars would overwrite each other
     torch.set_num_threads(threads)
     with slots.get_lock():
@@ -237,27 +250,45 @@ def _worker_init(cfg: RunConfig, run_dir: Path, resume: bool, device: str, slots
     if device == "cuda":  # "auto" found several GPUs: one each
         device = f"cuda:{slot % torch.cuda.device_count()}"
     dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # the engine's synchronisation and RNG state use the current device
     ds = load_data(cfg)
     teacher, teacher_spec = build_teacher(cfg, ds.num_classes, dev)
     cache = TeacherCache.load(cache_path) if cache_path else None
     _worker = _Shared(cfg, run_dir, resume, dev, ds, teacher, teacher_spec, cache, teacher_logits)
 
 
-def _worker_train(point: SweepPoint, i: int, total: int, budget: float | None) -> dict:
+def _note_interrupt(signum, frame) -> None:
+    GracefulInterrupt.pending = True
+
+
+def _worker_train(point: SweepPoint, i: int, total: int, budget: float | None) -> dict | None:
+    if _stop.is_set():
+        return None  # the sweep is stopping
     return _train_point(_worker, point, i, total, budget)
+
+
+def _stop_workers() -> None:
+    for p in multiprocessing.active_children():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGINT)
 
 
 def _train_in_parallel(shared: _Shared, points: list[SweepPoint], pending: list[int], jobs: int, cache_path: Path | None,
                        budget: float | None) -> dict[int, dict]:
     device = shared.device
     several_gpus = device.type == "cuda" and device.index is None and shared.cfg.device in ("auto", "cuda")
-    threads = max(1, torch.get_num_threads() // jobs) if device.type == "cpu" else torch.get_num_threads()
+    threads = max(1, torch.get_num_threads() // jobs)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked thread pools or CUDA state
-    log(f"sweep: {len(pending)} configurations, {jobs} at a time" + (f", {threads} thread(s) each" if device.type == "cpu" else ""))
+    log(f"sweep: {len(pending)} configurations, {jobs} at a time, {threads} CPU thread(s) each")
+    if device.type == "cuda":  # the workers load their own teacher: free this one's GPU memory
+        shared.teacher.cpu()
+        torch.cuda.empty_cache()
+    stop = ctx.Event()
     pool = concurrent.futures.ProcessPoolExecutor(
         jobs, mp_context=ctx, initializer=_worker_init,
         initargs=(shared.cfg, shared.run_dir, shared.resume, "cuda" if several_gpus else str(device), ctx.Value("i", 0), threads,
-                  cache_path, shared.teacher_logits),
+                  cache_path, shared.teacher_logits, stop),
     )
     rows: dict[int, dict] = {}
     try:
@@ -266,11 +297,20 @@ def _train_in_parallel(shared: _Shared, points: list[SweepPoint], pending: list[
             rows[futures[future]] = future.result()
     except concurrent.futures.process.BrokenProcessPool:
         raise KDistillError(
-            "sweep: a worker process died (out of memory?); the finished configurations are kept: "
-            "rerun with --resume (and fewer --jobs) to train the others"
+            "sweep: a worker process failed to start or died (see its error above; out of memory?); the finished "
+            "configurations are kept: rerun with --resume (and fewer --jobs) to train the others"
         ) from None
     except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: the workers save their checkpoints
+        # Ctrl-C, or a configuration failed: start no other, and let the running ones save
+        # resumable checkpoints at their next step
+        stop.set()
+        log("sweep: stopping; the running configurations save resumable checkpoints (Ctrl-C again: at once); rerun with --resume")
+        _stop_workers()
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        except KeyboardInterrupt:
+            _stop_workers()
+            pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
     return rows

@@ -501,6 +501,37 @@ def test_packed_crop_flip_takes_the_indexed_images() -> None:
     assert torch.equal(got, _naive_crop_flip(images[idx], offsets, flips, 2))
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_loader_batches_equal_the_per_value_path(channels_last: bool) -> None:
+    """The packed gather + normalisation gives exactly what cropping the uint8 images and
+    normalising them channel by channel gives, in the model's layout."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (40, 3, 8, 6), generator=g, dtype=torch.uint8)
+    labels = torch.arange(40) % 4
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    norm = Normalize(mean, std, torch.device("cpu"), channels_last)
+    loader = TrainLoader(images, labels, 16, torch.device("cpu"), norm, seed=3, padding=2)
+    raw = TrainLoader(images, labels, 16, torch.device("cpu"), None, seed=3, padding=2)
+    views = loader.device_views(1)
+    idx = views.order[:16]
+    got, plain = loader.batch(idx, views), raw.batch(idx, views)
+    expected_u8 = _naive_crop_flip(images[idx], views.offsets[idx], views.flips[idx], 2)
+    assert plain.images.dtype == torch.uint8 and torch.equal(plain.images, expected_u8)
+    m, sd = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(got.images, (expected_u8.float() / 255 - m) / sd, atol=1e-5)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.images.is_contiguous(memory_format=layout)
+    assert torch.equal(got.labels, labels[idx]) and torch.equal(got.indices, idx)
+
+
+def test_packed_crop_flip_of_no_images_and_single_value_normalisation() -> None:
+    images = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    empty = torch.zeros(0, dtype=torch.long)
+    assert crop_flip(images[:0], torch.zeros(0, 2, dtype=torch.long), empty.bool(), 2).shape == (0, 3, 4, 4)
+    one = Normalize([0.5], [0.25], torch.device("cpu"), False)(images)  # one value for every channel
+    assert one.shape == (5, 3, 4, 4) and torch.allclose(one, (images.float() / 255 - 0.5) / 0.25, atol=1e-5)
+
+
 def test_crop_flip_edge_cases() -> None:
     images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
     centre = torch.full((2, 2), 2)

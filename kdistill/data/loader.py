@@ -76,7 +76,7 @@ def crop_flip_packed(pixels: Tensor, idx: Tensor, offsets: Tensor, flips: Tensor
     cols = torch.where((cols >= 0) & (cols < W), cols, W)
     where = (idx[:, None] * H1 + rows)[:, :, None] * W1 + cols[:, None, :]  # (B, H, W)
     out = pixels.view(-1).take(where)
-    return out.view(torch.uint8).view(B, H, W, -1).permute(0, 3, 1, 2)
+    return out.view(torch.uint8).view(B, H, W, pixels.element_size()).permute(0, 3, 1, 2)
 
 
 def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
@@ -100,7 +100,7 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> T
 
 class Normalize:
     """uint8 (B, C, H, W) -> float, (x/255 - mean) / std, as one fused multiply-add, in the
-    model's memory format. Extra channels beyond ``len(mean)`` (packed pixels) are dropped."""
+    model's memory format. A single mean/std value applies to every channel."""
 
     def __init__(self, mean: list[float], std: list[float], device: torch.device, channels_last: bool):
         # a channel that is constant over the data set has std 0: dividing by it would make
@@ -111,10 +111,12 @@ class Normalize:
         self.shift = -mean_t / std_t
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __call__(self, images: Tensor) -> Tensor:
-        B, _, H, W = images.shape
-        x = images.float()[:, : self.scale.shape[1]]  # a dense input stays dense: vectorised
-        out = torch.empty((B, x.shape[1], H, W), device=x.device, memory_format=self.memory_format)
+    def __call__(self, images: Tensor, channels: int | None = None) -> Tensor:
+        """``channels``: use only the first ones (packed pixels carry padding channels)."""
+        B, C, H, W = images.shape
+        channels = channels or C
+        x = images.float()[:, :channels]  # converted before the slice: a dense input stays dense, vectorised
+        out = torch.empty((B, channels, H, W), device=x.device, memory_format=self.memory_format)
         return torch.addcmul(self.shift, x, self.scale, out=out)
 
 
@@ -185,16 +187,17 @@ class TrainLoader:
     def batch(self, idx: Tensor, views: Views) -> Batch:
         """The samples ``idx`` (on the device) as the given epoch's views present them: the
         one place where a training input is made, shared with the teacher cache."""
+        channels = self.inputs.shape[1] if self.pixels is not None else None
         if self.pixels is not None:
             x = crop_flip_packed(self.pixels, idx, views.offsets[idx], views.flips[idx], self.padding)
             if self.normalize is None:
-                x = x[:, : self.inputs.shape[1]]
+                x = x[:, :channels]
         elif self.augment:
             x = crop_flip(self.inputs[idx], views.offsets[idx], views.flips[idx], self.padding)
         else:
             x = self.inputs[idx]
         if self.normalize is not None:
-            x = self.normalize(x)
+            x = self.normalize(x, channels)
         return Batch(x, self.labels[idx], idx)
 
 
