@@ -9,9 +9,9 @@ configuration trains in its own folder with its checkpoint, metrics and ``summar
 ``leaderboard.csv`` and ``accuracy_vs_cost.png``.
 
 ``--jobs N`` trains N configurations at once, each in its own worker process: on a CPU
-each with its share of the cores (a small student keeps one core far busier than two:
-two seed students side by side, one thread each, train 1.7x faster than one after the
-other on two threads), on several GPUs one GPU each.
+each with its share of the cores (a small student uses one core better than two: two
+seed students side by side, one thread each, trained 1.2-1.7x as many images/s as one on
+two threads, depending on the machine's load), on several GPUs one GPU each.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,6 @@ class _Shared:
     teacher_spec: dict
     cache: TeacherCache | None
     teacher_logits: torch.Tensor
-    start: float = field(default_factory=time.perf_counter)
 
 
 def run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool = False, jobs: int | str = 1) -> Path:
@@ -171,7 +170,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
     mean, std = ds.mean_std()
     test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
     teacher_logits = predict(teacher, test).cpu()
-    shared = _Shared(cfg, run_dir, resume, device, ds, teacher, teacher_spec, cache, teacher_logits, start)
+    shared = _Shared(cfg, run_dir, resume, device, ds, teacher, teacher_spec, cache, teacher_logits)
     done: dict[int, dict] = {}
     pending: list[int] = []
     for i, point in enumerate(points):

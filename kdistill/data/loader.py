@@ -187,8 +187,9 @@ class TrainLoader:
     def batch(self, idx: Tensor, views: Views) -> Batch:
         """The samples ``idx`` (on the device) as the given epoch's views present them: the
         one place where a training input is made, shared with the teacher cache."""
-        channels = self.inputs.shape[1] if self.pixels is not None else None
+        channels = None  # packed pixels carry padding channels: the image's come first
         if self.pixels is not None:
+            channels = self.inputs.shape[1]
             x = crop_flip_packed(self.pixels, idx, views.offsets[idx], views.flips[idx], self.padding)
             if self.normalize is None:
                 x = x[:, :channels]
