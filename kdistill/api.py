@@ -29,13 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from kdistill import distributed
-from kdistill.config import DataConfig, DistillConfig, TrainConfig, _deep_merge, _format_errors
+from kdistill.config import DataConfig, DistillConfig, TrainConfig
+from kdistill.configbase import deep_merge, format_errors
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, IterableLoader, Normalize, TrainLoader
 from kdistill.engine import FitResult, autocast_for, fit, predict, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
-from kdistill.methods import MethodContext, build_methods
+from kdistill.methods import MethodContext, build_methods, set_option
 from kdistill.models.base import count_parameters, feature_shapes
 from kdistill.progress import log
 from kdistill.tasks import Distillation, Supervised
@@ -74,9 +75,9 @@ def make_train_config(config: TrainConfig | dict | None = None, **overrides) -> 
     if "lr" in overrides:
         overrides.setdefault("optimizer", {})["lr"] = overrides.pop("lr")
     try:
-        return TrainConfig.model_validate(_deep_merge(base, overrides))
+        return TrainConfig.model_validate(deep_merge(base, overrides))
     except Exception as e:
-        raise ConfigError(f"train settings: {_format_errors(e) if hasattr(e, 'errors') else e}") from None
+        raise ConfigError(f"train settings: {format_errors(e) if hasattr(e, 'errors') else e}") from None
 
 
 def prepare_data(
@@ -297,16 +298,11 @@ def distill(
     if isinstance(methods, str):
         methods = {name.strip(): {} for name in methods.split("+")}
     if temperature is not None:  # for every method that has a temperature, unless set there
-        from kdistill.methods import METHODS
-
-        def has_temperature(name: str) -> bool:
-            return name in METHODS and "temperature" in METHODS[name].Options.model_fields
-
-        methods = {n: {"temperature": temperature, **o} if has_temperature(n) else o for n, o in methods.items()}
+        methods = set_option(methods, "temperature", temperature)
     try:
         dcfg = DistillConfig(alpha=alpha, ce_weight=ce_weight, methods=methods)
     except Exception as e:
-        raise ConfigError(f"distill settings: {_format_errors(e) if hasattr(e, 'errors') else e}") from None
+        raise ConfigError(f"distill settings: {format_errors(e) if hasattr(e, 'errors') else e}") from None
     student_size, teacher_size = count_parameters(student), count_parameters(teacher)
     if student_size > teacher_size:  # allowed (e.g. born-again with a wider student), but rarely meant
         log(
@@ -336,7 +332,7 @@ def distill(
     )
     with _borrowed(teacher):  # frozen for the run, given back as it came
         task = Distillation(
-            student, teacher, build_methods(dcfg.methods, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing,
+            student, teacher, build_methods(dcfg.method_options, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing,
             teacher_cache=teacher_cache,
         )
         extra = {

@@ -13,39 +13,19 @@ Per-phase training settings: ``train`` holds the defaults of every phase; ``teac
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from kdistill.configbase import StrictConfig, deep_merge, format_errors
 from kdistill.errors import ConfigError
+from kdistill.methods import MethodOptions, UnknownMethod, parse_methods, soft_target_temperature
+from kdistill.models import MODELS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class StrictConfig(BaseModel):
-    # allow_inf_nan=False: a learning rate, temperature or weight of .nan or .inf is
-    # rejected at load time instead of turning the first step's loss into NaN
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_bool_numbers(cls, data: Any) -> Any:
-        """YAML reads yes/true as booleans, which pydantic would quietly turn into 1: refuse."""
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and _is_number(field.annotation):
-                    raise ValueError(f"{key}: expected a number, got {str(value).lower()}")
-        return data
-
-
-def _is_number(annotation: Any) -> bool:
-    args = getattr(annotation, "__args__", None)
-    if args:  # Optional[int], int | None
-        return any(_is_number(a) for a in args)
-    return annotation in (int, float)
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
@@ -55,8 +35,6 @@ def parse_duration(value: Any) -> float | None:
     """Seconds from a number or a duration such as ``90s``, ``10m``, ``1.5h`` or ``1h30m``."""
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return value
-    import re
-
     text = str(value).strip().lower()
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*(min|h|m|s)", text)
     if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*(min|h|m|s)", "", text).strip():
@@ -153,8 +131,6 @@ class ModelConfig(StrictConfig):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        from kdistill.models import MODELS
-
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}")
         return name
@@ -199,22 +175,20 @@ class DistillConfig(StrictConfig):
     """Read the teacher's logits from this cache (``kdistill cache-teacher``) instead of
     running the teacher; logit methods only."""
 
-    @field_validator("methods")
-    @classmethod
-    def _known_methods(cls, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        from kdistill.methods import parse_method_options
-
-        if not methods:
-            raise ValueError("at least one distillation method is required, e.g. {kd: {}}")
-        for name, options in methods.items():
-            parse_method_options(name, options or {})
-        return methods
+    _options: dict[str, MethodOptions] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _something_to_learn(self) -> DistillConfig:
-        from kdistill.methods import parse_method_options
-
-        weights = [parse_method_options(n, o or {}).weight for n, o in self.methods.items()]
+    def _parse_methods(self) -> DistillConfig:
+        """Parse every method's options once; refuse a loss in which nothing has weight."""
+        if not self.methods:
+            raise ValueError("methods: at least one distillation method is required, e.g. {kd: {}}")
+        try:
+            self._options = parse_methods(self.methods)
+        except UnknownMethod as e:
+            raise ValueError(f"methods: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"methods.{e}") from None
+        weights = [o.weight for o in self._options.values()]
         if self.effective_ce_weight == 0 and (self.alpha == 0 or not any(weights)):
             raise ValueError(
                 f"alpha: with alpha = {self.alpha}, ce_weight = {self.effective_ce_weight} and method weights "
@@ -223,23 +197,19 @@ class DistillConfig(StrictConfig):
         return self
 
     @property
+    def method_options(self) -> dict[str, MethodOptions]:
+        """Each method's validated options, by name."""
+        return self._options
+
+    @property
     def effective_ce_weight(self) -> float:
         return 1.0 - self.alpha if self.ce_weight is None else self.ce_weight
 
     @property
     def temperature(self) -> float:
-        """The temperature of the first method that has one (1.0 if none): the one at which
-        a teacher ensemble averages its members' soft outputs."""
-        for options in self.methods.values():
-            if options and "temperature" in options:
-                return float(options["temperature"])
-        from kdistill.methods import parse_method_options
-
-        for name, options in self.methods.items():
-            t = getattr(parse_method_options(name, options or {}), "temperature", None)
-            if t is not None:
-                return float(t)
-        return 1.0
+        """The temperature at which a teacher ensemble averages its members' soft outputs:
+        that of the first method with one (1.0 if none)."""
+        return soft_target_temperature(self.methods, self._options)
 
 
 class MutualConfig(StrictConfig):
@@ -252,8 +222,6 @@ class MutualConfig(StrictConfig):
     @field_validator("models")
     @classmethod
     def _models(cls, models: list[str]) -> list[str]:
-        from kdistill.models import MODELS
-
         if len(models) < 2:
             raise ValueError("mutual learning needs at least two models")
         for name in models:
@@ -328,40 +296,11 @@ class RunConfig(StrictConfig):
     def train_for(self, phase: Literal["teacher", "student", "distill"]) -> TrainConfig:
         """The top-level ``train`` settings with the phase's own overrides applied."""
         overrides = getattr(self, phase).train
-        merged = _deep_merge(self.train.model_dump(), overrides)
+        merged = deep_merge(self.train.model_dump(), overrides)
         try:
             return TrainConfig.model_validate(merged)
         except ValidationError as e:
-            raise ValueError(_format_errors(e, prefix=f"{phase}.train")) from None
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _format_errors(error: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for err in error.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "value_error":
-            msg = msg.removeprefix("Value error, ")
-            # validators report "sub.key: problem" for keys below the one they check
-            head, sep, rest = msg.partition(": ")
-            if sep and head.replace(".", "").replace("_", "").isalnum():
-                loc, msg = (f"{loc}.{head}" if loc else head), rest
-        path = ".".join(p for p in (prefix, loc) if p)
-        shown = "" if err["type"] in ("extra_forbidden", "value_error", "missing") else f" (got {err.get('input')!r})"
-        lines.append(f"{path}: {msg}{shown}" if path else f"{msg}{shown}")
-    return "; ".join(lines)
+            raise ValueError(format_errors(e, prefix=f"{phase}.train")) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -425,7 +364,7 @@ def validate_config(data: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"config error in {source}: {_format_errors(e)}") from None
+        raise ConfigError(f"config error in {source}: {format_errors(e)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kdistill.checkpoint import atomic_write_text
 from kdistill.errors import CheckpointError, ConfigError
+from kdistill.files import atomic_write_text
 
 TENSORBOARD_HINT = "install it with: pip install 'kdistill[tensorboard]'"
 

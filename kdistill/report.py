@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from kdistill.checkpoint import atomic_write_text
 from kdistill.errors import ReportError
+from kdistill.files import atomic_write_text
 from kdistill.logger import to_csv
 
 PHASES = ("teacher", "baseline", "distilled")

@@ -23,18 +23,14 @@ from typing import Any
 import torch
 
 from kdistill import api, distributed
-from kdistill.checkpoint import (
-    atomic_write,
-    atomic_write_text,
-    load_model,
-    remove_stale_temporaries,
-)
+from kdistill.checkpoint import load_model
 from kdistill.config import RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import predict, select_device
 from kdistill.errors import CheckpointError, ConfigError
 from kdistill.evaluate import agreement, classification_metrics, profile_model
+from kdistill.files import atomic_write, atomic_write_text, remove_stale_temporaries
 from kdistill.models import create_model
 from kdistill.models.ensemble import TeacherEnsemble
 from kdistill.progress import log, progress

@@ -34,13 +34,14 @@ from typing import Any
 import torch
 
 from kdistill import api
-from kdistill.checkpoint import atomic_write_text
-from kdistill.config import DistillConfig, RunConfig, _format_errors
+from kdistill.config import DistillConfig, RunConfig
+from kdistill.configbase import format_errors
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import GracefulInterrupt, predict, select_device
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.evaluate import agreement, count_macs
-from kdistill.methods import METHODS
+from kdistill.files import atomic_write_text
+from kdistill.methods import METHODS, needs_features, set_option, taking
 from kdistill.models import MODELS, count_parameters, create_model
 from kdistill.progress import log, plain_progress_only
 from kdistill.study import (
@@ -68,15 +69,12 @@ class SweepPoint:
 
     @property
     def methods(self) -> dict[str, dict[str, Any]]:
-        return {m: ({"temperature": self.temperature} if _has_temperature(m) else {}) for m in self.method.split("+")}
+        plain = {m: {} for m in self.method.split("+")}
+        return plain if self.temperature is None else set_option(plain, "temperature", self.temperature)
 
     @property
     def needs_features(self) -> bool:
-        return any(METHODS[m].needs_features for m in self.method.split("+"))
-
-
-def _has_temperature(method: str) -> bool:
-    return "temperature" in METHODS[method].Options.model_fields
+        return needs_features(self.method.split("+"))
 
 
 def expand_grid(students: list[str], methods: list[str], temperatures: list[float], alphas: list[float]) -> list[SweepPoint]:
@@ -90,11 +88,11 @@ def expand_grid(students: list[str], methods: list[str], temperatures: list[floa
         for m in parts:
             if m not in METHODS:
                 raise ConfigError(f"sweep: unknown method {m!r}; expected one of: {', '.join(sorted(METHODS))}")
-        point = SweepPoint(student, "+".join(parts), float(t) if any(_has_temperature(m) for m in parts) else None, float(alpha))
+        point = SweepPoint(student, "+".join(parts), float(t) if taking("temperature", parts) else None, float(alpha))
         try:
             DistillConfig(alpha=point.alpha, methods=point.methods)
         except Exception as e:
-            raise ConfigError(f"sweep {point.name}: {_format_errors(e) if hasattr(e, 'errors') else e}") from None
+            raise ConfigError(f"sweep {point.name}: {format_errors(e) if hasattr(e, 'errors') else e}") from None
         points.setdefault(point.name, point)
     return list(points.values())
 

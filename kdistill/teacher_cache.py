@@ -36,8 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from kdistill import distributed
-from kdistill.checkpoint import atomic_write
 from kdistill.errors import CacheError, CheckpointError
+from kdistill.files import atomic_write
 from kdistill.progress import log, progress
 
 FORMAT = "kdistill-teacher-cache/1"

@@ -24,7 +24,8 @@ from kdistill.methods.base import MethodContext
 from kdistill.methods.dist import DIST, DISTOptions, dist_loss
 from kdistill.methods.dkd import DKD, DKDOptions, dkd_loss
 from kdistill.methods.kd import KD, KDOptions, kd_loss
-from kdistill.methods.logit_std import LogitStdKD, LogitStdKDOptions, standardize
+from kdistill.methods.logit_std import LogitStdKD, LogitStdKDOptions
+from kdistill.methods.shared import standardize
 from kdistill.models.base import ModelOutput, feature_shapes
 from kdistill.tasks import Distillation
 

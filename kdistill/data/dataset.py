@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdistill.checkpoint import TMP_SUFFIX, atomic_write
 from kdistill.data.archive import sha256_file
 from kdistill.data.imagefolder import is_archive, load_imagefolder
 from kdistill.errors import CheckpointError, DataError
+from kdistill.files import TMP_SUFFIX, atomic_write
 from kdistill.progress import log
 
 BUNDLED = {"cifar10-mini": Path(__file__).parent / "bundled" / "cifar10-mini.tar.gz"}

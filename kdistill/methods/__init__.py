@@ -1,4 +1,9 @@
-"""Distillation methods, by the names used in configs and on the command line."""
+"""Distillation methods, by the names used in configs and on the command line.
+
+Everything the rest of kdistill knows about a method it asks here: which methods exist,
+their options (validated once, by :func:`parse_methods`), which take an option such as the
+temperature (:func:`set_option`), and which need the teacher's features.
+"""
 
 from __future__ import annotations
 
@@ -24,12 +29,20 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
+class UnknownMethod(ValueError):
+    pass
+
+
+def method_class(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethod(f"unknown method {name!r}; expected one of: {', '.join(sorted(METHODS))}") from None
+
+
 def parse_method_options(name: str, options: dict[str, Any]) -> MethodOptions:
     """Validate one method's options; errors name the method and the key."""
-    try:
-        cls = METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; expected one of: {', '.join(sorted(METHODS))}") from None
+    cls = method_class(name)
     try:
         return cls.Options.model_validate(options)
     except ValidationError as e:
@@ -39,8 +52,46 @@ def parse_method_options(name: str, options: dict[str, Any]) -> MethodOptions:
         raise ValueError(f"{name}.{key}: {msg}" if key else f"{name}.{msg}") from None
 
 
-def build_methods(methods: dict[str, dict[str, Any]], context: MethodContext) -> dict[str, Method]:
-    return {name: METHODS[name](parse_method_options(name, opts or {}), context) for name, opts in methods.items()}
+def parse_methods(methods: dict[str, dict[str, Any] | None]) -> dict[str, MethodOptions]:
+    """Every method's validated options, by name."""
+    return {name: parse_method_options(name, options or {}) for name, options in methods.items()}
 
 
-__all__ = ["METHODS", "Method", "MethodContext", "MethodOptions", "build_methods", "kd_loss", "parse_method_options"]
+def taking(option: str, names) -> list[str]:
+    """The methods among ``names`` that have the option ``option`` (unknown names have none:
+    validating them is :func:`parse_methods`'s job)."""
+    return [name for name in names if name in METHODS and METHODS[name].takes(option)]
+
+
+def set_option(methods: dict[str, dict[str, Any] | None], option: str, value: Any) -> dict[str, dict[str, Any]]:
+    """``methods`` with ``option: value`` added to every method that takes it, unless that
+    method sets it already."""
+    takers = taking(option, methods)
+    return {n: ({option: value, **(o or {})} if n in takers else dict(o or {})) for n, o in methods.items()}
+
+
+def needs_features(names) -> bool:
+    return any(method_class(name).needs_features for name in names)
+
+
+def soft_target_temperature(methods: dict[str, dict[str, Any] | None], parsed: dict[str, MethodOptions]) -> float:
+    """The temperature of the first method that sets one explicitly, else of the first that
+    has one, else 1.0: the temperature at which a teacher ensemble averages its members'
+    soft outputs."""
+    for name, options in methods.items():
+        if options and "temperature" in options:
+            return float(parsed[name].temperature)
+    for name in taking("temperature", methods):
+        return float(parsed[name].temperature)
+    return 1.0
+
+
+def build_methods(parsed: dict[str, MethodOptions], context: MethodContext) -> dict[str, Method]:
+    """The methods' modules from their parsed options (:func:`parse_methods`)."""
+    return {name: METHODS[name](options, context) for name, options in parsed.items()}
+
+
+__all__ = [
+    "METHODS", "Method", "UnknownMethod", "MethodContext", "MethodOptions", "build_methods", "kd_loss", "method_class", "needs_features",
+    "parse_method_options", "parse_methods", "set_option", "soft_target_temperature", "taking",
+]

@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.errors import ConfigError
 from kdistill.methods.base import Method, MethodContext, MethodOptions
-from kdistill.methods.fitnets import resolve_stage
+from kdistill.methods.shared import stage_pairs
 from kdistill.models.base import ModelOutput
 
 
@@ -61,24 +60,6 @@ class ATOptions(MethodOptions):
     p: float = Field(2.0, gt=0)
     beta: float = Field(1000.0, ge=0)
     """Paper/reference weight, applied inside the term (on top of ``weight``)."""
-
-
-def stage_pairs(
-    student_stages: list[int] | None, teacher_stages: list[int] | None, context: MethodContext, method: str
-) -> list[tuple[int, int]]:
-    """Resolved (student, teacher) stage positions; default: the deepest min(L_s, L_t), paired from the deep end."""
-    if student_stages is None and teacher_stages is None:
-        n = min(len(context.student.features), len(context.teacher.features))
-        student_stages = teacher_stages = list(range(-n, 0))
-    student_stages = student_stages if student_stages is not None else teacher_stages
-    teacher_stages = teacher_stages if teacher_stages is not None else student_stages
-    if len(student_stages) != len(teacher_stages):
-        raise ConfigError(f"{method}: student_stages {student_stages} and teacher_stages {teacher_stages} must pair up (same length)")
-    if not student_stages:
-        raise ConfigError(f"{method}: no stage pairs (do both models expose stage features?)")
-    s = [resolve_stage(i, context.student.features, "student", f"{method}.student_stages") for i in student_stages]
-    t = [resolve_stage(i, context.teacher.features, "teacher", f"{method}.teacher_stages") for i in teacher_stages]
-    return list(zip(s, t))
 
 
 class AT(Method):

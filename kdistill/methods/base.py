@@ -7,9 +7,10 @@ loss terms; the :class:`~kdistill.tasks.Distillation` task weights, sums and log
 Methods with parameters of their own (a FitNets regressor, CRD embeddings) register them
 as submodules: they are trained with the student and saved in its checkpoints.
 
-A method declares what it needs instead of being special-cased elsewhere:
-``needs_features`` (stage features / pre-logits of both models, so the teacher must run
-live) and ``needs_indices`` (sample indices, which every batch carries anyway).
+A method declares what it takes and needs instead of being special-cased elsewhere: its
+``Options`` (the CLI, the API and sweeps ask :meth:`Method.takes` whether it has a
+``temperature``, a ``logit_std``, ...) and ``needs_features`` (stage features / pre-logits
+of both models, so the teacher must run live, not from a cache of its logits).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import ClassVar
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdistill.config import StrictConfig
+from kdistill.configbase import StrictConfig
 from kdistill.models.base import ModelOutput
 
 
@@ -48,6 +49,11 @@ class Method(nn.Module, ABC):
     def __init__(self, options: MethodOptions, context: MethodContext):
         super().__init__()
         self.options = options
+
+    @classmethod
+    def takes(cls, option: str) -> bool:
+        """Whether the method has the option ``option`` (e.g. ``temperature``)."""
+        return option in cls.Options.model_fields
 
     @abstractmethod
     def forward(

@@ -24,12 +24,12 @@ same beta and gamma. Unverified: check that file (and its loss weight) before qu
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from kdistill.methods.base import Method, MethodOptions
+from kdistill.methods.shared import loss_precision
 from kdistill.models.base import ModelOutput
 
 
@@ -72,7 +72,6 @@ class DIST(Method):
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
         o = self.options
-        # float32 at least (bf16 under autocast), float64 kept (exact checks in the tests)
-        s, t = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (student.logits, teacher.logits))
+        s, t = loss_precision(student.logits, teacher.logits)
         inter, intra = dist_loss(s, t, o.beta, o.gamma, o.temperature)
         return {"dist_inter": inter, "dist_intra": intra}

@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill.methods.base import Method, MethodOptions
-from kdistill.methods.logit_std import standardize
+from kdistill.methods.shared import loss_precision, standardize
 from kdistill.models.base import ModelOutput
 
 
@@ -111,8 +111,7 @@ class DKD(Method):
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
         o = self.options
-        # float32 at least (bf16 under autocast), float64 kept (exact checks in the tests)
-        s, t = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (student.logits, teacher.logits))
+        s, t = loss_precision(student.logits, teacher.logits)
         if o.logit_std:
             s, t = standardize(s), standardize(t)
         tckd, nckd = dkd_loss(s, t, labels, o.alpha, o.beta, o.temperature)

@@ -35,22 +35,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from kdistill.errors import ConfigError
 from kdistill.methods.base import Method, MethodContext, MethodOptions
+from kdistill.methods.shared import resolve_stage
 from kdistill.models.base import ModelOutput
-
-
-def resolve_stage(index: int | None, features: list[Tensor], who: str, option: str) -> int:
-    """``index`` (negative counts from the deepest stage; None: the middle one, L // 2) as a
-    position in ``features``, or a ConfigError naming the option and the valid range."""
-    n = len(features)
-    if n == 0:
-        raise ConfigError(f"{option}: the {who} exposes no stage features; feature methods need a kdistill model (KDModel)")
-    if index is None:
-        return n // 2
-    if not -n <= index < n:
-        raise ConfigError(f"{option}={index}: the {who} has {n} stages (valid indices {-n}..{n - 1})")
-    return index % n
 
 
 def resize_like(f: Tensor, size: tuple[int, int]) -> Tensor:

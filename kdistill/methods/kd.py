@@ -18,6 +18,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill.methods.base import Method, MethodOptions
+from kdistill.methods.shared import standardize
 from kdistill.models.base import ModelOutput
 
 
@@ -43,9 +44,6 @@ class KD(Method):
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
         s, t = student.logits, teacher.logits.float()
         if self.options.logit_std:
-            # imported here: logit_std.py imports this module to subclass KD
-            from kdistill.methods.logit_std import standardize
-
             s, t = standardize(s.float()), standardize(t)
         # keyed by the method's name, so "kd" and its subclass "ls" can run side by side
         return {self.name: kd_loss(s, t, self.options.temperature)}

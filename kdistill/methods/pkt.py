@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill.methods.base import Method, MethodContext, MethodOptions
-from kdistill.methods.fitnets import resolve_stage
+from kdistill.methods.shared import Embeddings
 from kdistill.models.base import ModelOutput
 
 
@@ -58,16 +58,10 @@ class PKT(Method):
 
     def __init__(self, options: PKTOptions, context: MethodContext):
         super().__init__(options, context)
-        self.student_stage = self.teacher_stage = None
-        if options.stage is not None:
-            self.student_stage = resolve_stage(options.stage, context.student.features, "student", "pkt.stage")
-            self.teacher_stage = resolve_stage(options.stage, context.teacher.features, "teacher", "pkt.stage")
+        self.embeddings = Embeddings(options.stage, context, "pkt")
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
-        if self.student_stage is None:
-            x_s, x_t = student.pre_logits, teacher.pre_logits
-        else:
-            x_s, x_t = student.features[self.student_stage], teacher.features[self.teacher_stage]
+        x_s, x_t = self.embeddings(student, teacher)  # (B, D) float32 each
         with torch.autocast(x_s.device.type, enabled=False):  # similarities in float32
-            loss = pkt_loss(x_s.flatten(1).float(), x_t.flatten(1).float())
+            loss = pkt_loss(x_s, x_t)
         return {"pkt": self.options.beta * loss}

@@ -36,7 +36,7 @@ from pydantic import Field
 from torch import Tensor
 
 from kdistill.methods.base import Method, MethodContext, MethodOptions
-from kdistill.methods.fitnets import resolve_stage
+from kdistill.methods.shared import Embeddings
 from kdistill.models.base import ModelOutput
 
 _EPS = 1e-12
@@ -83,17 +83,10 @@ class RKD(Method):
 
     def __init__(self, options: RKDOptions, context: MethodContext):
         super().__init__(options, context)
-        self.student_stage = self.teacher_stage = None
-        if options.stage is not None:
-            self.student_stage = resolve_stage(options.stage, context.student.features, "student", "rkd.stage")
-            self.teacher_stage = resolve_stage(options.stage, context.teacher.features, "teacher", "rkd.stage")
+        self.embeddings = Embeddings(options.stage, context, "rkd")
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
-        if self.student_stage is None:
-            e_s, e_t = student.pre_logits, teacher.pre_logits
-        else:
-            e_s, e_t = student.features[self.student_stage], teacher.features[self.teacher_stage]
-        e_s, e_t = e_s.flatten(1).float(), e_t.flatten(1).float()
+        e_s, e_t = self.embeddings(student, teacher)  # (B, D) float32 each
         o = self.options
         with torch.autocast(e_s.device.type, enabled=False):  # cosines and distances in float32
             return {

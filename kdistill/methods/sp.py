@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.methods.at import stage_pairs
 from kdistill.methods.base import Method, MethodContext, MethodOptions
+from kdistill.methods.shared import stage_pairs
 from kdistill.models.base import ModelOutput
 
 

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 import kdistill
-from kdistill.checkpoint import atomic_write, atomic_write_text, load_checkpoint, save_checkpoint
+from kdistill.checkpoint import load_checkpoint, save_checkpoint
 from kdistill.cli import main
 from kdistill.config import validate_config
 from kdistill.errors import CheckpointError
+from kdistill.files import atomic_write, atomic_write_text
 from kdistill.study import open_run_dir
 
 from .bad_inputs import fail_writes
