@@ -22,7 +22,7 @@ import kdistill
 from kdistill.bench import machine_description
 from kdistill.checkpoint import load_model
 from kdistill.config import load_config, parse_duration
-from kdistill.study import load_data
+from kdistill.runs import load_data
 
 
 def main() -> None:

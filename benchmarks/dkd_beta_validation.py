@@ -24,7 +24,7 @@ import kdistill
 from kdistill.config import load_config
 from kdistill.errors import KDistillError
 from kdistill.methods.dkd import scaled_warmup_epochs
-from kdistill.study import load_data, load_teacher
+from kdistill.runs import load_data, load_teacher
 
 
 def main() -> None:

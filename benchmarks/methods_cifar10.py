@@ -35,7 +35,7 @@ from kdistill.errors import KDistillError, TrainingError
 from kdistill.evaluate import agreement
 from kdistill.methods import parse_method_options
 from kdistill.methods.dkd import scaled_warmup_epochs
-from kdistill.study import load_data
+from kdistill.runs import load_data
 
 BASELINE = "baseline (CE only)"
 # the paper's recommended extra CE for feature methods: CE 1 + method (alpha = 1)

@@ -33,13 +33,13 @@ from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.configbase import deep_merge, format_errors
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, IterableLoader, Normalize, TrainLoader
-from kdistill.engine import FitResult, autocast_for, fit, predict, select_device
+from kdistill.engine import Result, autocast_for, fit, predict, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
-from kdistill.methods import MethodContext, build_methods, set_option
+from kdistill.methods import DEFAULT_METHOD, MethodContext, build_methods, set_option
 from kdistill.models.base import count_parameters, feature_shapes
 from kdistill.progress import log
-from kdistill.tasks import Distillation, Supervised
+from kdistill.tasks import Distillation, MutualLearning, Supervised
 from kdistill.teacher_cache import TeacherCache, build_teacher_cache, fingerprint
 
 
@@ -54,18 +54,6 @@ class Prepared:
     num_samples: int
     data_info: dict[str, Any]
     classes: list[str] | None = None
-
-
-@dataclass
-class Result:
-    model: nn.Module
-    history: list[dict[str, Any]]
-    metrics: dict[str, Any]  # on the last evaluation set ("test" if given, else "val")
-    test_logits: Tensor | None
-    train_seconds: float
-    images_per_second: float
-    checkpoint: Path | None
-    budget: dict[str, Any] | None = None  # with a time budget: steps, epochs and seconds it reached
 
 
 def make_train_config(config: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
@@ -143,14 +131,14 @@ def prepare_data(
     raise DataError(f"train_data: expected an ImageDataset, a data set name, a pair of tensors (inputs, labels) or an iterable of batches, got {type(train_data).__name__}")
 
 
-def _finish(result: FitResult, prepared: Prepared, cfg: TrainConfig) -> Result:
+def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> Result:
+    """``result`` with the metrics and logits of the last evaluation set ("test" if given)."""
     name = "test" if "test" in prepared.eval_sets else next(iter(prepared.eval_sets), None)
-    metrics, logits = {}, None
-    if name:
-        data = prepared.eval_sets[name]
-        logits = predict(result.model, data, cfg.amp)
-        metrics = classification_metrics(logits, data.labels, prepared.classes)
-    return Result(result.model, result.history, metrics, logits, result.train_seconds, result.images_per_second, result.checkpoint, result.budget)
+    if not name:
+        return result
+    data = prepared.eval_sets[name]
+    logits = predict(result.model, data, cfg.amp)
+    return replace(result, metrics=classification_metrics(logits, data.labels, prepared.classes), test_logits=logits)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -159,7 +147,7 @@ def _device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _fit(task, prepared: Prepared, cfg: TrainConfig, device, run_dir, resume: bool, extra: dict, desc: str, max_epochs: int | None = None) -> FitResult:
+def _fit_prepared(task, prepared: Prepared, cfg: TrainConfig, device, run_dir, resume: bool, extra: dict, desc: str, max_epochs: int | None = None) -> Result:
     """The engine on a prepared data set: the one call train, distill and mutual share."""
     return fit(
         task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets, run_dir=Path(run_dir) if run_dir else None,
@@ -260,8 +248,7 @@ def train(
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
     task = Supervised(model, cfg.label_smoothing)
     extra = {"kind": "train", "model_spec": model_spec, "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed}
-    result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc)
-    return _finish(result, prepared, cfg)
+    return _with_test_metrics(_fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc), prepared, cfg)
 
 
 def distill(
@@ -270,7 +257,7 @@ def distill(
     train_data,
     test_data=None,
     *,
-    methods: str | dict[str, dict] = "kd",
+    methods: str | dict[str, dict] | None = None,
     alpha: float = 0.9,
     temperature: float | None = None,
     ce_weight: float | None = None,
@@ -288,41 +275,22 @@ def distill(
     **overrides,
 ) -> Result:
     """Distill ``teacher`` into ``student``: loss = (1 - alpha) * CE + alpha * sum of the
-    methods' terms (``methods="kd"`` or ``{"kd": {"temperature": 4}, ...}``). The teacher
+    methods' terms (``methods="kd"`` or ``{"kd": {"temperature": 4}, ...}``; default: Hinton
+    et al.'s KD). The teacher
     is frozen (eval mode, no gradients, never in the optimizer).
 
     ``teacher_cache`` (a :class:`TeacherCache` or its path, from :func:`cache_teacher`):
     read the teacher's logits from it instead of running the teacher. It must have been
     made for this teacher, data, augmentation and seed, and for at least ``epochs`` epochs."""
     cfg = make_train_config(config, **overrides)
-    if isinstance(methods, str):
-        methods = {name.strip(): {} for name in methods.split("+")}
-    if temperature is not None:  # for every method that has a temperature, unless set there
-        methods = set_option(methods, "temperature", temperature)
-    try:
-        dcfg = DistillConfig(alpha=alpha, ce_weight=ce_weight, methods=methods)
-    except Exception as e:
-        raise ConfigError(f"distill settings: {format_errors(e) if hasattr(e, 'errors') else e}") from None
-    student_size, teacher_size = count_parameters(student), count_parameters(teacher)
-    if student_size > teacher_size:  # allowed (e.g. born-again with a wider student), but rarely meant
-        log(
-            f"warning: the student ({student_size:,} parameters) is larger than its teacher ({teacher_size:,} parameters); "
-            "distillation usually compresses into a smaller model"
-        )
+    dcfg = _distill_config(methods, alpha, temperature, ce_weight)
+    _warn_if_student_larger(student, teacher)
     device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
     _place_teacher(teacher, device, cfg.channels_last)
     student.to(device)
-    cache_info = None
-    if teacher_cache is not None:
-        if not isinstance(teacher_cache, TeacherCache):
-            teacher_cache = TeacherCache.load(teacher_cache)
-        # a budget run may not outlast the cache; an epoch run must fit in it
-        teacher_cache.check(fingerprint(_replayable(prepared), teacher), epochs=1 if cfg.budget else cfg.epochs)
-        cache_info = {"path": str(teacher_cache.path) if teacher_cache.path else None, "epochs": teacher_cache.epochs, "fingerprint": teacher_cache.fingerprint}
-        log(f"{desc}: teacher logits from the cache{' ' + str(teacher_cache.path) if teacher_cache.path else ''} ({teacher_cache.describe()}); the teacher does not run")
-        teacher_cache = teacher_cache.to(device)
+    cache, cache_info = _open_cache(teacher_cache, teacher, prepared, cfg, device, desc)
     context = MethodContext(
         student=feature_shapes(student, prepared.input_shape),
         teacher=feature_shapes(teacher, prepared.input_shape),
@@ -333,16 +301,52 @@ def distill(
     with _borrowed(teacher):  # frozen for the run, given back as it came
         task = Distillation(
             student, teacher, build_methods(dcfg.method_options, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing,
-            teacher_cache=teacher_cache,
+            teacher_cache=cache,
         )
         extra = {
             "kind": "distill", "model_spec": model_spec, "teacher_spec": teacher_spec, "data": prepared.data_info,
             "train_config": cfg.model_dump(mode="json"), "distill_config": dcfg.model_dump(mode="json"), "seed": seed,
             "teacher_cache": cache_info,
         }
-        max_epochs = teacher_cache.epochs if teacher_cache is not None else None
-        result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc, max_epochs=max_epochs)
-    return _finish(result, prepared, cfg)
+        result = _fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc, max_epochs=cache.epochs if cache else None)
+    return _with_test_metrics(result, prepared, cfg)
+
+
+def _distill_config(methods: str | dict[str, dict] | None, alpha: float, temperature: float | None, ce_weight: float | None) -> DistillConfig:
+    """The distillation settings of :func:`distill`'s arguments, validated."""
+    if methods is None:
+        methods = {DEFAULT_METHOD: {}}
+    elif isinstance(methods, str):
+        methods = {name.strip(): {} for name in methods.split("+")}
+    if temperature is not None:  # for every method that has a temperature, unless set there
+        methods = set_option(methods, "temperature", temperature)
+    try:
+        return DistillConfig(alpha=alpha, ce_weight=ce_weight, methods=methods)
+    except Exception as e:
+        raise ConfigError(f"distill settings: {format_errors(e) if hasattr(e, 'errors') else e}") from None
+
+
+def _warn_if_student_larger(student: nn.Module, teacher: nn.Module) -> None:
+    student_size, teacher_size = count_parameters(student), count_parameters(teacher)
+    if student_size > teacher_size:  # allowed (e.g. born-again with a wider student), but rarely meant
+        log(
+            f"warning: the student ({student_size:,} parameters) is larger than its teacher ({teacher_size:,} parameters); "
+            "distillation usually compresses into a smaller model"
+        )
+
+
+def _open_cache(cache: TeacherCache | str | Path | None, teacher, prepared: Prepared, cfg: TrainConfig, device, desc: str):
+    """The teacher cache (loaded, checked against this teacher, data and run, on the
+    device) and what the checkpoint records of it; (None, None) without one."""
+    if cache is None:
+        return None, None
+    if not isinstance(cache, TeacherCache):
+        cache = TeacherCache.load(cache)
+    # a budget run may not outlast the cache; an epoch run must fit in it
+    cache.check(fingerprint(_replayable(prepared), teacher), epochs=1 if cfg.budget else cfg.epochs)
+    info = {"path": str(cache.path) if cache.path else None, "epochs": cache.epochs, "fingerprint": cache.fingerprint}
+    log(f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run")
+    return cache.to(device), info
 
 
 def mutual(
@@ -364,8 +368,6 @@ def mutual(
 ) -> list[Result]:
     """Deep mutual learning: train ``models`` (two or more) together, each distilled from the
     others' current predictions (no pre-trained teacher). Returns one Result per model."""
-    from kdistill.tasks import MutualLearning
-
     cfg = make_train_config(config, **overrides)
     device = _device(device)
     _seed_everything(seed)
@@ -375,5 +377,5 @@ def mutual(
         "kind": "mutual", "model_spec": (model_specs or [None])[0], "peer_specs": (model_specs or [None])[1:],
         "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed,
     }
-    result = _fit(task, prepared, cfg, device, run_dir, resume, extra, desc)
-    return [_finish(replace(result, model=m), prepared, cfg) for m in task.all_models]  # each model, the run's history and budget
+    result = _fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc)
+    return [_with_test_metrics(replace(result, model=m), prepared, cfg) for m in task.all_models]  # each model, the run's history and budget

@@ -22,7 +22,13 @@ from pydantic import Field, PrivateAttr, ValidationError, field_validator, model
 
 from kdistill.configbase import StrictConfig, deep_merge, format_errors
 from kdistill.errors import ConfigError
-from kdistill.methods import MethodOptions, UnknownMethod, parse_methods, soft_target_temperature
+from kdistill.methods import (
+    DEFAULT_METHOD,
+    MethodOptions,
+    UnknownMethod,
+    parse_methods,
+    soft_target_temperature,
+)
 from kdistill.models import MODELS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -166,7 +172,7 @@ class DistillConfig(StrictConfig):
     (1 - alpha) * CE + alpha * T^2 * KL(softmax(t/T) || softmax(s/T))."""
     ce_weight: float | None = Field(None, ge=0)
     """Set to override the weight of the cross-entropy term (default: 1 - alpha)."""
-    methods: dict[str, dict[str, Any]] = {"kd": {}}
+    methods: dict[str, dict[str, Any]] = {DEFAULT_METHOD: {}}
     """Method name -> its options (see ``kdistill methods``); every method's options take
     ``weight`` (default 1.0)."""
     train: dict[str, Any] = {}

@@ -1,8 +1,10 @@
 """The one training loop: teacher, baseline student and distillation runs alike.
 
-Read top to bottom: schedule -> forward (the task returns named losses) -> sum -> backward
--> clip -> step -> accumulate statistics on the device (no host sync per step) -> evaluate
-at the end of each epoch -> checkpoint atomically. ``resume=True`` continues from the last
+:func:`fit` is the loop, in named steps: set up, resume, then per epoch train (schedule ->
+forward (the task returns named losses) -> sum -> backward -> clip -> step -> statistics
+accumulated on the device, no host sync per step), check the numbers, and end the epoch
+(evaluate, log, re-plan a time budget, checkpoint atomically). The run's state lives in one
+:class:`Training` object; :class:`StepPlan` owns the number of steps. ``resume=True`` continues from the last
 checkpoint and, because the batches of every epoch are a pure function of (seed, epoch) and
 the RNG state is saved, ends with the same weights as an uninterrupted run.
 
@@ -44,6 +46,491 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # multi-process runs agree on a Ctrl-C and on a budget's step count every this many steps
 # (one tiny all-reduce); a budget run may so overrun its plan by up to this many steps - 1
 STOP_CHECK_STEPS = 10
+
+
+@dataclass
+class Result:
+    """What a training run gives back (the engine's, and the API's with test metrics)."""
+
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)  # on the last evaluation set ("test" if given, else "val")
+    test_logits: torch.Tensor | None = None
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    checkpoint: Path | None = None
+    budget: dict[str, Any] | None = None  # with a time budget: the steps, epochs and seconds it reached
+
+
+def fit(
+    task: nn.Module,
+    loader,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    eval_sets: dict[str, EvalData] | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    checkpoint_extra: dict[str, Any] | None = None,
+    desc: str = "train",
+    num_classes: int | None = None,
+    max_epochs: int | None = None,
+) -> Result:
+    """Train ``task`` (see :mod:`kdistill.tasks`) for ``cfg.epochs`` epochs.
+
+    ``loader`` yields the batches of an epoch from ``loader.epoch(e)`` (see
+    :mod:`kdistill.data.loader`); ``eval_sets`` ({"val": ..., "test": ...}) are evaluated
+    after every epoch. ``checkpoint_extra`` is stored in every checkpoint (model spec, preprocessing, config).
+    With ``run_dir`` set, writes ``checkpoint.pt`` and ``metrics.jsonl`` there.
+    With ``cfg.budget`` set, trains for as many steps as fit in that many seconds instead
+    of ``cfg.epochs`` epochs (see :mod:`kdistill.budget`), at most ``max_epochs`` epochs.
+    """
+    tune_allocator()
+    with distributed.translate_errors(), distributed.sync_batchnorm(task, device, cfg.sync_batchnorm):
+        # set-up: the task on the device, the optimizer, the plan of how many steps to take
+        run = Training(task, loader, cfg, device, eval_sets or {}, run_dir, checkpoint_extra or {}, desc, num_classes, max_epochs)
+        if resume:  # weights, optimizer, random streams, history and plan from the checkpoint
+            run.resume()
+        run.start()
+        with GracefulInterrupt() as stop, contextlib.closing(run.metrics_log):
+            while run.epoch * run.steps_per_epoch < run.plan.total:
+                epoch = run.train_epoch(stop)  # Ctrl-C: a resumable checkpoint at this step
+                run.check_numbers(epoch)  # a non-finite loss or gradient stops the run, naming the term
+                run.end_epoch(epoch)  # evaluate, log, watch for collapse, re-plan, checkpoint
+        return run.result()
+
+
+class StepPlan:
+    """How many optimizer steps the run takes: ``total``, the one number the learning-rate
+    schedule and the loop read. Fixed (epochs x steps per epoch), or as many as fit in a
+    time budget, re-planned as the run goes (see :mod:`kdistill.budget`); the ranks of a
+    multi-process job follow rank 0's plan, agreed at the same steps."""
+
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, eval_images: int, max_epochs: int | None, device: torch.device):
+        self.steps_per_epoch, self.device = steps_per_epoch, device
+        self.world = distributed.world_size()
+        self.budget = None
+        if cfg.budget:
+            self.budget = BudgetPlan(
+                cfg.budget, steps_per_epoch, eval_images=eval_images, batch_size=cfg.eval_batch_size,
+                max_steps=max_epochs * steps_per_epoch if max_epochs else None,
+                sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
+            )
+            self.total = self.budget.total_steps
+        else:
+            self.total = steps_per_epoch * cfg.epochs
+        self.epochs = cfg.epochs
+
+    def restore(self, state: dict | None) -> None:
+        """A resumed budget run continues with the budget that is left."""
+        if self.budget and state:
+            self.budget.restore(state)
+            self.total = self.budget.total_steps
+
+    def after_step(self, steps_done: int, epoch_steps_done: int, stop_requested: bool) -> bool:
+        """Re-plan after the run's ``steps_done``-th step; with several ranks, every
+        STOP_CHECK_STEPS steps, at the epoch's end and at the plan's end, agree on the plan
+        and on a Ctrl-C. Returns whether the ranks agreed to stop."""
+        if self.budget is not None:
+            self.budget.after_step(steps_done)
+            if self.world == 1:
+                self.total = self.budget.total_steps
+        if self.world == 1:
+            return False
+        checkpoint = epoch_steps_done % STOP_CHECK_STEPS == 0 or epoch_steps_done == self.steps_per_epoch
+        if checkpoint or (self.budget is not None and steps_done >= self.total):
+            # ranks stop together (a rank leaving alone would hang the others' collectives)
+            # and follow rank 0's budget plan from the same step on
+            agreed, planned = distributed.agree(stop_requested, self.budget.total_steps if self.budget is not None else -1, self.device)
+            if agreed:
+                return True
+            if self.budget is not None:
+                self.total = planned
+        return False
+
+    def ends_at(self, steps_done: int) -> bool:
+        """Whether a budget run's plan ends after this step (an epoch run ends with its epochs)."""
+        return self.budget is not None and steps_done >= self.total
+
+    def after_epoch(self, overhead_seconds: float, steps_done: int) -> None:
+        """The epoch's evaluation and checkpoint took ``overhead_seconds``: re-plan."""
+        if self.budget is not None:
+            self.budget.epoch_end(overhead_seconds, steps_done)
+            # several ranks: rank 0's plan, so that all checkpoint and stop at the same step
+            self.total = self.budget.total_steps if self.world == 1 else distributed.agree(False, self.budget.total_steps, self.device)[1]
+
+    def epochs_label(self) -> str:
+        """The epoch count for progress lines: ``30``, ``~12`` (planned by a budget) or ``?``."""
+        if self.budget is None:
+            return str(self.epochs)
+        return f"~{-(-self.total // self.steps_per_epoch)}" if self.budget.planned else "?"
+
+
+@dataclass
+class Epoch:
+    """One epoch's statistics, summed on the device (no host sync per step)."""
+
+    index: int
+    first: int  # its first step: > 0 when resuming an interrupted epoch
+    snapshot: dict[str, Any]  # the state at its start (host memory), to explain a NaN by replaying
+    t0: float
+    sums: torch.Tensor | None = None  # total, terms..., correct, count
+    term_names: list[str] | None = None
+    first_bad: torch.Tensor | None = None  # its first step with a non-finite loss or gradient (-1: none)
+    bad_stats: torch.Tensor | None = None  # the statistics of that step
+    done: int = 0  # steps done
+    seconds: float = 0.0
+    totals: list[float] = field(default_factory=list)  # the global batch's statistics (all ranks)
+
+    @torch.no_grad()
+    def add(self, step: int, stats: torch.Tensor, grad_norm: torch.Tensor, names: list[str]) -> None:
+        self.sums = stats if self.sums is None else self.sums + stats
+        new_bad = (self.first_bad < 0) & ~(torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(new_bad, step, self.first_bad)
+        self.bad_stats = stats if self.bad_stats is None else torch.where(new_bad, stats, self.bad_stats)
+        self.term_names = self.term_names or names
+
+
+class Training:
+    """The state of one :func:`fit` and its named steps, in the order fit calls them."""
+
+    def __init__(self, task, loader, cfg: TrainConfig, device, eval_sets, run_dir, extra, desc, num_classes, max_epochs):
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch == 0:
+            raise TrainingError(f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size")
+        self.world, self.main = distributed.world_size(), distributed.is_main()
+        _check_shares(loader, cfg, self.world, desc)
+        self.task, self.model, self.loader, self.cfg, self.device = task, task.model, loader, cfg, device
+        self.eval_sets, self.extra, self.desc = eval_sets, extra, desc
+        eval_images = sum(len(d.labels) for d in eval_sets.values())
+        self.plan = StepPlan(cfg, self.steps_per_epoch, eval_images, max_epochs, device)
+        if not any(p.requires_grad for p in task.parameters()):
+            raise TrainingError(
+                f"{desc}: {type(self.model).__name__} has no trainable parameters (every parameter has requires_grad=False); "
+                "unfreeze at least one layer with requires_grad_(True)"
+            )
+        task.to(device)
+        if cfg.channels_last:
+            task.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(task.parameters(), cfg)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.ckpt_path = run_dir / CHECKPOINT_NAME if run_dir else None
+        self.run_dir = run_dir
+        self.epoch, self.start_epoch, self.start_step, self.partial = 0, 0, 0, None
+        self.history: list[dict[str, Any]] = []
+        self.own_rng = False  # whether this rank's random stream came from the checkpoint
+        self.chance = 100.0 / num_classes if num_classes else None
+        self.amp = autocast_for(device, cfg.amp)
+        self.params = [p for p in task.parameters() if p.requires_grad]
+        self.counts: dict[int, torch.Tensor] = {}  # micro-batch size -> the same number on the device
+
+    def resume(self) -> None:
+        """Continue from the checkpoint in the run directory, if there is one; refuse one
+        written with other trajectory settings or for another task."""
+        if not self.ckpt_path:
+            return
+        path = self.ckpt_path
+        # rank 0 reads (other machines need not see the file); tensors travel on the CPU
+        map_to = self.device if self.world == 1 else "cpu"
+        state = distributed.on_main(lambda: load_checkpoint(path, map_location=map_to) if path.exists() else None, share=True)
+        if state is None:
+            return
+        changed = _changed_settings(state.get("train_config"), self.cfg)
+        if changed:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was written with {changed}; resuming continues the same run, "
+                "so use the same settings, or start a new run (another --name)"
+            )
+        try:
+            self.task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
+            self.optimizer.load_state_dict(state["optimizer"])
+            ranks = state.get("rng_ranks")
+            self.own_rng = self.world == 1 or (ranks is not None and len(ranks) == self.world)  # else: a job of another size
+            _set_rng_state(ranks[distributed.rank()] if self.world > 1 and self.own_rng else state["rng"], self.device)
+            self.start_epoch, self.history = int(state["epoch"]), list(state["history"])
+            self.start_step, self.partial = int(state.get("step", 0)), state.get("partial")
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else state_dict_mismatch(e)
+            raise CheckpointError(f"cannot resume from {path}: it does not match this run ({detail}); delete it or choose another --name") from None
+        self.plan.restore(state.get("budget"))
+        where = f"step {self.start_step} of epoch {self.start_epoch + 1}" if self.start_step else f"the end of epoch {self.start_epoch}"
+        log(f"{self.desc}: resuming from {path} at {where}")
+
+    def start(self) -> None:
+        """Open the metrics log, give every rank its random stream, compile, wrap in DDP."""
+        # metrics.jsonl / metrics.csv (rewritten from the checkpoint's history) and TensorBoard: rank 0 writes
+        self.metrics_log = MetricsLog(self.run_dir if self.main else None, self.history, self.cfg.tensorboard and self.main)
+        if self.world > 1 and not self.own_rng:
+            _decorrelate_ranks()
+        if self.cfg.compile:
+            self.model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
+        self.net = distributed.wrap(self.task, self.device)  # DistributedDataParallel on several ranks, else the task itself
+        self.train_seconds = sum(h.get("train_seconds", 0.0) for h in self.history)
+        self.images_seen = sum(h.get("train_images", 0) for h in self.history)
+        self.epoch = self.start_epoch
+        self.steps_run = self.plan.total  # optimizer steps done when the loop ends
+
+    def train_epoch(self, stop: GracefulInterrupt) -> Epoch:
+        """One epoch's optimizer steps (from the resumed step on). On Ctrl-C (agreed by all
+        ranks) save a checkpoint resumable from this very step, then re-raise."""
+        self.task.train()
+        epoch = self._begin_epoch()
+        batches = self.loader.epoch(epoch.index, epoch.first)
+        bar = progress(batches, total=self.steps_per_epoch, initial=epoch.first, desc=f"{self.desc} {epoch.index + 1}/{self.plan.epochs_label()}")
+        agreed = False  # several ranks: whether they all agreed to stop at this step
+        try:
+            for i, batch in enumerate(bar, start=epoch.first):
+                step = epoch.index * self.steps_per_epoch + i
+                stats, names, grad_norm = self.train_step(batch, i, epoch.index)
+                epoch.add(step, stats, grad_norm, names)
+                epoch.done = i + 1
+                if self.world == 1 and stop.requested:  # Ctrl-C arrived during this step: stop at its boundary
+                    raise KeyboardInterrupt
+                agreed = self.plan.after_step(step + 1, epoch.done, stop.requested)
+                if agreed:
+                    raise KeyboardInterrupt
+                if self.plan.ends_at(step + 1):
+                    break
+                if interactive() and i % 20 == 0:  # the only host syncs: for the bar, on terminals
+                    self._show_progress(bar, epoch, i)
+        except KeyboardInterrupt:
+            if self.world > 1 and not agreed:
+                raise  # a second Ctrl-C, at any moment: no collective can be trusted now
+            self._save_interrupted(epoch)
+            raise
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        epoch.seconds = time.perf_counter() - epoch.t0
+        return epoch
+
+    def _begin_epoch(self) -> Epoch:
+        index = self.epoch
+        first = self.start_step if index == self.start_epoch else 0
+        resumed = self.partial if first and self.partial else None
+        snapshot = {"task": _to_cpu(self.task.state_dict()), "optimizer": _to_cpu(self.optimizer.state_dict()), "rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            snapshot["cuda"] = torch.cuda.get_rng_state()
+        epoch = Epoch(index, first, snapshot, t0=time.perf_counter() - (resumed["seconds"] if resumed else 0.0))
+        if resumed:
+            epoch.sums = torch.tensor(resumed["sums"], device=self.device)
+            if not self.main:
+                epoch.sums.zero_()  # the checkpoint holds the sums of all ranks: count them once
+            epoch.term_names = resumed["terms"]
+        epoch.first_bad = torch.tensor(-1, device=self.device)
+        epoch.done = first
+        return epoch
+
+    def _show_progress(self, bar, epoch: Epoch, i: int) -> None:
+        s = epoch.sums.tolist()
+        elapsed = time.perf_counter() - epoch.t0
+        # rank 0's own share, scaled to the job (the exact sums come at the epoch's end)
+        w = self.world
+        bar.set_postfix(loss=f"{s[0] * w / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] * w / elapsed:.0f}", refresh=False)
+
+    def _save_interrupted(self, epoch: Epoch) -> None:
+        """Save what this epoch has done, resumable from this very step (unless a step of it
+        went non-finite on any rank: then the last good checkpoint stays)."""
+        sums = distributed.all_reduce_sum(epoch.sums) if epoch.sums is not None else None
+        went_bad = distributed.any_rank(bool(epoch.first_bad.item() >= 0), self.device)
+        if self.ckpt_path and sums is not None and not went_bad:
+            distributed.average_batchnorm_stats(self.task)
+            partial = {"sums": sums.tolist(), "terms": epoch.term_names, "seconds": time.perf_counter() - epoch.t0}
+            self.write_checkpoint(epoch.index, epoch.done, partial)
+            log(f"{self.desc}: interrupted; saved a resumable checkpoint at step {epoch.done} of epoch {epoch.index + 1} in {self.ckpt_path}")
+
+    def train_step(self, batch: Batch, i: int, epoch: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """One optimizer step on ``batch`` (this rank's share of the global batch), the
+        ``i``-th of ``epoch``, in ``grad_accumulation`` micro-batches. Returns the step's
+        statistics on the device (total, terms..., correct, count; losses weighted by this
+        rank's share of the global batch), the terms' names and the global gradient norm
+        (before clipping)."""
+        cfg, world = self.cfg, self.world
+        factor = lr_factor(epoch * self.steps_per_epoch + i, self.plan.total, self.steps_per_epoch, cfg.schedule)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        self.optimizer.zero_grad(set_to_none=True)
+        # this rank's batch is its share of the global batch of `step_samples` samples;
+        # weighting each (micro-)batch mean by its share, times the world size that DDP
+        # divides the summed gradients by, gives the gradient of the global mean
+        step_samples = (self.loader.samples_in_step(i) if hasattr(self.loader, "samples_in_step") else None) or len(batch.labels) * world
+        parts = _micro_batches(batch, cfg.grad_accumulation)
+        stats = None
+        for j, part in enumerate(parts):
+            share = len(part.labels) / step_samples
+            sync = world == 1 or j == len(parts) - 1  # DDP all-reduces on the last backward only
+            with contextlib.nullcontext() if sync else self.net.no_sync():
+                with self.amp:
+                    logits, losses = self.net(part, epoch + i / self.steps_per_epoch)
+                total = sum(losses.values())
+                (total * (share * world)).backward()
+            part_stats = self._step_stats(logits, part, losses, total, share)
+            stats = part_stats if stats is None else stats + part_stats
+        # without train.grad_clip the norm is only measured, so that a non-finite gradient
+        # is caught like a non-finite loss; the gradients are all-reduced by now, so the norm
+        # (and its finiteness) is the same on every rank
+        grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip else gradient_norm(self.params)
+        self.optimizer.step()
+        return stats, list(losses), grad_norm
+
+    @torch.no_grad()
+    def _step_stats(self, logits, part: Batch, losses: dict[str, torch.Tensor], total, share: float) -> torch.Tensor:
+        correct = (logits.argmax(1) == part.labels).sum()
+        # no torch.tensor(...) per step: on a GPU each one is a blocking host-to-device copy
+        n = len(part.labels)
+        count = self.counts.get(n)
+        if count is None:
+            count = self.counts[n] = torch.tensor(float(n), device=self.device)
+        return torch.stack([share * total.detach().float(), *(share * v.detach().float() for v in losses.values()), correct.float(), count])
+
+    def check_numbers(self, epoch: Epoch) -> None:
+        """Sum the epoch's statistics over the ranks; stop the run if a step went
+        non-finite, naming the step and the loss term at fault."""
+        epoch.totals = distributed.all_reduce_sum(epoch.sums).tolist()  # the global batch's statistics, on every rank
+        bad_step, values = self._agreed_non_finite(epoch)
+        if bad_step < 0:
+            return
+        bad_terms = [n for n, v in values.items() if not math.isfinite(v)]
+        if bad_terms:
+            what = f"loss became non-finite at step {bad_step} (epoch {epoch.index + 1}; term(s): {', '.join(bad_terms)})"
+        else:  # every term finite but the gradient not: replay the epoch to that step to find the term
+            culprits = self._explain_non_finite(epoch, bad_step)
+            if self.world > 1:  # each rank tested its own shard: the union, in order
+                culprits = list(dict.fromkeys(c for found in distributed.all_gather_object(culprits) for c in found))
+            finite = ", ".join(f"{n}={v:.4g}" for n, v in values.items())
+            what = (
+                f"gradient became non-finite at step {bad_step} (epoch {epoch.index + 1}; "
+                f"term(s): {', '.join(culprits) or 'none on replay'}; loss terms were finite: {finite})"
+            )
+        raise TrainingError(
+            f"{self.desc}: {what}; the last good checkpoint is kept"
+            + (f" in {self.ckpt_path}" if self.ckpt_path and self.ckpt_path.exists() else "")
+            + ". Lower the learning rate, add warm-up or set train.grad_clip."
+        )
+
+    def _agreed_non_finite(self, epoch: Epoch) -> tuple[int, dict[str, float]]:
+        """The run's first step with a non-finite loss or gradient (-1: none) and the loss
+        terms there; over all ranks (summed over the ranks that saw that step), so that all
+        stop together and explain the failure alike."""
+        bad_step = int(epoch.first_bad.item())
+        values = dict(zip(epoch.term_names, epoch.bad_stats.tolist()[1:-2])) if bad_step >= 0 else {}
+        if self.world == 1:
+            return bad_step, values
+        reports = distributed.all_gather_object((bad_step, values))
+        bad_step = min((b for b, _ in reports if b >= 0), default=-1)
+        at_step = [v for b, v in reports if b == bad_step and bad_step >= 0]
+        return bad_step, {n: sum(v[n] for v in at_step) for n in (at_step[0] if at_step else {})}
+
+    def _explain_non_finite(self, epoch: Epoch, bad_step: int) -> list[str]:
+        """Replay the epoch from its snapshot up to ``bad_step`` (batches are a pure function
+        of the epoch, the RNG state is restored), then find the terms at fault there. Several
+        ranks replay together (the steps' collectives) and each tests its own shard."""
+        snapshot = epoch.snapshot
+        self.task.load_state_dict(snapshot["task"])
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+        torch.set_rng_state(snapshot["rng"])
+        if "cuda" in snapshot:
+            torch.cuda.set_rng_state(snapshot["cuda"])
+        for i, batch in enumerate(self.loader.epoch(epoch.index, epoch.first), start=epoch.first):
+            if epoch.index * self.steps_per_epoch + i == bad_step:
+                return non_finite_terms(self.task, batch, epoch.index + i / self.steps_per_epoch, self.amp)
+            self.train_step(batch, i, epoch.index)
+        return []
+
+    def end_epoch(self, epoch: Epoch) -> None:
+        """Record and log the epoch, evaluate, stop a collapsed run, re-plan, checkpoint."""
+        s, steps = epoch.totals, epoch.done  # this epoch's steps: fewer than steps_per_epoch when a budget ends it
+        position = epoch.index * self.steps_per_epoch + epoch.done  # optimizer steps done in the run
+        self.steps_run = position
+        record: dict[str, Any] = {
+            "epoch": epoch.index + 1,
+            "lr": self.base_lrs[0] * lr_factor(position - 1, self.plan.total, self.steps_per_epoch, self.cfg.schedule),
+            "train_loss": s[0] / steps,
+            **{f"train_{n}": v / steps for n, v in zip(epoch.term_names, s[1:-2])},
+            "train_top1": 100 * s[-2] / s[-1],
+            "train_seconds": epoch.seconds,
+            "train_images": int(s[-1]),
+            "images_per_second": s[-1] / epoch.seconds,
+        }
+        self.train_seconds += epoch.seconds
+        self.images_seen += int(s[-1])
+        overhead_start = time.perf_counter()
+        distributed.average_batchnorm_stats(self.task)  # every rank evaluates and saves the same model
+        for name, data in self.eval_sets.items():
+            for k, v in quick_metrics(predict(self.model, data, self.cfg.amp), data.labels).items():
+                record[f"{name}_{k}"] = v
+        self.history.append(record)
+        log(
+            f"{self.desc} epoch {epoch.index + 1}/{self.plan.epochs_label()}: loss {record['train_loss']:.3f} train {record['train_top1']:.1f}%"
+            + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in self.eval_sets)
+            + f" ({record['images_per_second']:.0f} img/s)"
+        )
+        self.metrics_log.append(record)
+        self._check_collapse(record, epoch.index)
+        self.plan.after_epoch(time.perf_counter() - overhead_start, position)
+        if self.ckpt_path and (position >= self.plan.total or (epoch.index + 1) % self.cfg.checkpoint_every == 0):
+            self.write_checkpoint(epoch.index + 1)
+        self.epoch += 1
+
+    def _check_collapse(self, record: dict[str, Any], index: int) -> None:
+        """Stop a run whose watched accuracy fell back to chance after rising well above it."""
+        if not (self.chance and self.eval_sets):
+            return
+        watched = next(iter(self.eval_sets))
+        key = f"{watched}_top1"
+        best = max(h[key] for h in self.history)
+        if record[key] <= 1.2 * self.chance and best >= 2 * self.chance:
+            raise TrainingError(
+                f"{self.desc}: training collapsed at epoch {index + 1}: {watched} accuracy fell from {best:.1f}% "
+                f"to {record[key]:.1f}% (chance {self.chance:.1f}%). Lower the learning rate, add warm-up or set train.grad_clip."
+            )
+
+    def write_checkpoint(self, epochs_done: int, step: int = 0, partial: dict | None = None) -> None:
+        """``step`` > 0: interrupted after that many steps of epoch ``epochs_done + 1``,
+        with the epoch's statistics so far in ``partial``. All ranks call it; rank 0 writes
+        (its budget plan is the one all ranks follow)."""
+        rngs = distributed.all_gather_object(_rng_state(self.device))  # every rank's stream, for an exact resume
+        if not self.main:
+            return
+        budget = self.plan.budget
+        save_checkpoint(
+            {
+                **self.extra,
+                "model": self.model.state_dict(),
+                "task_state": {k: v for k, v in self.task.state_dict().items() if not k.startswith("model.")},
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": epochs_done,
+                "step": step,
+                "partial": partial,
+                "epochs": self.cfg.epochs,
+                "budget": budget.state() if budget else None,
+                "rng": rngs[0],
+                **({"rng_ranks": rngs} if self.world > 1 else {}),
+                "history": self.history,
+            },
+            self.ckpt_path,
+        )
+
+    def result(self) -> Result:
+        report = None
+        budget = self.plan.budget
+        if budget is not None:
+            report = budget.report(self.steps_run)
+            log(
+                f"{self.desc}: budget {format_seconds(budget.seconds)}: {self.steps_run} steps ({report['epochs']:.1f} epochs) in "
+                f"{format_seconds(report['wall_seconds'])} ({100 * report['fraction_used']:.0f}% of the budget)"
+                + "".join(f", {name} {self.history[-1][name + '_top1']:.1f}%" for name in self.eval_sets if self.history)
+            )
+        return Result(
+            model=self.model,
+            history=self.history,
+            checkpoint=self.ckpt_path,
+            train_seconds=self.train_seconds,
+            images_per_second=self.images_seen / self.train_seconds if self.train_seconds else 0.0,
+            budget=report,
+        )
+
+
+# --- the pieces the loop is made of -------------------------------------------------
 
 
 def select_device(name: str = "auto") -> torch.device:
@@ -168,16 +655,6 @@ def non_finite_terms(task: nn.Module, batch, epoch: float, amp: contextlib.Abstr
     return bad
 
 
-@dataclass
-class FitResult:
-    model: nn.Module
-    history: list[dict[str, Any]] = field(default_factory=list)
-    checkpoint: Path | None = None
-    train_seconds: float = 0.0
-    images_per_second: float = 0.0
-    budget: dict[str, Any] | None = None  # with train.budget: what the run reached in it
-
-
 @torch.no_grad()
 def predict(model: nn.Module, data: EvalData, amp: str = "off", desc: str | None = None) -> torch.Tensor:
     """Logits (N, K) float32 on the CPU for every sample of ``data``, in eval mode. With
@@ -273,361 +750,3 @@ def quick_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float
         "top1": (logits.argmax(1) == labels).float().mean().item() * 100,
         "loss": F.cross_entropy(logits, labels).item(),
     }
-
-
-def fit(
-    task: nn.Module,
-    loader,
-    cfg: TrainConfig,
-    *,
-    device: torch.device,
-    eval_sets: dict[str, EvalData] | None = None,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    checkpoint_extra: dict[str, Any] | None = None,
-    desc: str = "train",
-    num_classes: int | None = None,
-    max_epochs: int | None = None,
-) -> FitResult:
-    """Train ``task`` (see :mod:`kdistill.tasks`) for ``cfg.epochs`` epochs.
-
-    ``loader`` yields the batches of an epoch from ``loader.epoch(e)`` (see
-    :mod:`kdistill.data.loader`); ``eval_sets`` ({"val": ..., "test": ...}) are evaluated
-    after every epoch. ``checkpoint_extra`` is stored in every checkpoint (model spec, preprocessing, config).
-    With ``run_dir`` set, writes ``checkpoint.pt`` and ``metrics.jsonl`` there.
-    With ``cfg.budget`` set, trains for as many steps as fit in that many seconds instead
-    of ``cfg.epochs`` epochs (see :mod:`kdistill.budget`), at most ``max_epochs`` epochs.
-    """
-    tune_allocator()
-    with distributed.translate_errors(), distributed.sync_batchnorm(task, device, cfg.sync_batchnorm):
-        return _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra, desc, num_classes, max_epochs)
-
-
-def _fit(task, loader, cfg, device, eval_sets, run_dir, resume, checkpoint_extra, desc, num_classes, max_epochs) -> FitResult:
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise TrainingError(f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size")
-    world, main = distributed.world_size(), distributed.is_main()
-    _check_shares(loader, cfg, world, desc)
-    eval_sets = eval_sets or {}
-    budget = None
-    if cfg.budget:
-        budget = BudgetPlan(
-            cfg.budget, steps_per_epoch, eval_images=sum(len(d.labels) for d in eval_sets.values()),
-            batch_size=cfg.eval_batch_size, max_steps=max_epochs * steps_per_epoch if max_epochs else None,
-            sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
-        )
-        total_steps = budget.total_steps
-    else:
-        total_steps = steps_per_epoch * cfg.epochs
-    model = task.model
-    if not any(p.requires_grad for p in task.parameters()):
-        raise TrainingError(
-            f"{desc}: {type(model).__name__} has no trainable parameters (every parameter has requires_grad=False); "
-            "unfreeze at least one layer with requires_grad_(True)"
-        )
-    task.to(device)
-    if cfg.channels_last:
-        task.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(task.parameters(), cfg)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    ckpt_path = run_dir / CHECKPOINT_NAME if run_dir else None
-
-    def write_checkpoint(epochs_done: int, step: int = 0, partial: dict | None = None) -> None:
-        """``step`` > 0: interrupted after that many steps of epoch ``epochs_done + 1``,
-        with the epoch's statistics so far in ``partial``. All ranks call it; rank 0 writes
-        (its budget plan is the one all ranks follow)."""
-        rngs = distributed.all_gather_object(_rng_state(device))  # every rank's stream, for an exact resume
-        if not main:
-            return
-        save_checkpoint(
-            {
-                **(checkpoint_extra or {}),
-                "model": model.state_dict(),
-                "task_state": {k: v for k, v in task.state_dict().items() if not k.startswith("model.")},
-                "optimizer": optimizer.state_dict(),
-                "epoch": epochs_done,
-                "step": step,
-                "partial": partial,
-                "epochs": cfg.epochs,
-                "budget": budget.state() if budget else None,
-                "rng": rngs[0],
-                **({"rng_ranks": rngs} if world > 1 else {}),
-                "history": history,
-            },
-            ckpt_path,
-        )
-
-    start_epoch, start_step, partial, history = 0, 0, None, []
-    own_rng = False  # whether this rank's random stream came from the checkpoint
-    state = None
-    if resume and ckpt_path:
-        # rank 0 reads (other machines need not see the file); tensors travel on the CPU
-        map_to = device if world == 1 else "cpu"
-        state = distributed.on_main(lambda: load_checkpoint(ckpt_path, map_location=map_to) if ckpt_path.exists() else None, share=True)
-    if state is not None:
-        changed = _changed_settings(state.get("train_config"), cfg)
-        if changed:
-            raise CheckpointError(
-                f"cannot resume from {ckpt_path}: it was written with {changed}; resuming continues the same run, "
-                "so use the same settings, or start a new run (another --name)"
-            )
-        try:
-            task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
-            optimizer.load_state_dict(state["optimizer"])
-            ranks = state.get("rng_ranks")
-            own_rng = world == 1 or (ranks is not None and len(ranks) == world)  # else: a job of another size
-            _set_rng_state(ranks[distributed.rank()] if world > 1 and own_rng else state["rng"], device)
-            start_epoch, history = int(state["epoch"]), list(state["history"])
-            start_step, partial = int(state.get("step", 0)), state.get("partial")
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else state_dict_mismatch(e)
-            raise CheckpointError(f"cannot resume from {ckpt_path}: it does not match this run ({detail}); delete it or choose another --name") from None
-        if budget and state.get("budget"):
-            budget.restore(state["budget"])  # continue with the budget that is left
-            total_steps = budget.total_steps
-        where = f"step {start_step} of epoch {start_epoch + 1}" if start_step else f"the end of epoch {start_epoch}"
-        log(f"{desc}: resuming from {ckpt_path} at {where}")
-    # metrics.jsonl / metrics.csv (rewritten from the checkpoint's history) and TensorBoard: rank 0 writes
-    metrics_log = MetricsLog(run_dir if main else None, history, cfg.tensorboard and main)
-    if world > 1 and not own_rng:
-        _decorrelate_ranks()
-    if cfg.compile:
-        model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
-    net = distributed.wrap(task, device)  # DistributedDataParallel on several ranks, else task itself
-    accumulate = cfg.grad_accumulation
-
-    amp = autocast_for(device, cfg.amp)
-    chance = 100.0 / num_classes if num_classes else None
-    train_seconds = sum(h.get("train_seconds", 0.0) for h in history)
-    images_seen = sum(h.get("train_images", 0) for h in history)
-    counts: dict[int, torch.Tensor] = {}  # micro-batch size -> the same number on the device
-    params = [p for p in task.parameters() if p.requires_grad]
-
-    def train_step(batch, i: int, epoch: int):
-        """One optimizer step on ``batch`` (this rank's share of the global batch), the
-        ``i``-th of ``epoch``, in ``grad_accumulation`` micro-batches. Returns the step's
-        statistics on the device (total, terms..., correct, count; losses weighted by this
-        rank's share of the global batch), the terms' names and the global gradient norm
-        (before clipping)."""
-        step = epoch * steps_per_epoch + i
-        factor = lr_factor(step, total_steps, steps_per_epoch, cfg.schedule)
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * factor
-        optimizer.zero_grad(set_to_none=True)
-        # this rank's batch is its share of the global batch of `step_samples` samples;
-        # weighting each (micro-)batch mean by its share, times the world size that DDP
-        # divides the summed gradients by, gives the gradient of the global mean
-        step_samples = (loader.samples_in_step(i) if hasattr(loader, "samples_in_step") else None) or len(batch.labels) * world
-        parts = _micro_batches(batch, accumulate)
-        stats = None
-        for j, part in enumerate(parts):
-            share = len(part.labels) / step_samples
-            sync = world == 1 or j == len(parts) - 1  # DDP all-reduces on the last backward only
-            with contextlib.nullcontext() if sync else net.no_sync():
-                with amp:
-                    logits, losses = net(part, epoch + i / steps_per_epoch)
-                total = sum(losses.values())
-                (total * (share * world)).backward()
-            with torch.no_grad():
-                correct = (logits.argmax(1) == part.labels).sum()
-                # no torch.tensor(...) per step: on a GPU each one is a blocking host-to-device copy
-                n = len(part.labels)
-                count = counts.get(n)
-                if count is None:
-                    count = counts[n] = torch.tensor(float(n), device=device)
-                part_stats = torch.stack([share * total.detach().float(), *(share * v.detach().float() for v in losses.values()), correct.float(), count])
-                stats = part_stats if stats is None else stats + part_stats
-        # without train.grad_clip the norm is only measured, so that a non-finite gradient
-        # is caught like a non-finite loss; the gradients are all-reduced by now, so the norm
-        # (and its finiteness) is the same on every rank
-        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else gradient_norm(params)
-        optimizer.step()
-        return stats, list(losses), grad_norm
-
-    def explain_non_finite(epoch: int, first: int, bad_step: int, snapshot: dict) -> list[str]:
-        """Replay ``epoch`` from its snapshot up to ``bad_step`` (batches are a pure function
-        of the epoch, the RNG state is restored), then find the terms at fault there. Several
-        ranks replay together (the steps' collectives) and each tests its own shard."""
-        task.load_state_dict(snapshot["task"])
-        optimizer.load_state_dict(snapshot["optimizer"])
-        torch.set_rng_state(snapshot["rng"])
-        if "cuda" in snapshot:
-            torch.cuda.set_rng_state(snapshot["cuda"])
-        for i, batch in enumerate(loader.epoch(epoch, first), start=first):
-            if epoch * steps_per_epoch + i == bad_step:
-                return non_finite_terms(task, batch, epoch + i / steps_per_epoch, amp)
-            train_step(batch, i, epoch)
-        return []
-
-    def agreed_non_finite(first_bad: torch.Tensor, bad_stats, term_names) -> tuple[int, dict[str, float]]:
-        """The run's first step with a non-finite loss or gradient (-1: none) and the loss
-        terms there; over all ranks (summed over the ranks that saw that step), so that all
-        stop together and explain the failure alike."""
-        bad_step = int(first_bad.item())
-        values = dict(zip(term_names, bad_stats.tolist()[1:-2])) if bad_step >= 0 else {}
-        if world == 1:
-            return bad_step, values
-        reports = distributed.all_gather_object((bad_step, values))
-        bad_step = min((b for b, _ in reports if b >= 0), default=-1)
-        at_step = [v for b, v in reports if b == bad_step and bad_step >= 0]
-        return bad_step, {n: sum(v[n] for v in at_step) for n in (at_step[0] if at_step else {})}
-
-    def epochs_label() -> str:
-        if budget is None:
-            return str(cfg.epochs)
-        return f"~{-(-total_steps // steps_per_epoch)}" if budget.planned else "?"
-
-    epoch = start_epoch
-    steps_run = total_steps  # optimizer steps done when the loop ends
-    with GracefulInterrupt() as stop, contextlib.closing(metrics_log):
-        while epoch * steps_per_epoch < total_steps:
-            task.train()
-            first = start_step if epoch == start_epoch else 0  # > 0 when resuming an interrupted epoch
-            resumed = partial if first and partial else None
-            # the state at the start of the epoch (host memory), to explain a NaN by replaying
-            snapshot = {"task": _to_cpu(task.state_dict()), "optimizer": _to_cpu(optimizer.state_dict()), "rng": torch.get_rng_state()}
-            if device.type == "cuda":
-                snapshot["cuda"] = torch.cuda.get_rng_state()
-            # statistics summed on the device, no host sync per step: total, terms..., correct, count
-            sums = torch.tensor(resumed["sums"], device=device) if resumed else None
-            if sums is not None and not main:
-                sums.zero_()  # the checkpoint holds the sums of all ranks: count them once
-            term_names: list[str] | None = resumed["terms"] if resumed else None
-            # the first step of the epoch with a non-finite loss or gradient (-1: none), and its statistics
-            first_bad, bad_stats = torch.tensor(-1, device=device), None
-            t0 = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
-            bar = progress(loader.epoch(epoch, first), total=steps_per_epoch, initial=first, desc=f"{desc} {epoch + 1}/{epochs_label()}")
-            done = first
-            agreed = False  # several ranks: whether they all agreed to stop at this step
-            try:
-                for i, batch in enumerate(bar, start=first):
-                    step = epoch * steps_per_epoch + i
-                    stats, names, grad_norm = train_step(batch, i, epoch)
-
-                    with torch.no_grad():
-                        sums = stats if sums is None else sums + stats
-                        new_bad = (first_bad < 0) & ~(torch.isfinite(stats[0]) & torch.isfinite(grad_norm))
-                        first_bad = torch.where(new_bad, step, first_bad)
-                        bad_stats = stats if bad_stats is None else torch.where(new_bad, stats, bad_stats)
-                    term_names = term_names or names
-                    done = i + 1
-                    if world == 1 and stop.requested:  # Ctrl-C arrived during this step: stop at its boundary
-                        raise KeyboardInterrupt
-                    if budget is not None:
-                        budget.after_step(step + 1)
-                        if world == 1:
-                            total_steps = budget.total_steps
-                    if world > 1 and (done % STOP_CHECK_STEPS == 0 or done == steps_per_epoch or (budget is not None and step + 1 >= total_steps)):
-                        # ranks stop together (a rank leaving alone would hang the others'
-                        # collectives) and follow rank 0's budget plan from the same step on
-                        agreed, planned = distributed.agree(stop.requested, budget.total_steps if budget is not None else -1, device)
-                        if agreed:
-                            raise KeyboardInterrupt
-                        if budget is not None:
-                            total_steps = planned
-                    if budget is not None and step + 1 >= total_steps:
-                        break
-                    if interactive() and i % 20 == 0:  # the only host syncs: for the bar, on terminals
-                        s = sums.tolist()
-                        elapsed = time.perf_counter() - t0
-                        # rank 0's own share, scaled to the job (the exact sums come at the epoch's end)
-                        bar.set_postfix(loss=f"{s[0] * world / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] * world / elapsed:.0f}", refresh=False)
-            except KeyboardInterrupt:
-                if world > 1 and not agreed:
-                    raise  # a second Ctrl-C, at any moment: no collective can be trusted now
-                # Ctrl-C: save what this epoch has done, resumable from this very step (unless
-                # a step of it went non-finite on any rank: then the last good checkpoint stays)
-                sums = distributed.all_reduce_sum(sums) if sums is not None else None
-                went_bad = distributed.any_rank(bool(first_bad.item() >= 0), device)
-                if ckpt_path and sums is not None and not went_bad:
-                    distributed.average_batchnorm_stats(task)
-                    write_checkpoint(epoch, done, {"sums": sums.tolist(), "terms": term_names, "seconds": time.perf_counter() - t0})
-                    log(f"{desc}: interrupted; saved a resumable checkpoint at step {done} of epoch {epoch + 1} in {ckpt_path}")
-                raise
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            epoch_seconds = time.perf_counter() - t0
-            s = distributed.all_reduce_sum(sums).tolist()  # the global batch's statistics, on every rank
-            bad_step, values = agreed_non_finite(first_bad, bad_stats, term_names)
-            if bad_step >= 0:
-                bad_terms = [n for n, v in values.items() if not math.isfinite(v)]
-                if bad_terms:
-                    what = f"loss became non-finite at step {bad_step} (epoch {epoch + 1}; term(s): {', '.join(bad_terms)})"
-                else:  # every term finite but the gradient not: replay the epoch to that step to find the term
-                    culprits = explain_non_finite(epoch, first, bad_step, snapshot)
-                    if world > 1:  # each rank tested its own shard: the union, in order
-                        culprits = list(dict.fromkeys(c for found in distributed.all_gather_object(culprits) for c in found))
-                    finite = ", ".join(f"{n}={v:.4g}" for n, v in values.items())
-                    what = (
-                        f"gradient became non-finite at step {bad_step} (epoch {epoch + 1}; "
-                        f"term(s): {', '.join(culprits) or 'none on replay'}; loss terms were finite: {finite})"
-                    )
-                raise TrainingError(
-                    f"{desc}: {what}; the last good checkpoint is kept"
-                    + (f" in {ckpt_path}" if ckpt_path and ckpt_path.exists() else "")
-                    + ". Lower the learning rate, add warm-up or set train.grad_clip."
-                )
-            steps = done  # this epoch's steps: fewer than steps_per_epoch when a budget ends it
-            position = epoch * steps_per_epoch + done  # optimizer steps done in the run
-            steps_run = position
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "lr": base_lrs[0] * lr_factor(position - 1, total_steps, steps_per_epoch, cfg.schedule),
-                "train_loss": s[0] / steps,
-                **{f"train_{n}": v / steps for n, v in zip(term_names, s[1:-2])},
-                "train_top1": 100 * s[-2] / s[-1],
-                "train_seconds": epoch_seconds,
-                "train_images": int(s[-1]),
-                "images_per_second": s[-1] / epoch_seconds,
-            }
-            train_seconds += epoch_seconds
-            images_seen += int(s[-1])
-            overhead_start = time.perf_counter()
-            distributed.average_batchnorm_stats(task)  # every rank evaluates and saves the same model
-            for name, data in eval_sets.items():
-                logits = predict(model, data, cfg.amp)
-                for k, v in quick_metrics(logits, data.labels).items():
-                    record[f"{name}_{k}"] = v
-            history.append(record)
-            log(
-                f"{desc} epoch {epoch + 1}/{epochs_label()}: loss {record['train_loss']:.3f} train {record['train_top1']:.1f}%"
-                + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in eval_sets)
-                + f" ({record['images_per_second']:.0f} img/s)"
-            )
-            metrics_log.append(record)
-
-            if chance and eval_sets:
-                watched = next(iter(eval_sets))
-                key = f"{watched}_top1"
-                best = max(h[key] for h in history)
-                if record[key] <= 1.2 * chance and best >= 2 * chance:
-                    raise TrainingError(
-                        f"{desc}: training collapsed at epoch {epoch + 1}: {watched} accuracy fell from {best:.1f}% "
-                        f"to {record[key]:.1f}% (chance {chance:.1f}%). Lower the learning rate, add warm-up or set train.grad_clip."
-                    )
-
-            if budget is not None:
-                budget.epoch_end(time.perf_counter() - overhead_start, position)
-                # several ranks: rank 0's plan, so that all checkpoint and stop at the same step
-                total_steps = budget.total_steps if world == 1 else distributed.agree(False, budget.total_steps, device)[1]
-            if ckpt_path and (position >= total_steps or (epoch + 1) % cfg.checkpoint_every == 0):
-                write_checkpoint(epoch + 1)
-            epoch += 1
-
-    report = None
-    if budget is not None:
-        report = budget.report(steps_run)
-        log(
-            f"{desc}: budget {format_seconds(budget.seconds)}: {steps_run} steps ({report['epochs']:.1f} epochs) in "
-            f"{format_seconds(report['wall_seconds'])} ({100 * report['fraction_used']:.0f}% of the budget)"
-            + "".join(f", {name} {history[-1][name + '_top1']:.1f}%" for name in eval_sets if history)
-        )
-    return FitResult(
-        model=model,
-        history=history,
-        checkpoint=ckpt_path,
-        train_seconds=train_seconds,
-        images_per_second=images_seen / train_seconds if train_seconds else 0.0,
-        budget=report,
-    )

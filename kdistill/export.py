@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdistill.checkpoint import load_model
+from kdistill.data.dataset import load_dataset
 from kdistill.data.loader import Normalize
 from kdistill.errors import ExportError
 from kdistill.evaluate import time_calls
@@ -324,9 +326,6 @@ def export_checkpoint(
     """``kdistill export``: write a checkpoint's model as ONNX or TorchScript next to it (or
     at ``output``), verified against PyTorch on the test images of the data set it was
     trained on (or ``dataset``); ONNX files can also be quantized to int8."""
-    from kdistill.checkpoint import load_model
-    from kdistill.data.dataset import load_dataset
-
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if quantization and fmt != "onnx":

@@ -36,20 +36,21 @@ import torch
 from kdistill import api
 from kdistill.config import DistillConfig, RunConfig
 from kdistill.configbase import format_errors
-from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import GracefulInterrupt, predict, select_device
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.evaluate import agreement, count_macs
 from kdistill.files import atomic_write_text
 from kdistill.methods import METHODS, needs_features, set_option, taking
-from kdistill.models import MODELS, count_parameters, create_model
+from kdistill.models import MODELS, count_parameters
 from kdistill.progress import log, plain_progress_only
-from kdistill.study import (
+from kdistill.runs import (
     budget_left,
     build_teacher,
     load_data,
     model_spec,
+    new_model,
     open_run_dir,
+    test_set,
     train_config,
 )
 from kdistill.teacher_cache import TeacherCache
@@ -165,9 +166,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
             )
             cache_seconds = time.perf_counter() - t0
 
-    mean, std = ds.mean_std()
-    test = EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
-    teacher_logits = predict(teacher, test).cpu()
+    teacher_logits = predict(teacher, test_set(ds, device)).cpu()
     shared = _Shared(cfg, run_dir, resume, device, ds, teacher, teacher_spec, cache, teacher_logits)
     done: dict[int, dict] = {}
     pending: list[int] = []
@@ -199,8 +198,7 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
     out = shared.run_dir / point.name
     log(f"sweep {i + 1}/{total}: {point.name}")
     spec = model_spec(point.student, {}, ds.num_classes)
-    torch.manual_seed(cfg.seed)  # every student of an architecture starts from the same weights
-    student = create_model(point.student, **spec["kwargs"])
+    student = new_model(spec, cfg.seed)  # every student of an architecture starts from the same weights
     use_cache = shared.cache if not point.needs_features else None
     r = api.distill(
         shared.teacher, student, ds, methods=point.methods, alpha=point.alpha, config=train_config(cfg, "distill", budget),

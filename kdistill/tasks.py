@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from kdistill.data.loader import Batch
 from kdistill.errors import ConfigError
-from kdistill.methods import Method
+from kdistill.methods import Method, kd_loss
 from kdistill.models.base import KDModel, ModelOutput, forward_all
 from kdistill.teacher_cache import TeacherCache
 
@@ -132,8 +132,6 @@ class MutualLearning(nn.Module):
         return [self.model, *self.peers]
 
     def forward(self, batch: Batch, epoch: float) -> tuple[Tensor, dict[str, Tensor]]:
-        from kdistill.methods.kd import kd_loss
-
         logits = [m(batch.images).float() for m in self.all_models]
         K = len(logits)
         losses = {}

@@ -295,7 +295,7 @@ def test_methods_command(capsys: pytest.CaptureFixture) -> None:
 
 def test_a_teacher_trained_on_the_validation_images_is_flagged(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
     from kdistill.data.dataset import load_dataset
-    from kdistill.study import build_teacher, teacher_saw_validation
+    from kdistill.runs import build_teacher, teacher_saw_validation
 
     path = finished_run / "teacher" / "checkpoint.pt"
     state = load_checkpoint(path)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from kdistill.data.archive import sha256_file
+from kdistill.data.cifar import load_cifar
 from kdistill.data.imagefolder import is_archive, load_imagefolder
 from kdistill.errors import CheckpointError, DataError
 from kdistill.files import TMP_SUFFIX, atomic_write
@@ -134,8 +135,6 @@ def load_dataset(
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     name = str(dataset)
     if name in DOWNLOADABLE:
-        from kdistill.data.cifar import load_cifar
-
         arrays = load_cifar(name, data_dir / name, download=download)
         if image_size != 32:
             raise DataError(f"data.image_size={image_size}: {name} images are 32x32; use image_size: 32")

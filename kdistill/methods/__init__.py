@@ -27,6 +27,7 @@ from kdistill.methods.sp import SP
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (KD, DKD, LogitStdKD, DIST, FitNets, AT, SP, RKD, PKT, CRD)
 }
+DEFAULT_METHOD = KD.name  # Hinton et al.'s, when a run names none
 
 
 class UnknownMethod(ValueError):
@@ -92,6 +93,6 @@ def build_methods(parsed: dict[str, MethodOptions], context: MethodContext) -> d
 
 
 __all__ = [
-    "METHODS", "Method", "UnknownMethod", "MethodContext", "MethodOptions", "build_methods", "kd_loss", "method_class", "needs_features",
+    "DEFAULT_METHOD", "METHODS", "Method", "UnknownMethod", "MethodContext", "MethodOptions", "build_methods", "kd_loss", "method_class", "needs_features",
     "parse_method_options", "parse_methods", "set_option", "soft_target_temperature", "taking",
 ]

@@ -5,7 +5,7 @@ import sys
 
 from kdistill.cli import main
 from kdistill.config import validate_config
-from kdistill.study import open_run_dir
+from kdistill.runs import open_run_dir
 
 
 def test_second_run_into_a_locked_run_dir_is_refused(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     code = f"""
 import os, sys
 from kdistill.config import validate_config
-from kdistill.study import open_run_dir
+from kdistill.runs import open_run_dir
 with open_run_dir(validate_config({{'name': 'dead', 'output_dir': {str(tmp_path)!r}}}), False):
     os.kill(os.getpid(), 9)
 """

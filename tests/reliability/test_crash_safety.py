@@ -22,7 +22,7 @@ from kdistill.cli import main
 from kdistill.config import validate_config
 from kdistill.errors import CheckpointError
 from kdistill.files import atomic_write, atomic_write_text
-from kdistill.study import open_run_dir
+from kdistill.runs import open_run_dir
 
 from .bad_inputs import fail_writes
 from .conftest import PYTHON, REPO, cli_env

@@ -1,0 +1,123 @@
+"""The single-model commands: ``train``, ``distill``, ``mutual``, ``cache-teacher`` and
+``evaluate``. Each takes a validated config (or a checkpoint) and does the work; the CLI
+only parses, calls these and prints. They train with the study's phase functions, so a
+``kdistill train`` is the teacher phase of a ``kdistill run``, alone.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from kdistill import api
+from kdistill.checkpoint import load_model
+from kdistill.config import RunConfig
+from kdistill.data.dataset import load_dataset
+from kdistill.engine import predict, select_device
+from kdistill.errors import CheckpointError
+from kdistill.evaluate import agreement, classification_metrics, profile_model
+from kdistill.runs import (
+    budget_left,
+    build_teacher,
+    job,
+    load_data,
+    model_spec,
+    new_model,
+    open_run_dir,
+    profile_seconds,
+    test_set,
+    train_config,
+    write_single_summary,
+)
+from kdistill.study import distill_phase, train_phase
+from kdistill.teacher_cache import TeacherCache
+
+
+def train_model(cfg: RunConfig, resume: bool) -> Path:
+    """``kdistill train``: the config's teacher model trained with cross-entropy."""
+    start = time.perf_counter()
+    with job(cfg), open_run_dir(cfg, resume) as run_dir:
+        ds = load_data(cfg)
+        spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+        model = new_model(spec, cfg.seed)
+        result = train_phase(
+            cfg, ds, model, spec, "teacher", run_dir, device=select_device(cfg.device), resume=resume,
+            budget=budget_left(cfg, start), desc=cfg.teacher.name,
+        )
+        write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=profile_seconds(cfg))
+        return run_dir
+
+
+def distill_model(cfg: RunConfig, resume: bool) -> Path:
+    """``kdistill distill``: the config's student distilled from a trained teacher."""
+    start = time.perf_counter()
+    with job(cfg), open_run_dir(cfg, resume) as run_dir:
+        ds = load_data(cfg)
+        device = select_device(cfg.device)
+        teacher, teacher_spec = build_teacher(cfg, ds.num_classes, device, ds)
+        spec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+        student = new_model(spec, cfg.seed)
+        result = distill_phase(
+            cfg, ds, teacher, teacher_spec, student, spec, run_dir, device=device, resume=resume,
+            budget=budget_left(cfg, start), desc="distill",
+        )
+        write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=profile_seconds(cfg))
+        return run_dir
+
+
+def mutual_models(cfg: RunConfig, resume: bool) -> Path:
+    """``kdistill mutual``: the config's ``mutual.models`` trained together (deep mutual learning)."""
+    start = time.perf_counter()
+    with job(cfg), open_run_dir(cfg, resume) as run_dir:
+        ds = load_data(cfg)
+        specs = [model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
+        models = [new_model(spec, cfg.seed + i) for i, spec in enumerate(specs)]  # peers of one architecture must not start identical
+        results = api.mutual(
+            models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=train_config(cfg, "student", budget_left(cfg, start)),
+            data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=resume, seed=cfg.seed, model_specs=specs,
+        )
+        for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
+            write_single_summary(run_dir / f"model{i}", name, result, ds)
+        return run_dir
+
+
+def cache_teacher(cfg: RunConfig, out: Path, top_k: int = 0, dtype: str = "float16") -> TeacherCache:
+    """``kdistill cache-teacher``: the trained teacher's logits on every augmented view of
+    the distillation's epochs, written to ``out``. Under torchrun the ranks share the work;
+    rank 0 writes the file."""
+    with job(cfg):
+        ds = load_data(cfg)
+        device = select_device(cfg.device)
+        teacher, _ = build_teacher(cfg, ds.num_classes, device, ds)
+        tcfg = cfg.train_for("distill")
+        return api.cache_teacher(
+            teacher, ds, epochs=tcfg.epochs, path=out, data=cfg.data, seed=cfg.seed, device=device,
+            batch_size=tcfg.eval_batch_size, channels_last=tcfg.channels_last, amp=tcfg.amp, top_k=top_k, dtype=dtype,
+        )
+
+
+def evaluate_checkpoint(path: Path, dataset: str | None = None, data_dir: Path | None = None, device: str = "auto",
+                        teacher: Path | None = None) -> dict[str, Any]:
+    """``kdistill evaluate``: a checkpoint's test metrics (on its own data set unless
+    ``dataset`` names another), its agreement with ``teacher``, and its profile."""
+    device = select_device(device)
+    model, state = load_model(path)
+    if state.get("model_spec") is None:
+        raise CheckpointError(f"{path} holds a model trained through the Python API without a registry name; evaluate it from Python")
+    info = state.get("data", {})
+    dataset = dataset or info.get("dataset")
+    ds = load_dataset(dataset, info.get("image_size", 32), data_dir)
+    expected = state["model_spec"]["kwargs"].get("num_classes")
+    if expected is not None and expected != ds.num_classes:
+        raise CheckpointError(f"{path} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
+    test = test_set(ds, device, info.get("mean"), info.get("std"))  # the checkpoint's own normalisation
+    logits = predict(model.to(device), test, desc="evaluate")
+    metrics = {"checkpoint": str(path), "dataset": dataset, "test": classification_metrics(logits, ds.test_labels, ds.classes)}
+    if teacher:
+        teacher_model, _ = load_model(Path(teacher))
+        metrics["agreement"] = agreement(logits, predict(teacher_model.to(device), test))
+    metrics["profile"] = profile_model(model, ds.image_shape)
+    return metrics
+
+
