@@ -1,4 +1,4 @@
-"""Command line: ``kdistill run | train | distill | cache-teacher | mutual | sweep | bench | evaluate | report | export | models | methods``.
+"""Command line: ``kdistill run | train | distill | cache-teacher | mutual | sweep | evaluate | report | export | models | methods``.
 
 Every training command reads a YAML config (``--config``, default: the bundled
 quickstart) and accepts ``--set key.path=value`` overrides plus a few shortcuts
@@ -110,11 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=float, nargs="+", help="alphas (default: distill.alpha)")
     p.add_argument("--jobs", "-j", default="1", help="configurations trained at once, each in its own process with its share of "
                    "the CPU cores, or one GPU each; 'auto': one per core (at most 4) or per GPU (default 1)")
-
-    p = sub.add_parser("bench", help="training images/s: kdistill's pipeline vs the model-only ceiling vs a tutorial-style loop")
-    from kdistill.bench import add_arguments
-
-    add_arguments(p)
 
     p = sub.add_parser("report", help="(re)write the report of a run, or compare several runs in one report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `kdistill run`")
@@ -323,12 +318,6 @@ def cmd_sweep(args) -> None:
     run_sweep(cfg, points, resume=args.resume, jobs=jobs)
 
 
-def cmd_bench(args) -> None:
-    from kdistill.bench import main as bench
-
-    print(bench(args), end="")
-
-
 def cmd_evaluate(args) -> None:
     from kdistill.checkpoint import load_model
     from kdistill.data.dataset import load_dataset
@@ -427,7 +416,7 @@ def cmd_methods(args) -> None:
 
 COMMANDS = {
     "run": cmd_run, "train": cmd_train, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "mutual": cmd_mutual,
-    "sweep": cmd_sweep, "bench": cmd_bench, "evaluate": cmd_evaluate, "report": cmd_report, "export": cmd_export,
+    "sweep": cmd_sweep, "evaluate": cmd_evaluate, "report": cmd_report, "export": cmd_export,
     "models": cmd_models, "methods": cmd_methods,
 }
 
