@@ -64,6 +64,7 @@ def test_the_table_gives_each_method_its_mean_gain_over_the_same_seeds_baseline(
     assert json.loads(out.with_suffix(".json").read_text()) == result
 
 
+@pytest.mark.slow
 def test_throughput_quick_writes_a_table(tmp_path: Path) -> None:
     out = tmp_path / "throughput.md"
     args = ["--quick", "--device", "cpu", "--steps", "2", "--batch-size", "32", "--workers", "1", "--out", str(out)]
