@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import torch
+from machine import machine_description
 
 import kdistill
-from kdistill.bench import machine_description
 from kdistill.checkpoint import load_model
 from kdistill.config import load_config, parse_duration
 from kdistill.runs import load_data

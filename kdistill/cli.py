@@ -1,4 +1,4 @@
-"""Command line: ``kdistill run | train | distill | cache-teacher | mutual | sweep | bench | evaluate | report | export | models | methods``.
+"""Command line: ``kdistill run | train | distill | cache-teacher | mutual | sweep | evaluate | report | export | models | methods``.
 
 Every training command reads a YAML config (``--config``, default: the bundled
 quickstart) and accepts ``--set key.path=value`` overrides plus a few shortcuts
@@ -121,11 +121,6 @@ def _add_tool_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--debug", action="store_true")
 
-    p = sub.add_parser("bench", help="training images/s: kdistill's pipeline vs the model-only ceiling vs a tutorial-style loop")
-    from kdistill.bench import add_arguments
-
-    add_arguments(p)
-
     p = sub.add_parser("report", help="(re)write the report of a run, or compare several runs in one report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `kdistill run`")
     p.add_argument("--output", "-o", help="folder of the comparison report (several runs; default reports/<names joined by '-vs-'>)")
@@ -226,12 +221,6 @@ def cmd_sweep(args) -> None:
     run_sweep(cfg, points, resume=args.resume, jobs=jobs)
 
 
-def cmd_bench(args) -> None:
-    from kdistill.bench import main as bench
-
-    print(bench(args), end="")
-
-
 def cmd_evaluate(args) -> None:
     metrics = commands.evaluate_checkpoint(
         Path(args.checkpoint), args.data, Path(args.data_dir) if args.data_dir else None, args.device, Path(args.teacher) if args.teacher else None
@@ -300,7 +289,7 @@ def cmd_methods(args) -> None:
 
 COMMANDS = {
     "run": cmd_run, "train": cmd_train, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "mutual": cmd_mutual,
-    "sweep": cmd_sweep, "bench": cmd_bench, "evaluate": cmd_evaluate, "report": cmd_report, "export": cmd_export,
+    "sweep": cmd_sweep, "evaluate": cmd_evaluate, "report": cmd_report, "export": cmd_export,
     "models": cmd_models, "methods": cmd_methods,
 }
 

@@ -1,24 +1,35 @@
-"""The benchmark scripts' own logic (their measurements are run by hand, not here)."""
+"""The benchmark scripts' own logic (their measurements are run by hand, not here), and
+the throughput harness end to end on a few steps of the bundled sample."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):
+    """benchmarks/NAME.py as a module; its folder is on sys.path while it loads, as when
+    it runs as a script (for ``from machine import ...``)."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     return module
 
 
 methods_cifar10 = _script("methods_cifar10")
+throughput = _script("throughput")
 
 
 def test_row_names_carry_the_recipe_and_the_method_options():
@@ -51,3 +62,34 @@ def test_the_table_gives_each_method_its_mean_gain_over_the_same_seeds_baseline(
     assert "| dkd:beta=2 | 70.00 ± 0.50 | +1.00 | 80.00 ± 0.00 | 10 |" in table
     assert "| fitnets | seed 0: training collapsed |" in table
     assert json.loads(out.with_suffix(".json").read_text()) == result
+
+
+@pytest.mark.slow
+def test_throughput_quick_writes_a_table(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.md"
+    args = ["--quick", "--device", "cpu", "--steps", "2", "--batch-size", "32", "--workers", "1", "--out", str(out)]
+    done = subprocess.run([sys.executable, "benchmarks/throughput.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    assert text == done.stdout
+    assert "Command: `python benchmarks/throughput.py --quick" in text and f"torch {torch.__version__}" in text and "threads" in text
+    live = next(line for line in text.splitlines() if line.startswith("| seed_teacher → seed_student | live |"))
+    cells = [c.strip() for c in live.strip("|").split("|")]
+    assert all(c[0].isdigit() for c in cells[2:])  # three rates and two ratios
+    assert "| seed_teacher → seed_student | cache |" in text
+
+
+def test_throughput_rejects_a_pair_without_a_student(capsys) -> None:
+    assert throughput.main(["--pair", "seed_teacher", "--quick"]) == 2
+    assert "expected TEACHER:STUDENT" in capsys.readouterr().err
+
+
+def test_throughput_ratios_are_the_median_of_each_rounds_ratio(capsys) -> None:
+    ratio = throughput.ratio
+    # a machine whose speed changed between rounds: every round says 0.9
+    rounds = [{"pipeline": 900.0, "ceiling": 1000.0}, {"pipeline": 90.0, "ceiling": 100.0}, {"pipeline": 450.0, "ceiling": 500.0}]
+    result = {"rounds": rounds, "median": {"pipeline": 450.0, "ceiling": 110.0}}  # pooled medians: not used
+    assert ratio(result, "pipeline", "ceiling") == pytest.approx(0.9)
+    assert ratio(result, "pipeline", "reference") is None
+    assert throughput.main(["--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err

@@ -60,6 +60,7 @@ def small(mini):
     return dataclasses.replace(mini, train_images=mini.train_images[idx], train_labels=mini.train_labels[idx])
 
 
+@pytest.mark.slow
 def test_mutual_api_trains_every_model(small):
     torch.manual_seed(0)
     models = [kdistill.create_model("seed_student") for _ in range(2)]

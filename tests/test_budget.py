@@ -92,6 +92,7 @@ def small(mini: ImageDataset) -> ImageDataset:
     )
 
 
+@pytest.mark.slow
 def test_training_run_ends_on_budget(small: ImageDataset) -> None:
     torch.manual_seed(0)
     model = kdistill.create_model("seed_student")
@@ -107,6 +108,7 @@ def test_training_run_ends_on_budget(small: ImageDataset) -> None:
     assert sum(h["train_images"] for h in r.history) == b["steps"] * 64
 
 
+@pytest.mark.slow
 def test_budget_with_a_cache_stops_at_the_cached_epochs(small: ImageDataset) -> None:
     torch.manual_seed(0)
     teacher = kdistill.create_model("seed_teacher")
@@ -132,6 +134,7 @@ def test_cli_budget_too_small_is_one_line(tmp_path: Path, capsys) -> None:
     assert err.startswith("kdistill: error: budget:") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_mutual_learning_reports_its_budget(small: ImageDataset) -> None:
     torch.manual_seed(0)
     models = [kdistill.create_model("seed_student") for _ in range(2)]

@@ -146,6 +146,7 @@ def _scenario_equivalence(rank: int, out: Path, small: dict) -> None:
         (out / f"syncbn{rank}.txt").write_text(str(e))
 
 
+@pytest.mark.slow
 def test_two_ranks_train_like_one_process(small: dict, tmp_path: Path) -> None:
     reference = _distill(small, tmp_path / "single")
     _launch(_scenario_equivalence, tmp_path, small)
@@ -175,6 +176,7 @@ def test_two_ranks_train_like_one_process(small: dict, tmp_path: Path) -> None:
     assert "train.sync_batchnorm" in message and "CUDA" in message
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_same_step(small: dict) -> None:
     """One process: 4 micro-batches of 8 make the step of one batch of 32."""
     whole = _distill(small, epochs=1)
@@ -216,6 +218,7 @@ def _scenario_resume(rank: int, out: Path, small: dict, name: str) -> None:
     torch.save(result.model.state_dict(), out / f"{name}{rank}.pt")
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_resume_under_two_ranks(small: dict, tmp_path: Path) -> None:
     _launch(_scenario_interrupt, tmp_path, small, "ref", None)
     _launch(_scenario_interrupt, tmp_path, small, "cut", 3)  # 16 steps per epoch
@@ -250,6 +253,7 @@ def _scenario_budget(rank: int, out: Path, small: dict) -> None:
     torch.save({"weights": result.model.state_dict(), "steps": result.budget["steps"], "epochs": len(result.history)}, out / f"budget{rank}.pt")
 
 
+@pytest.mark.slow
 def test_a_budget_is_planned_by_rank_zero_for_every_rank(small: dict, tmp_path: Path) -> None:
     _launch(_scenario_budget, tmp_path, small)
     assert not _errors(tmp_path), _errors(tmp_path)
@@ -266,6 +270,7 @@ def _scenario_cache(rank: int, out: Path, small: dict, cache: Path) -> None:
     torch.save(result.model.state_dict(), out / f"cached{rank}.pt")
 
 
+@pytest.mark.slow
 def test_a_teacher_cache_serves_every_rank_by_sample_index(small: dict, tmp_path: Path) -> None:
     torch.manual_seed(1)
     teacher = kdistill.create_model("seed_student")  # the teacher of _distill
@@ -353,7 +358,7 @@ def _scenario_failing_rank(rank: int, out: Path, small: dict, how: str, timeout_
         (out / f"seconds{rank}.txt").write_text(str(time.monotonic() - start))
 
 
-@pytest.mark.parametrize("how", ["dies", "hangs"])
+@pytest.mark.parametrize("how", ["dies", pytest.param("hangs", marks=pytest.mark.slow)])
 def test_a_failing_rank_fails_the_job_in_bounded_time(small: dict, tmp_path: Path, how: str) -> None:
     timeout_s = 5.0
     _launch(_scenario_failing_rank, tmp_path, small, how, timeout_s, timeout=90, wait_for=1)

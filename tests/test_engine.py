@@ -165,6 +165,7 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+# trains 4 epochs: the tests that use it are marked slow
 @pytest.fixture(scope="module")
 def uninterrupted(
     mini: ImageDataset, tmp_path_factory: pytest.TempPathFactory
@@ -176,6 +177,7 @@ def uninterrupted(
     return run_dir, result
 
 
+@pytest.mark.slow
 def test_train_writes_run_dir(uninterrupted) -> None:
     run_dir, result = uninterrupted
     rows = _metrics(run_dir)
@@ -207,6 +209,7 @@ def _load_weights(state: dict) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_run(
     uninterrupted, mini: ImageDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,6 +243,7 @@ def test_resume_equals_uninterrupted_run(
     assert torch.equal(result_b.test_logits, result_a.test_logits)
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_trains_nothing(
     uninterrupted, mini: ImageDataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -259,6 +263,7 @@ def test_resume_of_a_finished_run_trains_nothing(
     assert len(_metrics(run_a)) == 4
 
 
+@pytest.mark.slow
 def test_resume_into_another_model_is_refused(uninterrupted, mini: ImageDataset) -> None:
     run_a, _ = uninterrupted
     torch.manual_seed(0)
@@ -267,6 +272,7 @@ def test_resume_into_another_model_is_refused(uninterrupted, mini: ImageDataset)
         kdistill.train(other, **_subset(mini), run_dir=run_a, resume=True, **SETTINGS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "named"),
     [({"epochs": 6}, r"train.epochs=4 \(this run: 6\)"), ({"lr": 0.2}, r"train.optimizer.lr=0.05 \(this run: 0.2\)")],
@@ -280,6 +286,7 @@ def test_resume_with_other_settings_is_refused(uninterrupted, mini: ImageDataset
     assert (run_a / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_distill_resume_equals_uninterrupted_run(
     mini: ImageDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -442,6 +449,7 @@ def test_malicious_pickle_is_refused(tmp_path: Path, container: str) -> None:
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_load_model_rebuilds_the_model(uninterrupted) -> None:
     run_dir, result = uninterrupted
     model, state = load_model(run_dir / "checkpoint.pt")
@@ -455,6 +463,7 @@ def test_load_model_rebuilds_the_model(uninterrupted) -> None:
         torch.testing.assert_close(model(x), result.model.cpu()(x))
 
 
+@pytest.mark.slow
 def test_load_model_without_spec(mini: ImageDataset, tmp_path: Path) -> None:
     kdistill.train(_student(), **_subset(mini), run_dir=tmp_path, **{**SETTINGS, "epochs": 1})
     with pytest.raises(CheckpointError):
@@ -490,6 +499,7 @@ class _Recorder:
         return set(ids)
 
 
+@pytest.mark.slow
 def test_distill_optimizes_only_the_student(
     mini: ImageDataset, monkeypatch: pytest.MonkeyPatch
 ) -> None:

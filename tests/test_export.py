@@ -100,6 +100,7 @@ def checkpoint(tmp_path: Path, mini: ImageDataset) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_export_command_onnx_with_int8(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["export", str(checkpoint), "--format", "onnx", "--quantize", "dynamic", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
@@ -116,6 +117,7 @@ def test_export_command_onnx_with_int8(checkpoint: Path, capsys: pytest.CaptureF
     assert out.startswith(f"onnx: {checkpoint.parent / 's.onnx'}") and "top-1 identical on 100.00% of 1000 test images" in out
 
 
+@pytest.mark.slow
 def test_export_command_torchscript(checkpoint: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["export", str(checkpoint), "--format", "torchscript", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -1,6 +1,7 @@
 """The Python API distills any classifier, not only CNNs on images: here 1-D convolutional
 and recurrent sequence classifiers on synthetic data built in the test."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -41,6 +42,7 @@ class GRUSeq(nn.Module):
         return self.head(out[:, -1])
 
 
+@pytest.mark.slow
 def test_distill_sequence_classifiers_from_tensors_and_iterables():
     train, test = make_sequences(1024, 0), make_sequences(512, 1)
     torch.manual_seed(0)

@@ -639,6 +639,7 @@ def mini(tmp_path_factory):
     return student_ds, teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(E2E))
 def test_end_to_end_tiny(name: str, mini) -> None:
     data, teacher = mini

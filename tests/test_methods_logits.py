@@ -366,6 +366,7 @@ def trained(mini: ImageDataset) -> tuple[ImageDataset, torch.nn.Module, float]:
     return ds, teacher, result.metrics["top1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cls, options, terms",
     [

@@ -22,6 +22,7 @@ def small(mini):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(kdistill.METHODS))
 def test_every_method_distills_and_checkpoints(name, small, tmp_path):
     torch.manual_seed(0)
@@ -43,6 +44,7 @@ def _context(teacher, student, ds):
     return MethodContext(feature_shapes(student, ds.image_shape), feature_shapes(teacher, ds.image_shape), 10, len(ds.train_labels), 1)
 
 
+@pytest.mark.slow
 def test_combined_methods_have_separate_weights(small):
     torch.manual_seed(0)
     teacher, student = kdistill.create_model("seed_teacher"), kdistill.create_model("seed_student")

@@ -161,6 +161,7 @@ def _embedded_images(html_text: str) -> list[bytes]:
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html_text)]
 
 
+@pytest.mark.slow
 def test_report_of_a_run(tmp_path: Path) -> None:
     run = fake_run(tmp_path, "t4", 4.0)
     md = write_report(run)
@@ -208,6 +209,7 @@ def test_report_without_deployment_or_new_metrics(tmp_path: Path) -> None:
     check_html((run / "report.html").read_text())
 
 
+@pytest.mark.slow
 def test_report_command_compares_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     a, b = fake_run(tmp_path / "runs", "t2", 2.0, seed=0), fake_run(tmp_path / "runs", "t4", 4.0, seed=1)
     out = tmp_path / "cmp"

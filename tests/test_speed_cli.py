@@ -1,5 +1,6 @@
 """The speed commands end to end on the bundled sample: cache-teacher + distill
---teacher-cache, sweep (leaderboard, CSV, plot), bench, run --budget."""
+--teacher-cache, sweep (leaderboard, CSV, plot), run --budget. The throughput harness
+(benchmarks/throughput.py) is tested in test_benchmark_scripts.py."""
 
 from __future__ import annotations
 
@@ -139,20 +140,6 @@ def test_sweep_runs_feature_methods_live(teacher_ckpt: Path, tmp_path: Path, cap
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-def test_bench_quick_writes_a_table(tmp_path: Path, capsys) -> None:
-    out = tmp_path / "throughput.md"
-    assert main(["bench", "--quick", "--device", "cpu", "--steps", "2", "--batch-size", "32", "--workers", "1", "--out", str(out)]) == 0
-    text = out.read_text()
-    assert text == capsys.readouterr().out
-    assert "Command: `kdistill bench --quick" in text and f"torch {torch.__version__}" in text and "threads" in text
-    live = next(line for line in text.splitlines() if line.startswith("| seed_teacher → seed_student | live |"))
-    cells = [c.strip() for c in live.strip("|").split("|")]
-    assert all(c[0].isdigit() for c in cells[2:])  # three rates and two ratios
-    assert "| seed_teacher → seed_student | cache |" in text
-    assert main(["bench", "--pair", "seed_teacher", "--quick"]) == 2
-    assert "expected TEACHER:STUDENT" in capsys.readouterr().err
-
-
 @pytest.mark.slow
 def test_run_with_budget_plans_every_phase(mini: ImageDataset, tmp_path: Path) -> None:
     # Behaviour only: how close a run ends to its budget depends on the machine's load and is
@@ -164,14 +151,3 @@ def test_run_with_budget_plans_every_phase(mini: ImageDataset, tmp_path: Path) -
     assert all(s > 0 for s in steps.values())
     assert "Time budget: 40 s" in (tmp_path / "r" / "report.md").read_text()
 
-
-def test_bench_ratios_are_the_median_of_each_rounds_ratio(capsys) -> None:
-    from kdistill.bench import ratio
-
-    # a machine whose speed changed between rounds: every round says 0.9
-    rounds = [{"pipeline": 900.0, "ceiling": 1000.0}, {"pipeline": 90.0, "ceiling": 100.0}, {"pipeline": 450.0, "ceiling": 500.0}]
-    result = {"rounds": rounds, "median": {"pipeline": 450.0, "ceiling": 110.0}}  # pooled medians: not used
-    assert ratio(result, "pipeline", "ceiling") == pytest.approx(0.9)
-    assert ratio(result, "pipeline", "reference") is None
-    assert main(["bench", "--rounds", "0"]) == 2
-    assert "--rounds must be at least 1" in capsys.readouterr().err

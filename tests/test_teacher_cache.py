@@ -77,6 +77,7 @@ def test_cached_and_live_losses_match_step_by_step(small, teacher, cache32) -> N
     torch.testing.assert_close(a["kd"], b["kd"], rtol=2e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cached_distillation_trains_like_live(small, teacher, cache32, tmp_path: Path) -> None:
     kw = dict(epochs=2, batch_size=64, device="cpu", lr=0.02)
     live = kdistill.distill(teacher, _model("seed_student", 1), small, **kw)

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from kdistill.cli import main
 from kdistill.config import validate_config
 from kdistill.runs import open_run_dir
@@ -21,6 +23,7 @@ def test_second_run_into_a_locked_run_dir_is_refused(tmp_path, capsys):
         pass
 
 
+@pytest.mark.slow
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     cfg = validate_config({"name": "dead", "output_dir": str(tmp_path)})
     code = f"""

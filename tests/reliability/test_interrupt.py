@@ -12,6 +12,8 @@ import torch
 import kdistill
 import kdistill.engine as engine
 
+pytestmark = pytest.mark.slow  # every test trains and resumes a run
+
 
 @pytest.fixture(scope="module")
 def small(mini):
