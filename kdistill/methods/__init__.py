@@ -87,8 +87,10 @@ def soft_target_temperature(methods: dict[str, dict[str, Any] | None], parsed: d
     return 1.0
 
 
-def build_methods(parsed: dict[str, MethodOptions], context: MethodContext) -> dict[str, Method]:
-    """The methods' modules from their parsed options (:func:`parse_methods`)."""
+def build_methods(methods: dict[str, MethodOptions | dict[str, Any] | None], context: MethodContext) -> dict[str, Method]:
+    """The methods' modules from their options: parsed already (:func:`parse_methods`, as a
+    config holds them) or plain dicts, parsed here."""
+    parsed = {n: o if isinstance(o, MethodOptions) else parse_method_options(n, o or {}) for n, o in methods.items()}
     return {name: METHODS[name](options, context) for name, options in parsed.items()}
 
 
