@@ -10,26 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kdistill import api
+from kdistill import api, runs
 from kdistill.checkpoint import load_model
 from kdistill.config import RunConfig
 from kdistill.data.dataset import load_dataset
 from kdistill.engine import predict, select_device
 from kdistill.errors import CheckpointError
 from kdistill.evaluate import agreement, classification_metrics, profile_model
-from kdistill.runs import (
-    budget_left,
-    build_teacher,
-    job,
-    load_data,
-    model_spec,
-    new_model,
-    open_run_dir,
-    profile_seconds,
-    test_set,
-    train_config,
-    write_single_summary,
-)
 from kdistill.study import distill_phase, train_phase
 from kdistill.teacher_cache import TeacherCache
 
@@ -37,48 +24,48 @@ from kdistill.teacher_cache import TeacherCache
 def train_model(cfg: RunConfig, resume: bool) -> Path:
     """``kdistill train``: the config's teacher model trained with cross-entropy."""
     start = time.perf_counter()
-    with job(cfg), open_run_dir(cfg, resume) as run_dir:
-        ds = load_data(cfg)
-        spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
-        model = new_model(spec, cfg.seed)
+    with runs.job(cfg), runs.open_run_dir(cfg, resume) as run_dir:
+        ds = runs.load_data(cfg)
+        spec = runs.model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+        model = runs.new_model(spec, cfg.seed)
         result = train_phase(
             cfg, ds, model, spec, "teacher", run_dir, device=select_device(cfg.device), resume=resume,
-            budget=budget_left(cfg, start), desc=cfg.teacher.name,
+            budget=runs.budget_left(cfg, start), desc=cfg.teacher.name,
         )
-        write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=profile_seconds(cfg))
+        runs.write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=runs.profile_seconds(cfg))
         return run_dir
 
 
 def distill_model(cfg: RunConfig, resume: bool) -> Path:
     """``kdistill distill``: the config's student distilled from a trained teacher."""
     start = time.perf_counter()
-    with job(cfg), open_run_dir(cfg, resume) as run_dir:
-        ds = load_data(cfg)
+    with runs.job(cfg), runs.open_run_dir(cfg, resume) as run_dir:
+        ds = runs.load_data(cfg)
         device = select_device(cfg.device)
-        teacher, teacher_spec = build_teacher(cfg, ds.num_classes, device, ds)
-        spec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
-        student = new_model(spec, cfg.seed)
+        teacher, teacher_spec = runs.build_teacher(cfg, ds.num_classes, device, ds)
+        spec = runs.model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+        student = runs.new_model(spec, cfg.seed)
         result = distill_phase(
             cfg, ds, teacher, teacher_spec, student, spec, run_dir, device=device, resume=resume,
-            budget=budget_left(cfg, start), desc="distill",
+            budget=runs.budget_left(cfg, start), desc="distill",
         )
-        write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=profile_seconds(cfg))
+        runs.write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=runs.profile_seconds(cfg))
         return run_dir
 
 
 def mutual_models(cfg: RunConfig, resume: bool) -> Path:
     """``kdistill mutual``: the config's ``mutual.models`` trained together (deep mutual learning)."""
     start = time.perf_counter()
-    with job(cfg), open_run_dir(cfg, resume) as run_dir:
-        ds = load_data(cfg)
-        specs = [model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
-        models = [new_model(spec, cfg.seed + i) for i, spec in enumerate(specs)]  # peers of one architecture must not start identical
+    with runs.job(cfg), runs.open_run_dir(cfg, resume) as run_dir:
+        ds = runs.load_data(cfg)
+        specs = [runs.model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
+        models = [runs.new_model(spec, cfg.seed + i) for i, spec in enumerate(specs)]  # peers of one architecture must not start identical
         results = api.mutual(
-            models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=train_config(cfg, "student", budget_left(cfg, start)),
+            models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=runs.train_config(cfg, "student", runs.budget_left(cfg, start)),
             data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=resume, seed=cfg.seed, model_specs=specs,
         )
         for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
-            write_single_summary(run_dir / f"model{i}", name, result, ds)
+            runs.write_single_summary(run_dir / f"model{i}", name, result, ds)
         return run_dir
 
 
@@ -86,10 +73,10 @@ def cache_teacher(cfg: RunConfig, out: Path, top_k: int = 0, dtype: str = "float
     """``kdistill cache-teacher``: the trained teacher's logits on every augmented view of
     the distillation's epochs, written to ``out``. Under torchrun the ranks share the work;
     rank 0 writes the file."""
-    with job(cfg):
-        ds = load_data(cfg)
+    with runs.job(cfg):
+        ds = runs.load_data(cfg)
         device = select_device(cfg.device)
-        teacher, _ = build_teacher(cfg, ds.num_classes, device, ds)
+        teacher, _ = runs.build_teacher(cfg, ds.num_classes, device, ds)
         tcfg = cfg.train_for("distill")
         return api.cache_teacher(
             teacher, ds, epochs=tcfg.epochs, path=out, data=cfg.data, seed=cfg.seed, device=device,
@@ -111,7 +98,7 @@ def evaluate_checkpoint(path: Path, dataset: str | None = None, data_dir: Path |
     expected = state["model_spec"]["kwargs"].get("num_classes")
     if expected is not None and expected != ds.num_classes:
         raise CheckpointError(f"{path} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
-    test = test_set(ds, device, info.get("mean"), info.get("std"))  # the checkpoint's own normalisation
+    test = runs.test_set(ds, device, info.get("mean"), info.get("std"))  # the checkpoint's own normalisation
     logits = predict(model.to(device), test, desc="evaluate")
     metrics = {"checkpoint": str(path), "dataset": dataset, "test": classification_metrics(logits, ds.test_labels, ds.classes)}
     if teacher:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kdistill import api
+from kdistill import api, runs
 from kdistill.config import DistillConfig, RunConfig
 from kdistill.configbase import format_errors
 from kdistill.engine import GracefulInterrupt, predict, select_device
@@ -43,16 +43,6 @@ from kdistill.files import atomic_write_text
 from kdistill.methods import METHODS, needs_features, set_option, taking
 from kdistill.models import MODELS, count_parameters
 from kdistill.progress import log, plain_progress_only
-from kdistill.runs import (
-    budget_left,
-    build_teacher,
-    load_data,
-    model_spec,
-    new_model,
-    open_run_dir,
-    test_set,
-    train_config,
-)
 from kdistill.teacher_cache import TeacherCache
 
 
@@ -135,15 +125,15 @@ class _Shared:
 
 def run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool = False, jobs: int | str = 1) -> Path:
     check_jobs(jobs)
-    with open_run_dir(cfg, resume) as run_dir:
+    with runs.open_run_dir(cfg, resume) as run_dir:
         return _run_sweep(cfg, points, resume, run_dir, jobs)
 
 
 def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: Path, jobs: int | str = 1) -> Path:
     start = time.perf_counter()
     device = select_device(cfg.device)
-    ds = load_data(cfg)
-    loaded = build_teacher(cfg, ds.num_classes, device, ds)
+    ds = runs.load_data(cfg)
+    loaded = runs.build_teacher(cfg, ds.num_classes, device, ds)
     if loaded is None:
         raise ConfigError("sweep: needs a trained teacher: --teacher checkpoint.pt (teacher.checkpoint)")
     teacher, teacher_spec = loaded
@@ -166,7 +156,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
             )
             cache_seconds = time.perf_counter() - t0
 
-    teacher_logits = predict(teacher, test_set(ds, device)).cpu()
+    teacher_logits = predict(teacher, runs.test_set(ds, device)).cpu()
     shared = _Shared(cfg, run_dir, resume, device, ds, teacher, teacher_spec, cache, teacher_logits)
     done: dict[int, dict] = {}
     pending: list[int] = []
@@ -179,10 +169,10 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
     jobs = resolve_jobs(jobs, device, len(pending))
     if jobs == 1:
         for k, i in enumerate(pending):
-            left = budget_left(cfg, start)  # with a budget, an equal share of what is left
+            left = runs.budget_left(cfg, start)  # with a budget, an equal share of what is left
             done[i] = _train_point(shared, points[i], i, len(points), left / (len(pending) - k) if left else None)
     else:
-        left = budget_left(cfg, start)
+        left = runs.budget_left(cfg, start)
         share = left / math.ceil(len(pending) / jobs) if left else None  # jobs at a time, in rounds
         done.update(_train_in_parallel(shared, points, pending, jobs, cache_path, share))
     rows = sorted(done.values(), key=lambda r: -r["top1"])
@@ -197,11 +187,11 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
     cfg, ds = shared.cfg, shared.ds
     out = shared.run_dir / point.name
     log(f"sweep {i + 1}/{total}: {point.name}")
-    spec = model_spec(point.student, {}, ds.num_classes)
-    student = new_model(spec, cfg.seed)  # every student of an architecture starts from the same weights
+    spec = runs.model_spec(point.student, {}, ds.num_classes)
+    student = runs.new_model(spec, cfg.seed)  # every student of an architecture starts from the same weights
     use_cache = shared.cache if not point.needs_features else None
     r = api.distill(
-        shared.teacher, student, ds, methods=point.methods, alpha=point.alpha, config=train_config(cfg, "distill", budget),
+        shared.teacher, student, ds, methods=point.methods, alpha=point.alpha, config=runs.train_config(cfg, "distill", budget),
         data=cfg.data, device=shared.device, run_dir=out, resume=shared.resume, seed=cfg.seed, model_spec=spec,
         teacher_spec=shared.teacher_spec, desc=point.name, teacher_cache=use_cache,
     )
@@ -247,8 +237,8 @@ def _worker_init(cfg: RunConfig, run_dir: Path, resume: bool, device: str, slots
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # the engine's synchronisation and RNG state use the current device
-    ds = load_data(cfg)
-    teacher, teacher_spec = build_teacher(cfg, ds.num_classes, dev)
+    ds = runs.load_data(cfg)
+    teacher, teacher_spec = runs.build_teacher(cfg, ds.num_classes, dev)
     cache = TeacherCache.load(cache_path) if cache_path else None
     _worker = _Shared(cfg, run_dir, resume, dev, ds, teacher, teacher_spec, cache, teacher_logits)
 

@@ -31,8 +31,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.methods.base import Method, MethodContext, MethodOptions
-from kdistill.methods.shared import stage_pairs
+from kdistill.methods.shared import StagePairMethod, StagePairOptions
 from kdistill.models.base import ModelOutput
 
 
@@ -52,26 +51,16 @@ def at_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0) -> Tensor:
     return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
 
 
-class ATOptions(MethodOptions):
-    student_stages: list[int] | None = None
-    """Stage indices of the student; None: the deepest min(L_s, L_t) stages."""
-    teacher_stages: list[int] | None = None
-    """Paired with ``student_stages``; None: the same indices as the student's."""
+class ATOptions(StagePairOptions):
     p: float = Field(2.0, gt=0)
     beta: float = Field(1000.0, ge=0)
     """Paper/reference weight, applied inside the term (on top of ``weight``)."""
 
 
-class AT(Method):
+class AT(StagePairMethod):
     name = "at"
     Options = ATOptions
-    needs_features = True
-
-    def __init__(self, options: ATOptions, context: MethodContext):
-        super().__init__(options, context)
-        self.pairs = stage_pairs(options.student_stages, options.teacher_stages, context, "at")
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
-        p = self.options.p
-        total = sum(at_loss(student.features[i].float(), teacher.features[j].float(), p) for i, j in self.pairs)
+        total = sum(at_loss(f_s, f_t, self.options.p) for f_s, f_t in self.stage_pairs(student, teacher))
         return {"at": self.options.beta * total}

@@ -25,8 +25,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.methods.base import Method, MethodContext, MethodOptions
-from kdistill.methods.shared import Embeddings
+from kdistill.methods.shared import EmbeddingMethod, EmbeddingOptions
 from kdistill.models.base import ModelOutput
 
 
@@ -44,21 +43,14 @@ def pkt_loss(x_s: Tensor, x_t: Tensor, eps: float = 1e-7) -> Tensor:
     return torch.mean(p_t * torch.log((p_t + eps) / (p_s + eps)))
 
 
-class PKTOptions(MethodOptions):
-    stage: int | None = None
-    """None: the pre-logit embeddings; an index: that stage, flattened."""
+class PKTOptions(EmbeddingOptions):
     beta: float = Field(30000.0, ge=0)
     """Reference weight, applied inside the term (on top of ``weight``)."""
 
 
-class PKT(Method):
+class PKT(EmbeddingMethod):
     name = "pkt"
     Options = PKTOptions
-    needs_features = True
-
-    def __init__(self, options: PKTOptions, context: MethodContext):
-        super().__init__(options, context)
-        self.embeddings = Embeddings(options.stage, context, "pkt")
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
         x_s, x_t = self.embeddings(student, teacher)  # (B, D) float32 each

@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.methods.base import Method, MethodContext, MethodOptions
-from kdistill.methods.shared import Embeddings
+from kdistill.methods.shared import EmbeddingMethod, EmbeddingOptions
 from kdistill.models.base import ModelOutput
 
 _EPS = 1e-12
@@ -69,21 +68,14 @@ def rkd_angle_loss(e_s: Tensor, e_t: Tensor) -> Tensor:
     return F.smooth_l1_loss(angle_potential(e_s), angle_potential(e_t))
 
 
-class RKDOptions(MethodOptions):
-    stage: int | None = None
-    """None: the pre-logit embeddings (as in the paper and RepDistiller); an index: that stage, flattened."""
+class RKDOptions(EmbeddingOptions):
     distance_weight: float = Field(25.0, ge=0)
     angle_weight: float = Field(50.0, ge=0)
 
 
-class RKD(Method):
+class RKD(EmbeddingMethod):
     name = "rkd"
     Options = RKDOptions
-    needs_features = True
-
-    def __init__(self, options: RKDOptions, context: MethodContext):
-        super().__init__(options, context)
-        self.embeddings = Embeddings(options.stage, context, "rkd")
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
         e_s, e_t = self.embeddings(student, teacher)  # (B, D) float32 each

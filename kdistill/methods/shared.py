@@ -7,11 +7,13 @@ model's stages are its ``ModelOutput.features`` (see :mod:`kdistill.models.base`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
 from kdistill.errors import ConfigError
-from kdistill.methods.base import MethodContext
+from kdistill.methods.base import Method, MethodContext, MethodOptions
 from kdistill.models.base import ModelOutput
 
 
@@ -62,6 +64,45 @@ class Embeddings:
         else:
             x_s, x_t = student.features[self.student_stage], teacher.features[self.teacher_stage]
         return x_s.flatten(1).float(), x_t.flatten(1).float()
+
+
+class StagePairOptions(MethodOptions):
+    student_stages: list[int] | None = None
+    """Stage indices of the student; None: the deepest min(L_s, L_t) stages."""
+    teacher_stages: list[int] | None = None
+    """Paired with ``student_stages``; None: the same indices as the student's."""
+
+
+class StagePairMethod(Method):
+    """A method that compares pairs of stages (AT, SP): the pairs are resolved once, from
+    ``student_stages`` and ``teacher_stages``."""
+
+    needs_features = True
+
+    def __init__(self, options: StagePairOptions, context: MethodContext):
+        super().__init__(options, context)
+        self.pairs = stage_pairs(options.student_stages, options.teacher_stages, context, self.name)
+
+    def stage_pairs(self, student: ModelOutput, teacher: ModelOutput) -> Iterator[tuple[Tensor, Tensor]]:
+        """The paired stage outputs (student, teacher), in float32."""
+        for i, j in self.pairs:
+            yield student.features[i].float(), teacher.features[j].float()
+
+
+class EmbeddingOptions(MethodOptions):
+    stage: int | None = None
+    """None: the pre-logit embeddings; an index: that stage, flattened."""
+
+
+class EmbeddingMethod(Method):
+    """A method that relates the samples of a batch through their embeddings (PKT, RKD):
+    ``self.embeddings(student, teacher)`` gives both as (B, D) float32."""
+
+    needs_features = True
+
+    def __init__(self, options: EmbeddingOptions, context: MethodContext):
+        super().__init__(options, context)
+        self.embeddings = Embeddings(options.stage, context, self.name)
 
 
 def loss_precision(*logits: Tensor) -> tuple[Tensor, ...]:

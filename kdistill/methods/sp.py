@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.methods.base import Method, MethodContext, MethodOptions
-from kdistill.methods.shared import stage_pairs
+from kdistill.methods.shared import StagePairMethod, StagePairOptions
 from kdistill.models.base import ModelOutput
 
 
@@ -38,25 +37,18 @@ def sp_loss(f_s: Tensor, f_t: Tensor) -> Tensor:
     return (similarity_matrix(f_s) - similarity_matrix(f_t)).pow(2).sum() / (b * b)
 
 
-class SPOptions(MethodOptions):
+class SPOptions(StagePairOptions):
     student_stages: list[int] | None = [-1]
     """Stage indices of the student (default: the deepest)."""
-    teacher_stages: list[int] | None = None
-    """Paired with ``student_stages``; None: the same indices."""
     gamma: float = Field(3000.0, ge=0)
     """Paper weight, applied inside the term (on top of ``weight``)."""
 
 
-class SP(Method):
+class SP(StagePairMethod):
     name = "sp"
     Options = SPOptions
-    needs_features = True
-
-    def __init__(self, options: SPOptions, context: MethodContext):
-        super().__init__(options, context)
-        self.pairs = stage_pairs(options.student_stages, options.teacher_stages, context, "sp")
 
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
         with torch.autocast(student.logits.device.type, enabled=False):  # B x B Gram matrices in float32
-            total = sum(sp_loss(student.features[i].float(), teacher.features[j].float()) for i, j in self.pairs)
+            total = sum(sp_loss(f_s, f_t) for f_s, f_t in self.stage_pairs(student, teacher))
         return {"sp": self.options.gamma * total}
