@@ -19,6 +19,7 @@ from torch import nn
 from kdistill.errors import CheckpointError
 from kdistill.files import atomic_write
 from kdistill.models import create_model
+from kdistill.progress import log
 
 FORMAT = "kdistill-checkpoint/1"
 
@@ -73,4 +74,10 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn
         model.load_state_dict(weights)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.get('name')!r}: {state_dict_mismatch(e)}") from None
+    if state.get("kind") == "mutual":  # the peers' weights are in the file too, but not a model of their own
+        peers = [p.get("name") for p in state.get("peer_specs") or [] if p]
+        log(
+            f"note: {path} is a deep-mutual-learning checkpoint of {1 + len(peers)} models; using model 0 ({spec.get('name')}), "
+            f"not its peer(s) {', '.join(map(str, peers)) or '(unnamed)'}"
+        )
     return model, state

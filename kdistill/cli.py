@@ -186,7 +186,13 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         options["temperature"] = args.temperature
     if getattr(args, "logit_std", False):
         options["logit_std"] = "true"
-    set_methods = [f"distill.methods.{m}.{option}={value}" for option, value in options.items() for m in taking(option, cfg.distill.methods)]
+    set_methods = []
+    for option, value in options.items():
+        takers = taking(option, cfg.distill.methods)
+        if not takers:  # a flag that would change nothing is refused, not dropped
+            flag = "-T/--temperature" if option == "temperature" else "--logit-std"
+            raise ConfigError(f"{flag}: no method of this run has a {option} option (distill.methods: {', '.join(cfg.distill.methods)})")
+        set_methods += [f"distill.methods.{m}.{option}={value}" for m in takers]
     return load_config(args.config, pre + set_methods + args.overrides) if set_methods else cfg
 
 

@@ -89,3 +89,19 @@ def test_multi_teacher_born_again_and_mutual_from_the_cli(tmp_path, small, capsy
     assert main(["mutual", "--models", "seed_student", "seed_student", "--name", "dml", *common]) == 0
     for i in range(2):
         assert json.loads((tmp_path / "dml" / f"model{i}" / "summary.json").read_text())["test"]["top1"] > 15
+
+
+def test_a_mutual_checkpoint_says_which_model_evaluate_and_export_use(tmp_path, capsys):
+    """evaluate/export/--teacher rebuild model 0 of a mutual-learning checkpoint: they say so."""
+    from kdistill.checkpoint import load_model, save_checkpoint
+
+    model = kdistill.create_model("seed_student")
+    spec = {"name": "seed_student", "kwargs": {"num_classes": 10}}
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"kind": "mutual", "model_spec": spec, "peer_specs": [{**spec, "name": "seed_teacher"}], "model": model.state_dict()}, path)
+    load_model(path)
+    err = capsys.readouterr().err
+    assert "deep-mutual-learning checkpoint of 2 models; using model 0 (seed_student)" in err and "seed_teacher" in err
+    save_checkpoint({"kind": "train", "model_spec": spec, "model": model.state_dict()}, path)
+    load_model(path)
+    assert "mutual" not in capsys.readouterr().err

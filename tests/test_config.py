@@ -293,3 +293,28 @@ def test_the_epochs_shortcut_sets_every_phase_over_the_configs_own_phase_overrid
     assert {cfg.train_for(phase).epochs for phase in ("teacher", "student", "distill")} == {3}
     cfg = _config_from_args(build_parser().parse_args(["run", "--epochs", "3", "--set", "student.train.epochs=2"]))
     assert (cfg.train_for("teacher").epochs, cfg.train_for("student").epochs) == (3, 2)  # an explicit --set wins
+
+
+def test_a_method_setting_that_cannot_take_effect_is_refused_at_load() -> None:
+    """DKD's warm-up longer than the distillation phase would never reach full weight."""
+    message = _error(["distill.methods={dkd: {warmup_epochs: 20}}"])  # the quickstart distills for 15 epochs
+    assert "distill.methods.dkd.warmup_epochs" in message and "15 epochs" in message
+    assert load_config(None, ["distill.methods={dkd: {}}"]).distill.methods == {"dkd": {}}  # default: scaled to the run
+
+
+def test_temperature_flag_goes_to_the_configured_methods_that_have_one() -> None:
+    from kdistill.cli import _config_from_args, build_parser
+
+    parse = build_parser().parse_args
+    cfg = _config_from_args(parse(["run", "--config", "cifar10_seed", "-T", "3"]))  # its method is dkd, not kd
+    assert set(cfg.distill.methods) == {"dkd"} and cfg.distill.methods["dkd"]["temperature"] == 3.0
+    cfg = _config_from_args(parse(["run", "--method", "kd+at", "-T", "3"]))
+    assert cfg.distill.methods == {"kd": {"temperature": 3.0}, "at": {}}
+
+
+@pytest.mark.parametrize("argv", [["run", "--method", "at", "-T", "4"], ["run", "--method", "fitnets", "--logit-std"]])
+def test_a_method_flag_that_would_change_nothing_is_refused(argv: list[str]) -> None:
+    from kdistill.cli import _config_from_args, build_parser
+
+    with pytest.raises(ConfigError, match="no method of this run has"):
+        _config_from_args(build_parser().parse_args(argv))

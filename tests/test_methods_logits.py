@@ -20,6 +20,7 @@ import kdistill
 from kdistill.api import make_train_config, prepare_data
 from kdistill.data.dataset import ImageDataset
 from kdistill.engine import fit, predict
+from kdistill.errors import ConfigError
 from kdistill.methods.base import MethodContext
 from kdistill.methods.dist import DIST, DISTOptions, dist_loss
 from kdistill.methods.dkd import DKD, DKDOptions, dkd_loss
@@ -166,12 +167,24 @@ def test_dkd_warmup(epoch: float, factor: float) -> None:
 
 def test_dkd_options() -> None:
     o = DKDOptions()
-    assert (o.alpha, o.beta, o.temperature, o.warmup_epochs, o.logit_std, o.weight) == (1.0, 8.0, 4.0, 20.0, False, 1.0)
+    assert (o.alpha, o.beta, o.temperature, o.warmup_epochs, o.logit_std, o.weight) == (1.0, 8.0, 4.0, None, False, 1.0)
     with pytest.raises(ValueError):
         DKDOptions(warmup=5)  # unknown key
     no_warmup = DKD(DKDOptions(warmup_epochs=0), context())
     s, t, y = torch.randn(2, 5), torch.randn(2, 5), torch.tensor([1, 4])
     assert no_warmup(out(s), out(t), y, torch.arange(2), 0.0)["dkd_nckd"] > 0
+
+
+@pytest.mark.parametrize("epochs, expected", [(240, 20.0), (15, 1.25), (30, 2.5)])
+def test_dkd_default_warmup_is_the_papers_share_of_the_run(epochs: int, expected: float) -> None:
+    assert DKD(DKDOptions(), context(epochs=epochs)).warmup_epochs == expected  # the paper: 20 of 240 epochs
+
+
+def test_dkd_warmup_longer_than_the_run_is_refused() -> None:
+    """A 20-epoch warm-up in a 15-epoch run would never reach full weight: refused, not ignored."""
+    with pytest.raises(ConfigError, match=r"dkd\.warmup_epochs: 20 is longer than the run's 15 epochs.*1\.25"):
+        DKD(DKDOptions(warmup_epochs=20), context(epochs=15))
+    assert DKD(DKDOptions(warmup_epochs=15), context(epochs=15)).warmup_epochs == 15
 
 
 def test_dkd_logit_std_option() -> None:

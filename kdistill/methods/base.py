@@ -51,6 +51,12 @@ class Method(nn.Module, ABC):
         self.options = options
 
     @classmethod
+    def check_run(cls, options: MethodOptions, epochs: int) -> str | None:
+        """Why ``options`` cannot take effect in a run of ``epochs`` epochs (None: they can).
+        Called when a config is loaded, so that such a setting is refused before any work."""
+        return None
+
+    @classmethod
     def takes(cls, option: str) -> bool:
         """Whether the method has the option ``option`` (e.g. ``temperature``)."""
         return option in cls.Options.model_fields

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from kdistill.methods.base import Method, MethodOptions
+from kdistill.errors import ConfigError
+from kdistill.methods.base import Method, MethodContext, MethodOptions
 from kdistill.methods.shared import loss_precision, standardize
 from kdistill.models.base import ModelOutput
 
@@ -98,9 +99,10 @@ class DKDOptions(MethodOptions):
     beta: float = Field(8.0, ge=0)
     """Weight of NCKD (among the non-target classes)."""
     temperature: float = Field(4.0, gt=0, le=100)
-    warmup_epochs: float = Field(20.0, ge=0)
-    """The DKD terms ramp up linearly over this many epochs (0: no warm-up). With runs much
-    shorter than the paper's 240 epochs, shorten it: DKD is at full weight only after it."""
+    warmup_epochs: float | None = Field(None, ge=0)
+    """The DKD terms ramp up linearly over this many epochs (0: no warm-up). None: the
+    paper's 20 of its 240 epochs, scaled to the run (1.25 for 15 epochs). A warm-up longer
+    than the run is refused: DKD would never reach full weight."""
     logit_std: bool = False
     """Z-score each row of both models' logits before the temperature (Sun et al., CVPR 2024)."""
 
@@ -109,11 +111,30 @@ class DKD(Method):
     name = "dkd"
     Options = DKDOptions
 
+    def __init__(self, options: DKDOptions, context: MethodContext):
+        super().__init__(options, context)
+        problem = self.check_run(options, context.epochs)
+        if problem:
+            raise ConfigError(f"{self.name}.{problem}")
+        self.warmup_epochs = options.warmup_epochs
+        if self.warmup_epochs is None:
+            self.warmup_epochs = scaled_warmup_epochs(context.epochs)
+
+    @classmethod
+    def check_run(cls, options: DKDOptions, epochs: int) -> str | None:
+        if options.warmup_epochs is not None and options.warmup_epochs > epochs:
+            return (
+                f"warmup_epochs: {options.warmup_epochs:g} is longer than the run's {epochs} epochs, so the {cls.name} terms "
+                f"would never reach full weight; use at most {epochs} (0: no warm-up; unset: the paper's 20/240 of the run, "
+                f"{scaled_warmup_epochs(epochs):g} epochs)"
+            )
+        return None
+
     def forward(self, student: ModelOutput, teacher: ModelOutput, labels, indices, epoch) -> dict[str, Tensor]:
         o = self.options
         s, t = loss_precision(student.logits, teacher.logits)
         if o.logit_std:
             s, t = standardize(s), standardize(t)
         tckd, nckd = dkd_loss(s, t, labels, o.alpha, o.beta, o.temperature)
-        ramp = dkd_warmup(epoch, o.warmup_epochs)
+        ramp = dkd_warmup(epoch, self.warmup_epochs)
         return {"dkd_tckd": ramp * tckd, "dkd_nckd": ramp * nckd}
