@@ -282,11 +282,6 @@ def shard() -> tuple[int, int]:
     return (rank(), world_size()) if enabled() else (0, 1)
 
 
-def barrier() -> None:
-    if enabled():
-        dist.barrier()
-
-
 def shard_range(n: int) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of n items (sizes differ by at most one)."""
     world, r = world_size(), rank() if enabled() else 0

@@ -218,8 +218,7 @@ def quantize_onnx(source: Path, target: Path, mode: str = "static", calibration:
 
     # reduce_range (7-bit weights): x86 CPUs without VNNI multiply uint8 x int8 with an
     # instruction (VPMADDUBSW) whose 16-bit sums saturate, and the model's accuracy falls
-    # apart (a seed student on CIFAR-10: 78.95% in float, 55.26% in int8, 78.86% with 7-bit
-    # weights). ONNX Runtime's documentation gives this remedy; it costs almost nothing on
+    # apart (numbers in benchmarks/results/design_notes.md). ONNX Runtime's documentation gives this remedy; it costs almost nothing on
     # other CPUs, and the file may be deployed on any of them.
     if mode not in QUANTIZATION:
         raise ExportError(f"quantization {mode!r}: expected one of {', '.join(QUANTIZATION)}")

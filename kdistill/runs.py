@@ -179,9 +179,7 @@ def teacher_saw_validation(state: dict, ds: ImageDataset) -> bool:
     """Whether a teacher checkpoint was trained on this run's validation images: the same
     source data, split another way (or not at all). Distillation copies the teacher's
     function, including what it memorised of those images, so the student's validation
-    accuracy is then optimistic (seed pair, full CIFAR-10, teacher trained on all 50,000
-    images: the distillation gain read +2.7 points on a 5,000-image validation split and
-    +0.1 on the test set)."""
+    accuracy is then optimistic (measured in benchmarks/results/design_notes.md)."""
     data = state.get("data") or {}
     if ds.val_split is None or data.get("checksum") != ds.checksum:
         return False

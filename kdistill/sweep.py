@@ -9,9 +9,8 @@ configuration trains in its own folder with its checkpoint, metrics and ``summar
 ``leaderboard.csv`` and ``accuracy_vs_cost.png``.
 
 ``--jobs N`` trains N configurations at once, each in its own worker process: on a CPU
-each with its share of the cores (a small student uses one core better than two: two
-seed students side by side, one thread each, trained 1.2-1.7x as many images/s as one on
-two threads, depending on the machine's load), on several GPUs one GPU each.
+each with its share of the cores (a small student uses one core better than two; measured
+in benchmarks/results/design_notes.md), on several GPUs one GPU each.
 """
 
 from __future__ import annotations

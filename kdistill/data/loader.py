@@ -49,8 +49,9 @@ def pack_pixels(images: Tensor) -> Tensor | None:
     (its channels side by side, zero-padded to 1, 2, 4 or 8 bytes), with a zero last row
     and column that every crop position outside the image reads; None for more channels.
 
-    A crop/flip then moves one element per pixel instead of one per channel value (for RGB
-    about 2.5x faster on the CPU) and needs no mask, for 1.4x the memory of the images."""
+    A crop/flip then moves one element per pixel instead of one per channel value (faster,
+    see benchmarks/results/design_notes.md) and needs no mask, for more memory than the
+    images alone."""
     N, C, H, W = images.shape
     width = next((w for w in _PIXEL_DTYPES if w >= C), None)
     if width is None:
