@@ -9,7 +9,8 @@ as data URIs, no external asset and no script), with figures in ``figures/``
 
 Both documents are rendered from one list of typed blocks (:mod:`kdistill.report.document`:
 headings, paragraphs, notes, tables, figures), so the Markdown and the HTML always say the
-same thing; the plots are in :mod:`kdistill.report.figures`.
+same thing; the plots are in :mod:`kdistill.report.figures`. A sweep's leaderboard is
+written by :mod:`kdistill.report.leaderboard` with the same documents and figures.
 """
 
 from kdistill.report.compare import write_comparison

@@ -162,3 +162,25 @@ def plot_class_deltas(deltas: dict[str, dict[str, float]], out: Path) -> Path:
     if len(series) > 1:
         ax.legend(fontsize=8)
     return save(fig, out)
+
+
+def plot_accuracy_vs_cost(rows: list[dict[str, Any]], out: Path) -> Path:
+    """A sweep's configurations: test top-1 against training time and against the
+    student's MACs, one marker per student architecture."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.5))
+    students = sorted({r["student"] for r in rows})
+    markers = dict(zip(students, "osD^v<>ph*"))
+    for ax, key, xlabel in ((axes[0], "train_seconds", "training time (s)"), (axes[1], "macs", "student MACs per image (millions)")):
+        for s in students:
+            pts = [r for r in rows if r["student"] == s]
+            xs = [r[key] / (1e6 if key == "macs" else 1) for r in pts]
+            ax.scatter(xs, [r["top1"] for r in pts], marker=markers.get(s, "o"), label=s)
+            for r, x in zip(pts, xs):
+                ax.annotate(r["name"].removeprefix(f"{s}-"), (x, r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test top-1 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("accuracy vs training cost")
+    axes[1].set_title("accuracy vs inference cost")
+    return save(fig, out)
