@@ -6,7 +6,8 @@ logits are computed once (``kdistill cache-teacher``, or here at the start into
 with feature methods (which need the live teacher's stages) run the teacher live. Each
 configuration trains in its own folder with its checkpoint, metrics and ``summary.json``;
 ``--resume`` skips finished ones. The run directory gets ``leaderboard.md``,
-``leaderboard.csv`` and ``accuracy_vs_cost.png``.
+``leaderboard.html``, ``leaderboard.csv`` and ``accuracy_vs_cost.png``
+(:mod:`kdistill.report.leaderboard`).
 
 ``--jobs N`` trains N configurations at once, each in its own worker process: on a CPU
 each with its share of the cores (a small student uses one core better than two; measured
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import csv
-import io
 import itertools
 import json
 import math
@@ -42,6 +41,7 @@ from kdistill.files import atomic_write_text
 from kdistill.methods import METHODS, needs_features, set_option, taking
 from kdistill.models import MODELS, count_parameters
 from kdistill.progress import log, plain_progress_only
+from kdistill.report.leaderboard import write_leaderboard
 from kdistill.teacher_cache import TeacherCache
 
 
@@ -175,7 +175,8 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
         share = left / math.ceil(len(pending) / jobs) if left else None  # jobs at a time, in rounds
         done.update(_train_in_parallel(shared, points, pending, jobs, cache_path, share))
     rows = sorted(done.values(), key=lambda r: -r["top1"])
-    write_leaderboard(run_dir, rows, cache_seconds=cache_seconds, cache=cache, wall_seconds=time.perf_counter() - start)
+    write_leaderboard(run_dir, rows, cache_seconds=cache_seconds, cache=cache.describe() if cache is not None else None,
+                      wall_seconds=time.perf_counter() - start)
     log(f"sweep: {len(rows)} configurations; best {rows[0]['name']} {rows[0]['top1']:.2f}%; leaderboard: {run_dir / 'leaderboard.md'}")
     return run_dir
 
@@ -298,63 +299,3 @@ def _train_in_parallel(shared: _Shared, points: list[SweepPoint], pending: list[
         raise
     pool.shutdown()
     return rows
-
-
-COLUMNS = ["rank", "name", "student", "method", "temperature", "alpha", "teacher", "top1", "top5", "agreement",
-           "parameters", "macs", "epochs", "train_seconds", "images_per_second"]
-
-
-def write_leaderboard(run_dir: Path, rows: list[dict], *, cache_seconds: float, cache: TeacherCache | None, wall_seconds: float) -> None:
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for rank, row in enumerate(rows, 1):
-        writer.writerow({"rank": rank, **{k: row[k] for k in COLUMNS[1:]}})
-    atomic_write_text(run_dir / "leaderboard.csv", table.getvalue(), "leaderboard")
-    lines = [
-        f"# Sweep leaderboard: {run_dir.name}",
-        "",
-        f"{len(rows)} configurations, sorted by test top-1 (last epoch). Wall time of this invocation {wall_seconds:.0f} s"
-        + (f"; the teacher cache ({cache.describe()}) took {cache_seconds:.0f} s to build and served every 'cache' row" if cache is not None and cache_seconds else "")
-        + (f"; teacher cache: {cache.describe()}" if cache is not None and not cache_seconds else "")
-        + ".",
-        "",
-        "| rank | student | method | T | alpha | teacher | test top-1 | top-5 | agreement with teacher | parameters | MACs | epochs | training time | img/s |",
-        "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for rank, r in enumerate(rows, 1):
-        t = f"{r['temperature']:g}" if r["temperature"] is not None else "–"
-        lines.append(
-            f"| {rank} | {r['student']} | {r['method']} | {t} | {r['alpha']:g} | {r['teacher']} | {r['top1']:.2f}% | {r['top5']:.2f}% | "
-            f"{r['agreement']:.2f}% | {r['parameters'] / 1e6:.2f} M | {r['macs'] / 1e6:.1f} M | {r['epochs']} | {r['train_seconds']:.0f} s | {r['images_per_second']:.0f} |"
-        )
-    lines += ["", "![accuracy vs cost](accuracy_vs_cost.png)", ""]
-    atomic_write_text(run_dir / "leaderboard.md", "\n".join(lines), "leaderboard")
-    plot_accuracy_vs_cost(rows, run_dir / "accuracy_vs_cost.png")
-
-
-def plot_accuracy_vs_cost(rows: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    students = sorted({r["student"] for r in rows})
-    markers = dict(zip(students, "osD^v<>ph*"))
-    for ax, key, xlabel in ((axes[0], "train_seconds", "training time (s)"), (axes[1], "macs", "student MACs per image (millions)")):
-        for s in students:
-            pts = [r for r in rows if r["student"] == s]
-            xs = [r[key] / (1e6 if key == "macs" else 1) for r in pts]
-            ax.scatter(xs, [r["top1"] for r in pts], marker=markers.get(s, "o"), label=s)
-            for r, x in zip(pts, xs):
-                ax.annotate(r["name"].removeprefix(f"{s}-"), (x, r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test top-1 (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_title("accuracy vs training cost")
-    axes[1].set_title("accuracy vs inference cost")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)

@@ -6,7 +6,7 @@
 
 Checks, in the browser: every table has rendered rows, every image has loaded (its decoded
 width is non-zero), and the page wrote nothing to the console (no errors, no failed
-resource). The counts must equal those of the page's source (kdistill.report.check_html,
+resource). The counts must equal those of the page's source (tests/html_check.py,
 which also checks that the page is self-contained). Exits 1 on any problem.
 
 The checker script is added to a temporary copy of the page; the report itself carries no
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kdistill.report import check_html  # noqa: E402
+from tests.html_check import check_html  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 PROBE = """

@@ -8,6 +8,7 @@ end-to-end ``kdistill run`` -> report path is in test_report_e2e.py.
 from __future__ import annotations
 
 import base64
+import csv
 import json
 import math
 from pathlib import Path
@@ -27,7 +28,9 @@ from kdistill.evaluate import (
 from kdistill.logger import MetricsLog, scalar_tag, to_csv
 from kdistill.models import create_model
 from kdistill.progress import PlainProgress, progress
-from kdistill.report import check_html, headline, pareto_front, write_report
+from kdistill.report import headline, pareto_front, write_report
+from kdistill.report.leaderboard import write_leaderboard
+from tests.html_check import check_html
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -248,6 +251,41 @@ def test_report_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     run = fake_run(tmp_path, "r", 2.0)
     assert main(["report", str(run), str(run), "-o", str(tmp_path / "o")]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_leaderboard_of_a_sweep(tmp_path: Path) -> None:
+    """leaderboard.csv (every column), leaderboard.md and the self-contained leaderboard.html."""
+    common = {"student": "seed_student", "parameters": 267747, "macs": 1884544, "epochs": 2, "top5": 90.0}
+    rows = [
+        {**common, "name": "seed_student-at-a0.5", "method": "at", "temperature": None, "alpha": 0.5, "teacher": "live",
+         "top1": 41.25, "agreement": 60.5, "train_seconds": 9.4, "images_per_second": 539.2},
+        {**common, "name": "seed_student-kd-T4-a0.9", "method": "kd", "temperature": 4.0, "alpha": 0.9, "teacher": "cache",
+         "top1": 40.0, "agreement": 58.0, "train_seconds": 4.0, "images_per_second": 1216.0},
+    ]
+    cache = "2 epochs x 100 samples"  # the teacher cache, described
+    write_leaderboard(tmp_path, rows, cache_seconds=3.2, cache=cache, wall_seconds=20.4)
+    table = list(csv.DictReader((tmp_path / "leaderboard.csv").open()))
+    assert list(table[0]) == ["rank", "name", "student", "method", "temperature", "alpha", "teacher", "top1", "top5", "agreement",
+                              "parameters", "macs", "epochs", "train_seconds", "images_per_second"]
+    assert [(r["rank"], r["name"], r["temperature"], r["top1"]) for r in table] == [
+        ("1", "seed_student-at-a0.5", "", "41.25"), ("2", "seed_student-kd-T4-a0.9", "4.0", "40.0")]
+    md = (tmp_path / "leaderboard.md").read_text().splitlines()
+    assert md[0] == f"# Sweep leaderboard: {tmp_path.name}"
+    assert md[2] == ("2 configurations, sorted by test top-1 (last epoch). Wall time of this invocation 20 s; the teacher cache "
+                     "(2 epochs x 100 samples) took 3 s to build and served every 'cache' row.")
+    assert md[5:8] == [
+        "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| 1 | seed_student | at | – | 0.5 | live | 41.25% | 90.00% | 60.50% | 0.27 M | 1.9 M | 2 | 9 s | 539 |",
+        "| 2 | seed_student | kd | 4 | 0.9 | cache | 40.00% | 90.00% | 58.00% | 0.27 M | 1.9 M | 2 | 4 s | 1216 |",
+    ]
+    assert md[-1] == "![accuracy vs cost](accuracy_vs_cost.png)"
+    assert check_html((tmp_path / "leaderboard.html").read_text()) == {"tables": 1, "rows": 3, "images": 1}
+    assert _embedded_images((tmp_path / "leaderboard.html").read_text()) == [(tmp_path / "accuracy_vs_cost.png").read_bytes()]
+    # an existing cache, and none: said so, or nothing said
+    write_leaderboard(tmp_path, rows, cache_seconds=0.0, cache=cache, wall_seconds=20.4)
+    assert "Wall time of this invocation 20 s; teacher cache: 2 epochs x 100 samples." in (tmp_path / "leaderboard.md").read_text()
+    write_leaderboard(tmp_path, rows, cache_seconds=0.0, cache=None, wall_seconds=20.4)
+    assert "Wall time of this invocation 20 s.\n" in (tmp_path / "leaderboard.md").read_text()
 
 
 def test_check_html_rejects_external_and_broken_content() -> None:

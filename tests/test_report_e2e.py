@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kdistill.cli import main
-from kdistill.report import check_html
+from tests.html_check import check_html
 
 pytestmark = pytest.mark.slow
 

@@ -20,6 +20,7 @@ from kdistill.checkpoint import save_checkpoint
 from kdistill.cli import main
 from kdistill.data.dataset import ImageDataset
 from kdistill.teacher_cache import TeacherCache
+from tests.html_check import check_html
 
 FAST = ["--device", "cpu", "--epochs", "1", "--set", "train.batch_size=250"]
 
@@ -73,6 +74,7 @@ def test_sweep_writes_leaderboard_csv_and_plot(teacher_ckpt: Path, tmp_path: Pat
     md = (run / "leaderboard.md").read_text()
     assert "| 1 | seed_student |" in md and "took" in md
     assert (run / "accuracy_vs_cost.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert check_html((run / "leaderboard.html").read_text())["rows"] == 1 + 4
     for name in names:
         assert (run / name / "checkpoint.pt").is_file()
     # resume: every configuration is finished, nothing is retrained (no checkpoint rewritten)

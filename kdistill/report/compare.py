@@ -1,0 +1,113 @@
+"""One report comparing several study runs (methods, temperatures, seeds) side by side:
+``report.md``, ``report.html``, ``figures/`` and ``comparison.csv`` (every model of every
+run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kdistill.errors import ReportError
+from kdistill.files import atomic_write_text
+from kdistill.logger import to_csv
+from kdistill.report.document import Block, Figure, Heading, Note, Paragraph, Table, write_documents
+from kdistill.report.figures import (
+    FIGURES,
+    plot_class_deltas,
+    plot_curves,
+    plot_pareto,
+    plot_reliability,
+)
+from kdistill.report.format import fmt_num, nested
+from kdistill.report.study import Run, headline, load_run, model_rows, pareto_points
+
+
+def default_comparison_dir(runs: list[Run]) -> Path:
+    return Path("reports") / "-vs-".join(r.name for r in runs)[:120]
+
+
+def write_comparison(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
+    """One report comparing several study runs (e.g. methods or temperatures): a table per
+    run, accuracy against cost of every model, the distilled students' training curves,
+    calibration and per-class gains side by side. Returns the path of report.md."""
+    runs = _load_runs(run_dirs)
+    out = Path(out_dir) if out_dir else default_comparison_dir(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    blocks = [*_summary_blocks(runs), *_figure_blocks(runs, out)]
+    csv_rows = [{**r, "settings": run.settings()} for run in runs for r in model_rows(run)]
+    atomic_write_text(out / "comparison.csv", to_csv(csv_rows), "comparison")
+    blocks.append(Note("Written by kdistill from the runs' summary.json and metrics.jsonl; every model's numbers are in comparison.csv."))
+    return write_documents(blocks, out, f"kdistill comparison: {', '.join(r.name for r in runs)}")
+
+
+def _load_runs(run_dirs: list[Path]) -> list[Run]:
+    """The runs, named by their folders (by their paths where two folders share a name)."""
+    if len(run_dirs) < 2:
+        raise ReportError("a comparison needs at least two run directories")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):  # same folder name under different parents: use the paths
+        for r in runs:
+            r.display = str(r.path)
+        names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ReportError(f"run directory {names[0]} given twice; compare different runs")
+    return runs
+
+
+def _summary_blocks(runs: list[Run]) -> list[Block]:
+    """The runs' settings and one table row per run: what distillation bought in each."""
+    headers = ["run", "data", "distillation", "epochs", "teacher top-1", "baseline top-1", "distilled top-1", "gain (points)",
+               "gap closed", "distilled ECE", "agreement with teacher", "int8 top-1", "student CPU latency b=1"]
+    return [
+        Heading(f"kdistill comparison of {len(runs)} runs"),
+        Paragraph("Runs: " + ", ".join(f"**{r.name}** ({r.settings()}, seed {r.summary['seed']})" for r in runs) + "."),
+        Heading("What distillation bought in each run", 2),
+        Table(headers, [_summary_row(run) for run in runs], right=set(range(3, 13))),
+        Note("Gain: distilled minus baseline test top-1 of the same run; gap closed: gain as a share of teacher minus baseline. "
+             "Runs on the same data with the same seed share their teacher and baseline recipe, so their distilled students "
+             "differ by the distillation settings alone."),
+    ]
+
+
+def _summary_row(run: Run) -> list[str]:
+    h = headline(run.summary)
+    m = run.models
+    dep = run.summary.get("deployment") or {}
+    return [
+        run.name, run.summary["data"]["dataset"], run.settings(), fmt_num(nested(m, "distilled", "epochs"), "d"),
+        fmt_num(m["teacher"]["test"]["top1"], ".2f", "%"), fmt_num(m["baseline"]["test"]["top1"], ".2f", "%"),
+        fmt_num(m["distilled"]["test"]["top1"], ".2f", "%"), fmt_num(h["gain_top1"], "+.2f"), fmt_num(h["gap_closed"] * 100, ".0f", "%"),
+        fmt_num(nested(m, "distilled", "test", "ece"), ".3f"), fmt_num(nested(m, "distilled", "agreement", "agreement_top1"), ".2f", "%"),
+        fmt_num(nested(dep, "int8", "top1"), ".2f", "%"), fmt_num(nested(m, "distilled", "profile", "latency_b1", "median_ms"), ".2f", " ms"),
+    ]
+
+
+def _figure_blocks(runs: list[Run], out: Path) -> list[Block]:
+    """Accuracy against cost, the distilled students' curves, per-class gains, calibration."""
+    fig_dir = out / FIGURES
+    points = [p for run in runs for p in pareto_points(run, prefix=f"{run.name}: ", with_int8=False)]
+    histories = {run.name: run.histories.get("distilled", []) for run in runs}
+    blocks: list[Block] = [
+        Heading("Accuracy against cost", 2),
+        Figure(plot_pareto(points, fig_dir / "pareto.png").relative_to(out), "test top-1 of every model of every run against MACs and CPU latency at batch 1"),
+        Heading("Training curves of the distilled students", 2),
+        Figure(plot_curves(histories, fig_dir / "curves.png", {n: n for n in histories}).relative_to(out),
+               "training loss, top-1 accuracy and learning rate per epoch of each run's distilled student"),
+    ]
+    deltas = {}
+    for run in runs:
+        base = nested(run.models, "baseline", "test", "per_class_top1", default={})
+        dist = nested(run.models, "distilled", "test", "per_class_top1", default={})
+        deltas[run.name] = {c: dist[c] - base[c] for c in base if c in dist}
+    if all(deltas.values()):
+        fig = plot_class_deltas(deltas, fig_dir / "class_deltas.png")
+        names = list(deltas)
+        rows = [[c, *(fmt_num(deltas[n].get(c), "+.1f") for n in names)] for c in next(iter(deltas.values()))]
+        blocks += [Heading("Which classes distillation helped", 2),
+                   Figure(fig.relative_to(out), "per-class test top-1 of each run's distilled student minus its baseline, in points"),
+                   Table(["class", *names], rows, right=set(range(1, len(names) + 1)))]
+    calibrations = {run.name: run.models["distilled"]["test"]["calibration"] for run in runs if "calibration" in run.models["distilled"]["test"]}
+    if calibrations:
+        fig = plot_reliability(calibrations, fig_dir / "reliability.png")
+        blocks += [Heading("Calibration of the distilled students", 2), Figure(fig.relative_to(out), "reliability diagram of each run's distilled student")]
+    return blocks
