@@ -27,7 +27,7 @@ from kdistill.evaluate import agreement, classification_metrics, count_macs, pro
 from kdistill.export import EXPORT_HINT, deploy, onnx_available
 from kdistill.files import atomic_write, atomic_write_text
 from kdistill.progress import log, progress
-from kdistill.report.study import headline, write_report
+from kdistill.report.run_report import headline, write_report
 from kdistill.runs import (
     budget_left,
     build_teacher,

@@ -1,6 +1,6 @@
 """Reports, written from run directories alone.
 
-``write_report(run_dir)`` (:mod:`kdistill.report.study`) turns a finished ``kdistill run``
+``write_report(run_dir)`` (:mod:`kdistill.report.run_report`) turns a finished ``kdistill run``
 into ``report.md`` and a self-contained ``report.html`` (the same content, images embedded
 as data URIs, no external asset and no script), with figures in ``figures/``
 (``curves.png`` stays at the top), and ``summary.csv`` (one row per model).
@@ -15,6 +15,6 @@ written by :mod:`kdistill.report.leaderboard` with the same documents and figure
 
 from kdistill.report.compare import write_comparison
 from kdistill.report.figures import pareto_front
-from kdistill.report.study import headline, load_run, write_report
+from kdistill.report.run_report import headline, load_run, write_report
 
 __all__ = ["headline", "load_run", "pareto_front", "write_comparison", "write_report"]

@@ -18,7 +18,7 @@ from kdistill.report.figures import (
     plot_reliability,
 )
 from kdistill.report.format import fmt_num, nested
-from kdistill.report.study import Run, headline, load_run, model_rows, pareto_points
+from kdistill.report.run_report import Run, headline, load_run, model_rows, pareto_points
 
 
 def default_comparison_dir(runs: list[Run]) -> Path:
