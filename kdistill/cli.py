@@ -123,7 +123,8 @@ def _add_tool_commands(sub) -> None:
 
     p = sub.add_parser("report", help="(re)write the report of a run, or compare several runs in one report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `kdistill run`")
-    p.add_argument("--output", "-o", help="folder of the comparison report (several runs; default reports/<names joined by '-vs-'>)")
+    p.add_argument("--output", "-o", help="folder of the report (one run: default its run directory; several runs: default "
+                   "reports/<names joined by '-vs-'>)")
     p.add_argument("--debug", action="store_true")
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, verified on test images; optional int8")
@@ -252,7 +253,7 @@ def cmd_evaluate(args) -> None:
 
 def cmd_report(args) -> None:
     if len(args.run_dirs) == 1:
-        out = write_report(Path(args.run_dirs[0]))
+        out = write_report(Path(args.run_dirs[0]), Path(args.output) if args.output else None)
         print(f"report: {out} and {out.with_suffix('.html')}")
         return
     out = write_comparison([Path(d) for d in args.run_dirs], Path(args.output) if args.output else None)

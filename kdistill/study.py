@@ -197,6 +197,12 @@ def _summarise(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, summary_
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     report = write_report(run_dir)
     h = summary["headline"]
+    teacher, baseline = summary_models["teacher"]["test"]["top1"], summary_models["baseline"]["test"]["top1"]
+    if teacher <= baseline:
+        log(
+            f"warning: the teacher ({teacher:.2f}%) is not better than the student alone ({baseline:.2f}%): it has little to "
+            "teach; train it longer (teacher.train.epochs) or choose a stronger one"
+        )
     log(
         f"done in {summary['wall_seconds']:.0f} s: teacher {summary_models['teacher']['test']['top1']:.2f}%, "
         f"baseline {summary_models['baseline']['test']['top1']:.2f}%, distilled {summary_models['distilled']['test']['top1']:.2f}% "

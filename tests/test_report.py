@@ -372,3 +372,43 @@ def test_plain_progress_lines_with_eta(monkeypatch: pytest.MonkeyPatch, capsys: 
     assert capsys.readouterr().err == ""
     assert list(progress(iter([1, 2]), total=2, desc="x", disable=True)) == [1, 2]
     assert not math.isnan(len(bar))
+
+
+def _summary_with(teacher: float, baseline: float, distilled: float) -> dict:
+    profile = {"parameters": 100, "macs": 1000, "latency_b1": {"median_ms": 1.0}}
+    return {"models": {p: {"test": {"top1": v}, "profile": profile} for p, v in
+                       (("teacher", teacher), ("baseline", baseline), ("distilled", distilled))}}
+
+
+@pytest.mark.parametrize(
+    "teacher, baseline, distilled, says, never",
+    [
+        (70.0, 60.0, 65.0, ["bought +5.00 points", "50% of the teacher–student gap closed"], ["warning", "cost"]),
+        (70.0, 60.0, 58.0, ["cost 2.00 points", "gap widened from 10.00 to 12.00 points"], ["bought", "closed"]),
+        (70.0, 60.0, 60.0, ["left test top-1 unchanged"], ["bought", "closed", "cost"]),
+        (70.0, 60.0, 72.0, ["bought +12.00 points", "beat its teacher"], ["closed"]),
+        # issue 18's case: a 1-epoch teacher (28%) far below the student alone (55%)
+        (28.0, 55.0, 46.8, ["cost 8.20 points", "warning: the teacher, 28.00%, is not better than the student alone, 55.00%"], ["closed", "bought"]),
+        (55.0, 55.0, 57.0, ["bought +2.00 points", "warning: the teacher"], ["closed"]),
+    ],
+)
+def test_headline_is_true_in_every_sign_case(teacher, baseline, distilled, says, never) -> None:
+    from kdistill.report.run_report import headline_sentence
+
+    text = headline_sentence(_summary_with(teacher, baseline, distilled))
+    for fragment in says:
+        assert fragment in text, text
+    for fragment in never:
+        assert fragment not in text, text
+    gap = headline(_summary_with(teacher, baseline, distilled))["gap_closed"]
+    assert (gap != gap) == (teacher <= baseline)  # NaN exactly when there is no gap to close
+
+
+def test_report_of_one_run_honours_output_folder(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "one", 4.0)
+    out = tmp_path / "elsewhere"
+    assert main(["report", str(run), "-o", str(out)]) == 0
+    assert (out / "report.md").exists() and (out / "report.html").exists() and (out / "curves.png").exists()
+    assert (out / "figures" / "pareto.png").exists() and (out / "summary.csv").exists()
+    assert not (run / "report.md").exists()  # the run directory is left as it was
+    check_html((out / "report.html").read_text())

@@ -28,16 +28,44 @@ from kdistill.report.phases import COLORS, PHASES, label, phase_order
 
 
 def headline(summary: dict[str, Any]) -> dict[str, float]:
-    """The two numbers that matter: what distillation bought and what the student costs."""
+    """The two numbers that matter: what distillation bought and what the student costs.
+    ``gap_closed`` (the gain as a share of teacher minus student alone) is NaN when the
+    teacher is not better than the student alone: then there is no gap to close."""
     t, b, d = (summary["models"][p] for p in PHASES)
+    gap = t["test"]["top1"] - b["test"]["top1"]
     return {
         "gain_top1": d["test"]["top1"] - b["test"]["top1"],
-        "gap_closed": (d["test"]["top1"] - b["test"]["top1"]) / (t["test"]["top1"] - b["test"]["top1"])
-        if t["test"]["top1"] != b["test"]["top1"] else float("nan"),
+        "gap_closed": (d["test"]["top1"] - b["test"]["top1"]) / gap if gap > 0 else float("nan"),
         "params_fraction": d["profile"]["parameters"] / t["profile"]["parameters"],
         "macs_fraction": d["profile"]["macs"] / t["profile"]["macs"],
         "latency_fraction": d["profile"]["latency_b1"]["median_ms"] / t["profile"]["latency_b1"]["median_ms"],
     }
+
+
+def headline_sentence(summary: dict[str, Any]) -> str:
+    """The headline in words, true in every sign case: a gain, a loss or no change, a student
+    that beat its teacher, and a teacher that is no better than the student alone (warned)."""
+    h = headline(summary)
+    t, b, d = (summary["models"][p]["test"]["top1"] for p in PHASES)
+    gain = h["gain_top1"]
+    if gain > 0:
+        what = f"**Distillation bought {gain:+.2f} points of test top-1** over the same student trained alone"
+    elif gain < 0:
+        what = f"**Distillation cost {-gain:.2f} points of test top-1** against the same student trained alone"
+    else:
+        what = "**Distillation left test top-1 unchanged** against the same student trained alone"
+    if t <= b:
+        what += f" (**warning: the teacher, {t:.2f}%, is not better than the student alone, {b:.2f}%**: it has little to teach; train it longer or choose a stronger one)"
+    elif d > t:
+        what += f" (the distilled student, {d:.2f}%, beat its teacher, {t:.2f}%)"
+    elif gain > 0:
+        what += f" ({h['gap_closed'] * 100:.0f}% of the teacher–student gap closed)"
+    elif gain < 0:
+        what += f" (the teacher–student gap widened from {t - b:.2f} to {t - d:.2f} points)"
+    return (
+        f"{what}, **at {h['params_fraction'] * 100:.1f}% of the teacher's parameters and {h['macs_fraction'] * 100:.1f}% of its MACs** "
+        f"({h['latency_fraction'] * 100:.0f}% of its batch-1 CPU latency)."
+    )
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -52,6 +80,11 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     display: str = ""  # the run's name in a comparison (default: the folder's name)
+    out_dir: Path | None = None  # where its report goes (default: the run directory)
+
+    @property
+    def out(self) -> Path:
+        return self.out_dir or self.path
 
     @property
     def name(self) -> str:
@@ -142,11 +175,13 @@ def pareto_points(run: Run, prefix: str = "", with_int8: bool = True) -> list[di
 # ----------------------------------------------------------------------------- the report
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     """Write report.md, report.html, figures/*.png, curves.png and summary.csv for a finished
-    study run, from its run directory alone. Returns the path of report.md."""
+    study run, from its run directory alone, into the run directory (or ``out_dir``).
+    Returns the path of report.md."""
     run = load_run(Path(run_dir))
-    atomic_write_text(run.path / "summary.csv", to_csv(model_rows(run)), "summary")
+    run.out_dir = Path(out_dir) if out_dir else None
+    atomic_write_text(run.out / "summary.csv", to_csv(model_rows(run)), "summary")
     blocks = [
         *_overview_blocks(run),
         *_deployment_blocks(run),
@@ -155,22 +190,18 @@ def write_report(run_dir: Path) -> Path:
         *_diagnostic_blocks(run),
         Note(f"Written by kdistill from {run.path.name}/ (summary.json, metrics.jsonl); the same numbers are in summary.csv."),
     ]
-    return write_documents(blocks, run.path, f"kdistill study: {run.summary['name']}")
+    return write_documents(blocks, run.out, f"kdistill study: {run.summary['name']}")
 
 
 def _overview_blocks(run: Run) -> list[Block]:
     """The data and settings, the headline, every model's numbers and the time budget."""
     summary, models = run.summary, run.models
-    h = headline(summary)
     data = summary["data"]
     blocks: list[Block] = [
         Heading(f"kdistill study: {summary['name']}"),
         Paragraph(f"Data: **{data['dataset']}** ({data['train_size']} training, {data['test_size']} test images, {data['num_classes']} classes). "
                   f"Distillation: **{run.settings()}**. Seed {summary['seed']}. Device: {summary['device']}. {summary.get('platform', '')}"),
-        Paragraph(f"**Distillation bought {h['gain_top1']:+.2f} points of test top-1** over the same student trained alone "
-                  f"({fmt_num(h['gap_closed'] * 100, '.0f', '%')} of the teacher–student gap closed), "
-                  f"**at {h['params_fraction'] * 100:.1f}% of the teacher's parameters and {h['macs_fraction'] * 100:.1f}% of its MACs** "
-                  f"({h['latency_fraction'] * 100:.0f}% of its batch-1 CPU latency)."),
+        Paragraph(headline_sentence(summary)),
         Heading("What each model is worth and what it costs", 2),
         _models_table(run),
         Note("Accuracies are from the last epoch (not the best one). NLL: mean cross-entropy on the test set. ECE: expected "
@@ -253,7 +284,7 @@ def _deployment_blocks(run: Run) -> list[Block]:
 
 def _cost_and_curve_blocks(run: Run) -> list[Block]:
     """Accuracy against cost (figures/pareto.png) and the training curves (curves.png)."""
-    out = run.path
+    out = run.out
     pareto = plot_pareto(pareto_points(run), out / FIGURES / "pareto.png")
     plot_curves(run.histories, out / "curves.png")
     return [
@@ -273,8 +304,8 @@ def _class_blocks(run: Run) -> list[Block]:
     }
     blocks: list[Block] = [Heading("Which classes distillation helped", 2)]
     if deltas:
-        fig = plot_class_deltas({"distilled − baseline": {c: d - b for c, (d, b) in deltas.items() if d is not None}}, run.path / FIGURES / "class_deltas.png")
-        blocks.append(Figure(fig.relative_to(run.path), "per-class test top-1 of the distilled student minus the baseline's, in points"))
+        fig = plot_class_deltas({"distilled − baseline": {c: d - b for c, (d, b) in deltas.items() if d is not None}}, run.out / FIGURES / "class_deltas.png")
+        blocks.append(Figure(fig.relative_to(run.out), "per-class test top-1 of the distilled student minus the baseline's, in points"))
     rows = []
     for cls, (d, base) in deltas.items():
         t = nested(models, "teacher", "test", "per_class_top1", cls)
@@ -285,7 +316,7 @@ def _class_blocks(run: Run) -> list[Block]:
 
 def _diagnostic_blocks(run: Run) -> list[Block]:
     """Confusion matrices and the reliability diagram, where the run measured them."""
-    out, models = run.path, run.models
+    out, models = run.out, run.models
     blocks: list[Block] = []
     classes = nested(models, "baseline", "test", "classes") or list(nested(models, "baseline", "test", "per_class_top1", default={}))
     matrices = {label(p): m["test"]["confusion"] for p, m in models.items() if "confusion" in m.get("test", {})}
