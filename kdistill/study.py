@@ -197,17 +197,21 @@ def _summarise(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, summary_
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     report = write_report(run_dir)
     h = summary["headline"]
+    warn_if_teacher_not_better(summary_models)
+    log(
+        f"done in {summary['wall_seconds']:.0f} s: teacher {summary_models['teacher']['test']['top1']:.2f}%, "
+        f"baseline {summary_models['baseline']['test']['top1']:.2f}%, distilled {summary_models['distilled']['test']['top1']:.2f}% "
+        f"({h['gain_top1']:+.2f} points at {h['params_fraction'] * 100:.1f}% of the teacher's parameters); report: {report}"
+    )
+
+
+def warn_if_teacher_not_better(summary_models: dict[str, Any]) -> None:
     teacher, baseline = summary_models["teacher"]["test"]["top1"], summary_models["baseline"]["test"]["top1"]
     if teacher <= baseline:
         log(
             f"warning: the teacher ({teacher:.2f}%) is not better than the student alone ({baseline:.2f}%): it has little to "
             "teach; train it longer (teacher.train.epochs) or choose a stronger one"
         )
-    log(
-        f"done in {summary['wall_seconds']:.0f} s: teacher {summary_models['teacher']['test']['top1']:.2f}%, "
-        f"baseline {summary_models['baseline']['test']['top1']:.2f}%, distilled {summary_models['distilled']['test']['top1']:.2f}% "
-        f"({h['gain_top1']:+.2f} points at {h['params_fraction'] * 100:.1f}% of the teacher's parameters); report: {report}"
-    )
 
 
 def deploy_student(cfg: RunConfig, student: torch.nn.Module, ds: ImageDataset, out_dir: Path) -> dict[str, Any] | None:

@@ -412,3 +412,12 @@ def test_report_of_one_run_honours_output_folder(tmp_path: Path) -> None:
     assert (out / "figures" / "pareto.png").exists() and (out / "summary.csv").exists()
     assert not (run / "report.md").exists()  # the run directory is left as it was
     check_html((out / "report.html").read_text())
+
+
+def test_study_warns_when_the_teacher_is_not_better(capsys: pytest.CaptureFixture) -> None:
+    from kdistill.study import warn_if_teacher_not_better
+
+    warn_if_teacher_not_better(_summary_with(28.0, 55.0, 46.8)["models"])
+    assert "warning: the teacher (28.00%) is not better than the student alone (55.00%)" in capsys.readouterr().err
+    warn_if_teacher_not_better(_summary_with(70.0, 60.0, 65.0)["models"])
+    assert "warning" not in capsys.readouterr().err
