@@ -10,6 +10,9 @@ use it, and, for resuming, the optimizer state, epoch, RNG state and metrics so 
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,9 @@ from kdistill.models import create_model
 from kdistill.progress import log
 
 FORMAT = "kdistill-checkpoint/1"
+CHECKPOINT_NAME = "checkpoint.pt"
+# what a command that takes a checkpoint expects, said in its errors
+EXPECTED = f"a {CHECKPOINT_NAME} written by kdistill train, run or distill"
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -32,20 +38,99 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_message(path))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    kind = foreign_kind(path)
+    if kind:
+        raise CheckpointError(f"{path} is {kind}, not a checkpoint; expected {EXPECTED}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
+            warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        # torch's message is a page of advice; the line naming the refused object is the one that matters
-        first = next((line for line in lines if "Unsupported global" in line), lines[0] if lines else "unsafe content")
-        raise CheckpointError(f"checkpoint {path} refused: it holds objects other than tensors and plain data ({first[:200]})") from None
+        # torch's message is a page of advice (including turning weights_only off, which
+        # would let the file run code): name only what the file asked to load
+        found = re.search(r"GLOBAL\s+([\w.]+)", str(e))
+        what = f"it would load {found.group(1)}" if found else "it is not made of tensors and plain data alone"
+        raise CheckpointError(f"checkpoint {path} refused: it holds objects other than tensors and plain data ({what}); expected {EXPECTED}") from None
     except Exception as e:  # torch.load fails in many ways on garbage (KeyError, IndexError, ...)
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e.__class__.__name__}: {str(e)[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a kdistill checkpoint (expected format {FORMAT!r})")
+        raise CheckpointError(f"{path} is a PyTorch file but not a kdistill checkpoint (it lacks format {FORMAT!r}); expected {EXPECTED}")
     return state
+
+
+def folder_message(path: Path, shown: int = 6) -> str:
+    """Why a folder is not a checkpoint, naming the checkpoints in it (two levels down at most:
+    a run directory's phases, a sweep's or a mutual run's models)."""
+    if (path / CHECKPOINT_NAME).is_file():
+        return f"{path} is a folder, not a checkpoint; pass the checkpoint it holds: {path / CHECKPOINT_NAME}"
+    found = sorted([*path.glob(f"*/{CHECKPOINT_NAME}"), *path.glob(f"*/*/{CHECKPOINT_NAME}")])
+    what = "a run directory" if (path / "config.yaml").is_file() else "a folder"
+    if not found:
+        return f"{path} is {what}, not a checkpoint, and holds no {CHECKPOINT_NAME}; expected {EXPECTED}"
+    listed = ", ".join(str(p) for p in found[:shown]) + (f" and {len(found) - shown} more" if len(found) > shown else "")
+    return f"{path} is {what}, not a checkpoint; it holds {listed}"
+
+
+# file signatures of things often mistaken for a checkpoint
+_SIGNATURES = {
+    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x1f\x8b": "a gzip archive",
+    b"\x93NUMPY": "a NumPy array file", b"\x89HDF": "an HDF5 file",
+}
+
+
+def foreign_kind(path: Path) -> str | None:
+    """What a file that is not a PyTorch file is ("an ONNX model", "a text file", ...);
+    None for a zip archive or pickle that may be one (torch.load then judges it)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):
+        return _zip_kind(path)
+    if head.startswith(b"\x80"):  # a pickle: PyTorch's legacy format
+        return None
+    if path.suffix == ".onnx" or _looks_like_onnx(head):
+        return "an ONNX model"
+    text = _text(head)
+    if text is not None:
+        first = text.strip().splitlines()[0][:40] if text.strip() else ""
+        return f"a text file (it starts {first!r})" if first else "a text file"
+    kind = next((k for magic, k in _SIGNATURES.items() if head.startswith(magic)), None)
+    return kind or "neither a zip archive nor a pickle (the formats of PyTorch files)"
+
+
+def _zip_kind(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None  # a cut PyTorch file, perhaps: torch.load says it is truncated
+    if any("/code/" in n or n.endswith("/constants.pkl") for n in names):
+        return "a TorchScript archive"
+    if not any(n.endswith("data.pkl") for n in names):
+        return "a zip archive that is not a PyTorch file"
+    return None
+
+
+def _looks_like_onnx(head: bytes) -> bool:
+    """An ONNX ModelProto starts with its ir_version (field 1, a small varint) and then a
+    length-delimited field (producer name, graph, opset import, ...)."""
+    return len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42)
+
+
+def _text(head: bytes) -> str | None:
+    if b"\x00" in head:
+        return None
+    for cut in range(4):  # the 4096 bytes may end inside a multi-byte character
+        try:
+            return head[: len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
 
 
 def state_dict_mismatch(error: RuntimeError) -> str:

@@ -34,7 +34,12 @@ from torch import nn
 
 from kdistill import distributed
 from kdistill.budget import BudgetPlan, format_seconds
-from kdistill.checkpoint import load_checkpoint, save_checkpoint, state_dict_mismatch
+from kdistill.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    save_checkpoint,
+    state_dict_mismatch,
+)
 from kdistill.config import ScheduleConfig, TrainConfig
 from kdistill.data.loader import Batch, EvalData
 from kdistill.errors import CheckpointError, ConfigError, TrainingError
@@ -42,7 +47,6 @@ from kdistill.logger import MetricsLog
 from kdistill.perf import tune_allocator
 from kdistill.progress import interactive, log, progress
 
-CHECKPOINT_NAME = "checkpoint.pt"
 # multi-process runs agree on a Ctrl-C and on a budget's step count every this many steps
 # (one tiny all-reduce); a budget run may so overrun its plan by up to this many steps - 1
 STOP_CHECK_STEPS = 10

@@ -38,6 +38,7 @@ class Case:
     expect: tuple[str, ...]  # fragments of the error line (str() of the paths are added by build)
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
     check: Callable[[Path], None] | None = None  # more assertions after the error
+    absent: tuple[str, ...] = ()  # fragments that must appear nowhere in the output
 
 
 # ------------------------------------------------------------------ inputs
@@ -152,6 +153,29 @@ def no_code_ran(tmp: Path) -> None:
 def plain_torch_file(tmp: Path) -> Path:
     path = tmp / "plain.pt"
     torch.save({"state_dict": create_model("seed_teacher", num_classes=2).state_dict()}, path)
+    return path
+
+
+def run_dir_of_checkpoints(tmp: Path) -> Path:
+    """A finished run's folder: config.yaml and one checkpoint.pt per phase."""
+    run_dir = tmp / "runs" / "quickstart"
+    for phase in ("teacher", "baseline", "distilled"):
+        (run_dir / phase).mkdir(parents=True)
+        teacher_checkpoint(tmp).rename(run_dir / phase / "checkpoint.pt")
+    (run_dir / "config.yaml").write_text("name: quickstart\n")
+    return run_dir
+
+
+def torchscript_file(tmp: Path) -> Path:
+    path = tmp / "model.torchscript.pt"
+    torch.jit.script(create_model("seed_student", num_classes=2)).save(str(path))
+    return path
+
+
+def onnx_file(tmp: Path) -> Path:
+    """An ONNX model as torch.onnx.export writes it: a ModelProto, ir_version first."""
+    path = tmp / "model.onnx"
+    path.write_bytes(b"\x08\x08\x12\x07pytorch\x1a\x062.13.0:" + random_bytes(2000))
     return path
 
 
@@ -279,10 +303,20 @@ CASES = [
     Case(M, "teacher trained on 3 classes, data set has 2", lambda t: distill(t, teacher_checkpoint(t, num_classes=3)), ("teacher.pt", "predicts 3 classes but the data set has 2")),
     Case(M, "teacher checkpoint of another architecture", lambda t: distill(t, teacher_checkpoint(t, weights_of="seed_student")), ("teacher.pt", "do not fit model 'seed_teacher'")),
     Case(M, "truncated teacher checkpoint", lambda t: distill(t, truncated_checkpoint(t)), ("teacher.pt", "unreadable or truncated")),
-    Case(M, "malicious pickle as teacher checkpoint", lambda t: distill(t, evil_checkpoint(t)), ("evil.pt", "refused"), check=no_code_ran),
-    Case(M, "malicious pickle given to evaluate", lambda t: ["evaluate", str(evil_checkpoint(t))], ("evil.pt", "refused"), check=no_code_ran),
+    Case(M, "malicious pickle as teacher checkpoint", lambda t: distill(t, evil_checkpoint(t)), ("evil.pt", "refused"), check=no_code_ran, absent=("weights_only",)),
+    Case(M, "malicious pickle given to evaluate", lambda t: ["evaluate", str(evil_checkpoint(t))], ("evil.pt", "refused"), check=no_code_ran, absent=("weights_only",)),
     Case(M, "a torch file that is not a kdistill checkpoint", lambda t: distill(t, plain_torch_file(t)), ("plain.pt", "not a kdistill checkpoint")),
     Case(M, "teacher checkpoint missing", lambda t: distill(t, t / "gone.pt"), ("gone.pt", "does not exist")),
+    Case(M, "a run directory given to evaluate", lambda t: ["evaluate", str(run_dir_of_checkpoints(t))],
+         ("quickstart is a run directory, not a checkpoint; it holds", "teacher/checkpoint.pt", "baseline/checkpoint.pt", "distilled/checkpoint.pt"), absent=("does not exist",)),
+    Case(M, "a run directory given to export", lambda t: ["export", str(run_dir_of_checkpoints(t))], ("quickstart is a run directory, not a checkpoint", "teacher/checkpoint.pt"), absent=("does not exist",)),
+    Case(M, "a phase folder given as --teacher", lambda t: distill(t, run_dir_of_checkpoints(t) / "teacher"),
+         ("quickstart/teacher is a folder, not a checkpoint; pass the checkpoint it holds:", "quickstart/teacher/checkpoint.pt"), absent=("does not exist",)),
+    Case(M, "an ONNX model given to export", lambda t: ["export", str(onnx_file(t))], ("model.onnx is an ONNX model, not a checkpoint", "expected a checkpoint.pt written by kdistill"), absent=("weights_only", "refused")),
+    Case(M, "a TorchScript archive given to evaluate", lambda t: ["evaluate", str(torchscript_file(t))],
+         ("model.torchscript.pt is a TorchScript archive, not a checkpoint", "expected a checkpoint.pt written by kdistill"), absent=("weights_only", "refused")),
+    Case(M, "a Markdown report given as --teacher", lambda t: distill(t, write_tree(t, {"report.md": b"# Report\n"}) / "report.md"),
+         ("report.md is a text file", "expected a checkpoint.pt written by kdistill"), absent=("weights_only", "refused")),
     Case(M, "evaluate a truncated checkpoint", lambda t: ["evaluate", str(truncated_checkpoint(t))], ("teacher.pt", "unreadable or truncated")),
     Case(M, "resume a run whose checkpoint holds another model", lambda t: resume_into(t, other_model_checkpoint), ("checkpoint.pt", "does not match this run")),
     Case(M, "resume from a checkpoint without training state", lambda t: resume_into(t, checkpoint_without_state), ("checkpoint.pt", "does not match this run")),

@@ -36,6 +36,8 @@ def test_bad_input_is_one_clear_line(case: Case, tmp_path: Path, monkeypatch: py
     assert not [line for line in lines[:-1] if "error" in line.lower()], err
     for fragment in case.expect:
         assert fragment in lines[-1], f"{fragment!r} not in {lines[-1]!r}"
+    for fragment in case.absent:
+        assert fragment not in err, f"{fragment!r} in {err!r}"
     if case.check:
         case.check(tmp_path)
 
