@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from kdistill import commands
-from kdistill.config import RunConfig, load_config
+from kdistill.config import Override, RunConfig, load_config
 from kdistill.errors import ConfigError, ExportError, KDistillError
 from kdistill.export import export_checkpoint
 from kdistill.methods import METHODS, taking
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_study_commands(sub)
     _add_tool_commands(sub)
+    for p in sub.choices.values():  # each command's flags, as errors name them: -T/--temperature
+        p.set_defaults(flag_names={a.dest: "/".join(sorted(a.option_strings, key=len)) for a in p._actions if a.option_strings})
     return parser
 
 
@@ -159,42 +161,63 @@ SHORTCUTS = {
 }
 
 
-def _config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The config file with the command line's shortcuts applied, then its ``--set``s (which win)."""
+def _said(args: argparse.Namespace, attr: str) -> str:
+    """The flag ``attr`` as the user typed it, for errors: ``-T/--temperature 0``, ``--device gpu``."""
+    name = getattr(args, "flag_names", {}).get(attr) or "--" + attr.replace("_", "-")
+    value = getattr(args, attr)
+    if value is True:  # a switch
+        return name
+    values = value if isinstance(value, list) else [value]
+    typed = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values]  # argparse made 0.0 of "0"
+    if attr == "teacher":  # repeated flag
+        return " ".join(f"{name} {v}" for v in typed)
+    return f"{name} {' '.join(typed)}"
+
+
+def _shortcut_overrides(args: argparse.Namespace) -> list[Override]:
+    """The overrides the command line's shortcuts stand for, each naming its flag."""
     pre = []
     for attr, key in SHORTCUTS.items():
         value = getattr(args, attr, None)
         if value is not None:
-            pre.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+            pre.append(Override(f"{key}={json.dumps(value) if isinstance(value, str) else value}", _said(args, attr)))
     if getattr(args, "epochs", None) is not None:  # every phase, whatever the config's phase overrides say
-        pre += [f"{phase}.train.epochs={args.epochs}" for phase in ("teacher", "student", "distill")]
+        pre += [Override(f"{phase}.train.epochs={args.epochs}", _said(args, "epochs")) for phase in ("teacher", "student", "distill")]
     if getattr(args, "method", None):
-        pre.append("distill.methods=" + json.dumps({m.strip(): {} for m in args.method.split("+")}))
+        pre.append(Override("distill.methods=" + json.dumps({m.strip(): {} for m in args.method.split("+")}), _said(args, "method")))
     if args.command == "mutual":
         if args.temperature is not None:
-            pre.append(f"mutual.temperature={args.temperature}")
+            pre.append(Override(f"mutual.temperature={args.temperature}", _said(args, "temperature")))
         if args.models:
-            pre.append("mutual.models=" + json.dumps(args.models))
+            pre.append(Override("mutual.models=" + json.dumps(args.models), _said(args, "models")))
     if args.command in ("distill", "cache-teacher", "sweep"):
         teachers = args.teacher
-        pre.append(f"teacher.checkpoint={json.dumps(teachers[0])}" if len(teachers) == 1 else "teacher.checkpoints=" + json.dumps(teachers))
+        key = f"teacher.checkpoint={json.dumps(teachers[0])}" if len(teachers) == 1 else "teacher.checkpoints=" + json.dumps(teachers)
+        pre.append(Override(key, _said(args, "teacher")))
         if args.teacher_weights:
-            pre.append("teacher.weights=" + json.dumps(args.teacher_weights))
-    cfg = load_config(args.config, pre + args.overrides)
+            pre.append(Override("teacher.weights=" + json.dumps(args.teacher_weights), _said(args, "teacher_weights")))
+    return pre
+
+
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The config file with the command line's shortcuts applied, then its ``--set``s (which
+    win); an error names the flag that set the key at fault, or else the config file."""
+    pre = _shortcut_overrides(args)
+    sets = [Override(text) for text in args.overrides]
+    cfg = load_config(args.config, pre + sets)
     # method options given as flags go to the run's methods that have them
     options = {}
     if args.command != "mutual" and getattr(args, "temperature", None) is not None:
-        options["temperature"] = args.temperature
+        options["temperature"] = (args.temperature, _said(args, "temperature"))
     if getattr(args, "logit_std", False):
-        options["logit_std"] = "true"
+        options["logit_std"] = ("true", _said(args, "logit_std"))
     set_methods = []
-    for option, value in options.items():
+    for option, (value, said) in options.items():
         takers = taking(option, cfg.distill.methods)
         if not takers:  # a flag that would change nothing is refused, not dropped
-            flag = "-T/--temperature" if option == "temperature" else "--logit-std"
-            raise ConfigError(f"{flag}: no method of this run has a {option} option (distill.methods: {', '.join(cfg.distill.methods)})")
-        set_methods += [f"distill.methods.{m}.{option}={value}" for m in takers]
-    return load_config(args.config, pre + set_methods + args.overrides) if set_methods else cfg
+            raise ConfigError(f"{said}: no method of this run has a {option} option (distill.methods: {', '.join(cfg.distill.methods)})")
+        set_methods += [Override(f"distill.methods.{m}.{option}={value}", said) for m in takers]
+    return load_config(args.config, pre + set_methods + sets) if set_methods else cfg
 
 
 def cmd_run(args) -> None:

@@ -4,7 +4,9 @@ YAML is data only (``yaml.safe_load``); nothing is built from import paths. Unkn
 wrong types and impossible values fail at load time with the key's dotted path, e.g.
 ``config error in run.yaml: train.epochs: must be > 0 (got -3)``. Any key can be
 overridden from the command line with ``--set train.epochs=5`` (the value is parsed as
-YAML, so ``--set distill.methods.kd.temperature=2`` gives a float).
+YAML, so ``--set distill.methods.kd.temperature=2`` gives a float); an error in a key an
+override set names the override (or the flag it came from, see :class:`Override`) instead
+of the file: ``--set train.epoch=1: train.epoch: unknown key``.
 
 Per-phase training settings: ``train`` holds the defaults of every phase; ``teacher.train``,
 ``student.train`` and ``distill.train`` override any of its keys for one phase.
@@ -14,13 +16,15 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from kdistill.configbase import StrictConfig, deep_merge, format_errors
+from kdistill.configbase import StrictConfig, deep_merge, error_lines, format_errors
 from kdistill.errors import ConfigError
 from kdistill.methods import (
     DEFAULT_METHOD,
@@ -315,6 +319,27 @@ class RunConfig(StrictConfig):
             raise ValueError(format_errors(e, prefix=f"{phase}.train")) from None
 
 
+@dataclass(frozen=True)
+class Override:
+    """One ``KEY=VALUE`` override and what the user typed to give it, which its errors name:
+    ``--set train.epochs=5`` (the default), ``-T/--temperature 0``, ``--device gpu``."""
+
+    text: str
+    flag: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.text.partition("=")[0].strip()
+
+    @property
+    def source(self) -> str:
+        return self.flag or f"--set {self.text}"
+
+
+def as_override(override: str | Override) -> Override:
+    return override if isinstance(override, Override) else Override(override)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a", "b", "c"], yaml-parsed value)."""
     key, sep, raw = text.partition("=")
@@ -327,17 +352,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str | Override]) -> dict:
     data = copy.deepcopy(data)
-    for text in overrides:
-        path, value = parse_override(text)
+    for override in map(as_override, overrides):
+        path, value = parse_override(override.text)
         node = data
         for part in path[:-1]:
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             elif not isinstance(child, dict):
-                raise ConfigError(f"--set {text!r}: {part!r} is not a section")
+                raise ConfigError(f"{override.source}: {part!r} is not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -372,18 +397,33 @@ def load_yaml(path: Path) -> dict:
     return data
 
 
-def validate_config(data: dict, source: str = "config") -> RunConfig:
+def validate_config(data: dict, source: str = "config", overrides: Sequence[str | Override] = ()) -> RunConfig:
+    """The typed config of ``data`` (read from ``source`` with ``overrides`` applied). An
+    error names what the user typed: the override that set the key at fault, else the file."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"config error in {source}: {format_errors(e)}") from None
+        given, groups = [as_override(o) for o in overrides], {}
+        for path, line in error_lines(e):
+            setter = _setter(path, given)
+            groups.setdefault(setter.source if setter else f"config error in {source}", []).append(line)
+        raise ConfigError("; ".join(f"{who}: {'; '.join(lines)}" for who, lines in groups.items())) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def _setter(path: str, overrides: list[Override]) -> Override | None:
+    """The last override that set the key at ``path``, a key below it or its section."""
+    for override in reversed(overrides):
+        key = override.key
+        if path and (path == key or path.startswith(f"{key}.") or key.startswith(f"{path}.")):
+            return override
+    return None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str | Override] | None = None) -> RunConfig:
     """Load a YAML config (default: the bundled quickstart), apply ``--set`` overrides, validate."""
     resolved = resolve_config_path(path or "quickstart")
     data = apply_overrides(load_yaml(resolved), overrides or [])
-    return validate_config(data, source=str(resolved))
+    return validate_config(data, source=str(resolved), overrides=overrides or [])
 
 
 def dump_config(config: RunConfig) -> str:

@@ -47,7 +47,8 @@ def deep_merge(base: dict, update: dict) -> dict:
     return out
 
 
-def format_errors(error: ValidationError, prefix: str = "") -> str:
+def error_lines(error: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """Each error of ``error`` as (the dotted path of its key, ``"path: problem"``)."""
     lines = []
     for err in error.errors():
         loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
@@ -62,5 +63,9 @@ def format_errors(error: ValidationError, prefix: str = "") -> str:
                 loc, msg = (f"{loc}.{head}" if loc else head), rest
         path = ".".join(p for p in (prefix, loc) if p)
         shown = "" if err["type"] in ("extra_forbidden", "value_error", "missing") else f" (got {err.get('input')!r})"
-        lines.append(f"{path}: {msg}{shown}" if path else f"{msg}{shown}")
-    return "; ".join(lines)
+        lines.append((path, f"{path}: {msg}{shown}" if path else f"{msg}{shown}"))
+    return lines
+
+
+def format_errors(error: ValidationError, prefix: str = "") -> str:
+    return "; ".join(line for _, line in error_lines(error, prefix))

@@ -10,6 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kdistill.cli import _config_from_args, build_parser
 from kdistill.config import (
     CONFIG_DIR,
     RunConfig,
@@ -151,7 +152,8 @@ def test_rejection_names_the_key(override: str, key: str, detail: str) -> None:
     message = _error([override])
     assert f"{key}:" in message, message
     assert detail in message, message
-    assert "quickstart.yaml" in message, message  # and the file
+    assert message.startswith(f"--set {override}: {key}: "), message  # and the override, not the file
+    assert "quickstart.yaml" not in message, message
 
 
 @pytest.mark.parametrize("override", ["train.epochs=true", "train.batch_size=yes"])
@@ -209,9 +211,84 @@ def test_phase_override_rejection(override: str, key: str) -> None:
 
 
 def test_phase_override_path_is_well_formed() -> None:
-    """Same format as every other error: 'config error in FILE: KEY: problem'."""
+    """Same format as every other error: 'OVERRIDE: KEY: problem'."""
     message = _error(["student.train.epochs=0"])
-    assert "quickstart.yaml: student.train.epochs: " in message, message
+    assert message.startswith("--set student.train.epochs=0: student.train.epochs: "), message
+
+
+def test_phase_override_in_the_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("student:\n  train:\n    epochs: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.epochs=3"])
+    assert str(info.value).startswith(f"config error in {path}: student.train.epochs: "), info.value
+
+
+def test_errors_of_the_file_and_of_overrides_each_name_their_source(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  optimiser: {lr: 0.1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.epochs=0", "seed=-1"])
+    parts = str(info.value).split("; ")
+    assert f"config error in {path}: train.optimiser: unknown key" in parts, parts
+    assert any(p.startswith("--set train.epochs=0: train.epochs: ") for p in parts), parts
+    assert any(p.startswith("--set seed=-1: seed: ") for p in parts), parts
+
+
+def test_the_last_override_of_a_key_is_named() -> None:
+    message = _error(["train.epochs=0", "train.epochs=-1"])
+    assert message.startswith("--set train.epochs=-1: train.epochs: "), message
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("distill.methods.nope={}", "distill.methods"),  # the error is on the section above the key set
+        ("train.optimizer={lr: 0}", "train.optimizer.lr"),  # on a key below it
+    ],
+)
+def test_override_named_for_keys_above_and_below_it(override: str, key: str) -> None:
+    message = _error([override])
+    assert message.startswith(f"--set {override}: {key}"), message
+
+
+def _cli_error(argv: list[str], config: Path | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        _config_from_args(build_parser().parse_args([*argv, *(["--config", str(config)] if config else [])]))
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "start"),
+    [
+        (["train", "--set", "train.epoch=1"], "--set train.epoch=1: train.epoch: unknown key"),
+        (["distill", "--teacher", "t.pt", "-T", "0"], "-T/--temperature 0: distill.methods.kd.temperature: "),
+        (["distill", "--teacher", "t.pt", "--temperature", "2.5", "--set", "distill.methods={kd: {}, dkd: {}}", "--set", "distill.methods.dkd.temperature=0"],
+         "--set distill.methods.dkd.temperature=0: distill.methods.dkd.temperature: "),  # the later --set wins, and is named
+        (["distill", "--teacher", "t.pt", "--alpha", "2"], "--alpha 2: distill.alpha: "),
+        (["distill", "--teacher", "t.pt", "--method", "kdd"], "--method kdd: distill.methods: unknown method 'kdd'"),
+        (["train", "--device", "gpu"], "--device gpu: device: expected auto, cpu, cuda, cuda:N or mps"),
+        (["run", "--epochs", "0"], "--epochs 0: train.epochs: "),
+        (["train", "-m", "resnet9000"], "-m/--model resnet9000: teacher.name: unknown model"),
+        (["run", "--born-again", "99"], "--born-again 99: born_again: "),
+        (["run", "--budget", "soon"], "--budget soon: budget: expected a duration"),
+        (["mutual", "-T", "0"], "-T/--temperature 0: mutual.temperature: "),
+        (["mutual", "--models", "seed_student"], "--models seed_student: mutual.models: "),
+        (["distill", "--teacher", "a.pt", "--teacher", "b.pt", "--teacher-weights", "1", "2", "3"], "--teacher-weights 1 2 3: teacher.weights: 3 weights for 2"),
+        (["train", "--set", "seed.x=1"], "--set seed.x=1: 'seed' is not a section"),
+    ],
+)
+def test_flag_errors_name_the_flag_not_the_config_file(argv: list[str], start: str) -> None:
+    message = _cli_error(argv)
+    assert message.startswith(start), message
+    assert "quickstart.yaml" not in message and "config error in" not in message, message
+
+
+def test_config_file_errors_still_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epoch: 3\n")
+    message = _cli_error(["train", "--device", "cpu", "--epochs", "2", "-m", "seed_student"], path)
+    assert message == f"config error in {path}: train.epoch: unknown key", message
 
 
 def test_phase_override_merges_into_train() -> None:
@@ -285,8 +362,6 @@ def test_epochs_and_batch_size_property(epochs: int, batch_size: int) -> None:
 
 
 def test_the_epochs_shortcut_sets_every_phase_over_the_configs_own_phase_overrides() -> None:
-    from kdistill.cli import _config_from_args, build_parser
-
     default = _config_from_args(build_parser().parse_args(["run"]))
     assert (default.train_for("teacher").epochs, default.train_for("student").epochs, default.train_for("distill").epochs) == (30, 15, 15)
     cfg = _config_from_args(build_parser().parse_args(["run", "--epochs", "3"]))
