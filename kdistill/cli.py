@@ -28,6 +28,7 @@ from kdistill.export import export_checkpoint
 from kdistill.methods import METHODS, taking
 from kdistill.models import MODELS, count_parameters, create_model
 from kdistill.report import write_comparison, write_report
+from kdistill.runs import KINDS, default_run_name
 from kdistill.study import run_study
 from kdistill.sweep import expand_grid, run_sweep
 
@@ -159,7 +160,8 @@ SHORTCUTS = {
 
 
 def _config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The config file with the command line's shortcuts applied, then its ``--set``s (which win)."""
+    """The config file with the command line's shortcuts applied, then its ``--set``s (which
+    win); without ``--name`` (or ``--set name=``) the command's default run name."""
     pre = []
     for attr, key in SHORTCUTS.items():
         value = getattr(args, attr, None)
@@ -187,7 +189,11 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "logit_std", False):
         options["logit_std"] = "true"
     set_methods = [f"distill.methods.{m}.{option}={value}" for option, value in options.items() for m in taking(option, cfg.distill.methods)]
-    return load_config(args.config, pre + set_methods + args.overrides) if set_methods else cfg
+    cfg = load_config(args.config, pre + set_methods + args.overrides) if set_methods else cfg
+    named = getattr(args, "name", None) is not None or any(o.partition("=")[0].strip() == "name" for o in args.overrides)
+    if args.command in KINDS and not named:  # a name of its own, not the study's
+        cfg = cfg.model_copy(update={"name": default_run_name(cfg, args.command)})
+    return cfg
 
 
 def cmd_run(args) -> None:
