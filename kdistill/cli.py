@@ -28,6 +28,7 @@ from kdistill.export import export_checkpoint
 from kdistill.methods import METHODS, taking
 from kdistill.models import MODELS, count_parameters, create_model
 from kdistill.report import write_comparison, write_report
+from kdistill.runs import KINDS, default_run_name
 from kdistill.study import run_study
 from kdistill.sweep import expand_grid, run_sweep
 
@@ -217,7 +218,11 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         if not takers:  # a flag that would change nothing is refused, not dropped
             raise ConfigError(f"{said}: no method of this run has a {option} option (distill.methods: {', '.join(cfg.distill.methods)})")
         set_methods += [Override(f"distill.methods.{m}.{option}={value}", said) for m in takers]
-    return load_config(args.config, pre + set_methods + sets) if set_methods else cfg
+    cfg = load_config(args.config, pre + set_methods + sets) if set_methods else cfg
+    named = getattr(args, "name", None) is not None or any(o.partition("=")[0].strip() == "name" for o in args.overrides)
+    if args.command in KINDS and not named:  # a name of its own, not the study's
+        cfg = cfg.model_copy(update={"name": default_run_name(cfg, args.command)})
+    return cfg
 
 
 def cmd_run(args) -> None:

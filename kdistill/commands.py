@@ -24,7 +24,7 @@ from kdistill.teacher_cache import TeacherCache
 def train_model(cfg: RunConfig, resume: bool) -> Path:
     """``kdistill train``: the config's teacher model trained with cross-entropy."""
     start = time.perf_counter()
-    with runs.job(cfg), runs.open_run_dir(cfg, resume) as run_dir:
+    with runs.job(cfg), runs.open_run_dir(cfg, resume, kind="train") as run_dir:
         ds = runs.load_data(cfg)
         spec = runs.model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         model = runs.new_model(spec, cfg.seed)
@@ -39,7 +39,7 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
 def distill_model(cfg: RunConfig, resume: bool) -> Path:
     """``kdistill distill``: the config's student distilled from a trained teacher."""
     start = time.perf_counter()
-    with runs.job(cfg), runs.open_run_dir(cfg, resume) as run_dir:
+    with runs.job(cfg), runs.open_run_dir(cfg, resume, kind="distill") as run_dir:
         ds = runs.load_data(cfg)
         device = select_device(cfg.device)
         teacher, teacher_spec = runs.build_teacher(cfg, ds.num_classes, device, ds)
@@ -56,7 +56,7 @@ def distill_model(cfg: RunConfig, resume: bool) -> Path:
 def mutual_models(cfg: RunConfig, resume: bool) -> Path:
     """``kdistill mutual``: the config's ``mutual.models`` trained together (deep mutual learning)."""
     start = time.perf_counter()
-    with runs.job(cfg), runs.open_run_dir(cfg, resume) as run_dir:
+    with runs.job(cfg), runs.open_run_dir(cfg, resume, kind="mutual") as run_dir:
         ds = runs.load_data(cfg)
         specs = [runs.model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
         models = [runs.new_model(spec, cfg.seed + i) for i, spec in enumerate(specs)]  # peers of one architecture must not start identical

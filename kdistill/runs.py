@@ -22,7 +22,7 @@ import torch
 from kdistill import distributed
 from kdistill.checkpoint import load_model
 from kdistill.config import RunConfig, TrainConfig, dump_config
-from kdistill.data.dataset import ImageDataset, load_dataset
+from kdistill.data.dataset import BUNDLED, DOWNLOADABLE, ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import Result, predict, select_device
 from kdistill.errors import CheckpointError, ConfigError
@@ -43,45 +43,222 @@ def job(cfg: RunConfig) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None) -> Iterator[Path]:
-    """Create (or, with ``resume``, reopen) the run directory, record the resolved config and
-    git revision, and hold an exclusive lock on it while the run lasts, so that two runs
-    never write into the same directory. The lock is released when the process ends, even
-    when it is killed. In a torchrun job rank 0 does all this; every rank gets its errors."""
+def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None, *, kind: str) -> Iterator[Path]:
+    """Create (or, with ``resume``, reopen) the run directory of a ``kind`` run (one of
+    KINDS), record the resolved config, git revision and what the run is (``run.json``), and
+    hold an exclusive lock on it while the run lasts, so that two runs never write into the
+    same directory. The lock is released when the process ends, even when it is killed.
+
+    A resume that would change what the run is (another kind of command, or another value of
+    an identity key: see :func:`run_identity`) is refused before anything is written. A run
+    that fails before writing anything but these bookkeeping files leaves no directory
+    behind, unless the directory existed before. In a torchrun job rank 0 does all this;
+    every rank gets its errors."""
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: expected one of {KINDS}")
     run_dir = Path(run_dir) if run_dir else cfg.output_dir / cfg.name
     stack = contextlib.ExitStack()
-    distributed.on_main(lambda: stack.enter_context(_locked_run_dir(cfg, resume, run_dir)))
+    distributed.on_main(lambda: stack.enter_context(_locked_run_dir(cfg, resume, run_dir, kind)))
     with stack:
         yield run_dir
 
 
 @contextlib.contextmanager
-def _locked_run_dir(cfg: RunConfig, resume: bool, run_dir: Path) -> Iterator[Path]:
+def _locked_run_dir(cfg: RunConfig, resume: bool, run_dir: Path, kind: str) -> Iterator[Path]:
     if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
         raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name")
+    created = _topmost_missing(run_dir)  # the folder this call creates (run_dir or a parent), if any
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / LOCK_NAME, "a+")
     except OSError as e:
         raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
     with lock:
+        _acquire(lock, run_dir)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            raise ConfigError(f"run directory {run_dir} is in use by {holder}; wait for it to finish or choose another --name") from None
+            # with the lock held no other kdistill process writes here: temporary files are
+            # leftovers of a killed run's atomic writes
+            for tmp in remove_stale_temporaries(run_dir):
+                log(f"removed {tmp}, an unfinished write of an earlier, killed run")
+            identity = run_identity(cfg, kind)
+            record = _check_record(run_dir, kind, identity) if resume else {"kind": kind, "identity": identity}
+            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+            atomic_write_text(run_dir / "git.txt", git_revision() + "\n")
+            if record is not None:
+                atomic_write_text(run_dir / RUN_FILE, json.dumps({"format": RUN_FORMAT, **record}, indent=2) + "\n")
+            yield run_dir
+        except BaseException:
+            if created is not None:
+                _remove_if_unused(run_dir, created)
+            raise
+
+
+def _acquire(lock, run_dir: Path) -> None:
+    """Take the run directory's lock (or say who holds it) and write our pid into it."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         lock.seek(0)
-        lock.truncate()
-        lock.write(f"kdistill pid {os.getpid()}\n")
-        lock.flush()
-        # with the lock held no other kdistill process writes here: temporary files are
-        # leftovers of a killed run's atomic writes
-        for tmp in remove_stale_temporaries(run_dir):
-            log(f"removed {tmp}, an unfinished write of an earlier, killed run")
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        atomic_write_text(run_dir / "git.txt", git_revision() + "\n")
-        yield run_dir
+        holder = lock.read().strip() or "another process"
+        raise ConfigError(f"run directory {run_dir} is in use by {holder}; wait for it to finish or choose another --name") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"kdistill pid {os.getpid()}\n")
+    lock.flush()
+
+
+def _topmost_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet; None if ``path`` exists."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_if_unused(run_dir: Path, created: Path) -> None:
+    """After a failed start: remove the run directory this run created (with the empty
+    parents it created for it) when it holds nothing but the run's own bookkeeping files.
+    Anything else (a checkpoint, metrics, a teacher cache, a folder) is kept."""
+    try:
+        entries = list(run_dir.iterdir())
+        if any(p.name not in BOOKKEEPING or not p.is_file() for p in entries):
+            return
+        for p in entries:
+            p.unlink(missing_ok=True)
+        folder = run_dir
+        while True:
+            folder.rmdir()  # only ever an empty folder
+            if folder == created or folder.parent == folder:
+                return
+            folder = folder.parent
+    except OSError:
+        return  # a folder someone else put something in meanwhile: theirs to keep
+
+
+# ---------------------------------------------------------------- what a run directory is
+
+RUN_FILE = "run.json"
+RUN_FORMAT = "kdistill-run/1"
+# the commands that own a run directory
+KINDS = ("run", "train", "distill", "mutual", "sweep")
+# the files a run directory gets before any work: a run that failed with nothing else in it did nothing
+BOOKKEEPING = (LOCK_NAME, "config.yaml", "git.txt", RUN_FILE)
+
+
+def default_run_name(cfg: RunConfig, kind: str) -> str:
+    """The run name of a command given no ``--name``: the config's name for ``run``, and for
+    the other commands one that says what they train, so that they never collide with the
+    study's directory or each other's: ``<name>-train-<model>``, ``<name>-distill-<student>``,
+    ``<name>-mutual-<model>-<model>...``, ``<name>-sweep``."""
+    if kind == "train":
+        return f"{cfg.name}-train-{cfg.teacher.name}"
+    if kind == "distill":
+        return f"{cfg.name}-distill-{cfg.student.name}"
+    if kind == "mutual":
+        return f"{cfg.name}-mutual-" + "-".join(cfg.mutual.models)
+    if kind == "sweep":
+        return f"{cfg.name}-sweep"
+    return cfg.name
+
+
+def run_identity(cfg: RunConfig, kind: str) -> dict[str, Any]:
+    """What a ``kind`` run is, by config key: the settings its results depend on that its
+    checkpoints do not check themselves (the engine refuses a resume with other training
+    settings): the data and the settings that change its images, the seed, the models and
+    teachers, the distillation settings, the born-again or mutual-learning settings. Not:
+    where files are (data.data_dir, output_dir, the teacher cache's path), the device,
+    logging. Paths are absolute, so that a resume from another folder compares equal."""
+    d = cfg.data
+    identity: dict[str, Any] = {
+        "data.dataset": _dataset_identity(d.dataset), "data.image_size": d.image_size, "data.val_size": d.val_size,
+        "data.augment": d.augment, "data.crop_padding": d.crop_padding, "data.flip": d.flip, "seed": cfg.seed,
+    }
+    if kind == "train":
+        identity.update({"teacher.name": cfg.teacher.name, "teacher.kwargs": cfg.teacher.kwargs})
+    if kind in ("run", "distill", "sweep"):
+        identity.update(_teacher_identity(cfg))
+    if kind in ("run", "distill"):
+        identity.update({"student.name": cfg.student.name, "student.kwargs": cfg.student.kwargs})
+        identity.update({
+            "distill.methods": {name: o.model_dump(mode="json") for name, o in cfg.distill.method_options.items()},
+            "distill.alpha": cfg.distill.alpha, "distill.ce_weight": cfg.distill.ce_weight,
+        })
+    if kind == "run":
+        identity["born_again"] = cfg.born_again
+    if kind == "mutual":
+        identity.update({"mutual.models": cfg.mutual.models, "mutual.temperature": cfg.mutual.temperature, "mutual.weight": cfg.mutual.weight})
+    return json.loads(json.dumps(identity))  # as run.json will hold it
+
+
+def _dataset_identity(dataset: str) -> str:
+    return dataset if dataset in (*BUNDLED, *DOWNLOADABLE) else _absolute(dataset)
+
+
+def _absolute(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _teacher_identity(cfg: RunConfig) -> dict[str, Any]:
+    t = cfg.teacher
+    if t.checkpoints:
+        return {"teacher.checkpoints": [_absolute(p) for p in t.checkpoints], "teacher.weights": t.weights}
+    if t.checkpoint:
+        return {"teacher.checkpoint": _absolute(t.checkpoint)}
+    return {"teacher.name": t.name, "teacher.kwargs": t.kwargs}
+
+
+def _check_record(run_dir: Path, kind: str, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """For a resume: refuse one that would change what the run directory holds; the record
+    to (re)write, or None for a directory of an older kdistill (it has results but no
+    run.json: resumed as before, its kind unknown)."""
+    path = run_dir / RUN_FILE
+    if not path.exists():
+        fresh = not any(p.name not in (LOCK_NAME, "config.yaml", "git.txt") for p in run_dir.iterdir())
+        return {"kind": kind, "identity": identity} if fresh else None
+    try:
+        record = json.loads(path.read_text())
+        old_kind, old = record["kind"], record["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot resume {run_dir}: {path} is unreadable ({e}); it records what the run is: restore it, or choose another --name") from None
+    if old_kind != kind:
+        raise ConfigError(
+            f"cannot resume {run_dir}: it was made by kdistill {old_kind}, not by kdistill {kind}; "
+            f"continue it with kdistill {old_kind} --resume, or choose another --name"
+        )
+    changes = _changes(old, identity)
+    if changes:
+        raise ConfigError(
+            f"cannot resume {run_dir}: {', '.join(changes)}; a resume continues the same run: use the same settings or another --name"
+        )
+    return record
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'key changed from A to B' for every key whose value differs; nested mappings with
+    the same keys (one method's options) name the inner key."""
+    out = []
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+            out += _changes(a, b, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key} changed from {_show(a)} to {_show(b)}")
+    return out
+
+
+def _show(value: Any) -> str:
+    """A value as YAML flow style would write it: {kd: {temperature: 2.0}}, [a, b], none."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if value is None or isinstance(value, bool):
+        return {None: "none", True: "true", False: "false"}[value]
+    return str(value)
 
 
 def git_revision() -> str:

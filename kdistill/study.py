@@ -43,7 +43,7 @@ from kdistill.runs import (
 
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
     """Run teacher -> baseline -> distilled -> report. Returns the run directory."""
-    with open_run_dir(cfg, resume, run_dir) as run_dir:
+    with open_run_dir(cfg, resume, run_dir, kind="run") as run_dir:
         start = time.perf_counter()
         device = select_device(cfg.device)
         ds = load_data(cfg)

@@ -271,6 +271,22 @@ def test_resume_of_a_finished_run(finished_run: Path, monkeypatch: pytest.Monkey
         assert len(rows) == 4
 
 
+def test_resume_of_a_finished_run_with_other_distillation_settings_is_refused(
+    finished_run: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The study's distilled student was trained with kd at T 4, alpha 0.5: a resume with
+    other settings would retrain nothing and report the new ones; it is refused instead."""
+    files = ("summary.json", "config.yaml", "report.md", "run.json")
+    before = {name: (finished_run / name).read_bytes() for name in files}
+    capsys.readouterr()
+    code = main(_run_args(finished_run.parent, "--resume", "-T", "8", "--alpha", "0.1", "--method", "dkd"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"cannot resume {finished_run}: distill.methods changed from {{kd: {{" in err
+    assert "distill.alpha changed from 0.5 to 0.1" in err and "another --name" in err
+    assert {name: (finished_run / name).read_bytes() for name in files} == before
+
+
 def test_module_entry_point_lists_models(kdistill_cache: Path) -> None:
     env = {**os.environ, "KDISTILL_CACHE": str(kdistill_cache)}
     out = subprocess.run(

@@ -134,8 +134,8 @@ def load_cifar(
             _download(url, archive, md5)
         else:
             raise DataError(
-                f"{spec.title} not found: neither {folder} nor {archive} exists; "
-                f"pass download=True or download {url} into {data_dir}"
+                f"{spec.title} not found: neither {folder} nor {archive} exists; allow the "
+                f"download (data.download: true), or fetch {url} elsewhere and place it at {archive.resolve()} (md5 {md5})"
             )
         _extract_folder(archive, data_dir, spec.folder)
 
@@ -167,7 +167,9 @@ def _download(url: str, archive: Path, md5: str) -> None:
                             advance(len(chunk))
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 reason = getattr(e, "reason", None) or e
-                raise DataError(f"cannot download {url}: {reason}") from e
+                raise DataError(
+                    f"cannot download {url}: {reason}; to work offline, fetch it elsewhere and place it at {archive.resolve()} (md5 {md5})"
+                ) from e
         actual = digest.hexdigest()
         if actual != md5:
             raise DataError(

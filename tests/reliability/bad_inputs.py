@@ -14,6 +14,8 @@ import io
 import os
 import shlex
 import tarfile
+import urllib.error
+import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +27,9 @@ import torch
 from PIL import Image
 
 from kdistill.checkpoint import FORMAT, save_checkpoint
+from kdistill.cli import _config_from_args, build_parser
 from kdistill.models import create_model
+from kdistill.runs import open_run_dir
 
 from .conftest import tiny_png, write_tree
 
@@ -256,6 +260,40 @@ def locked_run_dir(tmp: Path) -> list[str]:
 LOCKS: list = []
 
 
+def made_by(tmp: Path, argv: list[str], kind: str) -> None:
+    """The run directory that ``argv`` names, as a ``kind`` run made with ``argv``'s config
+    would leave it (its record, before any training)."""
+    with open_run_dir(_config_from_args(build_parser().parse_args(argv)), False, kind=kind):
+        pass
+
+
+def resume_other_kind(tmp: Path) -> list[str]:
+    made_by(tmp, train(tmp, tree(tmp)), "train")
+    return distill(tmp, teacher_checkpoint(tmp), "--resume")
+
+
+def resume_other_settings(tmp: Path) -> list[str]:
+    argv = distill(tmp, teacher_checkpoint(tmp))
+    made_by(tmp, argv, "distill")
+    return [*argv, "--resume", "--alpha", "0.1"]
+
+
+def unreadable_run_record(tmp: Path) -> list[str]:
+    write_tree(tmp, {"runs/x/run.json": b'{"kind": "tra'})
+    return train(tmp, tree(tmp), "--resume")
+
+
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    def urlopen(*args, **kwargs):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+def no_run_dir(tmp: Path) -> None:
+    assert not (tmp / "runs").exists(), "a run that failed before its work left its directory behind"
+
+
 def empty_class_folder(tmp: Path) -> Path:
     root = tree(tmp, {"test/cat/0.png": tiny_png()})
     (root / "train" / "cat").mkdir()
@@ -286,7 +324,7 @@ CASES = [
     Case(D, "train and test class sets differ", lambda t: train(t, tree(t, {"test/dog/0.png": tiny_png()})), ("different classes", "dog")),
     Case(D, "a single class", lambda t: train(t, tree(t, drop="/bee/")), ("single class", "at least 2")),
     Case(D, "no test split", lambda t: train(t, tree(t, drop="test/")), ("no images under test/",)),
-    Case(D, "data set path does not exist", lambda t: train(t, t / "nowhere"), ("nowhere", "not found")),
+    Case(D, "data set path does not exist", lambda t: train(t, t / "nowhere"), ("nowhere", "not found"), check=no_run_dir),
     Case(D, "unknown data set name", lambda t: train(t, "cifar11"), ("cifar11", "cifar10-mini")),
     Case(D, "a plain file instead of a folder or archive", lambda t: train(t, write_tree(t, {"data.csv": b"a,b\n"}) / "data.csv"), ("data.csv", "neither a folder nor")),
     Case(D, "truncated .tar.gz archive", lambda t: train(t, truncated_tar_gz(t)), ("data.tar.gz", "cannot read archive")),
@@ -297,7 +335,8 @@ CASES = [
     Case(D, "zip symlink", lambda t: train(t, zip_with(t, "train/ant/link.png", b"/etc/passwd", mode=0o120777)), ("link.png", "is a link")),
     Case(D, "truncated CIFAR-10 download", lambda t: cifar_archive(t, random_bytes(5000)[:1234]), ("cifar-10-python.tar.gz", "expected c58f30108f718f92721af3b95e74349a")),
     Case(D, "CIFAR-10 archive with the wrong checksum", lambda t: cifar_archive(t, truncated_tar_gz(t).read_bytes()), ("cifar-10-python.tar.gz", "has md5")),
-    Case(D, "CIFAR-10 absent, download disabled", lambda t: train(t, "cifar10", "--data-dir", str(t / "cache"), "--set", "data.download=false"), ("CIFAR-10 not found",)),
+    Case(D, "CIFAR-10 absent, download disabled", lambda t: train(t, "cifar10", "--data-dir", str(t / "cache"), "--set", "data.download=false"), ("CIFAR-10 not found", "place it at", "cifar-10-python.tar.gz"), check=no_run_dir),
+    Case(D, "CIFAR-10 download unreachable (offline)", lambda t: train(t, "cifar10", "--data-dir", str(t / "cache")), ("cannot download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "place it at", "cifar10/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"), patch=offline, check=no_run_dir),
     Case(D, "validation split as large as the training set", lambda t: train(t, tree(t), "--set", "data.val_size=4"), ("data.val_size=4", "smaller than the 4 training images")),
     # models and checkpoints
     Case(M, "teacher trained on 3 classes, data set has 2", lambda t: distill(t, teacher_checkpoint(t, num_classes=3)), ("teacher.pt", "predicts 3 classes but the data set has 2")),
@@ -306,7 +345,7 @@ CASES = [
     Case(M, "malicious pickle as teacher checkpoint", lambda t: distill(t, evil_checkpoint(t)), ("evil.pt", "refused"), check=no_code_ran, absent=("weights_only",)),
     Case(M, "malicious pickle given to evaluate", lambda t: ["evaluate", str(evil_checkpoint(t))], ("evil.pt", "refused"), check=no_code_ran, absent=("weights_only",)),
     Case(M, "a torch file that is not a kdistill checkpoint", lambda t: distill(t, plain_torch_file(t)), ("plain.pt", "not a kdistill checkpoint")),
-    Case(M, "teacher checkpoint missing", lambda t: distill(t, t / "gone.pt"), ("gone.pt", "does not exist")),
+    Case(M, "teacher checkpoint missing", lambda t: distill(t, t / "gone.pt"), ("gone.pt", "does not exist"), check=no_run_dir),
     Case(M, "a run directory given to evaluate", lambda t: ["evaluate", str(run_dir_of_checkpoints(t))],
          ("quickstart is a run directory, not a checkpoint; it holds", "teacher/checkpoint.pt", "baseline/checkpoint.pt", "distilled/checkpoint.pt"), absent=("does not exist",)),
     Case(M, "a run directory given to export", lambda t: ["export", str(run_dir_of_checkpoints(t))], ("quickstart is a run directory, not a checkpoint", "teacher/checkpoint.pt"), absent=("does not exist",)),
@@ -364,6 +403,9 @@ CASES = [
     Case(R, "output directory below a regular file", lambda t: train(t, tree(t), "--output-dir", str(write_tree(t, {"file": b""}) / "file" / "runs")), ("cannot create run directory", "Not a directory")),
     Case(R, "run directory exists, no --resume", lambda t: train(write_tree(t, {"runs/x/config.yaml": b"name: x\n"}), tree(t)), ("already exists", "--resume")),
     Case(R, "run directory in use by another run", locked_run_dir, ("is in use by kdistill pid 4242",)),
+    Case(R, "distill --resume into a train run", resume_other_kind, ("cannot resume", "made by kdistill train, not by kdistill distill")),
+    Case(R, "--resume with other distillation settings", resume_other_settings, ("cannot resume", "distill.alpha changed from 0.5 to 0.1", "another --name")),
+    Case(R, "--resume with an unreadable run.json", unreadable_run_record, ("run.json is unreadable",)),
     Case(R, "disk full while writing a checkpoint", lambda t: train(t, tree(t), "--epochs", "2"), ("checkpoint.pt", "No space left on device", "previous one is intact"), patch=lambda mp: fail_writes(mp, errno.ENOSPC), check=epoch_one_kept),
     Case(R, "read-only file system at a checkpoint", lambda t: train(t, tree(t), "--epochs", "2"), ("checkpoint.pt", "Read-only file system", "previous one is intact"), patch=lambda mp: fail_writes(mp, errno.EROFS), check=epoch_one_kept),
     Case(R, "disk full while writing metrics", lambda t: train(t, tree(t)), ("metrics.jsonl", "No space left on device"), patch=fail_metrics),

@@ -117,7 +117,7 @@ def test_stale_temporaries_are_removed_under_the_lock(tmp_path: Path, capsys: py
         p.write_bytes(b"half a checkpoint")
     keep = run_dir / "notes.tmp"  # not ours: not hidden
     keep.write_text("mine")
-    with open_run_dir(cfg, resume=True):
+    with open_run_dir(cfg, resume=True, kind="train"):
         assert not any(p.exists() for p in stale)
         assert keep.exists()
     assert capsys.readouterr().err.count("an unfinished write of an earlier, killed run") == 3
