@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 import kdistill
 from kdistill.data.dataset import ImageDataset
@@ -25,3 +26,19 @@ def kdistill_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mini(kdistill_cache: Path) -> ImageDataset:
     """The bundled real CIFAR-10 sample: 5000 train / 1000 test 32x32 images, 10 classes."""
     return kdistill.load_dataset("cifar10-mini")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny tensors (a batch of 2 through a deep model is
+    hundreds of tiny ops): thread-pool handoffs dominate them, and on a busy 2-core machine
+    they made single tests take 10-30 s instead of a fraction of one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def seeded() -> None:
+    torch.manual_seed(0)

@@ -44,19 +44,7 @@ from kdistill.tasks import Distillation
 D64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module: its tensors are tiny, so thread-pool handoffs
-    dominate, and on a busy (oversubscribed) CI runner they make every op ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "seeded")  # see tests/conftest.py
 
 
 def randn(*shape: int, seed: int = 0) -> torch.Tensor:

@@ -7,21 +7,7 @@ import torch
 
 from kdistill.models import MODELS, count_parameters, create_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for this module (as in test_methods_features.py): a batch of 2
-    through a deep model is hundreds of tiny ops, and on a busy 2-core machine the
-    thread-pool handoffs made a single test take 10-30 s instead of a fraction of one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "seeded")  # see tests/conftest.py
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
