@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -18,9 +18,41 @@ from kdistill.errors import CheckpointError
 TMP_SUFFIX = ".tmp"  # of the temporary files of atomic writes: .<name>.<random>.tmp
 
 
+def create_temporary(folder: Path, name: str, suffix: str = TMP_SUFFIX) -> tuple[int, Path]:
+    """A new, empty file ``.<name>.<random><suffix>`` in ``folder``, opened for writing
+    (descriptor, path).
+
+    Its permissions are those a plain ``open()`` gives, ``0o666`` less the umask (the kernel
+    applies it), so a report or checkpoint can be shared as the user's umask says;
+    ``tempfile.mkstemp`` would make every file ``0o600``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        path = Path(folder) / f".{name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary file name for {name} in {folder}")
+
+
+def create_temporary_folder(folder: Path, name: str, suffix: str) -> Path:
+    """A new, empty folder ``.<name>.<random><suffix>`` in ``folder``, with the permissions of
+    a plain ``mkdir`` (``0o777`` less the umask; ``tempfile.mkdtemp`` gives ``0o700``)."""
+    for _ in range(100):
+        path = Path(folder) / f".{name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            path.mkdir(0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no unused temporary folder name for {name} in {folder}")
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "file") -> None:
     """Write ``path`` through ``write(f)`` into a temporary file in the same folder, fsync
-    it, rename it over ``path`` and fsync the folder.
+    it, rename it over ``path`` and fsync the folder. The file gets the permissions a plain
+    ``open()`` would give it: ``0o666`` less the umask.
 
     A crash, a kill or a full disk at any moment leaves either the old file or the new one,
     never a truncated mix (the rename is atomic; the folder's fsync makes it survive a power
@@ -29,7 +61,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None], what: str = "fil
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+        fd, tmp = create_temporary(path.parent, path.name)
     except OSError as e:
         blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         cause = f"{blocker} is a file, not a folder" if blocker else e.strerror or e

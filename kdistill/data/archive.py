@@ -18,7 +18,6 @@ import posixpath
 import shutil
 import stat
 import tarfile
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable
@@ -26,6 +25,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from kdistill.errors import DataError
+from kdistill.files import create_temporary_folder
 
 __all__ = ["md5_file", "safe_extract", "sha256_file"]
 
@@ -80,7 +80,8 @@ def safe_extract(archive: Path, dest: Path) -> None:
 
     # Beside dest (same file system) so that the final rename is atomic; the dot prefix
     # and suffix make any leftover from a killed process easy to recognise.
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    # Permissions by the umask (``mkdtemp`` would make the extracted folder private).
+    staging = create_temporary_folder(dest.parent, dest.name, ".partial")
     try:
         extract(archive, staging)
         os.replace(staging, dest)

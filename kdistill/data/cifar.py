@@ -26,6 +26,7 @@ import numpy as np
 
 from kdistill.data.archive import md5_file, safe_extract
 from kdistill.errors import DataError
+from kdistill.files import create_temporary
 
 __all__ = ["CifarArrays", "load_cifar"]
 
@@ -152,8 +153,7 @@ def _all_files(spec: _Spec) -> tuple[str, ...]:
 def _download(url: str, archive: Path, md5: str) -> None:
     """Stream ``url`` to ``archive``, which only ever appears complete and MD5-verified."""
     archive.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{archive.name}.", suffix=".part", dir=archive.parent)
-    tmp = Path(tmp_name)
+    fd, tmp = create_temporary(archive.parent, archive.name, ".part")  # permissions by the umask, like the data it holds
     digest = hashlib.new("md5", usedforsecurity=False)  # checksum while streaming, not after
     try:
         with os.fdopen(fd, "wb") as out:
