@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from kdistill import commands
+from kdistill import commands, runs
 from kdistill.config import Override, RunConfig, load_config
 from kdistill.errors import ConfigError, ExportError, KDistillError
 from kdistill.export import export_checkpoint
@@ -114,43 +114,56 @@ def _add_study_commands(sub) -> None:
 
 def _add_tool_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="checkpoint.pt of a train, distill or run phase (e.g. runs/x/distilled/checkpoint.pt)")
     p.add_argument("--data", help="data set (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-dir")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--data-dir", help="download and cache folder of the data set (default: $KDISTILL_CACHE or ~/.cache/kdistill)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N: where the test set is evaluated (latency is always measured on the CPU, and on the GPU too when there is one)")
     p.add_argument("--teacher", help="also report agreement with this teacher checkpoint")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     p = sub.add_parser("report", help="(re)write the report of a run, or compare several runs in one report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `kdistill run`")
     p.add_argument("--output", "-o", help="folder of the report (one run: default its run directory; several runs: default "
                    "reports/<names joined by '-vs-'>)")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, verified on test images; optional int8")
-    p.add_argument("checkpoint")
-    p.add_argument("--format", "-f", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("checkpoint", help="checkpoint.pt of a train, distill or run phase (e.g. runs/x/distilled/checkpoint.pt)")
+    p.add_argument("--format", "-f", choices=["onnx", "torchscript"], default="onnx", help="onnx (needs kdistill[export]) or torchscript (default onnx)")
     p.add_argument("--output", "-o", help="output file (default: model.onnx / model.torchscript.pt next to the checkpoint)")
     p.add_argument("--quantize", choices=["static", "dynamic"], help="also write an int8 model (ONNX Runtime): static calibrates on training images, dynamic needs no data")
     p.add_argument("--calibration-images", type=int, default=512, help="training images for static int8 calibration (default 512)")
     p.add_argument("--data", help="data set to verify on (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-dir")
+    p.add_argument("--data-dir", help="download and cache folder of the data set (default: $KDISTILL_CACHE or ~/.cache/kdistill)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods and their options")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line; ``parser.commands`` maps each command's name to its own parser."""
     parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation of image classifiers, measured end to end.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {runs.kdistill_version()}", help="print kdistill's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_study_commands(sub)
     _add_tool_commands(sub)
     for p in sub.choices.values():  # each command's flags, as errors name them: -T/--temperature
         p.set_defaults(flag_names={a.dest: "/".join(sorted(a.option_strings, key=len)) for a in p._actions if a.option_strings})
+    parser.commands = sub.choices
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; an unknown option is refused with its command's usage
+    (argparse alone would show the top-level usage for ``kdistill train --bogus``)."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 # command-line shortcuts -> the config keys they set
@@ -274,9 +287,17 @@ def cmd_evaluate(args) -> None:
         f"parameters {p['parameters']:,}  MACs {p['macs']:,}  size {p['disk_bytes'] / 1e6:.2f} MB  CPU latency b=1 {p['latency_b1']['median_ms']:.2f} ms "
         f"(p90 {p['latency_b1']['p90_ms']:.2f})  CPU throughput b=256 {p['throughput_b256']['images_per_second']:.0f} img/s"
     )
+    print(f"CPU timings: {_load_note(p['latency_b1'])}")
     if "gpu" in p:
         g = p["gpu"]
         print(f"GPU ({g['device']}) latency b=1 {g['latency_b1']['median_ms']:.3f} ms  throughput b=256 {g['throughput_b256']['images_per_second']:.0f} img/s")
+
+
+def _load_note(timing: dict) -> str:
+    """What a CPU timing depends on, for the line after it."""
+    threads, load = timing.get("threads"), timing.get("load_average")
+    measured = f"{threads} threads" + (f", machine load {load:.1f}" if load is not None else "")
+    return f"{measured}; latency depends on the machine's load and the thread count (compare timings taken alike)"
 
 
 def cmd_report(args) -> None:
@@ -334,7 +355,7 @@ DISTRIBUTED_COMMANDS = ("run", "train", "distill", "mutual", "cache-teacher")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.argv = argv  # the exact command line, for outputs that record it (None: sys.argv)
     try:
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.command not in DISTRIBUTED_COMMANDS:
@@ -343,6 +364,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"(torchrun runs only {', '.join(DISTRIBUTED_COMMANDS)})"
             )
         COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away (`kdistill models | head -1`) shows here, not at exit
+    except BrokenPipeError:
+        # the reader closed the pipe: end quietly, as a Unix tool killed by SIGPIPE does
+        # (status 128 + 13); stdout goes to /dev/null so that the interpreter's own final
+        # flush does not complain either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KDistillError as e:
         if getattr(args, "debug", False):
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import time
 
@@ -133,16 +134,22 @@ def measure_latency(
     model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1, warmup: int = 5, repeats: int = 30, max_seconds: float = 5.0, min_repeats: int = 5
 ) -> dict:
     """Median and p90 wall time (ms) of a forward pass at ``batch_size`` on the model's
-    device, after warm-up; stops early once ``max_seconds`` is spent (at least ``min_repeats`` repeats)."""
+    device, after warm-up; stops early once ``max_seconds`` is spent (at least ``min_repeats`` repeats).
+    On the CPU it also records what the numbers depend on: ``threads`` (PyTorch's intra-op
+    threads) and ``load_average`` (the machine's 1-minute load when it was measured)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     x = torch.randn(batch_size, *input_shape, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     try:
-        return time_calls(lambda: model(x), batch_size, warmup, repeats, max_seconds, sync, min_repeats)
+        timing = time_calls(lambda: model(x), batch_size, warmup, repeats, max_seconds, sync, min_repeats)
     finally:
         model.train(was_training)
+    if device.type == "cpu":
+        timing["threads"] = torch.get_num_threads()
+        timing["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return timing
 
 
 def disk_bytes(model: nn.Module) -> int:

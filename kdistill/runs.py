@@ -269,11 +269,15 @@ def git_revision() -> str:
             return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
+    return f"kdistill {kdistill_version()} (not a git checkout)"
+
+
+def kdistill_version() -> str:
+    """The installed package's version (``kdistill --version``)."""
     try:
-        version = importlib.metadata.version("kdistill")
+        return importlib.metadata.version("kdistill")
     except importlib.metadata.PackageNotFoundError:
-        version = "(version unknown)"
-    return f"kdistill {version} (not a git checkout)"
+        return "(version unknown)"
 
 
 # seconds kept back from a budget for what follows training (evaluation, profiling, report):
