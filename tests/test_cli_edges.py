@@ -16,7 +16,8 @@ import torch
 
 import kdistill.evaluate as evaluate
 from kdistill.checkpoint import save_checkpoint
-from kdistill.cli import build_parser, main
+from kdistill.cli import _config_from_args, build_parser, main, parse_args
+from kdistill.methods import METHODS, taking
 from kdistill.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +81,17 @@ def test_cpu_latency_says_its_threads(tmp_path: Path, monkeypatch: pytest.Monkey
     profile = json.loads(capsys.readouterr().out)["profile"]
     assert profile["latency_b1"]["threads"] == torch.get_num_threads()
     assert "load_average" in profile["latency_b1"]
+
+
+def test_temperature_flag_reaches_every_method_that_has_one() -> None:
+    hot = taking("temperature", sorted(METHODS))[:2]
+    cold = [n for n in sorted(METHODS) if n not in hot and not METHODS[n].takes("temperature")][:1]
+    assert len(hot) == 2 and cold
+    cfg = _config_from_args(parse_args(["distill", "--teacher", "t.pt", "--method", "+".join(hot + cold), "-T", "3"]))
+    for name in hot:
+        assert cfg.distill.methods[name]["temperature"] == 3
+    assert "temperature" not in cfg.distill.methods[cold[0]]
+    # and the README says so, as the flag's help does (it once mapped -T to one method's key)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    shortcut = readme.split("`-T` → ", 1)[1].split(", `--", 1)[0]
+    assert "every configured method that has one" in shortcut and "distill.methods.<method>.temperature" in shortcut, shortcut
