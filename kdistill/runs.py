@@ -47,7 +47,8 @@ def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None, *, k
     """Create (or, with ``resume``, reopen) the run directory of a ``kind`` run (one of
     KINDS), record the resolved config, git revision and what the run is (``run.json``), and
     hold an exclusive lock on it while the run lasts, so that two runs never write into the
-    same directory. The lock is released when the process ends, even when it is killed.
+    same directory. The lock (on ``.lock``, which names the holder's pid) is released when
+    the process ends, even when it is killed; a run that ends removes the file.
 
     A resume that would change what the run is (another kind of command, or another value of
     an identity key: see :func:`run_identity`) is refused before anything is written. A run
@@ -70,27 +71,61 @@ def _locked_run_dir(cfg: RunConfig, resume: bool, run_dir: Path, kind: str) -> I
     created = _topmost_missing(run_dir)  # the folder this call creates (run_dir or a parent), if any
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / LOCK_NAME, "a+")
     except OSError as e:
         raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
-    with lock:
-        _acquire(lock, run_dir)
+    lock = _lock(run_dir)
+    try:
+        # with the lock held no other kdistill process writes here: temporary files are
+        # leftovers of a killed run's atomic writes
+        for tmp in remove_stale_temporaries(run_dir):
+            log(f"removed {tmp}, an unfinished write of an earlier, killed run")
+        identity = run_identity(cfg, kind)
+        record = _check_record(run_dir, kind, identity) if resume else {"kind": kind, "identity": identity}
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        atomic_write_text(run_dir / "git.txt", git_revision() + "\n")
+        if record is not None:
+            atomic_write_text(run_dir / RUN_FILE, json.dumps({"format": RUN_FORMAT, **record}, indent=2) + "\n")
+        yield run_dir
+    except BaseException:
+        if created is not None:
+            _remove_if_unused(run_dir, created)
+        raise
+    finally:
+        with lock:  # the lock file goes while the lock is held; closing it releases the lock
+            if _is_open_file(lock, run_dir / LOCK_NAME):
+                (run_dir / LOCK_NAME).unlink(missing_ok=True)
+
+
+def _lock(run_dir: Path):
+    """The run directory's lock file, open and exclusively locked (``flock``: the kernel
+    releases it when the process ends, however it ends, so a killed run's leftover file
+    locks nothing). A run removes the file as it ends, so a lock taken on a file that has
+    meanwhile been removed (or replaced) is a lock on nothing: take it again."""
+    path = run_dir / LOCK_NAME
+    for _ in range(100):
         try:
-            # with the lock held no other kdistill process writes here: temporary files are
-            # leftovers of a killed run's atomic writes
-            for tmp in remove_stale_temporaries(run_dir):
-                log(f"removed {tmp}, an unfinished write of an earlier, killed run")
-            identity = run_identity(cfg, kind)
-            record = _check_record(run_dir, kind, identity) if resume else {"kind": kind, "identity": identity}
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-            atomic_write_text(run_dir / "git.txt", git_revision() + "\n")
-            if record is not None:
-                atomic_write_text(run_dir / RUN_FILE, json.dumps({"format": RUN_FORMAT, **record}, indent=2) + "\n")
-            yield run_dir
+            lock = open(path, "a+")
+        except OSError as e:
+            raise ConfigError(f"cannot create run directory {run_dir}: {e.strerror}") from None
+        try:
+            _acquire(lock, run_dir)
         except BaseException:
-            if created is not None:
-                _remove_if_unused(run_dir, created)
+            lock.close()
             raise
+        if _is_open_file(lock, path):
+            return lock
+        lock.close()  # its holder finished and removed it between our open and our lock
+    raise ConfigError(f"run directory {run_dir}: cannot lock {path}, it keeps being removed; is another program deleting it?")
+
+
+def _is_open_file(f, path: Path) -> bool:
+    """Whether ``path`` is still the file open as ``f``."""
+    try:
+        on_disk = os.stat(path)
+    except OSError:
+        return False
+    mine = os.fstat(f.fileno())
+    return (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def _acquire(lock, run_dir: Path) -> None:

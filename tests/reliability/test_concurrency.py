@@ -1,5 +1,7 @@
 """Two runs writing to the same run directory are refused, not interleaved."""
 
+import fcntl
+import os
 import subprocess
 import sys
 
@@ -37,3 +39,56 @@ with open_run_dir(validate_config({{'name': 'dead', 'output_dir': {str(tmp_path)
     assert proc.returncode == -9
     with open_run_dir(cfg, resume=True, kind="train"):  # the kernel dropped the dead process's lock
         pass
+
+
+def _held(lock_file):
+    """Whether another process holds an flock on ``lock_file``."""
+    code = (
+        "import fcntl, sys\n"
+        f"f = open({str(lock_file)!r})\n"
+        "try:\n    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 3
+
+
+def test_the_lock_file_is_removed_when_the_run_ends(tmp_path):
+    cfg = validate_config({"name": "done", "output_dir": str(tmp_path)})
+    with open_run_dir(cfg, resume=False, kind="train") as run_dir:
+        assert (run_dir / ".lock").read_text() == f"kdistill pid {os.getpid()}\n"
+        assert _held(run_dir / ".lock")
+    assert not (run_dir / ".lock").exists()
+    with pytest.raises(RuntimeError), open_run_dir(cfg, resume=True, kind="train"):  # a run that fails ends too
+        raise RuntimeError("boom")
+    assert not (run_dir / ".lock").exists()
+    assert ".lock" not in {p.name for p in run_dir.iterdir()} and (run_dir / "config.yaml").is_file()
+
+
+def test_a_killed_runs_leftover_lock_file_is_harmless(tmp_path):
+    run_dir = tmp_path / "killed"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text("kdistill pid 4242\n")  # no process holds it
+    cfg = validate_config({"name": "killed", "output_dir": str(tmp_path)})
+    with open_run_dir(cfg, resume=False, kind="train"):  # not "already exists": the directory holds nothing else
+        assert (run_dir / ".lock").read_text() == f"kdistill pid {os.getpid()}\n"
+    assert not (run_dir / ".lock").exists()
+
+
+def test_a_lock_file_removed_by_its_finishing_holder_is_not_trusted(tmp_path, monkeypatch):
+    # the holder ends and removes .lock after this run opened it but before it locked it:
+    # a lock on the removed file would lock nothing, so the run locks a fresh .lock
+    real_flock = fcntl.flock
+    calls = []
+
+    def flock(f, op):
+        if not calls and op & fcntl.LOCK_EX:
+            os.unlink(f.name)
+        calls.append(op)
+        return real_flock(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    cfg = validate_config({"name": "race", "output_dir": str(tmp_path)})
+    with open_run_dir(cfg, resume=False, kind="train") as run_dir:
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert len(calls) == 2  # locked, found its file gone, locked again
+        assert (run_dir / ".lock").read_text() == f"kdistill pid {os.getpid()}\n"
+        assert _held(run_dir / ".lock")

@@ -98,6 +98,14 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
+def _holds(lock: Path, pid: int) -> bool:
+    """Whether process ``pid`` holds the run directory (a run that ends removes its lock file)."""
+    try:
+        return lock.read_text() == f"kdistill pid {pid}\n"
+    except FileNotFoundError:
+        return False
+
+
 def _assert_identical(run_dir: Path, reference: Path) -> None:
     a, b = load_checkpoint(run_dir / "checkpoint.pt"), load_checkpoint(reference / "checkpoint.pt")
     for part in ("model", "task_state"):
@@ -180,7 +188,7 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
             deadline = time.monotonic() + 600
             lock = run_dir / ".lock"
             while proc.poll() is None and time.monotonic() < deadline:
-                if lock.exists() and lock.read_text() == f"kdistill pid {proc.pid}\n":
+                if _holds(lock, proc.pid):
                     break
                 time.sleep(0.01)
             delay = rng.uniform(0, work)
