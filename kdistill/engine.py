@@ -45,7 +45,7 @@ from kdistill.data.loader import Batch, EvalData
 from kdistill.errors import CheckpointError, ConfigError, TrainingError
 from kdistill.logger import MetricsLog
 from kdistill.perf import tune_allocator
-from kdistill.progress import interactive, log, progress
+from kdistill.progress import Refresh, interactive, log, progress
 
 # multi-process runs agree on a Ctrl-C and on a budget's step count every this many steps
 # (one tiny all-reduce); a budget run may so overrun its plan by up to this many steps - 1
@@ -282,6 +282,7 @@ class Training:
         batches = self.loader.epoch(epoch.index, epoch.first)
         bar = progress(batches, total=self.steps_per_epoch, initial=epoch.first, desc=f"{self.desc} {epoch.index + 1}/{self.plan.epochs_label()}")
         agreed = False  # several ranks: whether they all agreed to stop at this step
+        refresh = Refresh() if interactive() else None  # the bar's loss and accuracy, on terminals
         try:
             for i, batch in enumerate(bar, start=epoch.first):
                 step = epoch.index * self.steps_per_epoch + i
@@ -295,7 +296,7 @@ class Training:
                     raise KeyboardInterrupt
                 if self.plan.ends_at(step + 1):
                     break
-                if interactive() and i % 20 == 0:  # the only host syncs: for the bar, on terminals
+                if refresh is not None and refresh.due(last=i + 1 == self.steps_per_epoch):  # the only host syncs
                     self._show_progress(bar, epoch, i)
         except KeyboardInterrupt:
             if self.world > 1 and not agreed:

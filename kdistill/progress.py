@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from tqdm.auto import tqdm
@@ -99,6 +99,27 @@ class PlainProgress(Generic[T]):
 
     def __len__(self) -> int:
         return self.total or 0
+
+
+BAR_REFRESH_SECONDS = 0.5  # between updates of a training bar's loss and accuracy
+
+
+class Refresh:
+    """When a progress bar's numbers are worth updating: at the first call, then at most
+    once every ``seconds`` (by ``clock``), and always at the last step, so a short epoch
+    ends showing its own numbers, not its first step's. Reading the numbers may cost a
+    host sync, which is why it is rationed by time, never done per step."""
+
+    def __init__(self, seconds: float = BAR_REFRESH_SECONDS, clock: Callable[[], float] = time.perf_counter):
+        self.seconds, self.clock = seconds, clock
+        self.shown: float | None = None
+
+    def due(self, last: bool = False) -> bool:
+        now = self.clock()
+        if last or self.shown is None or now - self.shown >= self.seconds:
+            self.shown = now
+            return True
+        return False
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0) -> Iterable[T]:

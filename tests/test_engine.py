@@ -348,6 +348,41 @@ def test_non_finite_loss_is_reported_with_its_term(tmp_path: Path) -> None:
     assert len(_metrics(tmp_path)) == 1
 
 
+def test_the_bar_ends_an_epoch_showing_the_epochs_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # on a terminal the bar's loss and accuracy are refreshed by time and at the epoch's last
+    # step: a 5-step epoch must not end showing its first step's numbers
+    shown: list[dict] = []
+
+    class Bar:
+        def __init__(self, iterable, **kwargs):
+            self.iterable = iterable
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def set_postfix(self, refresh: bool = False, **values) -> None:
+            shown.append(values)
+
+    monkeypatch.setattr(engine, "interactive", lambda: True)
+    monkeypatch.setattr(engine, "progress", Bar)
+    torch.manual_seed(0)
+    result = engine.fit(_ToyTask(bad_from=99), _toy_loader(), make_train_config(epochs=1, batch_size=8, channels_last=False), device=torch.device("cpu"))
+    record = result.history[-1]
+    assert shown[-1]["loss"] == f"{record['train_loss']:.3f}" and shown[-1]["acc"] == f"{record['train_top1']:.1f}"
+
+
+def test_bar_refresh_is_rationed_by_time() -> None:
+    from kdistill.progress import Refresh
+
+    now = [0.0]
+    refresh = Refresh(0.5, clock=lambda: now[0])
+    due = []
+    for step in range(10):  # 0.2 s per step, 10 steps
+        due.append(refresh.due(last=step == 9))
+        now[0] += 0.2
+    assert [i for i, d in enumerate(due) if d] == [0, 3, 6, 9]  # the first, every >= 0.5 s, the last
+
+
 def test_nan_inputs_raise_training_error() -> None:
     x = torch.randn(32, 3, 32, 32)
     x[3, 0, 0, 0] = float("nan")
