@@ -17,6 +17,13 @@ and ``o`` seconds of evaluation + checkpoint per epoch end:
 Before the first epoch end, ``o`` is estimated as the evaluation images' forward passes
 at a third of a training step's per-image cost (a forward is about a third of
 forward + backward).
+
+Before the first plan the safety net uses a provisional step time, the mean of the steps
+since the first (the first holds the set-up and the warm-up). A budget that cannot hold
+the run's first step plus one evaluation is refused as soon as that is known
+(:class:`BudgetTooSmall`, saying about how many seconds it would need): right after the
+first step if it alone outlasted the budget, else right after the second, whose cost
+(timed with a sync) estimates the evaluation's.
 """
 
 from __future__ import annotations
@@ -25,8 +32,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kdistill.errors import ConfigError
+
 WARMUP_STEPS = 3  # not timed: first steps allocate buffers, fill caches, maybe compile
 REPLAN_FRACTION = 0.05  # re-plan every 5% of the budget
+
+
+class BudgetTooSmall(ConfigError):
+    """A time budget too short for one training step and the evaluation that must follow:
+    ``seconds`` of training time for run ``desc``, which would need about ``needed``
+    (``detail`` says why)."""
+
+    def __init__(self, desc: str, seconds: float, needed: float | None, detail: str):
+        needs = f": it needs about {format_seconds(needed)}" if needed is not None else ""
+        super().__init__(
+            f"budget: {desc}: {format_seconds(seconds)} of training time cannot hold one training step and the evaluation "
+            f"after it ({detail}){needs}"
+        )
+        self.desc, self.seconds, self.needed, self.detail = desc, seconds, needed, detail
 
 
 def format_seconds(seconds: float) -> str:
@@ -57,15 +80,18 @@ class BudgetPlan:
         elapsed: float = 0.0,
         clock: Callable[[], float] = time.perf_counter,
         sync: Callable[[], None] = lambda: None,
+        desc: str = "train",
     ):
         self.seconds = seconds
         self.steps_per_epoch = steps_per_epoch
         self.eval_images = eval_images
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # of a training step: the evaluation's cost is estimated per image
         self.max_steps = max_steps
         self.clock = clock
         self.sync = sync
-        self.start = clock() - elapsed  # a resumed run has already spent ``elapsed``
+        self.desc = desc
+        self.created = clock()
+        self.start = self.created - elapsed  # a resumed run has already spent ``elapsed``
         # provisional until the first plan: the schedule stays at its very beginning
         self.total_steps = max_steps or steps_per_epoch * 1_000_000
         self.planned = False
@@ -73,18 +99,29 @@ class BudgetPlan:
         self.step_seconds: float | None = None
         self.epoch_overhead: float | None = None
         self._seen = 0  # steps observed by this process
+        self._first: tuple[float, float, float] | None = None  # its first step: (seconds, end time, overhead so far)
         self._mark: tuple[int, float, float] | None = None  # (steps done, time, overhead so far)
         self._overhead = 0.0  # seconds spent outside training steps (evaluation, checkpoints)
 
     def elapsed(self) -> float:
         return self.clock() - self.start
 
-    def _expected_overhead(self) -> float:
+    def _expected_overhead(self, step_seconds: float | None = None) -> float:
         if self.epoch_overhead is not None:
             return self.epoch_overhead
-        if self.step_seconds is None:
+        r = self.step_seconds if step_seconds is None else step_seconds
+        if r is None:
             return 0.0
-        return self.eval_images / self.batch_size * self.step_seconds / 3
+        return self.eval_images / self.batch_size * r / 3
+
+    def _provisional_step_seconds(self) -> float | None:
+        """Before the first plan: the mean of the steps since the first (by the clock alone,
+        no sync). None after the first step alone: it includes the set-up and the warm-up,
+        often many times a step's cost, so it would stop a run that has time to spare."""
+        if self._first is None or self._seen < 2:
+            return None
+        _, t1, o1 = self._first
+        return max(0.0, self.clock() - t1 - (self._overhead - o1)) / (self._seen - 1)
 
     def _plan(self, done: int) -> None:
         r, o, S = self.step_seconds, self._expected_overhead(), self.steps_per_epoch
@@ -95,15 +132,51 @@ class BudgetPlan:
         self.planned = True
 
     def after_step(self, done: int) -> None:
-        """``done``: optimizer steps finished so far (global count)."""
+        """``done``: optimizer steps finished so far (global count). Raises
+        :class:`BudgetTooSmall` after the run's first or second step when the budget cannot
+        hold the first step and an evaluation."""
         self._seen += 1
         if self.finished:
             return
+        if self._seen <= 2:
+            self._time_early_step(done)
         if self._mark is None:
             if self._seen >= WARMUP_STEPS:
                 self.sync()
                 self._mark = (done, self.clock(), self._overhead)
+        else:
+            self._measure(done)
+        # safety net: never start a step that would end past the budget (final evaluation included)
+        r = self.step_seconds if self.planned else self._provisional_step_seconds()
+        if r is not None and self.elapsed() + r + self._expected_overhead(r) > self.seconds:
+            self.total_steps = min(self.total_steps, done)
+        if done >= self.total_steps:
+            self.finished = True
+
+    def _time_early_step(self, done: int) -> None:
+        """Time this process's first two steps (synced). A new run whose set-up and first
+        step outlast the budget, or leave too little for the evaluation at the second
+        step's cost, is refused: the budget cannot hold one step and an evaluation."""
+        self.sync()
+        now = self.clock()
+        if self._seen == 1:
+            self._first = (now - self.created, now, self._overhead)
+            if done == 1 and self.elapsed() > self.seconds:
+                self._refuse(done, self._first[0])  # the only step cost known, warm-up and all
             return
+        first, t1, o1 = self._first
+        if done == 2 and first + self._expected_overhead(now - t1 - (self._overhead - o1)) > self.seconds:
+            self._refuse(done, now - t1 - (self._overhead - o1))
+        # (a resumed run is not refused: what is left of its budget is spent as well as it can be)
+
+    def _refuse(self, done: int, step_seconds: float) -> None:
+        first, evaluation = self._first[0], self._expected_overhead(step_seconds)
+        self.total_steps, self.finished = done, True
+        detail = f"set-up and the first step took {format_seconds(first)}, evaluating {self.eval_images:,} images takes about {format_seconds(evaluation)}"
+        raise BudgetTooSmall(self.desc, self.seconds, first + evaluation, detail)
+
+    def _measure(self, done: int) -> None:
+        """Time the steps since the mark; plan once a window of them has passed."""
         s0, t0, o0 = self._mark
         n = done - s0
         window = REPLAN_FRACTION * self.seconds if self.planned else min(max(0.02 * self.seconds, 0.5), 0.2 * self.seconds)
@@ -113,11 +186,6 @@ class BudgetPlan:
             self.step_seconds = (now - t0 - (self._overhead - o0)) / n
             self._plan(done)
             self._mark = (done, now, self._overhead)
-        # safety net: never start a step that would end past the budget (final evaluation included)
-        if self.planned and self.elapsed() + (self.step_seconds or 0.0) + self._expected_overhead() > self.seconds:
-            self.total_steps = min(self.total_steps, done)
-        if done >= self.total_steps:
-            self.finished = True
 
     def epoch_end(self, overhead_seconds: float, done: int) -> None:
         """The evaluation and checkpoint at an epoch end took ``overhead_seconds``."""
@@ -125,8 +193,14 @@ class BudgetPlan:
         self.epoch_overhead = overhead_seconds
         if done >= self.total_steps:
             self.finished = True
-        elif self.planned:
-            self._plan(done)
+            return
+        if not self.planned:  # an epoch shorter than the first plan's window: plan from what it took
+            self.step_seconds = self._provisional_step_seconds() or (self._first[0] if self._first else None)
+            if self.step_seconds is None:
+                return
+        self._plan(done)
+        if done >= self.total_steps:
+            self.finished = True
 
     def state(self) -> dict[str, Any]:
         """For the checkpoint: a resumed run continues with the budget that is left."""

@@ -28,10 +28,11 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
         ds = runs.load_data(cfg)
         spec = runs.model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         model = runs.new_model(spec, cfg.seed)
-        result = train_phase(
-            cfg, ds, model, spec, "teacher", run_dir, device=select_device(cfg.device), resume=resume,
-            budget=runs.budget_left(cfg, start), desc=cfg.teacher.name,
-        )
+        with runs.whole_budget(cfg):
+            result = train_phase(
+                cfg, ds, model, spec, "teacher", run_dir, device=select_device(cfg.device), resume=resume,
+                budget=runs.budget_left(cfg, start), desc=cfg.teacher.name,
+            )
         runs.write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=runs.profile_seconds(cfg))
         return run_dir
 
@@ -45,10 +46,11 @@ def distill_model(cfg: RunConfig, resume: bool) -> Path:
         teacher, teacher_spec = runs.build_teacher(cfg, ds.num_classes, device, ds)
         spec = runs.model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
         student = runs.new_model(spec, cfg.seed)
-        result = distill_phase(
-            cfg, ds, teacher, teacher_spec, student, spec, run_dir, device=device, resume=resume,
-            budget=runs.budget_left(cfg, start), desc="distill",
-        )
+        with runs.whole_budget(cfg):
+            result = distill_phase(
+                cfg, ds, teacher, teacher_spec, student, spec, run_dir, device=device, resume=resume,
+                budget=runs.budget_left(cfg, start), desc="distill",
+            )
         runs.write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=runs.profile_seconds(cfg))
         return run_dir
 
@@ -60,10 +62,11 @@ def mutual_models(cfg: RunConfig, resume: bool) -> Path:
         ds = runs.load_data(cfg)
         specs = [runs.model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
         models = [runs.new_model(spec, cfg.seed + i) for i, spec in enumerate(specs)]  # peers of one architecture must not start identical
-        results = api.mutual(
-            models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=runs.train_config(cfg, "student", runs.budget_left(cfg, start)),
-            data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=resume, seed=cfg.seed, model_specs=specs,
-        )
+        with runs.whole_budget(cfg):
+            results = api.mutual(
+                models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=runs.train_config(cfg, "student", runs.budget_left(cfg, start)),
+                data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=resume, seed=cfg.seed, model_specs=specs,
+            )
         for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
             runs.write_single_summary(run_dir / f"model{i}", name, result, ds)
         return run_dir

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill import distributed
-from kdistill.budget import BudgetPlan, format_seconds
+from kdistill.budget import BudgetPlan, BudgetTooSmall, format_seconds
 from kdistill.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -110,15 +110,15 @@ class StepPlan:
     time budget, re-planned as the run goes (see :mod:`kdistill.budget`); the ranks of a
     multi-process job follow rank 0's plan, agreed at the same steps."""
 
-    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, eval_images: int, max_epochs: int | None, device: torch.device):
+    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, eval_images: int, max_epochs: int | None, device: torch.device, desc: str = "train"):
         self.steps_per_epoch, self.device = steps_per_epoch, device
         self.world = distributed.world_size()
         self.budget = None
         if cfg.budget:
             self.budget = BudgetPlan(
-                cfg.budget, steps_per_epoch, eval_images=eval_images, batch_size=cfg.eval_batch_size,
+                cfg.budget, steps_per_epoch, eval_images=eval_images, batch_size=cfg.batch_size,  # evaluation estimated per training image
                 max_steps=max_epochs * steps_per_epoch if max_epochs else None,
-                sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
+                sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None), desc=desc,
             )
             self.total = self.budget.total_steps
         else:
@@ -136,7 +136,7 @@ class StepPlan:
         STOP_CHECK_STEPS steps, at the epoch's end and at the plan's end, agree on the plan
         and on a Ctrl-C. Returns whether the ranks agreed to stop."""
         if self.budget is not None:
-            self.budget.after_step(steps_done)
+            self._budget_after_step(steps_done)
             if self.world == 1:
                 self.total = self.budget.total_steps
         if self.world == 1:
@@ -151,6 +151,23 @@ class StepPlan:
             if self.budget is not None:
                 self.total = planned
         return False
+
+    def _budget_after_step(self, steps_done: int) -> None:
+        """The budget's bookkeeping; a budget too small for the first step and an evaluation
+        is refused after the first or second step (several ranks: by rank 0's clock, on every rank)."""
+        try:
+            self.budget.after_step(steps_done)
+        except BudgetTooSmall as e:
+            if self.world == 1:
+                raise
+            refusal: BudgetTooSmall | None = e
+        else:
+            refusal = None
+        if self.world > 1 and steps_done <= 2:
+            refused, _ = distributed.agree(refusal is not None and distributed.is_main(), -1, self.device)
+            if refused:
+                b = self.budget
+                raise refusal if distributed.is_main() else BudgetTooSmall(b.desc, b.seconds, None, "measured by rank 0: see its error")
 
     def ends_at(self, steps_done: int) -> bool:
         """Whether a budget run's plan ends after this step (an epoch run ends with its epochs)."""
@@ -207,7 +224,7 @@ class Training:
         self.task, self.model, self.loader, self.cfg, self.device = task, task.model, loader, cfg, device
         self.eval_sets, self.extra, self.desc = eval_sets, extra, desc
         eval_images = sum(len(d.labels) for d in eval_sets.values())
-        self.plan = StepPlan(cfg, self.steps_per_epoch, eval_images, max_epochs, device)
+        self.plan = StepPlan(cfg, self.steps_per_epoch, eval_images, max_epochs, device, desc)
         if not any(p.requires_grad for p in task.parameters()):
             raise TrainingError(
                 f"{desc}: {type(self.model).__name__} has no trainable parameters (every parameter has requires_grad=False); "

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import importlib.metadata
 import json
+import math
 import os
 import subprocess
 import time
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from kdistill import distributed
+from kdistill.budget import BudgetTooSmall, format_seconds
 from kdistill.checkpoint import load_model
 from kdistill.config import RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import BUNDLED, DOWNLOADABLE, ImageDataset, load_dataset
@@ -343,6 +345,23 @@ def _budget_left(cfg: RunConfig, start: float, reserve: float | None) -> float:
     if left <= 0:
         raise ConfigError(f"budget: {cfg.budget:.0f} s were spent before training could start ({spent:.0f} s of loading); give a larger --budget")
     return left
+
+
+@contextlib.contextmanager
+def whole_budget(cfg: RunConfig) -> Iterator[None]:
+    """For a command whose one training run gets all of ``--budget`` that loading left: a
+    budget too small for its first step and an evaluation is restated as the ``--budget``
+    it would take (loading and the final evaluation keep their share)."""
+    try:
+        yield
+    except BudgetTooSmall as e:
+        if not cfg.budget or e.needed is None:
+            raise
+        enough = math.ceil((cfg.budget - e.seconds + e.needed) / (1 - REPORT_RESERVE_FRACTION))
+        raise ConfigError(
+            f"budget: --budget {format_seconds(cfg.budget)} leaves {format_seconds(e.seconds)} of training time for {e.desc}, which cannot "
+            f"hold one training step and the evaluation after it ({e.detail}); give --budget {enough}s or more"
+        ) from None
 
 
 def train_config(cfg: RunConfig, phase: str, budget: float | None = None) -> TrainConfig:

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import kdistill
-from kdistill.budget import BudgetPlan
+from kdistill.budget import BudgetPlan, BudgetTooSmall
 from kdistill.cli import main
 from kdistill.config import load_config, parse_duration
 from kdistill.data.dataset import ImageDataset
 from kdistill.errors import ConfigError
+from kdistill.runs import whole_budget
 
 
 class FakeClock:
@@ -70,6 +71,76 @@ def test_plan_respects_max_steps() -> None:
         clock.now += 0.01
         plan.after_step(done)
     assert plan.total_steps == 30  # the budget would allow thousands: capped
+
+
+def test_a_budget_too_small_for_one_step_and_the_evaluation_is_refused_at_the_second_step() -> None:
+    clock = FakeClock()
+    plan = BudgetPlan(5.0, 40, eval_images=1000, batch_size=125, clock=clock, desc="distill")
+    clock.now += 3.0  # set-up and the first step (a big model on a busy CPU, warm-up included)
+    plan.after_step(1)  # 3 s fit in 5 s: a second step tells what a step costs
+    clock.now += 1.5
+    with pytest.raises(BudgetTooSmall) as info:
+        plan.after_step(2)
+    # evaluating 1000 images: 8 training batches' worth at a third of a 1.5 s step: 4 s more
+    assert info.value.needed == pytest.approx(3.0 + 4.0)
+    message = str(info.value)
+    assert message.startswith("budget: distill: 5.0 s of training time cannot hold one training step and the evaluation")
+    assert "first step took 3.0 s" in message and "1,000 images takes about 4.0 s" in message and "needs about 7.0 s" in message
+    assert "\n" not in message
+
+
+def test_a_first_step_longer_than_the_budget_is_refused_at_once() -> None:
+    clock = FakeClock()
+    plan = BudgetPlan(5.0, 40, eval_images=1000, batch_size=125, clock=clock)
+    clock.now += 84.0  # 1.4 min
+    with pytest.raises(BudgetTooSmall, match="first step took 1.4 min"):
+        plan.after_step(1)
+
+
+def test_a_budget_that_holds_one_step_and_the_evaluation_is_not_refused() -> None:
+    clock = FakeClock()
+    plan = BudgetPlan(12.0, 40, eval_images=1000, batch_size=125, clock=clock)
+    clock.now += 3.0  # a slow first step (set-up, warm-up) does not stop the run by itself
+    plan.after_step(1)
+    clock.now += 1.5
+    plan.after_step(2)  # 3 s + 4 s of evaluation fit in 12 s: not refused
+    assert not plan.finished  # and 4.5 s + 1.5 s + 4 s fit too: a third step
+    for done in (3, 4):
+        clock.now += 1.5
+        plan.after_step(done)
+    assert plan.total_steps == 4  # 7.5 s + 4 s of evaluation: a fifth step would end past the budget
+
+
+def test_a_resumed_run_is_not_refused_for_the_budget_it_has_spent() -> None:
+    clock = FakeClock()
+    plan = BudgetPlan(60.0, 40, eval_images=1000, batch_size=125, clock=clock)
+    plan.restore({"elapsed": 58.0, "total_steps": 400, "planned": True, "step_seconds": 0.1, "epoch_overhead": 1.0})
+    clock.now += 3.0
+    plan.after_step(301)  # not the run's first step: it stops (the safety net), it is not refused
+    assert plan.finished and plan.total_steps == 301
+
+
+def test_no_long_overrun_before_the_first_plan() -> None:
+    # steps of 2 s (resnet56 on a busy CPU) in a 5 s budget: the first plan needs 8 steps (16 s),
+    # so before it the safety net must already stop the run on time
+    plan, wall, steps = simulate(5.0, lambda i: 2.0, 40, 0.0)
+    assert wall <= 5.0 and steps == 2
+
+
+def test_epochs_shorter_than_the_first_plans_window_are_planned_at_their_end() -> None:
+    # 2 steps per epoch and a slow evaluation: the first plan comes at the first epoch end,
+    # not after epochs more, and the run ends within its budget
+    plan, wall, steps = simulate(3.0, lambda i: 0.1, 2, 1.0)
+    assert plan.planned and wall <= 3.0 and steps >= 2
+
+
+def test_the_command_line_says_which_budget_would_do() -> None:
+    cfg = load_config(None, ["budget=5s"])
+    with pytest.raises(ConfigError) as info, whole_budget(cfg):
+        raise BudgetTooSmall("distill", 4.0, 11.0, "set-up and the first step took 3.0 s, evaluating 1,000 images takes about 8.0 s")
+    message = str(info.value)
+    assert message.startswith("budget: --budget 5.0 s leaves 4.0 s of training time for distill, which cannot hold one training step")
+    assert message.endswith("give --budget 13s or more")  # (5 - 4 + 11) / 0.95, rounded up: the final evaluation keeps 5%
 
 
 def test_durations() -> None:
@@ -130,8 +201,8 @@ def test_cli_train_with_budget(tmp_path: Path) -> None:
 def test_cli_budget_too_small_is_one_line(tmp_path: Path, capsys) -> None:
     code = main(["train", "--budget", "0.01s", "--output-dir", str(tmp_path), "--name", "b", "--device", "cpu"])
     assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("kdistill: error: budget:") and "\n" not in err
+    lines = capsys.readouterr().err.strip().splitlines()  # "decoding ..." may come first
+    assert lines[-1].startswith("kdistill: error: budget:") and not [line for line in lines[:-1] if "error" in line]
 
 
 @pytest.mark.slow

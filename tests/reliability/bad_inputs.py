@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import os
 import shlex
 import tarfile
@@ -304,6 +305,15 @@ def random_bytes(n: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
+def slow_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a budget's clock that moves 100 s between readings: the first training step "takes"
+    # 100 s, as a big model's does on a slow machine
+    from kdistill.budget import BudgetPlan
+
+    ticks = itertools.count(0.0, 100.0)
+    monkeypatch.setitem(BudgetPlan.__init__.__kwdefaults__, "clock", lambda: next(ticks))
+
+
 def small_bomb(monkeypatch: pytest.MonkeyPatch) -> None:
     # an 8x8 image is a "bomb" once the limit is 16 pixels: PIL refuses more than twice the limit
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)
@@ -398,6 +408,7 @@ CASES = [
     Case(C, "CUDA device index that does not exist", lambda t: train(t, tree(t), "--device", "cuda:99"), ("cuda:99",)),
     Case(C, "config file not found", lambda t: train(t, tree(t), "--config", str(t / "nope.yaml")), ("nope.yaml", "not found")),
     Case(C, "--set without '='", lambda t: train(t, tree(t), "--set", "train.epochs"), ("train.epochs", "expected KEY=VALUE")),
+    Case(C, "budget too small for one training step and the evaluation", lambda t: train(t, tree(t), "--budget", "30s"), ("--budget 30.0 s", "cannot hold one training step", "give --budget"), patch=slow_steps),
     Case(C, "--set below a value", lambda t: train(t, tree(t), "--set", "seed.x=1"), ("seed", "is not a section")),
     # run directory and disk
     Case(R, "output directory below a regular file", lambda t: train(t, tree(t), "--output-dir", str(write_tree(t, {"file": b""}) / "file" / "runs")), ("cannot create run directory", "Not a directory")),
