@@ -265,6 +265,26 @@ def test_a_budget_is_planned_by_rank_zero_for_every_rank(small: dict, tmp_path: 
     assert len(_metrics(tmp_path / "budget" / "metrics.jsonl")) == r0["epochs"]
 
 
+def _scenario_budget_too_small(rank: int, out: Path, small: dict) -> None:
+    # only rank 0's clock finds the budget too small (its first step "takes" 100 s): every rank refuses
+    from kdistill.budget import BudgetPlan
+
+    if rank == 0:
+        ticks = iter(range(0, 10**6, 100))
+        BudgetPlan.__init__.__kwdefaults__["clock"] = lambda: float(next(ticks))
+    _distill(small, out / "tight", budget=30.0, batch_size=16, epochs=1)
+
+
+@pytest.mark.slow
+def test_a_budget_too_small_is_refused_on_every_rank(small: dict, tmp_path: Path) -> None:
+    _launch(_scenario_budget_too_small, tmp_path, small, timeout=120)
+    errors = _errors(tmp_path)
+    assert sorted(errors) == [0, 1], errors
+    assert errors[0].startswith("BudgetTooSmall: budget: distill: 30.0 s of training time cannot hold one training step"), errors[0]
+    assert errors[1].startswith("BudgetTooSmall: budget: distill: 30.0 s of training time cannot hold one training step"), errors[1]
+    assert "measured by rank 0" in errors[1]
+
+
 def _scenario_cache(rank: int, out: Path, small: dict, cache: Path) -> None:
     result = _distill(small, teacher_cache=cache)
     torch.save(result.model.state_dict(), out / f"cached{rank}.pt")
