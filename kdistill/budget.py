@@ -85,7 +85,7 @@ class BudgetPlan:
         self.seconds = seconds
         self.steps_per_epoch = steps_per_epoch
         self.eval_images = eval_images
-        self.batch_size = batch_size  # of a training step: the evaluation's cost is estimated per image
+        self.batch_size = batch_size
         self.max_steps = max_steps
         self.clock = clock
         self.sync = sync

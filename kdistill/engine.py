@@ -116,7 +116,7 @@ class StepPlan:
         self.budget = None
         if cfg.budget:
             self.budget = BudgetPlan(
-                cfg.budget, steps_per_epoch, eval_images=eval_images, batch_size=cfg.batch_size,  # evaluation estimated per training image
+                cfg.budget, steps_per_epoch, eval_images=eval_images, batch_size=cfg.eval_batch_size,
                 max_steps=max_epochs * steps_per_epoch if max_epochs else None,
                 sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None), desc=desc,
             )
