@@ -43,7 +43,7 @@ def test_atomic_writes_honour_the_umask(tmp_path: Path, umask: int) -> None:
 
 def test_run_directory_files_honour_the_umask(tmp_path: Path, umask: int) -> None:
     cfg = validate_config({"name": "shared", "output_dir": str(tmp_path)})
-    with open_run_dir(cfg, resume=False) as run_dir:
+    with open_run_dir(cfg, resume=False, kind="train") as run_dir:
         pass
     for name in ("config.yaml", "git.txt"):
         assert mode(run_dir / name) == 0o666 & ~umask, name
