@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from machine import machine_description
 
+from kdistill.cli import run_reporting_errors
 from kdistill.data.dataset import ImageDataset
-from kdistill.errors import KDistillError
 
 ALPHA, TEMPERATURE = 0.9, 4.0
 WARMUP_STEPS = 3
@@ -387,23 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the table; 0 on success, 2 with a one-line error the user can fix."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    try:
-        print(run_benchmark(args, argv), end="")
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    except KDistillError as e:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the machine's fault, not the harness's: e.g. --out in a read-only folder
-        if args.debug:
-            raise
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"{PROG}: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(lambda: print(run_benchmark(args, argv), end=""), PROG, args.debug)
 
 
 if __name__ == "__main__":

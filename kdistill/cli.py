@@ -357,13 +357,24 @@ DISTRIBUTED_COMMANDS = ("run", "train", "distill", "mutual", "cache-teacher")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.argv = argv  # the exact command line, for outputs that record it (None: sys.argv)
-    try:
+
+    def work() -> None:
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(
                 f"kdistill {args.command} runs in one process; launch it without torchrun "
                 f"(torchrun runs only {', '.join(DISTRIBUTED_COMMANDS)})"
             )
         COMMANDS[args.command](args)
+
+    return run_reporting_errors(work, "kdistill", getattr(args, "debug", False), "rerun with --resume to continue from the last checkpoint")
+
+
+def run_reporting_errors(work, prog: str, debug: bool, on_interrupt: str = "") -> int:
+    """Run ``work()``; an error the user can fix becomes one line ``PROG: error: ...`` and
+    status 2 (a traceback with ``debug``), Ctrl-C status 130, a closed output pipe a quiet
+    141. Returns the exit status (0: done)."""
+    try:
+        work()
         sys.stdout.flush()  # a reader that went away (`kdistill models | head -1`) shows here, not at exit
     except BrokenPipeError:
         # the reader closed the pipe: end quietly, as a Unix tool killed by SIGPIPE does
@@ -372,20 +383,20 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except KDistillError as e:
-        if getattr(args, "debug", False):
+        if debug:
             raise
         # in a torchrun job every rank reports, tagged, so a failure of one is easy to find
         rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
-        print(f"kdistill: {rank}error: {e}", file=sys.stderr)
+        print(f"{prog}: {rank}error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kdistill: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        print(f"{prog}: interrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr)
         return 130
     except OSError as e:  # the machine's fault, not kdistill's: a full disk, a read-only or vanished folder
-        if getattr(args, "debug", False):
+        if debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"kdistill: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
