@@ -35,7 +35,9 @@ def main() -> None:
     args = ap.parse_args()
 
     # KD, as when benchmarks/results/budget.md was measured (the config itself now uses DKD)
-    cfg = load_config("cifar10_seed", [f"data.dataset={args.data}", "distill.methods={kd: {temperature: 4.0}}", *args.overrides])
+    cfg = load_config(
+        "cifar10_seed", [f"data.dataset={args.data}", "distill.methods={kd: {temperature: 4.0}}", *args.overrides]
+    )
     ds = load_data(cfg)
     teacher, _ = load_model(Path(args.teacher_checkpoint))
     rows = []
@@ -47,10 +49,22 @@ def main() -> None:
             student = kdistill.create_model(cfg.student.name, num_classes=ds.num_classes)
             tcfg = cfg.train_for("student" if kind == "baseline" else "distill").model_copy(update={"budget": seconds})
             if kind == "baseline":
-                runs[kind] = kdistill.train(student, ds, config=tcfg, data=cfg.data, seed=cfg.seed, desc=f"{kind} {text}")
+                runs[kind] = kdistill.train(
+                    student, ds, config=tcfg, data=cfg.data, seed=cfg.seed, desc=f"{kind} {text}"
+                )
             else:
                 d = cfg.distill
-                runs[kind] = kdistill.distill(teacher, student, ds, methods=d.methods, alpha=d.alpha, config=tcfg, data=cfg.data, seed=cfg.seed, desc=f"{kind} {text}")
+                runs[kind] = kdistill.distill(
+                    teacher,
+                    student,
+                    ds,
+                    methods=d.methods,
+                    alpha=d.alpha,
+                    config=tcfg,
+                    data=cfg.data,
+                    seed=cfg.seed,
+                    desc=f"{kind} {text}",
+                )
         rows.append((text, runs))
     lines = [
         "# Accuracy vs time budget: seed_teacher → seed_student",

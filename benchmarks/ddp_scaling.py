@@ -44,21 +44,53 @@ def worker(args: argparse.Namespace) -> None:
     teacher = kdistill.create_model("seed_teacher", num_classes=ds.num_classes)
     student = kdistill.create_model("seed_student", num_classes=ds.num_classes)
     result = kdistill.distill(
-        teacher, student, data, methods="kd", epochs=args.epochs, batch_size=args.batch_size, device=device, seed=0,
-        grad_clip=5.0, desc=f"{distributed.world_size()} proc",
+        teacher,
+        student,
+        data,
+        methods="kd",
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        device=device,
+        seed=0,
+        grad_clip=5.0,
+        desc=f"{distributed.world_size()} proc",
     )
     if distributed.is_main():
         last = result.history[-1]
-        Path(args.result).write_text(json.dumps({"images_per_second": last["images_per_second"], "train_images": last["train_images"], "seconds": last["train_seconds"]}))
+        Path(args.result).write_text(
+            json.dumps(
+                {
+                    "images_per_second": last["images_per_second"],
+                    "train_images": last["train_images"],
+                    "seconds": last["train_seconds"],
+                }
+            )
+        )
 
 
 def launch(procs: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", __file__, "--worker",
-            "--result", str(result), "--data", args.data, "--train-size", str(args.train_size), "--epochs", str(args.epochs),
-            "--batch-size", str(args.batch_size), "--device", args.device,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            __file__,
+            "--worker",
+            "--result",
+            str(result),
+            "--data",
+            args.data,
+            "--train-size",
+            str(args.train_size),
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            args.device,
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         t0 = time.perf_counter()
@@ -88,7 +120,11 @@ def main() -> None:
 
     rows = {p: launch(p, args) for p in args.procs}
     base = rows[min(rows)]["images_per_second"] / min(rows)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") and torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    device = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda") and torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores)"
+    )
     lines = [
         "# Data-parallel scaling (torchrun, DDP)",
         "",
@@ -104,7 +140,9 @@ def main() -> None:
     ]
     for p, r in rows.items():
         speedup = r["images_per_second"] / rows[min(rows)]["images_per_second"]
-        lines.append(f"| {p} | {r['images_per_second']:.0f} | {speedup:.2f}x | {r['images_per_second'] / (base * p) * 100:.0f}% |")
+        lines.append(
+            f"| {p} | {r['images_per_second']:.0f} | {speedup:.2f}x | {r['images_per_second'] / (base * p) * 100:.0f}% |"
+        )
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

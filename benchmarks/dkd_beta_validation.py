@@ -36,7 +36,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     if len(args.teacher_checkpoint) != len(args.seeds):
-        raise SystemExit(f"--teacher-checkpoint: {len(args.teacher_checkpoint)} checkpoints for {len(args.seeds)} seeds; expected one per seed")
+        raise SystemExit(
+            f"--teacher-checkpoint: {len(args.teacher_checkpoint)} checkpoints for {len(args.seeds)} seeds; expected one per seed"
+        )
     cfg = load_config("cifar10_seed", [f"data.dataset={args.data}", "data.val_size=5000", *args.overrides])
     if not cfg.data.val_size:
         raise SystemExit("data.val_size: 0; this script tunes on a validation split, so it needs one")
@@ -53,14 +55,24 @@ def main() -> None:
             torch.manual_seed(seed)  # every student of a seed starts from the same weights
             return kdistill.create_model(name)
 
-        base = kdistill.train(student(), ds, config=cfg.train_for("student"), data=cfg.data, seed=seed, desc=f"baseline s{seed}").history[-1]["val_top1"]
+        base = kdistill.train(
+            student(), ds, config=cfg.train_for("student"), data=cfg.data, seed=seed, desc=f"baseline s{seed}"
+        ).history[-1]["val_top1"]
         cache = kdistill.cache_teacher(teacher, ds, epochs=epochs, data=cfg.data, seed=seed)
         cells = []
         for beta in args.betas:
             methods = {"dkd": {"beta": beta, "warmup_epochs": scaled_warmup_epochs(epochs)}}
             r = kdistill.distill(
-                teacher, student(), ds, methods=methods, alpha=cfg.distill.alpha, config=cfg.train_for("distill"),
-                data=cfg.data, seed=seed, desc=f"dkd beta {beta:g} s{seed}", teacher_cache=cache,
+                teacher,
+                student(),
+                ds,
+                methods=methods,
+                alpha=cfg.distill.alpha,
+                config=cfg.train_for("distill"),
+                data=cfg.data,
+                seed=seed,
+                desc=f"dkd beta {beta:g} s{seed}",
+                teacher_cache=cache,
             )
             top1 = r.history[-1]["val_top1"]
             gains[beta].append(top1 - base)

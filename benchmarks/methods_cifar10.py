@@ -53,7 +53,9 @@ def parse_row(name: str) -> tuple[str, bool, dict]:
     values parsed as YAML), e.g. ``dkd:beta=2`` or ``dkd:paper:beta=2,temperature=2``."""
     method, *parts = name.split(":")
     if method not in kdistill.METHODS:
-        raise SystemExit(f"--methods {name!r}: unknown method {method!r}; expected one of: {', '.join(kdistill.METHODS)}")
+        raise SystemExit(
+            f"--methods {name!r}: unknown method {method!r}; expected one of: {', '.join(kdistill.METHODS)}"
+        )
     paper, options = False, {}
     for part in parts:
         if part == "paper":
@@ -71,12 +73,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="cifar10")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--methods", nargs="+", default=list(kdistill.METHODS), help="names; NAME:paper = CE 1 + the method (its paper's weights)")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(kdistill.METHODS),
+        help="names; NAME:paper = CE 1 + the method (its paper's weights)",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--teacher-checkpoint", nargs="*", default=[])
-    ap.add_argument("--teacher-cache", action="store_true", help="logit methods read one teacher cache per seed (kdistill cache-teacher)")
+    ap.add_argument(
+        "--teacher-cache",
+        action="store_true",
+        help="logit methods read one teacher cache per seed (kdistill cache-teacher)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "methods_cifar10.md"))
-    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only write one table from the .json files of earlier runs")
+    ap.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="only write one table from the .json files of earlier runs"
+    )
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge, Path(args.out))
@@ -104,7 +117,9 @@ def main() -> None:
             kdistill.train(teacher, ds, config=cfg.train_for("teacher"), seed=seed, desc=f"teacher s{seed}")
         mean, std = ds.mean_std()
         device = next(teacher.parameters()).device
-        teacher_logits = predict(teacher, EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False)))
+        teacher_logits = predict(
+            teacher, EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
+        )
 
         def student(seed: int = seed, name: str = cfg.student.name) -> torch.nn.Module:
             torch.manual_seed(seed)  # every student of a seed starts from the same weights
@@ -129,19 +144,37 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 if name == BASELINE:
-                    r = kdistill.train(student(), ds, config=cfg.train_for("student"), seed=seed, desc=f"baseline s{seed}")
+                    r = kdistill.train(
+                        student(), ds, config=cfg.train_for("student"), seed=seed, desc=f"baseline s{seed}"
+                    )
                 else:
                     r = kdistill.distill(
-                        teacher, student(), ds, methods={method: {**method_options(method, cfg.train.epochs), **options}}, config=cfg.train_for("distill"),
-                        seed=seed, desc=f"{name} s{seed}", teacher_cache=cache if logit_method else None,
+                        teacher,
+                        student(),
+                        ds,
+                        methods={method: {**method_options(method, cfg.train.epochs), **options}},
+                        config=cfg.train_for("distill"),
+                        seed=seed,
+                        desc=f"{name} s{seed}",
+                        teacher_cache=cache if logit_method else None,
                         **({"alpha": cfg.distill.alpha} if logit_method and not paper_recipe else FEATURE_RECIPE),
                     )
                 # a cached run's time includes its share of the one teacher pass
                 shared = cache_seconds / len(cache_users) if args.teacher_cache and logit_method else 0.0
                 agree = agreement(r.test_logits, teacher_logits)["agreement_top1"]
-                row = {"seed": seed, "top1": r.metrics["top1"], "agreement": agree, "seconds": time.perf_counter() - t0 + shared}
+                row = {
+                    "seed": seed,
+                    "top1": r.metrics["top1"],
+                    "agreement": agree,
+                    "seconds": time.perf_counter() - t0 + shared,
+                }
             except TrainingError as e:  # a collapsed or non-finite run is a result too
-                row = {"seed": seed, "top1": None, "failed": str(e).split(": ", 1)[-1].split(". ")[0], "seconds": time.perf_counter() - t0}
+                row = {
+                    "seed": seed,
+                    "top1": None,
+                    "failed": str(e).split(": ", 1)[-1].split(". ")[0],
+                    "seconds": time.perf_counter() - t0,
+                }
             done[key] = row
             partial.parent.mkdir(parents=True, exist_ok=True)
             partial.write_text(json.dumps(done, indent=2))
@@ -153,7 +186,11 @@ def main() -> None:
         f"configs/cifar10_seed.yaml ({cfg.train.epochs} epochs, batch {cfg.train.batch_size}, lr {cfg.train.optimizer.lr}); "
         f"logit methods with alpha {cfg.distill.alpha}, feature methods with CE 1 + method (paper defaults; DKD's warm-up "
         f"{method_options('dkd', cfg.train.epochs)['warmup_epochs']} epochs, 20/240 of the schedule as in the paper). "
-        + ("Logit methods read one teacher cache per seed (its time is shared among them). " if args.teacher_cache else "")
+        + (
+            "Logit methods read one teacher cache per seed (its time is shared among them). "
+            if args.teacher_cache
+            else ""
+        )
         + f"Teacher: {', '.join(args.teacher_checkpoint) or 'trained per seed with the same recipe'}."
     )
     command = "python benchmarks/methods_cifar10.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -165,7 +202,11 @@ def write_table(result: dict, out: Path) -> None:
     rows = result["rows"]
 
     def fmt(values: list[float]) -> str:
-        return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+        return (
+            f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}"
+            if len(values) > 1
+            else f"{values[0]:.2f}"
+        )
 
     base = {r["seed"]: r["top1"] for r in rows[BASELINE]}
     lines = [
@@ -186,7 +227,9 @@ def write_table(result: dict, out: Path) -> None:
         if failed:
             lines.append(f"| {name} | {'; '.join(failed)} | | | {statistics.mean(r['seconds'] for r in rs):.0f} |")
             continue
-        gain = "" if name in ("teacher", BASELINE) else f"{statistics.mean(r['top1'] - base[r['seed']] for r in rs):+.2f}"
+        gain = (
+            "" if name in ("teacher", BASELINE) else f"{statistics.mean(r['top1'] - base[r['seed']] for r in rs):+.2f}"
+        )
         lines.append(
             f"| {name} | {fmt([r['top1'] for r in rs])} | {gain} | {fmt([r['agreement'] for r in rs])} | "
             f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
@@ -206,7 +249,12 @@ def merge(paths: list[str], out: Path) -> None:
             rows: dict[str, list[dict]] = {}
             for key, row in part.items():
                 rows.setdefault(key.split(":", 1)[1], []).append(row)
-            part = {"commands": [f"(finished runs of an unfinished benchmark, from {path})"], "recipe": [], "seeds": sorted({r["seed"] for rs in rows.values() for r in rs}), "rows": rows}
+            part = {
+                "commands": [f"(finished runs of an unfinished benchmark, from {path})"],
+                "recipe": [],
+                "seeds": sorted({r["seed"] for rs in rows.values() for r in rs}),
+                "rows": rows,
+            }
         merged["commands"] += part["commands"]
         merged["recipe"] += part["recipe"]
         merged["seeds"] += part["seeds"]

@@ -23,8 +23,14 @@ import kdistill
 from kdistill.perf import tune_allocator
 
 
-def measure(model: torch.nn.Module, channels_last: bool, teacher: torch.nn.Module | None = None, cached: bool = False,
-            steps: int = 60, repeats: int = 5) -> list[float]:
+def measure(
+    model: torch.nn.Module,
+    channels_last: bool,
+    teacher: torch.nn.Module | None = None,
+    cached: bool = False,
+    steps: int = 60,
+    repeats: int = 5,
+) -> list[float]:
     torch.manual_seed(0)
     x, y, cached_logits = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,)), torch.randn(128, 10)
     if channels_last:

@@ -58,15 +58,24 @@ def _subset(ds: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
     """``n`` training images (a seeded random subset) and a token test split: the harness
     measures training, and evaluation after each epoch should cost next to nothing."""
     if n > len(ds.train_labels):
-        raise ValueError(f"the benchmark needs {n} training images; {ds.name} has {len(ds.train_labels)}: lower --steps or --batch-size")
+        raise ValueError(
+            f"the benchmark needs {n} training images; {ds.name} has {len(ds.train_labels)}: lower --steps or --batch-size"
+        )
     keep = torch.randperm(len(ds.train_labels), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return dataclasses.replace(
-        ds, train_images=ds.train_images[keep], train_labels=ds.train_labels[keep],
-        test_images=ds.test_images[:100], test_labels=ds.test_labels[:100], val_images=None, val_labels=None,
+        ds,
+        train_images=ds.train_images[keep],
+        train_labels=ds.train_labels[keep],
+        test_images=ds.test_images[:100],
+        test_labels=ds.test_labels[:100],
+        val_images=None,
+        val_labels=None,
     )
 
 
-def _models(teacher_name: str, student_name: str, num_classes: int, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _models(
+    teacher_name: str, student_name: str, num_classes: int, seed: int = 0
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     from kdistill.models import create_model
 
     torch.manual_seed(seed)
@@ -79,7 +88,9 @@ def _train_config(batch_size: int, epochs: int, channels_last: bool, compile: bo
     return make_train_config(batch_size=batch_size, epochs=epochs, channels_last=channels_last, compile=compile)
 
 
-def measure_pipeline(teacher_name, student_name, ds, *, batch_size, steps, repeats, device, cache, channels_last, compile) -> list[float]:
+def measure_pipeline(
+    teacher_name, student_name, ds, *, batch_size, steps, repeats, device, cache, channels_last, compile
+) -> list[float]:
     """(a): kdistill.distill on ``steps`` batches per epoch; one warm-up epoch, then one
     timed epoch per repeat. Returns images/s of the timed epochs."""
     from kdistill import api
@@ -93,13 +104,23 @@ def measure_pipeline(teacher_name, student_name, ds, *, batch_size, steps, repea
         teacher_cache = api.cache_teacher(teacher, sub, epochs=epochs, device=device, channels_last=channels_last)
     cfg = _train_config(batch_size, epochs, channels_last, compile)
     r = api.distill(
-        teacher, student, sub, methods={"kd": {"temperature": TEMPERATURE}}, alpha=ALPHA, config=cfg, data=DataConfig(),
-        device=device, teacher_cache=teacher_cache, desc="bench (a)" + (" cached" if cache else ""),
+        teacher,
+        student,
+        sub,
+        methods={"kd": {"temperature": TEMPERATURE}},
+        alpha=ALPHA,
+        config=cfg,
+        data=DataConfig(),
+        device=device,
+        teacher_cache=teacher_cache,
+        desc="bench (a)" + (" cached" if cache else ""),
     )
     return [h["images_per_second"] for h in r.history[1:]]
 
 
-def measure_ceiling(teacher_name, student_name, ds, *, batch_size, steps, repeats, device, cache, channels_last, compile) -> list[float]:
+def measure_ceiling(
+    teacher_name, student_name, ds, *, batch_size, steps, repeats, device, cache, channels_last, compile
+) -> list[float]:
     """(b): the same task, loss and optimizer on one pre-made batch: no data work."""
     from kdistill import api
     from kdistill.config import DataConfig
@@ -121,8 +142,21 @@ def measure_ceiling(teacher_name, student_name, ds, *, batch_size, steps, repeat
     teacher_cache = None
     if cache:
         teacher_cache = api.cache_teacher(teacher, sub, epochs=1, device=device, channels_last=channels_last)
-    context = MethodContext(feature_shapes(student, sub.image_shape), feature_shapes(teacher, sub.image_shape), ds.num_classes, batch_size, 1)
-    task = Distillation(student, teacher, build_methods({"kd": {"temperature": TEMPERATURE}}, context), ALPHA, 1 - ALPHA, teacher_cache=teacher_cache)
+    context = MethodContext(
+        feature_shapes(student, sub.image_shape),
+        feature_shapes(teacher, sub.image_shape),
+        ds.num_classes,
+        batch_size,
+        1,
+    )
+    task = Distillation(
+        student,
+        teacher,
+        build_methods({"kd": {"temperature": TEMPERATURE}}, context),
+        ALPHA,
+        1 - ALPHA,
+        teacher_cache=teacher_cache,
+    )
     task.to(device)
     if channels_last:
         task.to(memory_format=torch.channels_last)
@@ -157,8 +191,12 @@ class TutorialDataset(torch.utils.data.Dataset):
     """Per-sample data as in the PyTorch tutorials: HWC uint8 images, transformed one at a
     time (ToTensor, RandomCrop(32, padding=4), RandomHorizontalFlip, Normalize) in plain torch."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: list[float], std: list[float], padding: int = 4):
-        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()  # (N, H, W, C), as torchvision's CIFAR10 keeps them
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, mean: list[float], std: list[float], padding: int = 4
+    ):
+        self.images = (
+            images.permute(0, 2, 3, 1).contiguous().numpy()
+        )  # (N, H, W, C), as torchvision's CIFAR10 keeps them
         self.labels = labels.tolist()
         self.mean = torch.tensor(mean).view(-1, 1, 1)
         self.std = torch.tensor(std).view(-1, 1, 1)
@@ -188,8 +226,12 @@ def measure_reference(teacher_name, student_name, ds, *, batch_size, steps, repe
     sub = _subset(ds, (WARMUP_STEPS + steps) * batch_size)
     mean, std = ds.mean_std()
     loader = torch.utils.data.DataLoader(
-        TutorialDataset(sub.train_images, sub.train_labels, mean, std), batch_size=batch_size, shuffle=True,
-        num_workers=workers, drop_last=True, pin_memory=device.type == "cuda",
+        TutorialDataset(sub.train_images, sub.train_labels, mean, std),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
     )
     teacher, student = _models(teacher_name, student_name, ds.num_classes)
     teacher.to(device).eval()
@@ -223,9 +265,22 @@ def measure_reference(teacher_name, student_name, ds, *, batch_size, steps, repe
     return rates
 
 
-def run_pair(teacher_name: str, student_name: str, ds: ImageDataset, *, batch_size: int, steps: int, repeats: int, device: torch.device,
-             workers: int = 2, cache: bool = True, reference: bool = True, channels_last: bool = True, compile: bool = False,
-             rounds: int = 1) -> dict[str, Any]:
+def run_pair(
+    teacher_name: str,
+    student_name: str,
+    ds: ImageDataset,
+    *,
+    batch_size: int,
+    steps: int,
+    repeats: int,
+    device: torch.device,
+    workers: int = 2,
+    cache: bool = True,
+    reference: bool = True,
+    channels_last: bool = True,
+    compile: bool = False,
+    rounds: int = 1,
+) -> dict[str, Any]:
     """All measurements of one pair, ``rounds`` times in turn: a slow drift of the machine
     (other jobs, clocks) then shows in every measurement alike instead of in one of them.
     The ratios are the median over the rounds of each round's ratio of medians."""
@@ -246,8 +301,13 @@ def run_pair(teacher_name: str, student_name: str, ds: ImageDataset, *, batch_si
         for k, v in this.items():
             runs.setdefault(k, []).extend(v)
         per_round.append({k: statistics.median(v) for k, v in this.items()})
-    return {"teacher": teacher_name, "student": student_name, "runs": runs, "rounds": per_round,
-            "median": {k: statistics.median(v) for k, v in runs.items()}}
+    return {
+        "teacher": teacher_name,
+        "student": student_name,
+        "runs": runs,
+        "rounds": per_round,
+        "median": {k: statistics.median(v) for k, v in runs.items()},
+    }
 
 
 def _cell(result: dict, key: str) -> str:
@@ -279,7 +339,12 @@ def format_markdown(results: list[dict], *, command: str, settings: dict[str, An
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine_description(device)}; device {device}; "
         f"allocator: {settings['allocator']}; data {settings['data']}; batch {settings['batch_size']}; "
         f"{settings['steps']} timed steps per repeat after warm-up, median of {settings['repeats']} repeats"
-        + (f" in each of {settings['rounds']} rounds (ratios: median of the rounds' ratios)" if settings.get("rounds", 1) > 1 else "") + "; "
+        + (
+            f" in each of {settings['rounds']} rounds (ratios: median of the rounds' ratios)"
+            if settings.get("rounds", 1) > 1
+            else ""
+        )
+        + "; "
         f"channels_last {settings['channels_last']}, compile {settings['compile']}; reference loop with {settings['workers']} DataLoader workers.",
         "",
         "Images/s of training, median (min–max) of the repeats. (a) kdistill's full pipeline (`kdistill.distill`); "
@@ -291,7 +356,9 @@ def format_markdown(results: list[dict], *, command: str, settings: dict[str, An
     ]
     for r in results:
         pair = f"{r['teacher']} → {r['student']}"
-        lines.append(f"| {pair} | live | {_cell(r, 'pipeline')} | {_cell(r, 'ceiling')} | {_cell(r, 'reference')} | {_ratio(r, 'pipeline', 'ceiling')} | {_ratio(r, 'pipeline', 'reference')} |")
+        lines.append(
+            f"| {pair} | live | {_cell(r, 'pipeline')} | {_cell(r, 'ceiling')} | {_cell(r, 'reference')} | {_ratio(r, 'pipeline', 'ceiling')} | {_ratio(r, 'pipeline', 'reference')} |"
+        )
         if "pipeline_cached" in r["runs"]:
             lines.append(
                 f"| {pair} | cache | {_cell(r, 'pipeline_cached')} | {_cell(r, 'ceiling_cached')} | {_cell(r, 'reference')} | "
@@ -299,7 +366,11 @@ def format_markdown(results: list[dict], *, command: str, settings: dict[str, An
             )
     cached = [r for r in results if "pipeline_cached" in r["median"]]
     if cached:
-        lines += ["", "Cost of a distillation epoch with the teacher cache, as a fraction of the live-teacher epoch (pipeline (a)):", ""]
+        lines += [
+            "",
+            "Cost of a distillation epoch with the teacher cache, as a fraction of the live-teacher epoch (pipeline (a)):",
+            "",
+        ]
         for r in cached:
             lines.append(f"- {r['teacher']} → {r['student']}: {ratio(r, 'pipeline', 'pipeline_cached'):.2f}x")
     return "\n".join(lines) + "\n"
@@ -315,11 +386,17 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> str:
 
     if args.no_mallopt:
         os.environ["KDISTILL_NO_MALLOPT"] = "1"
-    allocator = "glibc defaults" if args.no_mallopt else ("tuned with mallopt (kdistill.perf)" if tune_allocator() else "platform default")
+    allocator = (
+        "glibc defaults"
+        if args.no_mallopt
+        else ("tuned with mallopt (kdistill.perf)" if tune_allocator() else "platform default")
+    )
     if args.quick:
         args.steps, args.repeats, args.rounds = min(args.steps, 5), 1, 1
     if args.rounds < 1 or args.repeats < 1 or args.steps < 1:
-        raise ConfigError(f"--steps, --repeats and --rounds must be at least 1; got {args.steps}, {args.repeats}, {args.rounds}")
+        raise ConfigError(
+            f"--steps, --repeats and --rounds must be at least 1; got {args.steps}, {args.repeats}, {args.rounds}"
+        )
     pairs = []
     for text in args.pair or ["seed_teacher:seed_student"]:
         teacher, sep, student = text.partition(":")
@@ -335,20 +412,41 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> str:
     ds = load_dataset(args.data, data_dir=Path(args.data_dir) if args.data_dir else None)
     needed = (WARMUP_STEPS + args.steps) * args.batch_size
     if needed > len(ds.train_labels):
-        raise ConfigError(f"--steps {args.steps} x --batch-size {args.batch_size} needs {needed} training images; {args.data} has {len(ds.train_labels)}")
+        raise ConfigError(
+            f"--steps {args.steps} x --batch-size {args.batch_size} needs {needed} training images; {args.data} has {len(ds.train_labels)}"
+        )
     results = []
     for teacher, student in pairs:
         try:
-            results.append(run_pair(
-                teacher, student, ds, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats, device=device,
-                workers=args.workers, cache=not args.no_cache, reference=not args.no_reference,
-                channels_last=not args.no_channels_last, compile=args.compile, rounds=args.rounds,
-            ))
+            results.append(
+                run_pair(
+                    teacher,
+                    student,
+                    ds,
+                    batch_size=args.batch_size,
+                    steps=args.steps,
+                    repeats=args.repeats,
+                    device=device,
+                    workers=args.workers,
+                    cache=not args.no_cache,
+                    reference=not args.no_reference,
+                    channels_last=not args.no_channels_last,
+                    compile=args.compile,
+                    rounds=args.rounds,
+                )
+            )
         except ValueError as e:
             raise ConfigError(str(e)) from None
     settings = {
-        "allocator": allocator, "data": f"{ds.name} ({len(ds.train_labels)} training images)", "batch_size": args.batch_size,
-        "steps": args.steps, "repeats": args.repeats, "rounds": args.rounds, "channels_last": not args.no_channels_last, "compile": args.compile, "workers": args.workers,
+        "allocator": allocator,
+        "data": f"{ds.name} ({len(ds.train_labels)} training images)",
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "channels_last": not args.no_channels_last,
+        "compile": args.compile,
+        "workers": args.workers,
     }
     command = f"python {PROG} " + " ".join(shlex.quote(a) for a in argv)
     text = format_markdown(results, command=command, settings=settings, device=device)
@@ -361,23 +459,42 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=PROG, description="training images/s: kdistill's pipeline vs the model-only ceiling vs a tutorial-style loop",
+        prog=PROG,
+        description="training images/s: kdistill's pipeline vs the model-only ceiling vs a tutorial-style loop",
     )
-    p.add_argument("--pair", action="append", metavar="TEACHER:STUDENT", help="models to measure (repeatable; default seed_teacher:seed_student)")
-    p.add_argument("--data", default="cifar10-mini", help="data set (default cifar10-mini; cifar10 for the published numbers)")
+    p.add_argument(
+        "--pair",
+        action="append",
+        metavar="TEACHER:STUDENT",
+        help="models to measure (repeatable; default seed_teacher:seed_student)",
+    )
+    p.add_argument(
+        "--data", default="cifar10-mini", help="data set (default cifar10-mini; cifar10 for the published numbers)"
+    )
     p.add_argument("--data-dir", help="download and cache folder")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=30, help="timed steps per repeat (default 30)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
-    p.add_argument("--rounds", type=int, default=1, help="measure everything this many times in turn (default 1); ratios: median of the rounds' ratios")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure everything this many times in turn (default 1); ratios: median of the rounds' ratios",
+    )
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference loop (default 2)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-cache", action="store_true", help="skip the teacher-cache measurements")
     p.add_argument("--no-reference", action="store_true", help="skip the reference loop (c)")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW instead of channels_last in (a) and (b)")
     p.add_argument("--compile", action="store_true", help="torch.compile the student in (a) and (b)")
-    p.add_argument("--no-mallopt", action="store_true", help="leave glibc's allocator at its defaults (to measure what the tuning buys)")
-    p.add_argument("--quick", action="store_true", help="5 steps, 1 repeat: checks that everything runs, not a measurement")
+    p.add_argument(
+        "--no-mallopt",
+        action="store_true",
+        help="leave glibc's allocator at its defaults (to measure what the tuning buys)",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="5 steps, 1 repeat: checks that everything runs, not a measurement"
+    )
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p

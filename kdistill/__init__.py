@@ -11,6 +11,20 @@ from kdistill.teacher_cache import TeacherCache
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "MODELS", "ImageDataset", "KDistillError", "Result", "RunConfig", "TrainConfig",
-    "TeacherCache", "cache_teacher", "create_model", "distill", "kd_loss", "load_config", "load_dataset", "mutual", "train",
+    "METHODS",
+    "MODELS",
+    "ImageDataset",
+    "KDistillError",
+    "Result",
+    "RunConfig",
+    "TrainConfig",
+    "TeacherCache",
+    "cache_teacher",
+    "create_model",
+    "distill",
+    "kd_loss",
+    "load_config",
+    "load_dataset",
+    "mutual",
+    "train",
 ]

@@ -84,51 +84,68 @@ def prepare_data(
     shard = shard or distributed.shard()
     if isinstance(train_data, (str, Path)):
         train_data = load_dataset(train_data, data.image_size, data.data_dir, data.download, data.val_size, seed)
-    channels_last = cfg.channels_last
     if isinstance(train_data, ImageDataset):
-        ds = train_data
-        mean, std = ds.mean_std()
-        normalize = Normalize(mean, std, device, channels_last)
-        loader = TrainLoader(
-            ds.train_images, ds.train_labels, cfg.batch_size, device, normalize, seed,
-            augment=data.augment, padding=data.crop_padding, flip=data.flip, shard=shard,
-        )
-        evals = {}
-        if ds.val_images is not None:
-            evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize)
-        evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize)
-        info = {"dataset": ds.source or ds.name, "checksum": ds.checksum, "classes": ds.classes, "mean": mean, "std": std, "image_size": ds.image_shape[-1]}
-        info["val_split"] = ds.val_split  # a teacher trained here may be checked against a later run's split
-        return Prepared(loader, evals, ds.num_classes, ds.image_shape, len(ds.train_labels), info, ds.classes)
-
-    if isinstance(train_data, (tuple, list)) and len(train_data) == 2 and all(isinstance(t, Tensor) for t in train_data):
-        inputs, labels = train_data
-        if len(inputs) != len(labels):
-            raise DataError(f"train_data: {len(inputs)} inputs but {len(labels)} labels")
-        images = inputs.dtype == torch.uint8 and inputs.ndim == 4
-        normalize = None
-        info: dict[str, Any] = {"dataset": "tensors"}
-        if images:
-            x = inputs.float().div_(255)
-            mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
-            normalize = Normalize(mean, std, device, channels_last)
-            info.update(mean=mean, std=std, image_size=inputs.shape[-1])
-        loader = TrainLoader(inputs, labels, cfg.batch_size, device, normalize, seed, augment=data.augment and images, padding=data.crop_padding, flip=data.flip, shard=shard)
-        evals = {}
-        if test_data is not None:
-            tx, ty = test_data
-            evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize)
-        num_classes = int(labels.max()) + 1
-        return Prepared(loader, evals, num_classes, tuple(inputs.shape[1:]), len(labels), info)
-
+        return _prepare_dataset(train_data, cfg, device, data, seed, shard)
+    pair = isinstance(train_data, (tuple, list)) and len(train_data) == 2
+    if pair and all(isinstance(t, Tensor) for t in train_data):
+        return _prepare_tensors(train_data, test_data, cfg, device, data, seed, shard)
     if hasattr(train_data, "__iter__"):
         loader = IterableLoader(train_data, device)
         first_x, first_y = next(iter(train_data))[:2]
-        evals = {"test": EvalData(None, None, cfg.eval_batch_size, device, source=test_data)} if test_data is not None else {}
-        labels = evals["test"].labels if evals else first_y
-        num_classes = int(labels.max()) + 1
+        evals = {}
+        if test_data is not None:
+            evals["test"] = EvalData(None, None, cfg.eval_batch_size, device, source=test_data)
+        num_classes = int((evals["test"].labels if evals else first_y).max()) + 1
         return Prepared(loader, evals, num_classes, tuple(first_x.shape[1:]), -1, {"dataset": "iterable"})
-    raise DataError(f"train_data: expected an ImageDataset, a data set name, a pair of tensors (inputs, labels) or an iterable of batches, got {type(train_data).__name__}")
+    raise DataError(
+        "train_data: expected an ImageDataset, a data set name, a pair of tensors (inputs, labels) or an iterable of "
+        f"batches, got {type(train_data).__name__}"
+    )
+
+
+def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfig, seed: int, shard) -> Prepared:
+    """An ImageDataset: augmented batches of its training split, its validation and test splits."""
+    mean, std = ds.mean_std()
+    normalize = Normalize(mean, std, device, cfg.channels_last)
+    augment = {"augment": data.augment, "padding": data.crop_padding, "flip": data.flip, "shard": shard}
+    loader = TrainLoader(ds.train_images, ds.train_labels, cfg.batch_size, device, normalize, seed, **augment)
+    evals = {}
+    if ds.val_images is not None:
+        evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize)
+    evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize)
+    info = {
+        "dataset": ds.source or ds.name,
+        "checksum": ds.checksum,
+        "classes": ds.classes,
+        "mean": mean,
+        "std": std,
+        "image_size": ds.image_shape[-1],
+        "val_split": ds.val_split,  # a teacher trained here may be checked against a later run's split
+    }
+    return Prepared(loader, evals, ds.num_classes, ds.image_shape, len(ds.train_labels), info, ds.classes)
+
+
+def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: DataConfig, seed: int, shard) -> Prepared:
+    """A pair of tensors (inputs, labels): uint8 images (N, C, H, W) are augmented and
+    normalised; anything else is used as it is."""
+    inputs, labels = train_data
+    if len(inputs) != len(labels):
+        raise DataError(f"train_data: {len(inputs)} inputs but {len(labels)} labels")
+    images = inputs.dtype == torch.uint8 and inputs.ndim == 4
+    normalize = None
+    info: dict[str, Any] = {"dataset": "tensors"}
+    if images:
+        x = inputs.float().div_(255)
+        mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        normalize = Normalize(mean, std, device, cfg.channels_last)
+        info.update(mean=mean, std=std, image_size=inputs.shape[-1])
+    augment = {"augment": data.augment and images, "padding": data.crop_padding, "flip": data.flip, "shard": shard}
+    loader = TrainLoader(inputs, labels, cfg.batch_size, device, normalize, seed, **augment)
+    evals = {}
+    if test_data is not None:
+        tx, ty = test_data
+        evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize)
+    return Prepared(loader, evals, int(labels.max()) + 1, tuple(inputs.shape[1:]), len(labels), info)
 
 
 def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> Result:
@@ -147,11 +164,30 @@ def _device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _fit_prepared(task, prepared: Prepared, cfg: TrainConfig, device, run_dir, resume: bool, extra: dict, desc: str, max_epochs: int | None = None) -> Result:
+def _fit_prepared(
+    task,
+    prepared: Prepared,
+    cfg: TrainConfig,
+    device,
+    run_dir,
+    resume: bool,
+    extra: dict,
+    desc: str,
+    max_epochs: int | None = None,
+) -> Result:
     """The engine on a prepared data set: the one call train, distill and mutual share."""
     return fit(
-        task, prepared.loader, cfg, device=device, eval_sets=prepared.eval_sets, run_dir=Path(run_dir) if run_dir else None,
-        resume=resume, checkpoint_extra=extra, desc=desc, num_classes=prepared.num_classes, max_epochs=max_epochs,
+        task,
+        prepared.loader,
+        cfg,
+        device=device,
+        eval_sets=prepared.eval_sets,
+        run_dir=Path(run_dir) if run_dir else None,
+        resume=resume,
+        checkpoint_extra=extra,
+        desc=desc,
+        num_classes=prepared.num_classes,
+        max_epochs=max_epochs,
     )
 
 
@@ -213,7 +249,9 @@ def cache_teacher(
     prepared = prepare_data(train_data, None, cfg=cfg, device=device, data=data, seed=seed)
     loader = _replayable(prepared)
     _place_teacher(teacher, device, channels_last)
-    cache = build_teacher_cache(teacher, loader, epochs, batch_size=batch_size, autocast=autocast_for(device, amp), top_k=top_k, dtype=dtype)
+    cache = build_teacher_cache(
+        teacher, loader, epochs, batch_size=batch_size, autocast=autocast_for(device, amp), top_k=top_k, dtype=dtype
+    )
     if path is not None:
         distributed.on_main(lambda: cache.save(path))  # under torchrun every rank built the same cache: rank 0 writes
         cache.path = Path(path)
@@ -247,7 +285,13 @@ def train(
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
     task = Supervised(model, cfg.label_smoothing)
-    extra = {"kind": "train", "model_spec": model_spec, "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed}
+    extra = {
+        "kind": "train",
+        "model_spec": model_spec,
+        "data": prepared.data_info,
+        "train_config": cfg.model_dump(mode="json"),
+        "seed": seed,
+    }
     return _with_test_metrics(_fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc), prepared, cfg)
 
 
@@ -300,19 +344,33 @@ def distill(
     )
     with _borrowed(teacher):  # frozen for the run, given back as it came
         task = Distillation(
-            student, teacher, build_methods(dcfg.method_options, context), dcfg.alpha, dcfg.effective_ce_weight, cfg.label_smoothing,
+            student,
+            teacher,
+            build_methods(dcfg.method_options, context),
+            dcfg.alpha,
+            dcfg.effective_ce_weight,
+            cfg.label_smoothing,
             teacher_cache=cache,
         )
         extra = {
-            "kind": "distill", "model_spec": model_spec, "teacher_spec": teacher_spec, "data": prepared.data_info,
-            "train_config": cfg.model_dump(mode="json"), "distill_config": dcfg.model_dump(mode="json"), "seed": seed,
+            "kind": "distill",
+            "model_spec": model_spec,
+            "teacher_spec": teacher_spec,
+            "data": prepared.data_info,
+            "train_config": cfg.model_dump(mode="json"),
+            "distill_config": dcfg.model_dump(mode="json"),
+            "seed": seed,
             "teacher_cache": cache_info,
         }
-        result = _fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc, max_epochs=cache.epochs if cache else None)
+        result = _fit_prepared(
+            task, prepared, cfg, device, run_dir, resume, extra, desc, max_epochs=cache.epochs if cache else None
+        )
     return _with_test_metrics(result, prepared, cfg)
 
 
-def _distill_config(methods: str | dict[str, dict] | None, alpha: float, temperature: float | None, ce_weight: float | None) -> DistillConfig:
+def _distill_config(
+    methods: str | dict[str, dict] | None, alpha: float, temperature: float | None, ce_weight: float | None
+) -> DistillConfig:
     """The distillation settings of :func:`distill`'s arguments, validated."""
     if methods is None:
         methods = {DEFAULT_METHOD: {}}
@@ -335,7 +393,9 @@ def _warn_if_student_larger(student: nn.Module, teacher: nn.Module) -> None:
         )
 
 
-def _open_cache(cache: TeacherCache | str | Path | None, teacher, prepared: Prepared, cfg: TrainConfig, device, desc: str):
+def _open_cache(
+    cache: TeacherCache | str | Path | None, teacher, prepared: Prepared, cfg: TrainConfig, device, desc: str
+):
     """The teacher cache (loaded, checked against this teacher, data and run, on the
     device) and what the checkpoint records of it; (None, None) without one."""
     if cache is None:
@@ -345,7 +405,9 @@ def _open_cache(cache: TeacherCache | str | Path | None, teacher, prepared: Prep
     # a budget run may not outlast the cache; an epoch run must fit in it
     cache.check(fingerprint(_replayable(prepared), teacher), epochs=1 if cfg.budget else cfg.epochs)
     info = {"path": str(cache.path) if cache.path else None, "epochs": cache.epochs, "fingerprint": cache.fingerprint}
-    log(f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run")
+    log(
+        f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run"
+    )
     return cache.to(device), info
 
 
@@ -374,8 +436,14 @@ def mutual(
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed)
     task = MutualLearning(list(models), temperature, weight, cfg.label_smoothing)
     extra = {
-        "kind": "mutual", "model_spec": (model_specs or [None])[0], "peer_specs": (model_specs or [None])[1:],
-        "data": prepared.data_info, "train_config": cfg.model_dump(mode="json"), "seed": seed,
+        "kind": "mutual",
+        "model_spec": (model_specs or [None])[0],
+        "peer_specs": (model_specs or [None])[1:],
+        "data": prepared.data_info,
+        "train_config": cfg.model_dump(mode="json"),
+        "seed": seed,
     }
     result = _fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc)
-    return [_with_test_metrics(replace(result, model=m), prepared, cfg) for m in task.all_models]  # each model, the run's history and budget
+    return [
+        _with_test_metrics(replace(result, model=m), prepared, cfg) for m in task.all_models
+    ]  # each model, the run's history and budget

@@ -179,7 +179,9 @@ class BudgetPlan:
         """Time the steps since the mark; plan once a window of them has passed."""
         s0, t0, o0 = self._mark
         n = done - s0
-        window = REPLAN_FRACTION * self.seconds if self.planned else min(max(0.02 * self.seconds, 0.5), 0.2 * self.seconds)
+        window = (
+            REPLAN_FRACTION * self.seconds if self.planned else min(max(0.02 * self.seconds, 0.5), 0.2 * self.seconds)
+        )
         if n >= (1 if self.planned else 5) and self.clock() - t0 - (self._overhead - o0) >= window:
             self.sync()
             now = self.clock()
@@ -205,8 +207,12 @@ class BudgetPlan:
     def state(self) -> dict[str, Any]:
         """For the checkpoint: a resumed run continues with the budget that is left."""
         return {
-            "seconds": self.seconds, "elapsed": self.elapsed(), "total_steps": self.total_steps, "planned": self.planned,
-            "step_seconds": self.step_seconds, "epoch_overhead": self.epoch_overhead,
+            "seconds": self.seconds,
+            "elapsed": self.elapsed(),
+            "total_steps": self.total_steps,
+            "planned": self.planned,
+            "step_seconds": self.step_seconds,
+            "epoch_overhead": self.epoch_overhead,
         }
 
     def restore(self, state: dict[str, Any]) -> None:

@@ -54,11 +54,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         # would let the file run code): name only what the file asked to load
         found = re.search(r"GLOBAL\s+([\w.]+)", str(e))
         what = f"it would load {found.group(1)}" if found else "it is not made of tensors and plain data alone"
-        raise CheckpointError(f"checkpoint {path} refused: it holds objects other than tensors and plain data ({what}); expected {EXPECTED}") from None
+        raise CheckpointError(
+            f"checkpoint {path} refused: it holds objects other than tensors and plain data ({what}); expected {EXPECTED}"
+        ) from None
     except Exception as e:  # torch.load fails in many ways on garbage (KeyError, IndexError, ...)
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({e.__class__.__name__}: {str(e)[:200]})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable or truncated ({e.__class__.__name__}: {str(e)[:200]})"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a PyTorch file but not a kdistill checkpoint (it lacks format {FORMAT!r}); expected {EXPECTED}")
+        raise CheckpointError(
+            f"{path} is a PyTorch file but not a kdistill checkpoint (it lacks format {FORMAT!r}); expected {EXPECTED}"
+        )
     return state
 
 
@@ -71,14 +77,19 @@ def folder_message(path: Path, shown: int = 6) -> str:
     what = "a run directory" if (path / "config.yaml").is_file() else "a folder"
     if not found:
         return f"{path} is {what}, not a checkpoint, and holds no {CHECKPOINT_NAME}; expected {EXPECTED}"
-    listed = ", ".join(str(p) for p in found[:shown]) + (f" and {len(found) - shown} more" if len(found) > shown else "")
+    listed = ", ".join(str(p) for p in found[:shown]) + (
+        f" and {len(found) - shown} more" if len(found) > shown else ""
+    )
     return f"{path} is {what}, not a checkpoint; it holds {listed}"
 
 
 # file signatures of things often mistaken for a checkpoint
 _SIGNATURES = {
-    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"\x1f\x8b": "a gzip archive",
-    b"\x93NUMPY": "a NumPy array file", b"\x89HDF": "an HDF5 file",
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"\x1f\x8b": "a gzip archive",
+    b"\x93NUMPY": "a NumPy array file",
+    b"\x89HDF": "an HDF5 file",
 }
 
 
@@ -119,7 +130,9 @@ def _zip_kind(path: Path) -> str | None:
 def _looks_like_onnx(head: bytes) -> bool:
     """An ONNX ModelProto starts with its ir_version (field 1, a small varint) and then a
     length-delimited field (producer name, graph, opset import, ...)."""
-    return len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42)
+    return (
+        len(head) > 2 and head[0] == 0x08 and head[1] < 0x80 and head[2] in (0x12, 0x1A, 0x22, 0x2A, 0x32, 0x3A, 0x42)
+    )
 
 
 def _text(head: bytes) -> str | None:
@@ -158,7 +171,9 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> tuple[nn
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit model {spec.get('name')!r}: {state_dict_mismatch(e)}") from None
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit model {spec.get('name')!r}: {state_dict_mismatch(e)}"
+        ) from None
     if state.get("kind") == "mutual":  # the peers' weights are in the file too, but not a model of their own
         peers = [p.get("name") for p in state.get("peer_specs") or [] if p]
         log(

@@ -35,30 +35,58 @@ from kdistill.sweep import expand_grid, run_sweep
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file or bundled config name (default: quickstart)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--data", help="data set: cifar10-mini, cifar10, cifar100, or an ImageFolder folder/archive (data.dataset)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
+    )
+    p.add_argument(
+        "--data", help="data set: cifar10-mini, cifar10, cifar100, or an ImageFolder folder/archive (data.dataset)"
+    )
     p.add_argument("--data-dir", help="download and cache folder (data.data_dir)")
     p.add_argument("--name", help="run name: outputs go to OUTPUT_DIR/NAME (name)")
     p.add_argument("--output-dir", help="parent folder of run directories (output_dir, default runs)")
     p.add_argument("--seed", type=int, help="random seed (seed)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
     p.add_argument("--epochs", type=int, help="epochs of every phase (train.epochs and each phase's train.epochs)")
-    p.add_argument("--budget", help="wall-clock budget of the command, e.g. 90s, 10m, 1.5h: train as many steps as fit, lr schedule stretched over them (budget)")
+    p.add_argument(
+        "--budget",
+        help="wall-clock budget of the command, e.g. 90s, 10m, 1.5h: train as many steps as fit, lr schedule stretched over them (budget)",
+    )
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    p.add_argument("--tensorboard", action="store_true", default=None, help="also log metrics as TensorBoard scalars in each phase's tensorboard/ (train.tensorboard; needs kdistill[tensorboard])")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="also log metrics as TensorBoard scalars in each phase's tensorboard/ (train.tensorboard; needs kdistill[tensorboard])",
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
 def _method_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="distillation method(s), e.g. kd, or kd+crd (distill.methods)")
     p.add_argument("--alpha", type=float, help="weight of the distillation terms; CE gets 1 - alpha (distill.alpha)")
-    p.add_argument("--temperature", "-T", type=float, help="temperature of the method(s) that have one (distill.methods.<method>.temperature)")
-    p.add_argument("--logit-std", action="store_true", help="z-score logits before the temperature (Sun et al. 2024) in the method(s) that offer it (distill.methods.<method>.logit_std)")
+    p.add_argument(
+        "--temperature",
+        "-T",
+        type=float,
+        help="temperature of the method(s) that have one (distill.methods.<method>.temperature)",
+    )
+    p.add_argument(
+        "--logit-std",
+        action="store_true",
+        help="z-score logits before the temperature (Sun et al. 2024) in the method(s) that offer it (distill.methods.<method>.logit_std)",
+    )
 
 
 def _teacher_args(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
     p.add_argument("--teacher", required=True, action="append", help=checkpoint_help)
-    p.add_argument("--teacher-weights", type=float, nargs="+", help="weights of the teachers' soft outputs (teacher.weights)")
+    p.add_argument(
+        "--teacher-weights", type=float, nargs="+", help="weights of the teachers' soft outputs (teacher.weights)"
+    )
 
 
 def _add_study_commands(sub) -> None:
@@ -66,7 +94,12 @@ def _add_study_commands(sub) -> None:
     _common(p)
     _method_arg(p)
     p.add_argument("--teacher-checkpoint", help="use this trained teacher instead of training one (teacher.checkpoint)")
-    p.add_argument("--born-again", type=int, metavar="N", help="then train N more generations of the student, each distilled from the previous one (born_again)")
+    p.add_argument(
+        "--born-again",
+        type=int,
+        metavar="N",
+        help="then train N more generations of the student, each distilled from the previous one (born_again)",
+    )
 
     p = sub.add_parser("train", help="train one model with cross-entropy")
     _common(p)
@@ -75,67 +108,150 @@ def _add_study_commands(sub) -> None:
     p = sub.add_parser("distill", help="distill a student from a teacher checkpoint")
     _common(p)
     _method_arg(p)
-    _teacher_args(p, "teacher checkpoint (checkpoint.pt of a train or run); repeat for multi-teacher distillation (teacher.checkpoints)")
+    _teacher_args(
+        p,
+        "teacher checkpoint (checkpoint.pt of a train or run); repeat for multi-teacher distillation (teacher.checkpoints)",
+    )
     p.add_argument("--student", "-m", help="student model name (student.name)")
-    p.add_argument("--teacher-cache", help="read the teacher's logits from this cache (kdistill cache-teacher) instead of running the teacher (distill.teacher_cache)")
+    p.add_argument(
+        "--teacher-cache",
+        help="read the teacher's logits from this cache (kdistill cache-teacher) instead of running the teacher (distill.teacher_cache)",
+    )
 
-    p = sub.add_parser("cache-teacher", help="run a teacher once over the augmented views of E epochs and store its logits for distill --teacher-cache")
+
+def _add_cache_command(sub) -> None:
+    p = sub.add_parser(
+        "cache-teacher",
+        help="run a teacher once over the augmented views of E epochs and store its logits for distill --teacher-cache",
+    )
     _teacher_args(p, "teacher checkpoint; repeat for an ensemble (its combined logits are cached)")
     p.add_argument("--out", "-o", required=True, help="the cache file to write")
     p.add_argument("--epochs", type=int, help="epochs of views to cache: the distillation runs' epochs (train.epochs)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep only the K largest logits of each view (many classes); 0: all (default)")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="storage of the logits (default float16)")
-    p.add_argument("--config", "-c", help="YAML config file or bundled config name: its data, seed and augmentation must be the distillation's")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep only the K largest logits of each view (many classes); 0: all (default)",
+    )
+    p.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float16", help="storage of the logits (default float16)"
+    )
+    p.add_argument(
+        "--config",
+        "-c",
+        help="YAML config file or bundled config name: its data, seed and augmentation must be the distillation's",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     p.add_argument("--data", help="data set (data.dataset)")
     p.add_argument("--data-dir", help="download and cache folder (data.data_dir)")
     p.add_argument("--seed", type=int, help="random seed: the distillation's (seed)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
-    p.add_argument("--method", help="the distillation method(s); for an ensemble, its averaging temperature is theirs (distill.methods)")
-    p.add_argument("--temperature", "-T", type=float, help="temperature of the method(s), used to average an ensemble (distill.methods.<method>.temperature)")
+    p.add_argument(
+        "--method",
+        help="the distillation method(s); for an ensemble, its averaging temperature is theirs (distill.methods)",
+    )
+    p.add_argument(
+        "--temperature",
+        "-T",
+        type=float,
+        help="temperature of the method(s), used to average an ensemble (distill.methods.<method>.temperature)",
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
+
+def _add_group_commands(sub) -> None:
     p = sub.add_parser("mutual", help="deep mutual learning: train several models together, no teacher")
     _common(p)
     p.add_argument("--models", nargs="+", help="two or more model names (mutual.models)")
     p.add_argument("--temperature", "-T", type=float, help="temperature of the mutual KL terms (mutual.temperature)")
 
-    p = sub.add_parser("sweep", help="distill a grid of students/methods/T/alpha from one teacher, sharing one teacher cache; leaderboard + plot")
+    p = sub.add_parser(
+        "sweep",
+        help="distill a grid of students/methods/T/alpha from one teacher, sharing one teacher cache; leaderboard + plot",
+    )
     _common(p)
     _teacher_args(p, "teacher checkpoint; repeat for an ensemble (teacher.checkpoints)")
-    p.add_argument("--teacher-cache", help="an existing cache to use (default: built once into the run directory) (distill.teacher_cache)")
+    p.add_argument(
+        "--teacher-cache",
+        help="an existing cache to use (default: built once into the run directory) (distill.teacher_cache)",
+    )
     p.add_argument("--students", nargs="+", help="student models (default: student.name)")
     p.add_argument("--methods", nargs="+", help="methods, each may combine several with + (default: the config's)")
     p.add_argument("--temperatures", "-T", type=float, nargs="+", help="temperatures (default: the config's)")
     p.add_argument("--alphas", type=float, nargs="+", help="alphas (default: distill.alpha)")
-    p.add_argument("--jobs", "-j", default="1", help="configurations trained at once, each in its own process with its share of "
-                   "the CPU cores, or one GPU each; 'auto': one per core (at most 4) or per GPU (default 1)")
+    p.add_argument(
+        "--jobs",
+        "-j",
+        default="1",
+        help="configurations trained at once, each in its own process with its share of "
+        "the CPU cores, or one GPU each; 'auto': one per core (at most 4) or per GPU (default 1)",
+    )
 
 
 def _add_tool_commands(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a data set's test split")
-    p.add_argument("checkpoint", help="checkpoint.pt of a train, distill or run phase (e.g. runs/x/distilled/checkpoint.pt)")
+    p.add_argument(
+        "checkpoint", help="checkpoint.pt of a train, distill or run phase (e.g. runs/x/distilled/checkpoint.pt)"
+    )
     p.add_argument("--data", help="data set (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-dir", help="download and cache folder of the data set (default: $KDISTILL_CACHE or ~/.cache/kdistill)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N: where the test set is evaluated (latency is always measured on the CPU, and on the GPU too when there is one)")
+    p.add_argument(
+        "--data-dir", help="download and cache folder of the data set (default: $KDISTILL_CACHE or ~/.cache/kdistill)"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu, cuda, cuda:N: where the test set is evaluated (latency is always measured on the CPU, and on the GPU too when there is one)",
+    )
     p.add_argument("--teacher", help="also report agreement with this teacher checkpoint")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
     p = sub.add_parser("report", help="(re)write the report of a run, or compare several runs in one report")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories of `kdistill run`")
-    p.add_argument("--output", "-o", help="folder of the report (one run: default its run directory; several runs: default "
-                   "reports/<names joined by '-vs-'>)")
+    p.add_argument(
+        "--output",
+        "-o",
+        help="folder of the report (one run: default its run directory; several runs: default "
+        "reports/<names joined by '-vs-'>)",
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, verified on test images; optional int8")
-    p.add_argument("checkpoint", help="checkpoint.pt of a train, distill or run phase (e.g. runs/x/distilled/checkpoint.pt)")
-    p.add_argument("--format", "-f", choices=["onnx", "torchscript"], default="onnx", help="onnx (needs kdistill[export]) or torchscript (default onnx)")
-    p.add_argument("--output", "-o", help="output file (default: model.onnx / model.torchscript.pt next to the checkpoint)")
-    p.add_argument("--quantize", choices=["static", "dynamic"], help="also write an int8 model (ONNX Runtime): static calibrates on training images, dynamic needs no data")
-    p.add_argument("--calibration-images", type=int, default=512, help="training images for static int8 calibration (default 512)")
+    p = sub.add_parser(
+        "export", help="export a checkpoint to ONNX or TorchScript, verified on test images; optional int8"
+    )
+    p.add_argument(
+        "checkpoint", help="checkpoint.pt of a train, distill or run phase (e.g. runs/x/distilled/checkpoint.pt)"
+    )
+    p.add_argument(
+        "--format",
+        "-f",
+        choices=["onnx", "torchscript"],
+        default="onnx",
+        help="onnx (needs kdistill[export]) or torchscript (default onnx)",
+    )
+    p.add_argument(
+        "--output", "-o", help="output file (default: model.onnx / model.torchscript.pt next to the checkpoint)"
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["static", "dynamic"],
+        help="also write an int8 model (ONNX Runtime): static calibrates on training images, dynamic needs no data",
+    )
+    p.add_argument(
+        "--calibration-images", type=int, default=512, help="training images for static int8 calibration (default 512)"
+    )
     p.add_argument("--data", help="data set to verify on (default: the one the checkpoint was trained on)")
-    p.add_argument("--data-dir", help="download and cache folder of the data set (default: $KDISTILL_CACHE or ~/.cache/kdistill)")
+    p.add_argument(
+        "--data-dir", help="download and cache folder of the data set (default: $KDISTILL_CACHE or ~/.cache/kdistill)"
+    )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -145,13 +261,24 @@ def _add_tool_commands(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; ``parser.commands`` maps each command's name to its own parser."""
-    parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation of image classifiers, measured end to end.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {runs.kdistill_version()}", help="print kdistill's version and exit")
+    parser = argparse.ArgumentParser(
+        prog="kdistill", description="Knowledge distillation of image classifiers, measured end to end."
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {runs.kdistill_version()}",
+        help="print kdistill's version and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_study_commands(sub)
+    _add_cache_command(sub)
+    _add_group_commands(sub)
     _add_tool_commands(sub)
     for p in sub.choices.values():  # each command's flags, as errors name them: -T/--temperature
-        p.set_defaults(flag_names={a.dest: "/".join(sorted(a.option_strings, key=len)) for a in p._actions if a.option_strings})
+        p.set_defaults(
+            flag_names={a.dest: "/".join(sorted(a.option_strings, key=len)) for a in p._actions if a.option_strings}
+        )
     parser.commands = sub.choices
     return parser
 
@@ -168,10 +295,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # command-line shortcuts -> the config keys they set
 SHORTCUTS = {
-    "data": "data.dataset", "data_dir": "data.data_dir", "name": "name", "output_dir": "output_dir",
-    "seed": "seed", "device": "device", "epochs": "train.epochs", "alpha": "distill.alpha",
-    "teacher_checkpoint": "teacher.checkpoint", "model": "teacher.name", "student": "student.name",
-    "born_again": "born_again", "budget": "budget", "teacher_cache": "distill.teacher_cache", "tensorboard": "train.tensorboard",
+    "data": "data.dataset",
+    "data_dir": "data.data_dir",
+    "name": "name",
+    "output_dir": "output_dir",
+    "seed": "seed",
+    "device": "device",
+    "epochs": "train.epochs",
+    "alpha": "distill.alpha",
+    "teacher_checkpoint": "teacher.checkpoint",
+    "model": "teacher.name",
+    "student": "student.name",
+    "born_again": "born_again",
+    "budget": "budget",
+    "teacher_cache": "distill.teacher_cache",
+    "tensorboard": "train.tensorboard",
 }
 
 
@@ -182,7 +320,9 @@ def _said(args: argparse.Namespace, attr: str) -> str:
     if value is True:  # a switch
         return name
     values = value if isinstance(value, list) else [value]
-    typed = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values]  # argparse made 0.0 of "0"
+    typed = [
+        str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in values
+    ]  # argparse made 0.0 of "0"
     if attr == "teacher":  # repeated flag
         return " ".join(f"{name} {v}" for v in typed)
     return f"{name} {' '.join(typed)}"
@@ -196,9 +336,16 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[Override]:
         if value is not None:
             pre.append(Override(f"{key}={json.dumps(value) if isinstance(value, str) else value}", _said(args, attr)))
     if getattr(args, "epochs", None) is not None:  # every phase, whatever the config's phase overrides say
-        pre += [Override(f"{phase}.train.epochs={args.epochs}", _said(args, "epochs")) for phase in ("teacher", "student", "distill")]
+        pre += [
+            Override(f"{phase}.train.epochs={args.epochs}", _said(args, "epochs"))
+            for phase in ("teacher", "student", "distill")
+        ]
     if getattr(args, "method", None):
-        pre.append(Override("distill.methods=" + json.dumps({m.strip(): {} for m in args.method.split("+")}), _said(args, "method")))
+        pre.append(
+            Override(
+                "distill.methods=" + json.dumps({m.strip(): {} for m in args.method.split("+")}), _said(args, "method")
+            )
+        )
     if args.command == "mutual":
         if args.temperature is not None:
             pre.append(Override(f"mutual.temperature={args.temperature}", _said(args, "temperature")))
@@ -206,7 +353,11 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[Override]:
             pre.append(Override("mutual.models=" + json.dumps(args.models), _said(args, "models")))
     if args.command in ("distill", "cache-teacher", "sweep"):
         teachers = args.teacher
-        key = f"teacher.checkpoint={json.dumps(teachers[0])}" if len(teachers) == 1 else "teacher.checkpoints=" + json.dumps(teachers)
+        key = (
+            f"teacher.checkpoint={json.dumps(teachers[0])}"
+            if len(teachers) == 1
+            else "teacher.checkpoints=" + json.dumps(teachers)
+        )
         pre.append(Override(key, _said(args, "teacher")))
         if args.teacher_weights:
             pre.append(Override("teacher.weights=" + json.dumps(args.teacher_weights), _said(args, "teacher_weights")))
@@ -229,10 +380,14 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     for option, (value, said) in options.items():
         takers = taking(option, cfg.distill.methods)
         if not takers:  # a flag that would change nothing is refused, not dropped
-            raise ConfigError(f"{said}: no method of this run has a {option} option (distill.methods: {', '.join(cfg.distill.methods)})")
+            raise ConfigError(
+                f"{said}: no method of this run has a {option} option (distill.methods: {', '.join(cfg.distill.methods)})"
+            )
         set_methods += [Override(f"distill.methods.{m}.{option}={value}", said) for m in takers]
     cfg = load_config(args.config, pre + set_methods + sets) if set_methods else cfg
-    named = getattr(args, "name", None) is not None or any(o.partition("=")[0].strip() == "name" for o in args.overrides)
+    named = getattr(args, "name", None) is not None or any(
+        o.partition("=")[0].strip() == "name" for o in args.overrides
+    )
     if args.command in KINDS and not named:  # a name of its own, not the study's
         cfg = cfg.model_copy(update={"name": default_run_name(cfg, args.command)})
     return cfg
@@ -256,14 +411,18 @@ def cmd_mutual(args) -> None:
 
 def cmd_cache_teacher(args) -> None:
     cache = commands.cache_teacher(_config_from_args(args), args.out, args.top_k, args.dtype)
-    print(f"wrote {args.out}: {cache.describe()}; use it with: kdistill distill --teacher ... --teacher-cache {args.out} (same data, seed and augmentation)")
+    print(
+        f"wrote {args.out}: {cache.describe()}; use it with: kdistill distill --teacher ... --teacher-cache {args.out} (same data, seed and augmentation)"
+    )
 
 
 def cmd_sweep(args) -> None:
     cfg = _config_from_args(args)
     points = expand_grid(
-        args.students or [cfg.student.name], args.methods or ["+".join(cfg.distill.methods)],
-        args.temperatures or [cfg.distill.temperature], args.alphas or [cfg.distill.alpha],
+        args.students or [cfg.student.name],
+        args.methods or ["+".join(cfg.distill.methods)],
+        args.temperatures or [cfg.distill.temperature],
+        args.alphas or [cfg.distill.alpha],
     )
     jobs = int(args.jobs) if args.jobs.isdigit() else args.jobs  # anything else: resolve_jobs says what is expected
     run_sweep(cfg, points, resume=args.resume, jobs=jobs)
@@ -271,14 +430,20 @@ def cmd_sweep(args) -> None:
 
 def cmd_evaluate(args) -> None:
     metrics = commands.evaluate_checkpoint(
-        Path(args.checkpoint), args.data, Path(args.data_dir) if args.data_dir else None, args.device, Path(args.teacher) if args.teacher else None
+        Path(args.checkpoint),
+        args.data,
+        Path(args.data_dir) if args.data_dir else None,
+        args.device,
+        Path(args.teacher) if args.teacher else None,
     )
     metrics["checkpoint"] = args.checkpoint
     if args.json:
         print(json.dumps(metrics, indent=2))
         return
     t = metrics["test"]
-    print(f"{args.checkpoint} on {metrics['dataset']} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}  ECE {t['ece']:.4f}")
+    print(
+        f"{args.checkpoint} on {metrics['dataset']} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}  ECE {t['ece']:.4f}"
+    )
     if "agreement" in metrics:
         a = metrics["agreement"]
         print(f"agreement with teacher: {a['agreement_top1']:.2f}%  mean KL {a['mean_kl']:.4f}")
@@ -290,7 +455,9 @@ def cmd_evaluate(args) -> None:
     print(f"CPU timings: {_load_note(p['latency_b1'])}")
     if "gpu" in p:
         g = p["gpu"]
-        print(f"GPU ({g['device']}) latency b=1 {g['latency_b1']['median_ms']:.3f} ms  throughput b=256 {g['throughput_b256']['images_per_second']:.0f} img/s")
+        print(
+            f"GPU ({g['device']}) latency b=1 {g['latency_b1']['median_ms']:.3f} ms  throughput b=256 {g['throughput_b256']['images_per_second']:.0f} img/s"
+        )
 
 
 def _load_note(timing: dict) -> str:
@@ -311,10 +478,17 @@ def cmd_report(args) -> None:
 
 def cmd_export(args) -> None:
     if args.calibration_images <= 0:
-        raise ExportError(f"--calibration-images {args.calibration_images}: expected a positive number of training images")
+        raise ExportError(
+            f"--calibration-images {args.calibration_images}: expected a positive number of training images"
+        )
     result = export_checkpoint(
-        Path(args.checkpoint), args.format, Path(args.output) if args.output else None, dataset=args.data,
-        data_dir=Path(args.data_dir) if args.data_dir else None, quantization=args.quantize, calibration_count=args.calibration_images,
+        Path(args.checkpoint),
+        args.format,
+        Path(args.output) if args.output else None,
+        dataset=args.data,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        quantization=args.quantize,
+        calibration_count=args.calibration_images,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -344,9 +518,17 @@ def cmd_methods(args) -> None:
 
 
 COMMANDS = {
-    "run": cmd_run, "train": cmd_train, "distill": cmd_distill, "cache-teacher": cmd_cache_teacher, "mutual": cmd_mutual,
-    "sweep": cmd_sweep, "evaluate": cmd_evaluate, "report": cmd_report, "export": cmd_export,
-    "models": cmd_models, "methods": cmd_methods,
+    "run": cmd_run,
+    "train": cmd_train,
+    "distill": cmd_distill,
+    "cache-teacher": cmd_cache_teacher,
+    "mutual": cmd_mutual,
+    "sweep": cmd_sweep,
+    "evaluate": cmd_evaluate,
+    "report": cmd_report,
+    "export": cmd_export,
+    "models": cmd_models,
+    "methods": cmd_methods,
 }
 
 
@@ -366,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         COMMANDS[args.command](args)
 
-    return run_reporting_errors(work, "kdistill", getattr(args, "debug", False), "rerun with --resume to continue from the last checkpoint")
+    return run_reporting_errors(
+        work, "kdistill", getattr(args, "debug", False), "rerun with --resume to continue from the last checkpoint"
+    )
 
 
 def run_reporting_errors(work, prog: str, debug: bool, on_interrupt: str = "") -> int:

@@ -30,8 +30,16 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
         model = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
             result = train_phase(
-                cfg, ds, model, spec, "teacher", run_dir, device=select_device(cfg.device), resume=resume,
-                budget=runs.budget_left(cfg, start), desc=cfg.teacher.name,
+                cfg,
+                ds,
+                model,
+                spec,
+                "teacher",
+                run_dir,
+                device=select_device(cfg.device),
+                resume=resume,
+                budget=runs.budget_left(cfg, start),
+                desc=cfg.teacher.name,
             )
         runs.write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=runs.profile_seconds(cfg))
         return run_dir
@@ -48,10 +56,21 @@ def distill_model(cfg: RunConfig, resume: bool) -> Path:
         student = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
             result = distill_phase(
-                cfg, ds, teacher, teacher_spec, student, spec, run_dir, device=device, resume=resume,
-                budget=runs.budget_left(cfg, start), desc="distill",
+                cfg,
+                ds,
+                teacher,
+                teacher_spec,
+                student,
+                spec,
+                run_dir,
+                device=device,
+                resume=resume,
+                budget=runs.budget_left(cfg, start),
+                desc="distill",
             )
-        runs.write_single_summary(run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=runs.profile_seconds(cfg))
+        runs.write_single_summary(
+            run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=runs.profile_seconds(cfg)
+        )
         return run_dir
 
 
@@ -61,11 +80,22 @@ def mutual_models(cfg: RunConfig, resume: bool) -> Path:
     with runs.job(cfg), runs.open_run_dir(cfg, resume, kind="mutual") as run_dir:
         ds = runs.load_data(cfg)
         specs = [runs.model_spec(name, {}, ds.num_classes) for name in cfg.mutual.models]
-        models = [runs.new_model(spec, cfg.seed + i) for i, spec in enumerate(specs)]  # peers of one architecture must not start identical
+        models = [
+            runs.new_model(spec, cfg.seed + i) for i, spec in enumerate(specs)
+        ]  # peers of one architecture must not start identical
         with runs.whole_budget(cfg):
             results = api.mutual(
-                models, ds, temperature=cfg.mutual.temperature, weight=cfg.mutual.weight, config=runs.train_config(cfg, "student", runs.budget_left(cfg, start)),
-                data=cfg.data, device=select_device(cfg.device), run_dir=run_dir, resume=resume, seed=cfg.seed, model_specs=specs,
+                models,
+                ds,
+                temperature=cfg.mutual.temperature,
+                weight=cfg.mutual.weight,
+                config=runs.train_config(cfg, "student", runs.budget_left(cfg, start)),
+                data=cfg.data,
+                device=select_device(cfg.device),
+                run_dir=run_dir,
+                resume=resume,
+                seed=cfg.seed,
+                model_specs=specs,
             )
         for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
             runs.write_single_summary(run_dir / f"model{i}", name, result, ds)
@@ -82,19 +112,36 @@ def cache_teacher(cfg: RunConfig, out: Path, top_k: int = 0, dtype: str = "float
         teacher, _ = runs.build_teacher(cfg, ds.num_classes, device, ds)
         tcfg = cfg.train_for("distill")
         return api.cache_teacher(
-            teacher, ds, epochs=tcfg.epochs, path=out, data=cfg.data, seed=cfg.seed, device=device,
-            batch_size=tcfg.eval_batch_size, channels_last=tcfg.channels_last, amp=tcfg.amp, top_k=top_k, dtype=dtype,
+            teacher,
+            ds,
+            epochs=tcfg.epochs,
+            path=out,
+            data=cfg.data,
+            seed=cfg.seed,
+            device=device,
+            batch_size=tcfg.eval_batch_size,
+            channels_last=tcfg.channels_last,
+            amp=tcfg.amp,
+            top_k=top_k,
+            dtype=dtype,
         )
 
 
-def evaluate_checkpoint(path: Path, dataset: str | None = None, data_dir: Path | None = None, device: str = "auto",
-                        teacher: Path | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(
+    path: Path,
+    dataset: str | None = None,
+    data_dir: Path | None = None,
+    device: str = "auto",
+    teacher: Path | None = None,
+) -> dict[str, Any]:
     """``kdistill evaluate``: a checkpoint's test metrics (on its own data set unless
     ``dataset`` names another), its agreement with ``teacher``, and its profile."""
     device = select_device(device)
     model, state = load_model(path)
     if state.get("model_spec") is None:
-        raise CheckpointError(f"{path} holds a model trained through the Python API without a registry name; evaluate it from Python")
+        raise CheckpointError(
+            f"{path} holds a model trained through the Python API without a registry name; evaluate it from Python"
+        )
     info = state.get("data", {})
     dataset = dataset or info.get("dataset")
     ds = load_dataset(dataset, info.get("image_size", 32), data_dir)
@@ -103,11 +150,13 @@ def evaluate_checkpoint(path: Path, dataset: str | None = None, data_dir: Path |
         raise CheckpointError(f"{path} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
     test = runs.test_set(ds, device, info.get("mean"), info.get("std"))  # the checkpoint's own normalisation
     logits = predict(model.to(device), test, desc="evaluate")
-    metrics = {"checkpoint": str(path), "dataset": dataset, "test": classification_metrics(logits, ds.test_labels, ds.classes)}
+    metrics = {
+        "checkpoint": str(path),
+        "dataset": dataset,
+        "test": classification_metrics(logits, ds.test_labels, ds.classes),
+    }
     if teacher:
         teacher_model, _ = load_model(Path(teacher))
         metrics["agreement"] = agreement(logits, predict(teacher_model.to(device), test))
     metrics["profile"] = profile_model(model, ds.image_shape)
     return metrics
-
-

@@ -306,7 +306,9 @@ class RunConfig(StrictConfig):
         if not (self.budget or distill.budget):  # a budget run's epochs are planned, not set
             problems = check_run(self.distill.method_options, distill.epochs)
             if problems:
-                raise ValueError(f"distill.methods.{problems[0]} (the distillation phase: distill.train.epochs or train.epochs)")
+                raise ValueError(
+                    f"distill.methods.{problems[0]} (the distillation phase: distill.train.epochs or train.epochs)"
+                )
         return self
 
     def train_for(self, phase: Literal["teacher", "student", "distill"]) -> TrainConfig:
@@ -393,7 +395,9 @@ def load_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config error in {path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"config error in {path}: expected a mapping of keys at the top level, got {type(data).__name__}"
+        )
     return data
 
 

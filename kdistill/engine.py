@@ -92,7 +92,9 @@ def fit(
     tune_allocator()
     with distributed.translate_errors(), distributed.sync_batchnorm(task, device, cfg.sync_batchnorm):
         # set-up: the task on the device, the optimizer, the plan of how many steps to take
-        run = Training(task, loader, cfg, device, eval_sets or {}, run_dir, checkpoint_extra or {}, desc, num_classes, max_epochs)
+        run = Training(
+            task, loader, cfg, device, eval_sets or {}, run_dir, checkpoint_extra or {}, desc, num_classes, max_epochs
+        )
         if resume:  # weights, optimizer, random streams, history and plan from the checkpoint
             run.resume()
         run.start()
@@ -110,15 +112,27 @@ class StepPlan:
     time budget, re-planned as the run goes (see :mod:`kdistill.budget`); the ranks of a
     multi-process job follow rank 0's plan, agreed at the same steps."""
 
-    def __init__(self, cfg: TrainConfig, steps_per_epoch: int, eval_images: int, max_epochs: int | None, device: torch.device, desc: str = "train"):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        steps_per_epoch: int,
+        eval_images: int,
+        max_epochs: int | None,
+        device: torch.device,
+        desc: str = "train",
+    ):
         self.steps_per_epoch, self.device = steps_per_epoch, device
         self.world = distributed.world_size()
         self.budget = None
         if cfg.budget:
             self.budget = BudgetPlan(
-                cfg.budget, steps_per_epoch, eval_images=eval_images, batch_size=cfg.eval_batch_size,
+                cfg.budget,
+                steps_per_epoch,
+                eval_images=eval_images,
+                batch_size=cfg.eval_batch_size,
                 max_steps=max_epochs * steps_per_epoch if max_epochs else None,
-                sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None), desc=desc,
+                sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
+                desc=desc,
             )
             self.total = self.budget.total_steps
         else:
@@ -145,7 +159,9 @@ class StepPlan:
         if checkpoint or (self.budget is not None and steps_done >= self.total):
             # ranks stop together (a rank leaving alone would hang the others' collectives)
             # and follow rank 0's budget plan from the same step on
-            agreed, planned = distributed.agree(stop_requested, self.budget.total_steps if self.budget is not None else -1, self.device)
+            agreed, planned = distributed.agree(
+                stop_requested, self.budget.total_steps if self.budget is not None else -1, self.device
+            )
             if agreed:
                 return True
             if self.budget is not None:
@@ -167,7 +183,11 @@ class StepPlan:
             refused, _ = distributed.agree(refusal is not None and distributed.is_main(), -1, self.device)
             if refused:
                 b = self.budget
-                raise refusal if distributed.is_main() else BudgetTooSmall(b.desc, b.seconds, None, "measured by rank 0: see its error")
+                raise (
+                    refusal
+                    if distributed.is_main()
+                    else BudgetTooSmall(b.desc, b.seconds, None, "measured by rank 0: see its error")
+                )
 
     def ends_at(self, steps_done: int) -> bool:
         """Whether a budget run's plan ends after this step (an epoch run ends with its epochs)."""
@@ -178,7 +198,11 @@ class StepPlan:
         if self.budget is not None:
             self.budget.epoch_end(overhead_seconds, steps_done)
             # several ranks: rank 0's plan, so that all checkpoint and stop at the same step
-            self.total = self.budget.total_steps if self.world == 1 else distributed.agree(False, self.budget.total_steps, self.device)[1]
+            self.total = (
+                self.budget.total_steps
+                if self.world == 1
+                else distributed.agree(False, self.budget.total_steps, self.device)[1]
+            )
 
     def epochs_label(self) -> str:
         """The epoch count for progress lines: ``30``, ``~12`` (planned by a budget) or ``?``."""
@@ -215,10 +239,14 @@ class Epoch:
 class Training:
     """The state of one :func:`fit` and its named steps, in the order fit calls them."""
 
-    def __init__(self, task, loader, cfg: TrainConfig, device, eval_sets, run_dir, extra, desc, num_classes, max_epochs):
+    def __init__(
+        self, task, loader, cfg: TrainConfig, device, eval_sets, run_dir, extra, desc, num_classes, max_epochs
+    ):
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch == 0:
-            raise TrainingError(f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size")
+            raise TrainingError(
+                f"{desc}: the training set yields no batch of {cfg.batch_size} samples; lower train.batch_size"
+            )
         self.world, self.main = distributed.world_size(), distributed.is_main()
         _check_shares(loader, cfg, self.world, desc)
         self.task, self.model, self.loader, self.cfg, self.device = task, task.model, loader, cfg, device
@@ -253,7 +281,9 @@ class Training:
         path = self.ckpt_path
         # rank 0 reads (other machines need not see the file); tensors travel on the CPU
         map_to = self.device if self.world == 1 else "cpu"
-        state = distributed.on_main(lambda: load_checkpoint(path, map_location=map_to) if path.exists() else None, share=True)
+        state = distributed.on_main(
+            lambda: load_checkpoint(path, map_location=map_to) if path.exists() else None, share=True
+        )
         if state is None:
             return
         changed = _changed_settings(state.get("train_config"), self.cfg)
@@ -266,26 +296,38 @@ class Training:
             self.task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
             self.optimizer.load_state_dict(state["optimizer"])
             ranks = state.get("rng_ranks")
-            self.own_rng = self.world == 1 or (ranks is not None and len(ranks) == self.world)  # else: a job of another size
+            self.own_rng = self.world == 1 or (
+                ranks is not None and len(ranks) == self.world
+            )  # else: a job of another size
             _set_rng_state(ranks[distributed.rank()] if self.world > 1 and self.own_rng else state["rng"], self.device)
             self.start_epoch, self.history = int(state["epoch"]), list(state["history"])
             self.start_step, self.partial = int(state.get("step", 0)), state.get("partial")
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else state_dict_mismatch(e)
-            raise CheckpointError(f"cannot resume from {path}: it does not match this run ({detail}); delete it or choose another --name") from None
+            raise CheckpointError(
+                f"cannot resume from {path}: it does not match this run ({detail}); delete it or choose another --name"
+            ) from None
         self.plan.restore(state.get("budget"))
-        where = f"step {self.start_step} of epoch {self.start_epoch + 1}" if self.start_step else f"the end of epoch {self.start_epoch}"
+        where = (
+            f"step {self.start_step} of epoch {self.start_epoch + 1}"
+            if self.start_step
+            else f"the end of epoch {self.start_epoch}"
+        )
         log(f"{self.desc}: resuming from {path} at {where}")
 
     def start(self) -> None:
         """Open the metrics log, give every rank its random stream, compile, wrap in DDP."""
         # metrics.jsonl / metrics.csv (rewritten from the checkpoint's history) and TensorBoard: rank 0 writes
-        self.metrics_log = MetricsLog(self.run_dir if self.main else None, self.history, self.cfg.tensorboard and self.main)
+        self.metrics_log = MetricsLog(
+            self.run_dir if self.main else None, self.history, self.cfg.tensorboard and self.main
+        )
         if self.world > 1 and not self.own_rng:
             _decorrelate_ranks()
         if self.cfg.compile:
             self.model.compile()  # compiles forward in place; parameters and state_dict keys are unchanged
-        self.net = distributed.wrap(self.task, self.device)  # DistributedDataParallel on several ranks, else the task itself
+        self.net = distributed.wrap(
+            self.task, self.device
+        )  # DistributedDataParallel on several ranks, else the task itself
         self.train_seconds = sum(h.get("train_seconds", 0.0) for h in self.history)
         self.images_seen = sum(h.get("train_images", 0) for h in self.history)
         self.epoch = self.start_epoch
@@ -297,7 +339,12 @@ class Training:
         self.task.train()
         epoch = self._begin_epoch()
         batches = self.loader.epoch(epoch.index, epoch.first)
-        bar = progress(batches, total=self.steps_per_epoch, initial=epoch.first, desc=f"{self.desc} {epoch.index + 1}/{self.plan.epochs_label()}")
+        bar = progress(
+            batches,
+            total=self.steps_per_epoch,
+            initial=epoch.first,
+            desc=f"{self.desc} {epoch.index + 1}/{self.plan.epochs_label()}",
+        )
         agreed = False  # several ranks: whether they all agreed to stop at this step
         refresh = Refresh() if interactive() else None  # the bar's loss and accuracy, on terminals
         try:
@@ -329,7 +376,11 @@ class Training:
         index = self.epoch
         first = self.start_step if index == self.start_epoch else 0
         resumed = self.partial if first and self.partial else None
-        snapshot = {"task": _to_cpu(self.task.state_dict()), "optimizer": _to_cpu(self.optimizer.state_dict()), "rng": torch.get_rng_state()}
+        snapshot = {
+            "task": _to_cpu(self.task.state_dict()),
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "rng": torch.get_rng_state(),
+        }
         if self.device.type == "cuda":
             snapshot["cuda"] = torch.cuda.get_rng_state()
         epoch = Epoch(index, first, snapshot, t0=time.perf_counter() - (resumed["seconds"] if resumed else 0.0))
@@ -347,7 +398,12 @@ class Training:
         elapsed = time.perf_counter() - epoch.t0
         # rank 0's own share, scaled to the job (the exact sums come at the epoch's end)
         w = self.world
-        bar.set_postfix(loss=f"{s[0] * w / (i + 1):.3f}", acc=f"{100 * s[-2] / s[-1]:.1f}", img_s=f"{s[-1] * w / elapsed:.0f}", refresh=False)
+        bar.set_postfix(
+            loss=f"{s[0] * w / (i + 1):.3f}",
+            acc=f"{100 * s[-2] / s[-1]:.1f}",
+            img_s=f"{s[-1] * w / elapsed:.0f}",
+            refresh=False,
+        )
 
     def _save_interrupted(self, epoch: Epoch) -> None:
         """Save what this epoch has done, resumable from this very step (unless a step of it
@@ -358,7 +414,9 @@ class Training:
             distributed.average_batchnorm_stats(self.task)
             partial = {"sums": sums.tolist(), "terms": epoch.term_names, "seconds": time.perf_counter() - epoch.t0}
             self.write_checkpoint(epoch.index, epoch.done, partial)
-            log(f"{self.desc}: interrupted; saved a resumable checkpoint at step {epoch.done} of epoch {epoch.index + 1} in {self.ckpt_path}")
+            log(
+                f"{self.desc}: interrupted; saved a resumable checkpoint at step {epoch.done} of epoch {epoch.index + 1} in {self.ckpt_path}"
+            )
 
     def train_step(self, batch: Batch, i: int, epoch: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """One optimizer step on ``batch`` (this rank's share of the global batch), the
@@ -374,7 +432,9 @@ class Training:
         # this rank's batch is its share of the global batch of `step_samples` samples;
         # weighting each (micro-)batch mean by its share, times the world size that DDP
         # divides the summed gradients by, gives the gradient of the global mean
-        step_samples = (self.loader.samples_in_step(i) if hasattr(self.loader, "samples_in_step") else None) or len(batch.labels) * world
+        step_samples = (self.loader.samples_in_step(i) if hasattr(self.loader, "samples_in_step") else None) or len(
+            batch.labels
+        ) * world
         parts = _micro_batches(batch, cfg.grad_accumulation)
         stats = None
         for j, part in enumerate(parts):
@@ -390,7 +450,9 @@ class Training:
         # without train.grad_clip the norm is only measured, so that a non-finite gradient
         # is caught like a non-finite loss; the gradients are all-reduced by now, so the norm
         # (and its finiteness) is the same on every rank
-        grad_norm = nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip else gradient_norm(self.params)
+        grad_norm = (
+            nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip else gradient_norm(self.params)
+        )
         self.optimizer.step()
         return stats, list(losses), grad_norm
 
@@ -402,7 +464,14 @@ class Training:
         count = self.counts.get(n)
         if count is None:
             count = self.counts[n] = torch.tensor(float(n), device=self.device)
-        return torch.stack([share * total.detach().float(), *(share * v.detach().float() for v in losses.values()), correct.float(), count])
+        return torch.stack(
+            [
+                share * total.detach().float(),
+                *(share * v.detach().float() for v in losses.values()),
+                correct.float(),
+                count,
+            ]
+        )
 
     def check_numbers(self, epoch: Epoch) -> None:
         """Sum the epoch's statistics over the ranks; stop the run if a step went
@@ -413,7 +482,9 @@ class Training:
             return
         bad_terms = [n for n, v in values.items() if not math.isfinite(v)]
         if bad_terms:
-            what = f"loss became non-finite at step {bad_step} (epoch {epoch.index + 1}; term(s): {', '.join(bad_terms)})"
+            what = (
+                f"loss became non-finite at step {bad_step} (epoch {epoch.index + 1}; term(s): {', '.join(bad_terms)})"
+            )
         else:  # every term finite but the gradient not: replay the epoch to that step to find the term
             culprits = self._explain_non_finite(epoch, bad_step)
             if self.world > 1:  # each rank tested its own shard: the union, in order
@@ -540,7 +611,9 @@ class Training:
             log(
                 f"{self.desc}: budget {format_seconds(budget.seconds)}: {self.steps_run} steps ({report['epochs']:.1f} epochs) in "
                 f"{format_seconds(report['wall_seconds'])} ({100 * report['fraction_used']:.0f}% of the budget)"
-                + "".join(f", {name} {self.history[-1][name + '_top1']:.1f}%" for name in self.eval_sets if self.history)
+                + "".join(
+                    f", {name} {self.history[-1][name + '_top1']:.1f}%" for name in self.eval_sets if self.history
+                )
             )
         return Result(
             model=self.model,
@@ -567,7 +640,9 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device {name!r} requested but CUDA is not available; use device: auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise TrainingError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise TrainingError(
+            f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     if device.type == "cuda" and distributed.env_world_size() > 1:
         if device.index is not None:
             raise ConfigError(

@@ -100,7 +100,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def time_calls(run, batch_size: int, warmup: int = 5, repeats: int = 30, max_seconds: float = 5.0, sync=None, min_repeats: int = 5) -> dict:
+def time_calls(
+    run, batch_size: int, warmup: int = 5, repeats: int = 30, max_seconds: float = 5.0, sync=None, min_repeats: int = 5
+) -> dict:
     """Median and p90 wall time (ms) of ``run()``, which processes ``batch_size`` images,
     after ``warmup`` untimed calls; stops early once ``max_seconds`` is spent (at least
     ``min_repeats`` repeats). ``sync`` waits for queued device work (CUDA) before a clock is read."""
@@ -131,7 +133,13 @@ def time_calls(run, batch_size: int, warmup: int = 5, repeats: int = 30, max_sec
 
 @torch.no_grad()
 def measure_latency(
-    model: nn.Module, input_shape: tuple[int, ...], batch_size: int = 1, warmup: int = 5, repeats: int = 30, max_seconds: float = 5.0, min_repeats: int = 5
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_size: int = 1,
+    warmup: int = 5,
+    repeats: int = 30,
+    max_seconds: float = 5.0,
+    min_repeats: int = 5,
 ) -> dict:
     """Median and p90 wall time (ms) of a forward pass at ``batch_size`` on the model's
     device, after warm-up; stops early once ``max_seconds`` is spent (at least ``min_repeats`` repeats).
@@ -160,19 +168,38 @@ def disk_bytes(model: nn.Module) -> int:
     return buffer.tell()
 
 
-def profile_model(model: nn.Module, input_shape: tuple[int, ...], latency: bool = True, max_seconds: float = 5.0) -> dict:
+def profile_model(
+    model: nn.Module, input_shape: tuple[int, ...], latency: bool = True, max_seconds: float = 5.0
+) -> dict:
     """Parameters, MACs, on-disk size, CPU latency at batch 1 (median, p90) and CPU
     throughput at batch 256, plus the same on the GPU when one is present. Each timing stops
     after about ``max_seconds`` (fewer repeats when it is short: a time budget). The model
     is left on the device it came on."""
     device = next(model.parameters()).device
-    out = {"parameters": count_parameters(model), "macs": count_macs(model, input_shape), "disk_bytes": disk_bytes(model)}
+    out = {
+        "parameters": count_parameters(model),
+        "macs": count_macs(model, input_shape),
+        "disk_bytes": disk_bytes(model),
+    }
     if latency:
         cpu_model = model.to("cpu")
         quick = max_seconds < 5.0
-        out["latency_b1"] = measure_latency(cpu_model, input_shape, batch_size=1, warmup=2 if quick else 5, max_seconds=max_seconds, min_repeats=3 if quick else 5)
+        out["latency_b1"] = measure_latency(
+            cpu_model,
+            input_shape,
+            batch_size=1,
+            warmup=2 if quick else 5,
+            max_seconds=max_seconds,
+            min_repeats=3 if quick else 5,
+        )
         out["throughput_b256"] = measure_latency(
-            cpu_model, input_shape, batch_size=256, warmup=1 if quick else 2, repeats=10, max_seconds=max_seconds, min_repeats=3 if quick else 5
+            cpu_model,
+            input_shape,
+            batch_size=256,
+            warmup=1 if quick else 2,
+            repeats=10,
+            max_seconds=max_seconds,
+            min_repeats=3 if quick else 5,
         )
         if torch.cuda.is_available():
             gpu = torch.device("cuda") if device.type != "cuda" else device

@@ -50,7 +50,9 @@ def require_onnx() -> tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError as e:
-        raise ExportError(f"ONNX export needs the packages onnx and onnxruntime ({e.name} is missing); {EXPORT_HINT}") from None
+        raise ExportError(
+            f"ONNX export needs the packages onnx and onnxruntime ({e.name} is missing); {EXPORT_HINT}"
+        ) from None
     return onnx, onnxruntime
 
 
@@ -96,7 +98,13 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, meta
         # the onnx package (the torch.export-based one takes ~10 s and needs onnxscript).
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (example,), str(path), dynamo=False, opset_version=OPSET, input_names=["images"], output_names=["logits"],
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         )
     proto = onnx.load(str(path))
@@ -158,7 +166,9 @@ def _batches(images: Tensor, normalize: Normalize, batch_size: int) -> Iterator[
         yield normalize(images[start : start + batch_size]).numpy()
 
 
-def run_session(session, images: Tensor, normalize: Normalize, batch_size: int = 250, desc: str | None = None) -> Tensor:
+def run_session(
+    session, images: Tensor, normalize: Normalize, batch_size: int = 250, desc: str | None = None
+) -> Tensor:
     """Logits (N, K) of uint8 images (N, 3, H, W) through an ONNX Runtime session."""
     batches = _batches(images, normalize, batch_size)
     if desc:
@@ -176,7 +186,12 @@ def compare_logits(exported: Tensor, reference: Tensor) -> dict[str, Any]:
     """How faithfully exported logits (N, K) reproduce the reference ones."""
     diff = (exported.float() - reference.float()).abs()
     agree = (exported.argmax(1) == reference.argmax(1)).float().mean().item() * 100
-    return {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(), "top1_agreement": agree, "num_images": len(reference)}
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "top1_agreement": agree,
+        "num_images": len(reference),
+    }
 
 
 def check_faithful(check: dict[str, Any], what: str) -> None:
@@ -199,7 +214,13 @@ def session_latency(session, input_shape: tuple[int, ...]) -> dict[str, Any]:
     }
 
 
-def quantize_onnx(source: Path, target: Path, mode: str = "static", calibration: Tensor | None = None, normalize: Normalize | None = None) -> Path:
+def quantize_onnx(
+    source: Path,
+    target: Path,
+    mode: str = "static",
+    calibration: Tensor | None = None,
+    normalize: Normalize | None = None,
+) -> Path:
     """Post-training int8 quantization of an ONNX file with ONNX Runtime.
 
     static: activation ranges from running ``calibration`` (uint8 training images
@@ -243,8 +264,14 @@ def quantize_onnx(source: Path, target: Path, mode: str = "static", calibration:
                         return None if x is None else {"images": x}
 
                 quantize_static(
-                    str(prepared), str(target), Reader(), quant_format=QuantFormat.QOperator, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,
+                    str(prepared),
+                    str(target),
+                    Reader(),
+                    quant_format=QuantFormat.QOperator,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    reduce_range=True,
                 )
     finally:
         prepared.unlink(missing_ok=True)
@@ -292,22 +319,38 @@ def deploy(
     check_faithful(check, f"ONNX export {fp32_path}")
     result: dict[str, Any] = {
         "pytorch_top1": top1(reference),
-        "onnx": {"path": str(fp32_path), "top1": top1(fp32_logits), "disk_bytes": fp32_path.stat().st_size, **check, **session_latency(session, input_shape)},
+        "onnx": {
+            "path": str(fp32_path),
+            "top1": top1(fp32_logits),
+            "disk_bytes": fp32_path.stat().st_size,
+            **check,
+            **session_latency(session, input_shape),
+        },
     }
     if quantization:
         calib = calibration_images(train_images, calibration_count, seed) if quantization == "static" else None
-        int8_path = quantize_onnx(fp32_path, path.with_name(path.name.removesuffix(".onnx") + ".int8.onnx"), quantization, calib, normalize)
+        int8_path = quantize_onnx(
+            fp32_path, path.with_name(path.name.removesuffix(".onnx") + ".int8.onnx"), quantization, calib, normalize
+        )
         qsession = onnx_session(int8_path)
         int8_logits = run_session(qsession, test_images, normalize, desc="evaluate int8")
         result["int8"] = {
-            "path": str(int8_path), "mode": quantization, "calibration_images": len(calib) if calib is not None else 0,
-            "top1": top1(int8_logits), "disk_bytes": int8_path.stat().st_size,
-            **compare_logits(int8_logits, reference), **session_latency(qsession, input_shape),
+            "path": str(int8_path),
+            "mode": quantization,
+            "calibration_images": len(calib) if calib is not None else 0,
+            "top1": top1(int8_logits),
+            "disk_bytes": int8_path.stat().st_size,
+            **compare_logits(int8_logits, reference),
+            **session_latency(qsession, input_shape),
         }
     log(
         f"ONNX export verified on {check['num_images']} test images (max |diff| {check['max_abs_diff']:.1e}, "
         f"top-1 identical on {check['top1_agreement']:.1f}%)"
-        + (f"; int8 ({quantization}): top-1 {result['int8']['top1']:.2f}% vs {result['pytorch_top1']:.2f}%" if quantization else "")
+        + (
+            f"; int8 ({quantization}): top-1 {result['int8']['top1']:.2f}% vs {result['pytorch_top1']:.2f}%"
+            if quantization
+            else ""
+        )
     )
     return result
 
@@ -336,7 +379,9 @@ def export_checkpoint(
     info = state.get("data") or {}
     name = dataset or info.get("dataset")
     if not name or name in ("tensors", "iterable"):
-        raise ExportError(f"{checkpoint} was trained on in-memory data; pass --data with a data set of the same classes to verify the export on")
+        raise ExportError(
+            f"{checkpoint} was trained on in-memory data; pass --data with a data set of the same classes to verify the export on"
+        )
     ds = load_dataset(name, info.get("image_size", 32), data_dir)
     expected = (state.get("model_spec") or {}).get("kwargs", {}).get("num_classes")
     if expected is not None and expected != ds.num_classes:
@@ -347,18 +392,43 @@ def export_checkpoint(
     # runs/x/distilled/checkpoint.pt -> runs/x/distilled/model.onnx; other names keep their stem
     stem = "model" if checkpoint.stem == "checkpoint" else checkpoint.stem
     output = Path(output) if output else checkpoint.with_name(stem + suffix)
-    result: dict[str, Any] = {"checkpoint": str(checkpoint), "format": fmt, "dataset": name, "test_images": len(ds.test_labels)}
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "format": fmt,
+        "dataset": name,
+        "test_images": len(ds.test_labels),
+    }
     if fmt == "onnx":
         result.update(
             deploy(
-                model, output, test_images=ds.test_images, test_labels=ds.test_labels, train_images=ds.train_images,
-                mean=mean, std=std, classes=classes, quantization=quantization, calibration_count=calibration_count,
+                model,
+                output,
+                test_images=ds.test_images,
+                test_labels=ds.test_labels,
+                train_images=ds.train_images,
+                mean=mean,
+                std=std,
+                classes=classes,
+                quantization=quantization,
+                calibration_count=calibration_count,
             )
         )
         return result
+    result.update(_export_torchscript_verified(model, ds, output, mean, std, classes))
+    return result
+
+
+def _export_torchscript_verified(model: nn.Module, ds, output: Path, mean, std, classes) -> dict[str, Any]:
+    """The model as TorchScript at ``output``, checked against PyTorch on the test images and timed."""
+    result: dict[str, Any] = {}
     input_shape = tuple(ds.test_images.shape[1:])
     normalize = Normalize(mean, std, torch.device("cpu"), False)
-    export_torchscript(model, input_shape, output, {"kdistill": "1", "preprocessing": preprocessing(mean, std, input_shape[-1], classes)})
+    export_torchscript(
+        model,
+        input_shape,
+        output,
+        {"kdistill": "1", "preprocessing": preprocessing(mean, std, input_shape[-1], classes)},
+    )
     loaded, _ = read_torchscript(output)
     reference = run_torch(model, ds.test_images, normalize)
     with torch.no_grad():
@@ -373,8 +443,11 @@ def export_checkpoint(
         }
     labels = ds.test_labels.long()
     result["torchscript"] = {
-        "path": str(output), "top1": (scripted.argmax(1) == labels).float().mean().item() * 100,
-        "disk_bytes": output.stat().st_size, **check, **latency,
+        "path": str(output),
+        "top1": (scripted.argmax(1) == labels).float().mean().item() * 100,
+        "disk_bytes": output.stat().st_size,
+        **check,
+        **latency,
     }
     result["pytorch_top1"] = (reference.argmax(1) == labels).float().mean().item() * 100
     return result

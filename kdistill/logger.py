@@ -28,7 +28,9 @@ def tensorboard_writer(log_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ConfigError(f"train.tensorboard is on but the tensorboard package is not installed; {TENSORBOARD_HINT}") from None
+        raise ConfigError(
+            f"train.tensorboard is on but the tensorboard package is not installed; {TENSORBOARD_HINT}"
+        ) from None
     return SummaryWriter(log_dir=str(log_dir))
 
 
@@ -36,7 +38,7 @@ def scalar_tag(key: str) -> str:
     """metrics.jsonl keys -> TensorBoard tags grouped by split: train_loss -> train/loss."""
     for prefix in ("train_", "test_", "val_"):
         if key.startswith(prefix):
-            return f"{prefix[:-1]}/{key[len(prefix):]}"
+            return f"{prefix[:-1]}/{key[len(prefix) :]}"
     return f"train/{key}"  # lr, images_per_second, train_seconds: statistics of training
 
 
@@ -78,7 +80,9 @@ class MetricsLog:
             with open(path, "a") as f:  # a line cut short by a kill is rewritten on resume
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
-            raise CheckpointError(f"cannot write metrics {path}: {e.strerror or e}; resume from the last checkpoint once fixed") from None
+            raise CheckpointError(
+                f"cannot write metrics {path}: {e.strerror or e}; resume from the last checkpoint once fixed"
+            ) from None
         atomic_write_text(self.run_dir / "metrics.csv", to_csv(self.rows), "metrics")  # columns may grow: rewrite
         if self.writer is not None:
             step = int(record["epoch"])

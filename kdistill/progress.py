@@ -67,7 +67,9 @@ class PlainProgress(Generic[T]):
     """The non-terminal stand-in for a tqdm bar: the same iteration and ``set_postfix``,
     plain log lines with an ETA every ``interval`` seconds."""
 
-    def __init__(self, iterable: Iterable[T], total: int | None, desc: str, initial: int = 0, interval: float | None = None):
+    def __init__(
+        self, iterable: Iterable[T], total: int | None, desc: str, initial: int = 0, interval: float | None = None
+    ):
         self.iterable, self.total, self.desc, self.initial = iterable, total, desc, initial
         self.interval = log_interval() if interval is None else interval
         self.postfix = ""
@@ -122,7 +124,9 @@ class Refresh:
         return False
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0) -> Iterable[T]:
+def progress(
+    iterable: Iterable[T], total: int | None = None, desc: str = "", disable: bool = False, initial: int = 0
+) -> Iterable[T]:
     """A tqdm bar with an ETA on a terminal; plain log lines with an ETA elsewhere (see the
     module's docstring). ``disable`` silences both."""
     if total is None and hasattr(iterable, "__len__"):

@@ -69,7 +69,9 @@ def open_run_dir(cfg: RunConfig, resume: bool, run_dir: Path | None = None, *, k
 @contextlib.contextmanager
 def _locked_run_dir(cfg: RunConfig, resume: bool, run_dir: Path, kind: str) -> Iterator[Path]:
     if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
-        raise ConfigError(f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name")
+        raise ConfigError(
+            f"run directory {run_dir} already exists; pass --resume to continue it or choose another --name"
+        )
     created = _topmost_missing(run_dir)  # the folder this call creates (run_dir or a parent), if any
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,9 @@ def _lock(run_dir: Path):
         if _is_open_file(lock, path):
             return lock
         lock.close()  # its holder finished and removed it between our open and our lock
-    raise ConfigError(f"run directory {run_dir}: cannot lock {path}, it keeps being removed; is another program deleting it?")
+    raise ConfigError(
+        f"run directory {run_dir}: cannot lock {path}, it keeps being removed; is another program deleting it?"
+    )
 
 
 def _is_open_file(f, path: Path) -> bool:
@@ -137,7 +141,9 @@ def _acquire(lock, run_dir: Path) -> None:
     except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "another process"
-        raise ConfigError(f"run directory {run_dir} is in use by {holder}; wait for it to finish or choose another --name") from None
+        raise ConfigError(
+            f"run directory {run_dir} is in use by {holder}; wait for it to finish or choose another --name"
+        ) from None
     lock.seek(0)
     lock.truncate()
     lock.write(f"kdistill pid {os.getpid()}\n")
@@ -209,8 +215,13 @@ def run_identity(cfg: RunConfig, kind: str) -> dict[str, Any]:
     logging. Paths are absolute, so that a resume from another folder compares equal."""
     d = cfg.data
     identity: dict[str, Any] = {
-        "data.dataset": _dataset_identity(d.dataset), "data.image_size": d.image_size, "data.val_size": d.val_size,
-        "data.augment": d.augment, "data.crop_padding": d.crop_padding, "data.flip": d.flip, "seed": cfg.seed,
+        "data.dataset": _dataset_identity(d.dataset),
+        "data.image_size": d.image_size,
+        "data.val_size": d.val_size,
+        "data.augment": d.augment,
+        "data.crop_padding": d.crop_padding,
+        "data.flip": d.flip,
+        "seed": cfg.seed,
     }
     if kind == "train":
         identity.update({"teacher.name": cfg.teacher.name, "teacher.kwargs": cfg.teacher.kwargs})
@@ -218,14 +229,23 @@ def run_identity(cfg: RunConfig, kind: str) -> dict[str, Any]:
         identity.update(_teacher_identity(cfg))
     if kind in ("run", "distill"):
         identity.update({"student.name": cfg.student.name, "student.kwargs": cfg.student.kwargs})
-        identity.update({
-            "distill.methods": {name: o.model_dump(mode="json") for name, o in cfg.distill.method_options.items()},
-            "distill.alpha": cfg.distill.alpha, "distill.ce_weight": cfg.distill.ce_weight,
-        })
+        identity.update(
+            {
+                "distill.methods": {name: o.model_dump(mode="json") for name, o in cfg.distill.method_options.items()},
+                "distill.alpha": cfg.distill.alpha,
+                "distill.ce_weight": cfg.distill.ce_weight,
+            }
+        )
     if kind == "run":
         identity["born_again"] = cfg.born_again
     if kind == "mutual":
-        identity.update({"mutual.models": cfg.mutual.models, "mutual.temperature": cfg.mutual.temperature, "mutual.weight": cfg.mutual.weight})
+        identity.update(
+            {
+                "mutual.models": cfg.mutual.models,
+                "mutual.temperature": cfg.mutual.temperature,
+                "mutual.weight": cfg.mutual.weight,
+            }
+        )
     return json.loads(json.dumps(identity))  # as run.json will hold it
 
 
@@ -258,7 +278,9 @@ def _check_record(run_dir: Path, kind: str, identity: dict[str, Any]) -> dict[st
         record = json.loads(path.read_text())
         old_kind, old = record["kind"], record["identity"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"cannot resume {run_dir}: {path} is unreadable ({e}); it records what the run is: restore it, or choose another --name") from None
+        raise ConfigError(
+            f"cannot resume {run_dir}: {path} is unreadable ({e}); it records what the run is: restore it, or choose another --name"
+        ) from None
     if old_kind != kind:
         raise ConfigError(
             f"cannot resume {run_dir}: it was made by kdistill {old_kind}, not by kdistill {kind}; "
@@ -300,8 +322,12 @@ def _show(value: Any) -> str:
 
 def git_revision() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+        )
         if out.returncode == 0:
             return out.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -343,7 +369,9 @@ def _budget_left(cfg: RunConfig, start: float, reserve: float | None) -> float:
     spent = time.perf_counter() - start
     left = cfg.budget - spent - reserve
     if left <= 0:
-        raise ConfigError(f"budget: {cfg.budget:.0f} s were spent before training could start ({spent:.0f} s of loading); give a larger --budget")
+        raise ConfigError(
+            f"budget: {cfg.budget:.0f} s were spent before training could start ({spent:.0f} s of loading); give a larger --budget"
+        )
     return left
 
 
@@ -374,7 +402,9 @@ def load_data(cfg: RunConfig) -> ImageDataset:
     """The run's data set; in a torchrun job one process per machine downloads and decodes
     it first, the others then read its cache."""
     d = cfg.data
-    return distributed.local_main_first(lambda: load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed))
+    return distributed.local_main_first(
+        lambda: load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed)
+    )
 
 
 def model_spec(name: str, kwargs: dict, num_classes: int) -> dict[str, Any]:
@@ -388,14 +418,18 @@ def new_model(spec: dict[str, Any], seed: int) -> torch.nn.Module:
     return create_model(spec["name"], **spec["kwargs"])
 
 
-def test_set(ds: ImageDataset, device: torch.device, mean: list[float] | None = None, std: list[float] | None = None) -> EvalData:
+def test_set(
+    ds: ImageDataset, device: torch.device, mean: list[float] | None = None, std: list[float] | None = None
+) -> EvalData:
     """The data set's test split, batched for evaluation on ``device``, normalised with
     ``mean`` and ``std`` (default: the data set's own)."""
     mean, std = mean or ds.mean_std()[0], std or ds.mean_std()[1]
     return EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
 
 
-def load_teacher(path: Path, num_classes: int, device: torch.device, ds: ImageDataset | None = None) -> tuple[torch.nn.Module, dict]:
+def load_teacher(
+    path: Path, num_classes: int, device: torch.device, ds: ImageDataset | None = None
+) -> tuple[torch.nn.Module, dict]:
     """A trained teacher, checked against the data set (with ``ds``: warn when it was
     trained on the run's validation images)."""
     model, state = load_model(path, map_location="cpu")
@@ -404,7 +438,9 @@ def load_teacher(path: Path, num_classes: int, device: torch.device, ds: ImageDa
     if got is not None and got != num_classes:
         raise CheckpointError(f"teacher checkpoint {path} predicts {got} classes but the data set has {num_classes}")
     if classes is not None and len(classes) != num_classes:
-        raise CheckpointError(f"teacher checkpoint {path} was trained on {len(classes)} classes but the data set has {num_classes}")
+        raise CheckpointError(
+            f"teacher checkpoint {path} was trained on {len(classes)} classes but the data set has {num_classes}"
+        )
     if ds is not None:
         warn_if_teacher_saw_validation(path, state, ds)
     return model.to(device), state
@@ -424,7 +460,11 @@ def teacher_saw_validation(state: dict, ds: ImageDataset) -> bool:
 def warn_if_teacher_saw_validation(path: Path, state: dict, ds: ImageDataset) -> None:
     if teacher_saw_validation(state, ds):
         theirs = (state.get("data") or {}).get("val_split")
-        held = f"held out {theirs['size']} images with seed {theirs['seed']}" if theirs else "held out no validation images"
+        held = (
+            f"held out {theirs['size']} images with seed {theirs['seed']}"
+            if theirs
+            else "held out no validation images"
+        )
         log(
             f"warning: teacher checkpoint {path} {held}, so it was trained on some of this run's "
             f"{ds.val_split['size']} validation images (seed {ds.val_split['seed']}): the distilled student's "
@@ -432,7 +472,9 @@ def warn_if_teacher_saw_validation(path: Path, state: dict, ds: ImageDataset) ->
         )
 
 
-def build_teacher(cfg: RunConfig, num_classes: int, device: torch.device, ds: ImageDataset | None = None) -> tuple[torch.nn.Module, dict] | None:
+def build_teacher(
+    cfg: RunConfig, num_classes: int, device: torch.device, ds: ImageDataset | None = None
+) -> tuple[torch.nn.Module, dict] | None:
     """The teacher from ``teacher.checkpoint`` or the ensemble of ``teacher.checkpoints``;
     None when the teacher must be trained in this run. With ``ds``, warn when a teacher
     was trained on its validation images."""
@@ -446,7 +488,9 @@ def build_teacher(cfg: RunConfig, num_classes: int, device: torch.device, ds: Im
     return None
 
 
-def write_single_summary(run_dir: Path, model_name: str, result: Result, ds: ImageDataset, teacher=None, profile_max_seconds: float = 5.0) -> None:
+def write_single_summary(
+    run_dir: Path, model_name: str, result: Result, ds: ImageDataset, teacher=None, profile_max_seconds: float = 5.0
+) -> None:
     """summary.json of a ``kdistill train`` or ``distill`` run: test metrics, cost, and
     agreement with the teacher for a distillation. All ranks call it; rank 0 writes."""
     teacher_logits = None
@@ -467,4 +511,6 @@ def write_single_summary(run_dir: Path, model_name: str, result: Result, ds: Ima
     if teacher_logits is not None:
         summary["agreement"] = agreement(result.test_logits, teacher_logits)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    log(f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}")
+    log(
+        f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}"
+    )

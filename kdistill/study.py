@@ -47,36 +47,84 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
         start = time.perf_counter()
         device = select_device(cfg.device)
         ds = load_data(cfg)
-        log(f"data: {ds.name}: {len(ds.train_labels)} train, {len(ds.test_labels)} test, {ds.num_classes} classes; device {device}")
+        log(
+            f"data: {ds.name}: {len(ds.train_labels)} train, {len(ds.test_labels)} test, {ds.num_classes} classes; device {device}"
+        )
         # 1-3. train the teacher (unless given), the student alone and the distilled student
         teacher, teacher_spec, phases = _train_phases(cfg, ds, device, run_dir, resume, start)
         # 4. evaluate them all on the test set, the same way; rank 0 profiles and reports
         models = {"teacher": teacher, **{name: r.model for name, r in phases.items() if name != "teacher"}}
         test = test_set(ds, device)
-        logits = {name: predict(m, test, desc=f"evaluate {name}") for name, m in models.items()}  # sharded over the ranks
+        logits = {
+            name: predict(m, test, desc=f"evaluate {name}") for name, m in models.items()
+        }  # sharded over the ranks
         if distributed.is_main():
             summary_models = _evaluate(cfg, ds, device, run_dir, models, logits, phases, teacher_spec)
             _summarise(cfg, ds, device, run_dir, summary_models, phases["distilled"].model, start)
         return run_dir
 
 
-def train_phase(cfg: RunConfig, ds: ImageDataset, model, spec: dict, phase: str, run_dir: Path, *, device, resume: bool,
-                budget: float | None, desc: str) -> Result:
+def train_phase(
+    cfg: RunConfig,
+    ds: ImageDataset,
+    model,
+    spec: dict,
+    phase: str,
+    run_dir: Path,
+    *,
+    device,
+    resume: bool,
+    budget: float | None,
+    desc: str,
+) -> Result:
     """Train ``model`` with cross-entropy: the settings of ``phase`` (teacher or student)."""
     return api.train(
-        model, ds, config=train_config(cfg, phase, budget), data=cfg.data, device=device, run_dir=run_dir,
-        resume=resume, seed=cfg.seed, model_spec=spec, desc=desc,
+        model,
+        ds,
+        config=train_config(cfg, phase, budget),
+        data=cfg.data,
+        device=device,
+        run_dir=run_dir,
+        resume=resume,
+        seed=cfg.seed,
+        model_spec=spec,
+        desc=desc,
     )
 
 
-def distill_phase(cfg: RunConfig, ds: ImageDataset, teacher, teacher_spec: dict, student, spec: dict, run_dir: Path, *, device,
-                  resume: bool, budget: float | None, desc: str, use_cache: bool = True) -> Result:
+def distill_phase(
+    cfg: RunConfig,
+    ds: ImageDataset,
+    teacher,
+    teacher_spec: dict,
+    student,
+    spec: dict,
+    run_dir: Path,
+    *,
+    device,
+    resume: bool,
+    budget: float | None,
+    desc: str,
+    use_cache: bool = True,
+) -> Result:
     """Distill ``student`` from ``teacher`` with the config's distillation settings."""
     d = cfg.distill
     return api.distill(
-        teacher, student, ds, methods=d.methods, alpha=d.alpha, ce_weight=d.ce_weight,
-        config=train_config(cfg, "distill", budget), data=cfg.data, device=device, run_dir=run_dir,
-        resume=resume, seed=cfg.seed, model_spec=spec, teacher_spec=teacher_spec, desc=desc,
+        teacher,
+        student,
+        ds,
+        methods=d.methods,
+        alpha=d.alpha,
+        ce_weight=d.ce_weight,
+        config=train_config(cfg, "distill", budget),
+        data=cfg.data,
+        device=device,
+        run_dir=run_dir,
+        resume=resume,
+        seed=cfg.seed,
+        model_spec=spec,
+        teacher_spec=teacher_spec,
+        desc=desc,
         teacher_cache=d.teacher_cache if use_cache else None,
     )
 
@@ -91,7 +139,9 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
     phases: dict[str, Result] = {}
     loaded = build_teacher(cfg, ds.num_classes, device, ds)
     if cfg.distill.teacher_cache and not loaded:
-        raise ConfigError("distill.teacher_cache: a teacher cache needs a trained teacher (teacher.checkpoint or --teacher-checkpoint), not one trained in this run")
+        raise ConfigError(
+            "distill.teacher_cache: a teacher cache needs a trained teacher (teacher.checkpoint or --teacher-checkpoint), not one trained in this run"
+        )
     if loaded:
         teacher, teacher_spec = loaded
     else:
@@ -100,19 +150,57 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
     budgets = _phase_budgets(cfg, start, teacher, student, ds.image_shape, train_teacher=not loaded)
     common = {"device": device, "resume": resume}
     if not loaded:  # 1. the teacher
-        phases["teacher"] = train_phase(cfg, ds, teacher, teacher_spec, "teacher", run_dir / "teacher", budget=budgets("teacher"), desc="teacher", **common)
+        phases["teacher"] = train_phase(
+            cfg,
+            ds,
+            teacher,
+            teacher_spec,
+            "teacher",
+            run_dir / "teacher",
+            budget=budgets("teacher"),
+            desc="teacher",
+            **common,
+        )
     # 2. the student alone
-    phases["baseline"] = train_phase(cfg, ds, student(), sspec, "student", run_dir / "baseline", budget=budgets("baseline"), desc="baseline", **common)
+    phases["baseline"] = train_phase(
+        cfg,
+        ds,
+        student(),
+        sspec,
+        "student",
+        run_dir / "baseline",
+        budget=budgets("baseline"),
+        desc="baseline",
+        **common,
+    )
     # 3. the student distilled from the teacher
     phases["distilled"] = distill_phase(
-        cfg, ds, teacher, teacher_spec, student(), sspec, run_dir / "distilled", budget=budgets("distilled"), desc="distill", **common
+        cfg,
+        ds,
+        teacher,
+        teacher_spec,
+        student(),
+        sspec,
+        run_dir / "distilled",
+        budget=budgets("distilled"),
+        desc="distill",
+        **common,
     )
     # 3b. born-again generations: each student distilled from the previous generation
     for g in range(2, cfg.born_again + 2):
         previous = phases["distilled" if g == 2 else f"generation{g - 1}"].model
         phases[f"generation{g}"] = distill_phase(
-            cfg, ds, previous, {"generation": g - 1, **sspec}, student(), sspec, run_dir / f"generation{g}",
-            budget=budgets(f"generation{g}"), desc=f"generation {g}", use_cache=False, **common,
+            cfg,
+            ds,
+            previous,
+            {"generation": g - 1, **sspec},
+            student(),
+            sspec,
+            run_dir / f"generation{g}",
+            budget=budgets(f"generation{g}"),
+            desc=f"generation {g}",
+            use_cache=False,
+            **common,
         )
     return teacher, teacher_spec, phases
 
@@ -149,7 +237,16 @@ def _teacher_name(cfg: RunConfig) -> str:
     return cfg.teacher.name
 
 
-def _evaluate(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, models: dict, logits: dict, phases: dict, teacher_spec: dict) -> dict:
+def _evaluate(
+    cfg: RunConfig,
+    ds: ImageDataset,
+    device,
+    run_dir: Path,
+    models: dict,
+    logits: dict,
+    phases: dict,
+    teacher_spec: dict,
+) -> dict:
     """Each model's test metrics, agreement with the teacher, profile and training cost; its
     test logits saved beside its checkpoint."""
     summary_models = {}
@@ -176,7 +273,9 @@ def _evaluate(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, models: d
     return summary_models
 
 
-def _summarise(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, summary_models: dict, student, start: float) -> None:
+def _summarise(
+    cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, summary_models: dict, student, start: float
+) -> None:
     """summary.json (with the deployed student's measurements) and the report."""
     summary = {
         "name": cfg.name,
@@ -184,7 +283,12 @@ def _summarise(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, summary_
         "device": str(device),
         "method": "+".join(cfg.distill.methods),
         "platform": f"{platform.machine()} {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "data": {"dataset": ds.name, "train_size": len(ds.train_labels), "test_size": len(ds.test_labels), "num_classes": ds.num_classes},
+        "data": {
+            "dataset": ds.name,
+            "train_size": len(ds.train_labels),
+            "test_size": len(ds.test_labels),
+            "num_classes": ds.num_classes,
+        },
         "models": summary_models,
         "wall_seconds": time.perf_counter() - start,
     }
@@ -222,14 +326,25 @@ def deploy_student(cfg: RunConfig, student: torch.nn.Module, ds: ImageDataset, o
     if cfg.deploy.onnx is None and not onnx_available():
         log(f"skipping the ONNX export and int8 quantization of the student: {EXPORT_HINT}")
         return None
-    log("exporting the distilled student to ONNX" + (f" and quantizing it to int8 ({cfg.deploy.quantization})" if cfg.deploy.quantization else ""))
+    log(
+        "exporting the distilled student to ONNX"
+        + (f" and quantizing it to int8 ({cfg.deploy.quantization})" if cfg.deploy.quantization else "")
+    )
     mean, std = ds.mean_std()
     device = next(student.parameters()).device
     try:
         return deploy(
-            student, out_dir / "model.onnx", test_images=ds.test_images, test_labels=ds.test_labels, train_images=ds.train_images,
-            mean=mean, std=std, classes=ds.classes, quantization=cfg.deploy.quantization,
-            calibration_count=cfg.deploy.calibration_images, seed=cfg.seed,
+            student,
+            out_dir / "model.onnx",
+            test_images=ds.test_images,
+            test_labels=ds.test_labels,
+            train_images=ds.train_images,
+            mean=mean,
+            std=std,
+            classes=ds.classes,
+            quantization=cfg.deploy.quantization,
+            calibration_count=cfg.deploy.calibration_images,
+            seed=cfg.seed,
         )
     finally:
         student.to(device)

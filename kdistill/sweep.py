@@ -67,7 +67,9 @@ class SweepPoint:
         return needs_features(self.method.split("+"))
 
 
-def expand_grid(students: list[str], methods: list[str], temperatures: list[float], alphas: list[float]) -> list[SweepPoint]:
+def expand_grid(
+    students: list[str], methods: list[str], temperatures: list[float], alphas: list[float]
+) -> list[SweepPoint]:
     """Every combination, once: a method without a temperature does not multiply by T."""
     for name in students:
         if name not in MODELS:
@@ -138,7 +140,9 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
     teacher, teacher_spec = loaded
     temperatures = {p.temperature for p in points if p.temperature is not None}
     if cfg.teacher.checkpoints and len(temperatures) > 1:
-        raise ConfigError("sweep: an ensemble teacher averages its members at one temperature; sweep a single temperature with it")
+        raise ConfigError(
+            "sweep: an ensemble teacher averages its members at one temperature; sweep a single temperature with it"
+        )
     tcfg = cfg.train_for("distill")
 
     # one teacher cache for every logit-method point
@@ -150,8 +154,16 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
         else:
             t0 = time.perf_counter()
             cache = api.cache_teacher(
-                teacher, ds, epochs=tcfg.epochs, path=cache_path, data=cfg.data, seed=cfg.seed, device=device,
-                batch_size=tcfg.eval_batch_size, channels_last=tcfg.channels_last, amp=tcfg.amp,
+                teacher,
+                ds,
+                epochs=tcfg.epochs,
+                path=cache_path,
+                data=cfg.data,
+                seed=cfg.seed,
+                device=device,
+                batch_size=tcfg.eval_batch_size,
+                channels_last=tcfg.channels_last,
+                amp=tcfg.amp,
             )
             cache_seconds = time.perf_counter() - t0
 
@@ -175,9 +187,16 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
         share = left / math.ceil(len(pending) / jobs) if left else None  # jobs at a time, in rounds
         done.update(_train_in_parallel(shared, points, pending, jobs, cache_path, share))
     rows = sorted(done.values(), key=lambda r: -r["top1"])
-    write_leaderboard(run_dir, rows, cache_seconds=cache_seconds, cache=cache.describe() if cache is not None else None,
-                      wall_seconds=time.perf_counter() - start)
-    log(f"sweep: {len(rows)} configurations; best {rows[0]['name']} {rows[0]['top1']:.2f}%; leaderboard: {run_dir / 'leaderboard.md'}")
+    write_leaderboard(
+        run_dir,
+        rows,
+        cache_seconds=cache_seconds,
+        cache=cache.describe() if cache is not None else None,
+        wall_seconds=time.perf_counter() - start,
+    )
+    log(
+        f"sweep: {len(rows)} configurations; best {rows[0]['name']} {rows[0]['top1']:.2f}%; leaderboard: {run_dir / 'leaderboard.md'}"
+    )
     return run_dir
 
 
@@ -191,17 +210,37 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
     student = runs.new_model(spec, cfg.seed)  # every student of an architecture starts from the same weights
     use_cache = shared.cache if not point.needs_features else None
     r = api.distill(
-        shared.teacher, student, ds, methods=point.methods, alpha=point.alpha, config=runs.train_config(cfg, "distill", budget),
-        data=cfg.data, device=shared.device, run_dir=out, resume=shared.resume, seed=cfg.seed, model_spec=spec,
-        teacher_spec=shared.teacher_spec, desc=point.name, teacher_cache=use_cache,
+        shared.teacher,
+        student,
+        ds,
+        methods=point.methods,
+        alpha=point.alpha,
+        config=runs.train_config(cfg, "distill", budget),
+        data=cfg.data,
+        device=shared.device,
+        run_dir=out,
+        resume=shared.resume,
+        seed=cfg.seed,
+        model_spec=spec,
+        teacher_spec=shared.teacher_spec,
+        desc=point.name,
+        teacher_cache=use_cache,
     )
     row = {
-        "name": point.name, "student": point.student, "method": point.method, "temperature": point.temperature,
-        "alpha": point.alpha, "teacher": "cache" if use_cache is not None else "live",
-        "top1": r.metrics["top1"], "top5": r.metrics["top5"],
+        "name": point.name,
+        "student": point.student,
+        "method": point.method,
+        "temperature": point.temperature,
+        "alpha": point.alpha,
+        "teacher": "cache" if use_cache is not None else "live",
+        "top1": r.metrics["top1"],
+        "top5": r.metrics["top5"],
         "agreement": agreement(r.test_logits, shared.teacher_logits.to(r.test_logits.device))["agreement_top1"],
-        "parameters": count_parameters(r.model), "macs": count_macs(r.model, ds.image_shape),
-        "epochs": len(r.history), "train_seconds": r.train_seconds, "images_per_second": r.images_per_second,
+        "parameters": count_parameters(r.model),
+        "macs": count_macs(r.model, ds.image_shape),
+        "epochs": len(r.history),
+        "train_seconds": r.train_seconds,
+        "images_per_second": r.images_per_second,
     }
     # atomic: --resume skips a configuration by its summary, which must never be half-written
     atomic_write_text(out / "summary.json", json.dumps(row, indent=2), "summary")
@@ -214,8 +253,17 @@ _worker: _Shared | None = None  # a worker process's own copy of the shared stat
 _stop = None  # set by the main process: start no further configuration
 
 
-def _worker_init(cfg: RunConfig, run_dir: Path, resume: bool, device: str, slots, threads: int, cache_path: Path | None,
-                 teacher_logits: torch.Tensor, stop) -> None:
+def _worker_init(
+    cfg: RunConfig,
+    run_dir: Path,
+    resume: bool,
+    device: str,
+    slots,
+    threads: int,
+    cache_path: Path | None,
+    teacher_logits: torch.Tensor,
+    stop,
+) -> None:
     """Start-up of a worker process: its signals, threads and device, then the data,
     teacher and cache (read from disk: the data from its decoded cache, in about a second).
 
@@ -259,8 +307,14 @@ def _stop_workers() -> None:
             os.kill(p.pid, signal.SIGINT)
 
 
-def _train_in_parallel(shared: _Shared, points: list[SweepPoint], pending: list[int], jobs: int, cache_path: Path | None,
-                       budget: float | None) -> dict[int, dict]:
+def _train_in_parallel(
+    shared: _Shared,
+    points: list[SweepPoint],
+    pending: list[int],
+    jobs: int,
+    cache_path: Path | None,
+    budget: float | None,
+) -> dict[int, dict]:
     device = shared.device
     several_gpus = device.type == "cuda" and device.index is None and shared.cfg.device in ("auto", "cuda")
     threads = max(1, torch.get_num_threads() // jobs)
@@ -271,9 +325,20 @@ def _train_in_parallel(shared: _Shared, points: list[SweepPoint], pending: list[
         torch.cuda.empty_cache()
     stop = ctx.Event()
     pool = concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_worker_init,
-        initargs=(shared.cfg, shared.run_dir, shared.resume, "cuda" if several_gpus else str(device), ctx.Value("i", 0), threads,
-                  cache_path, shared.teacher_logits, stop),
+        jobs,
+        mp_context=ctx,
+        initializer=_worker_init,
+        initargs=(
+            shared.cfg,
+            shared.run_dir,
+            shared.resume,
+            "cuda" if several_gpus else str(device),
+            ctx.Value("i", 0),
+            threads,
+            cache_path,
+            shared.teacher_logits,
+            stop,
+        ),
     )
     rows: dict[int, dict] = {}
     try:
@@ -289,7 +354,9 @@ def _train_in_parallel(shared: _Shared, points: list[SweepPoint], pending: list[
         # Ctrl-C, or a configuration failed: start no other, and let the running ones save
         # resumable checkpoints at their next step
         stop.set()
-        log("sweep: stopping; the running configurations save resumable checkpoints (Ctrl-C again: at once); rerun with --resume")
+        log(
+            "sweep: stopping; the running configurations save resumable checkpoints (Ctrl-C again: at once); rerun with --resume"
+        )
         _stop_workers()
         try:
             pool.shutdown(wait=True, cancel_futures=True)

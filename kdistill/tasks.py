@@ -89,7 +89,9 @@ class Distillation(nn.Module):
             teacher = ModelOutput(self.teacher_cache.lookup(int(epoch), batch.indices), [], None)
         else:
             with torch.no_grad():
-                teacher = forward_all(self.teacher, x) if self.needs_features else ModelOutput(self.teacher(x), [], None)
+                teacher = (
+                    forward_all(self.teacher, x) if self.needs_features else ModelOutput(self.teacher(x), [], None)
+                )
         student = forward_all(self.model, x) if self.needs_features else ModelOutput(self.model(x), [], None)
         losses = {}
         if self.ce_weight > 0:
@@ -117,7 +119,9 @@ class MutualLearning(nn.Module):
     are ``self.peers`` and are saved in the checkpoint with it.
     """
 
-    def __init__(self, models: list[nn.Module], temperature: float = 1.0, weight: float = 1.0, label_smoothing: float = 0.0):
+    def __init__(
+        self, models: list[nn.Module], temperature: float = 1.0, weight: float = 1.0, label_smoothing: float = 0.0
+    ):
         super().__init__()
         if len(models) < 2:
             raise ValueError("mutual learning needs at least two models")

@@ -121,14 +121,20 @@ class TeacherCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.logits, self.values, self.classes, self.tail) if t is not None)
+        return sum(
+            t.numel() * t.element_size() for t in (self.logits, self.values, self.classes, self.tail) if t is not None
+        )
 
     def describe(self) -> str:
         store = f"top-{self.top_k} logits" if self.top_k else f"{str(self.logits.dtype).removeprefix('torch.')} logits"
         return f"{self.epochs} epochs x {self.num_samples} samples x {self.num_classes} classes, {store}, {self.nbytes / 1e6:.1f} MB"
 
     def to(self, device: torch.device) -> TeacherCache:
-        move = {k: getattr(self, k).to(device) for k in ("logits", "values", "classes", "tail") if getattr(self, k) is not None}
+        move = {
+            k: getattr(self, k).to(device)
+            for k in ("logits", "values", "classes", "tail")
+            if getattr(self, k) is not None
+        }
         return TeacherCache(self.fingerprint, self.epochs, self.num_samples, self.num_classes, path=self.path, **move)
 
     def lookup(self, epoch: int, indices: Tensor) -> Tensor:
@@ -148,15 +154,28 @@ class TeacherCache:
             if self.fingerprint.get(k) != v
         ]
         if diffs:
-            raise CacheError(f"{where} was made for another run: {'; '.join(diffs)}. Rebuild it with `kdistill cache-teacher` for this data, teacher, seed and augmentation")
+            raise CacheError(
+                f"{where} was made for another run: {'; '.join(diffs)}. Rebuild it with `kdistill cache-teacher` for this data, teacher, seed and augmentation"
+            )
         if epochs > self.epochs:
-            raise CacheError(f"{where} holds {self.epochs} epochs of teacher outputs but this run trains {epochs}; rebuild it with --epochs {epochs} or train for at most {self.epochs} epochs")
+            raise CacheError(
+                f"{where} holds {self.epochs} epochs of teacher outputs but this run trains {epochs}; rebuild it with --epochs {epochs} or train for at most {self.epochs} epochs"
+            )
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash or a full disk leaves the old file or the new one."""
         path = Path(path)
-        tensors = {k: getattr(self, k).cpu() for k in ("logits", "values", "classes", "tail") if getattr(self, k) is not None}
-        state = {"format": FORMAT, "fingerprint": self.fingerprint, "epochs": self.epochs, "num_samples": self.num_samples, "num_classes": self.num_classes, **tensors}
+        tensors = {
+            k: getattr(self, k).cpu() for k in ("logits", "values", "classes", "tail") if getattr(self, k) is not None
+        }
+        state = {
+            "format": FORMAT,
+            "fingerprint": self.fingerprint,
+            "epochs": self.epochs,
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            **tensors,
+        }
         try:  # the checkpoints' writer: temporary file, fsync, rename, fsync of the folder
             atomic_write(path, lambda f: torch.save(state, f), "teacher cache")
         except CheckpointError as e:
@@ -168,19 +187,30 @@ class TeacherCache:
     def load(cls, path: str | Path) -> TeacherCache:
         path = Path(path)
         if not path.is_file():
-            raise CacheError(f"teacher cache {path} does not exist; make one with `kdistill cache-teacher --out {path}`")
+            raise CacheError(
+                f"teacher cache {path} does not exist; make one with `kdistill cache-teacher --out {path}`"
+            )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
-            raise CacheError(f"teacher cache {path} refused: it holds objects other than tensors and plain data") from None
+            raise CacheError(
+                f"teacher cache {path} refused: it holds objects other than tensors and plain data"
+            ) from None
         except Exception as e:  # garbage fails in many ways
             raise CacheError(f"teacher cache {path} is unreadable or truncated ({e.__class__.__name__})") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise CacheError(f"{path} is not a kdistill teacher cache (expected format {FORMAT!r})")
         try:
             return cls(
-                state["fingerprint"], int(state["epochs"]), int(state["num_samples"]), int(state["num_classes"]),
-                state.get("logits"), state.get("values"), state.get("classes"), state.get("tail"), path,
+                state["fingerprint"],
+                int(state["epochs"]),
+                int(state["num_samples"]),
+                int(state["num_classes"]),
+                state.get("logits"),
+                state.get("values"),
+                state.get("classes"),
+                state.get("tail"),
+                path,
             )
         except KeyError as e:
             raise CacheError(f"teacher cache {path} lacks the key {e.args[0]!r}") from None
@@ -230,10 +260,16 @@ def build_teacher_cache(
             low = float("-inf") if world > 1 else None  # the merge's neutral value (see above)
 
             def new(shape, dtype_, fill=low):
-                return torch.empty(shape, dtype=dtype_, device=device) if fill is None else torch.full(shape, fill, dtype=dtype_, device=device)
+                return (
+                    torch.empty(shape, dtype=dtype_, device=device)
+                    if fill is None
+                    else torch.full(shape, fill, dtype=dtype_, device=device)
+                )
 
             if k:
-                index_dtype = torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32767 else torch.int32
+                index_dtype = (
+                    torch.uint8 if num_classes <= 256 else torch.int16 if num_classes <= 32767 else torch.int32
+                )
                 store["values"] = new((epochs, n, k), torch.float16)
                 store["classes"] = new((epochs, n, k), index_dtype, None if world == 1 else 0)
                 store["tail"] = new((epochs, n), torch.float16)

@@ -60,7 +60,15 @@ def browser() -> str:
 
 
 def chromium(exe: str, *args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--enable-logging=stderr", "--v=0"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--no-first-run",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
     return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=180)
 
 
@@ -84,7 +92,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         probe_page = Path(tmp) / "probe.html"
         probe_page.write_text(text.replace("</body>", PROBE + "</body>"))
-        run = chromium(exe, "--virtual-time-budget=10000", f"--window-size={args.width},1000", "--dump-dom", probe_page.as_uri())
+        run = chromium(
+            exe, "--virtual-time-budget=10000", f"--window-size={args.width},1000", "--dump-dom", probe_page.as_uri()
+        )
         found = re.search(r'<pre id="kdistill-probe">(.*?)</pre>', run.stdout)
         if not found:
             print(run.stderr[-2000:], file=sys.stderr)
@@ -92,19 +102,34 @@ def main() -> int:
         seen = json.loads(found.group(1).replace("&quot;", '"'))
         problems += [f"console: {m}" for m in console_messages(run.stderr)]
         # a page without scripts writes to the console only for errors; check the page alone too
-        plain = chromium(exe, "--virtual-time-budget=10000", f"--window-size={args.width},1000", "--dump-dom", args.report.resolve().as_uri())
+        plain = chromium(
+            exe,
+            "--virtual-time-budget=10000",
+            f"--window-size={args.width},1000",
+            "--dump-dom",
+            args.report.resolve().as_uri(),
+        )
         problems += [f"console: {m}" for m in console_messages(plain.stderr)]
     if seen["images_loaded"] != expected["images"] or seen["images"] != expected["images"]:
         problems.append(f"{seen['images_loaded']} of {expected['images']} images rendered")
     if seen["tables_rendered"] != expected["tables"] or seen["rows"] != expected["rows"]:
-        problems.append(f"{seen['tables_rendered']} of {expected['tables']} tables rendered ({seen['rows']} of {expected['rows']} rows)")
-    print(f"{args.report}: {seen['tables_rendered']}/{expected['tables']} tables ({seen['rows']} rows), "
-          f"{seen['images_loaded']}/{expected['images']} images rendered, page height {seen['height']} px, "
-          f"{len(console_messages(run.stderr)) + len(console_messages(plain.stderr))} console messages")
+        problems.append(
+            f"{seen['tables_rendered']} of {expected['tables']} tables rendered ({seen['rows']} of {expected['rows']} rows)"
+        )
+    print(
+        f"{args.report}: {seen['tables_rendered']}/{expected['tables']} tables ({seen['rows']} rows), "
+        f"{seen['images_loaded']}/{expected['images']} images rendered, page height {seen['height']} px, "
+        f"{len(console_messages(run.stderr)) + len(console_messages(plain.stderr))} console messages"
+    )
     if args.screenshot:
         args.screenshot.parent.mkdir(parents=True, exist_ok=True)
         height = min(seen["height"], args.max_height)
-        shot = chromium(exe, f"--window-size={args.width},{height}", f"--screenshot={args.screenshot.resolve()}", args.report.resolve().as_uri())
+        shot = chromium(
+            exe,
+            f"--window-size={args.width},{height}",
+            f"--screenshot={args.screenshot.resolve()}",
+            args.report.resolve().as_uri(),
+        )
         if shot.returncode != 0 or not args.screenshot.is_file():
             problems.append(f"screenshot failed: {shot.stderr[-500:]}")
         else:

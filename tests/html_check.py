@@ -69,9 +69,11 @@ class _PageParser(HTMLParser):
         if tag in VOID_TAGS:
             return
         if not self.stack or self.stack[-1] != tag:
-            self.problems.append(f"line {self.getpos()[0]}: </{tag}> does not close <{self.stack[-1] if self.stack else 'nothing'}>")
+            self.problems.append(
+                f"line {self.getpos()[0]}: </{tag}> does not close <{self.stack[-1] if self.stack else 'nothing'}>"
+            )
             if tag in self.stack:
-                del self.stack[len(self.stack) - 1 - self.stack[::-1].index(tag):]
+                del self.stack[len(self.stack) - 1 - self.stack[::-1].index(tag) :]
             return
         self.stack.pop()
 

@@ -60,7 +60,14 @@ LAYER_ORDER: tuple[tuple[str, ...], ...] = (
     ("kdistill.methods",),
     ("kdistill.config",),
     ("kdistill.logger", "kdistill.report"),
-    ("kdistill.checkpoint", "kdistill.budget", "kdistill.evaluate", "kdistill.teacher_cache", "kdistill.tasks", "kdistill.export"),
+    (
+        "kdistill.checkpoint",
+        "kdistill.budget",
+        "kdistill.evaluate",
+        "kdistill.teacher_cache",
+        "kdistill.tasks",
+        "kdistill.export",
+    ),
     ("kdistill.engine",),
     ("kdistill.api",),
     ("kdistill.runs",),
@@ -213,12 +220,18 @@ def resolve_imports(modules: dict[str, Module], package: str) -> list[Import]:
             own = {mod.name, *_ancestors(mod.name)}
             edges = [t for t in explicit if t != mod.name]
             edges += [t for t in implicit if t not in own]
-            out.append(Import(
-                importer=mod.name, path=mod.path, line=node.lineno,
-                end_line=node.end_lineno or node.lineno,
-                text=" ".join(ast.unparse(node).split()), edges=tuple(dict.fromkeys(edges)),
-                internal=internal, in_function=id(node) in inside,
-            ))
+            out.append(
+                Import(
+                    importer=mod.name,
+                    path=mod.path,
+                    line=node.lineno,
+                    end_line=node.end_lineno or node.lineno,
+                    text=" ".join(ast.unparse(node).split()),
+                    edges=tuple(dict.fromkeys(edges)),
+                    internal=internal,
+                    in_function=id(node) in inside,
+                )
+            )
     return sorted(out, key=lambda i: (i.path, i.line))
 
 
@@ -352,8 +365,11 @@ def method_names(modules: dict[str, Module], methods_dir: str = METHODS_PACKAGE)
                     targets, value = [stmt.target], stmt.value
                 else:
                     continue
-                if (any(isinstance(t, ast.Name) and t.id == "name" for t in targets)
-                        and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                if (
+                    any(isinstance(t, ast.Name) and t.id == "name" for t in targets)
+                    and isinstance(value, ast.Constant)
+                    and isinstance(value.value, str)
+                ):
                     names.add(value.value)
     return names
 
@@ -371,8 +387,7 @@ def method_name_literals(
         if mod.path.startswith(skip):
             continue
         string_statements = {  # docstrings and other bare strings: prose, not values
-            id(n.value) for n in ast.walk(mod.tree)
-            if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+            id(n.value) for n in ast.walk(mod.tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
         }
         for node in ast.walk(mod.tree):
             if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
@@ -410,9 +425,7 @@ def layer_of(name: str, layers: dict[str, tuple[str, ...]]) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def layering_breaks(
-    modules: dict[str, Module], package: str, layers: dict[str, tuple[str, ...]]
-) -> list[str]:
+def layering_breaks(modules: dict[str, Module], package: str, layers: dict[str, tuple[str, ...]]) -> list[str]:
     out = []
     for imp in resolve_imports(modules, package):
         layer = layer_of(imp.importer, layers)
@@ -439,7 +452,8 @@ def test_no_import_cycles():
     cycles = find_cycles(graph)
     groups = [" ".join(c) for c in components]
     assert not components, (
-        _report("groups of modules that import each other", groups) + "\n"
+        _report("groups of modules that import each other", groups)
+        + "\n"
         + _report("import cycles (first import of each step in brackets)", [format_cycle(graph, c) for c in cycles])
     )
 
@@ -451,18 +465,14 @@ def test_layering():
 
 def test_no_long_functions():
     found = long_functions(KDISTILL)
-    assert not found, _report(
-        f"functions over {MAX_FUNCTION_LINES} lines without 'long: <reason>' at their top", found
-    )
+    assert not found, _report(f"functions over {MAX_FUNCTION_LINES} lines without 'long: <reason>' at their top", found)
 
 
 def test_method_names_only_in_methods_package():
     names = method_names(KDISTILL)
     assert {"kd", "dkd", "fitnets", "crd"} <= names, f"method names not found: {sorted(names)}"
     found = method_name_literals(KDISTILL, names)
-    assert not found, _report(
-        f"method names {sorted(names)} as string literals outside {METHODS_PACKAGE}/", found
-    )
+    assert not found, _report(f"method names {sorted(names)} as string literals outside {METHODS_PACKAGE}/", found)
 
 
 def test_no_kdistill_imports_inside_functions():
@@ -472,9 +482,11 @@ def test_no_kdistill_imports_inside_functions():
         path = item.split(":", 1)[0]
         per_file[path] = per_file.get(path, 0) + 1
     counts = [f"{p}: {n}" for p, n in sorted(per_file.items())]
-    assert not found, _report(
-        "kdistill imports inside functions without '# lazy: <reason>'", found
-    ) + "\n" + _report("per file", counts)
+    assert not found, (
+        _report("kdistill imports inside functions without '# lazy: <reason>'", found)
+        + "\n"
+        + _report("per file", counts)
+    )
 
 
 # --- self-tests of the checker -----------------------------------------------------------
@@ -547,9 +559,7 @@ def test_self_relative_imports_and_every_cycle_listed():
     )
     assert _cycles(mods) == ["pkg.a -> pkg.b -> pkg.a", "pkg.a -> pkg.c -> pkg.a"]
     graph = import_graph(mods, "pkg")
-    assert format_cycle(graph, ["pkg.a", "pkg.b", "pkg.a"]) == (
-        "pkg.a -> pkg.b -> pkg.a    [pkg/a.py:1, pkg/b.py:1]"
-    )
+    assert format_cycle(graph, ["pkg.a", "pkg.b", "pkg.a"]) == ("pkg.a -> pkg.b -> pkg.a    [pkg/a.py:1, pkg/b.py:1]")
 
 
 def test_self_function_length_and_long_mark():
@@ -607,8 +617,10 @@ class C:
     marked = {name for name, fn in fns.items() if says_long(fn, marks)}
     assert marked == {"with_doc", "with_comment", "comment_after_doc"}
     assert long_functions(mods, limit=3) == [
-        "pkg/m.py:2  five: 4 lines", "pkg/m.py:25  too_late: 4 lines",
-        "pkg/m.py:31  not_marked: 6 lines", "pkg/m.py:40  C.method: 4 lines",
+        "pkg/m.py:2  five: 4 lines",
+        "pkg/m.py:25  too_late: 4 lines",
+        "pkg/m.py:31  not_marked: 6 lines",
+        "pkg/m.py:40  C.method: 4 lines",
     ]
 
 
@@ -630,31 +642,33 @@ def test_self_function_level_imports_and_lazy_mark():
         ),
         b="X = Y = 1\n",
     )
-    assert function_level_imports(mods, "pkg") == [
-        "pkg/a.py:9  from . import b", "pkg/a.py:10  import pkg.b"
-    ]
+    assert function_level_imports(mods, "pkg") == ["pkg/a.py:9  from . import b", "pkg/a.py:10  import pkg.b"]
 
 
 def test_self_method_name_literals():
-    mods = modules_from_sources({
-        "pkg/methods/kd.py": 'class KD:\n    name = "kd"\n',
-        "pkg/methods/at.py": 'class AT:\n    name: str = "at"\n',
-        "pkg/cli.py": (
-            '"""Methods: "kd" and "at" in a docstring are fine."""\n'
-            'DEFAULT = ("kd", "at")\n'
-            'MESSAGE = "look at this"\n'
-            'PATH = "kdistill.methods.kd"\n'
-            'OTHER = "kdistill.methods.kdx"\n'
-            'def f():\n'
-            '    """kd"""\n'
-            '    return {"kd": 1}\n'
-        ),
-    })
+    mods = modules_from_sources(
+        {
+            "pkg/methods/kd.py": 'class KD:\n    name = "kd"\n',
+            "pkg/methods/at.py": 'class AT:\n    name: str = "at"\n',
+            "pkg/cli.py": (
+                '"""Methods: "kd" and "at" in a docstring are fine."""\n'
+                'DEFAULT = ("kd", "at")\n'
+                'MESSAGE = "look at this"\n'
+                'PATH = "kdistill.methods.kd"\n'
+                'OTHER = "kdistill.methods.kdx"\n'
+                "def f():\n"
+                '    """kd"""\n'
+                '    return {"kd": 1}\n'
+            ),
+        }
+    )
     names = method_names(mods, methods_dir="pkg/methods")
     assert names == {"kd", "at"}
     assert method_name_literals(mods, names, skip=("pkg/methods/",)) == [
-        "pkg/cli.py:2:12  'kd'", "pkg/cli.py:2:18  'at'",
-        "pkg/cli.py:4:8  'kdistill.methods.kd'", "pkg/cli.py:8:13  'kd'",
+        "pkg/cli.py:2:12  'kd'",
+        "pkg/cli.py:2:18  'at'",
+        "pkg/cli.py:4:8  'kdistill.methods.kd'",
+        "pkg/cli.py:8:13  'kd'",
     ]
 
 

@@ -68,11 +68,17 @@ def test_the_table_gives_each_method_its_mean_gain_over_the_same_seeds_baseline(
 def test_throughput_quick_writes_a_table(tmp_path: Path) -> None:
     out = tmp_path / "throughput.md"
     args = ["--quick", "--device", "cpu", "--steps", "2", "--batch-size", "32", "--workers", "1", "--out", str(out)]
-    done = subprocess.run([sys.executable, "benchmarks/throughput.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     text = out.read_text()
     assert text == done.stdout
-    assert "Command: `python benchmarks/throughput.py --quick" in text and f"torch {torch.__version__}" in text and "threads" in text
+    assert (
+        "Command: `python benchmarks/throughput.py --quick" in text
+        and f"torch {torch.__version__}" in text
+        and "threads" in text
+    )
     live = next(line for line in text.splitlines() if line.startswith("| seed_teacher → seed_student | live |"))
     cells = [c.strip() for c in live.strip("|").split("|")]
     assert all(c[0].isdigit() for c in cells[2:])  # three rates and two ratios
@@ -87,7 +93,11 @@ def test_throughput_rejects_a_pair_without_a_student(capsys) -> None:
 def test_throughput_ratios_are_the_median_of_each_rounds_ratio(capsys) -> None:
     ratio = throughput.ratio
     # a machine whose speed changed between rounds: every round says 0.9
-    rounds = [{"pipeline": 900.0, "ceiling": 1000.0}, {"pipeline": 90.0, "ceiling": 100.0}, {"pipeline": 450.0, "ceiling": 500.0}]
+    rounds = [
+        {"pipeline": 900.0, "ceiling": 1000.0},
+        {"pipeline": 90.0, "ceiling": 100.0},
+        {"pipeline": 450.0, "ceiling": 500.0},
+    ]
     result = {"rounds": rounds, "median": {"pipeline": 450.0, "ceiling": 110.0}}  # pooled medians: not used
     assert ratio(result, "pipeline", "ceiling") == pytest.approx(0.9)
     assert ratio(result, "pipeline", "reference") is None

@@ -43,10 +43,14 @@ def test_mutual_learning_losses_follow_the_paper():
     batch = kdistill.data.loader.Batch(torch.zeros(4, 1), torch.tensor([0, 1, 2, 3]), torch.arange(4))
     _, losses = task(batch, 0.0)
     for k in range(3):
-        kl = sum(
-            4.0 * F.kl_div(F.log_softmax(z[k] / 2, 1), F.softmax(z[j] / 2, 1), reduction="batchmean")
-            for j in range(3) if j != k
-        ) / 2
+        kl = (
+            sum(
+                4.0 * F.kl_div(F.log_softmax(z[k] / 2, 1), F.softmax(z[j] / 2, 1), reduction="batchmean")
+                for j in range(3)
+                if j != k
+            )
+            / 2
+        )
         torch.testing.assert_close(losses[f"dml_{k}"], kl)
         torch.testing.assert_close(losses[f"ce_{k}"], F.cross_entropy(z[k], batch.labels))
     # each model's KL term only moves that model: peers are detached targets
@@ -76,7 +80,24 @@ def test_multi_teacher_born_again_and_mutual_from_the_cli(tmp_path, small, capsy
     assert main(["train", "--model", "seed_teacher", "--name", "t1", *common]) == 0
     assert main(["train", "--model", "seed_student", "--name", "t2", "--seed", "1", *common]) == 0
     teachers = [str(tmp_path / n / "checkpoint.pt") for n in ("t1", "t2")]
-    assert main(["distill", "--teacher", teachers[0], "--teacher", teachers[1], "--teacher-weights", "2", "1", "--name", "mt", *common]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                teachers[0],
+                "--teacher",
+                teachers[1],
+                "--teacher-weights",
+                "2",
+                "1",
+                "--name",
+                "mt",
+                *common,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "mt" / "summary.json").read_text())
     assert summary["test"]["top1"] > 15 and "agreement" in summary
 
@@ -98,7 +119,15 @@ def test_a_mutual_checkpoint_says_which_model_evaluate_and_export_use(tmp_path, 
     model = kdistill.create_model("seed_student")
     spec = {"name": "seed_student", "kwargs": {"num_classes": 10}}
     path = tmp_path / "checkpoint.pt"
-    save_checkpoint({"kind": "mutual", "model_spec": spec, "peer_specs": [{**spec, "name": "seed_teacher"}], "model": model.state_dict()}, path)
+    save_checkpoint(
+        {
+            "kind": "mutual",
+            "model_spec": spec,
+            "peer_specs": [{**spec, "name": "seed_teacher"}],
+            "model": model.state_dict(),
+        },
+        path,
+    )
     load_model(path)
     err = capsys.readouterr().err
     assert "deep-mutual-learning checkpoint of 2 models; using model 0 (seed_student)" in err and "seed_teacher" in err

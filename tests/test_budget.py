@@ -26,7 +26,9 @@ class FakeClock:
         return self.now
 
 
-def simulate(budget: float, step_seconds, steps_per_epoch: int, eval_seconds: float, eval_images: int = 0) -> tuple[BudgetPlan, float, int]:
+def simulate(
+    budget: float, step_seconds, steps_per_epoch: int, eval_seconds: float, eval_images: int = 0
+) -> tuple[BudgetPlan, float, int]:
     """Drive a plan the way the engine does; ``step_seconds(i)`` is the cost of step i."""
     clock = FakeClock()
     start = clock.now
@@ -84,8 +86,14 @@ def test_a_budget_too_small_for_one_step_and_the_evaluation_is_refused_at_the_se
     # evaluating 1000 images: 8 training batches' worth at a third of a 1.5 s step: 4 s more
     assert info.value.needed == pytest.approx(3.0 + 4.0)
     message = str(info.value)
-    assert message.startswith("budget: distill: 5.0 s of training time cannot hold one training step and the evaluation")
-    assert "first step took 3.0 s" in message and "1,000 images takes about 4.0 s" in message and "needs about 7.0 s" in message
+    assert message.startswith(
+        "budget: distill: 5.0 s of training time cannot hold one training step and the evaluation"
+    )
+    assert (
+        "first step took 3.0 s" in message
+        and "1,000 images takes about 4.0 s" in message
+        and "needs about 7.0 s" in message
+    )
     assert "\n" not in message
 
 
@@ -137,10 +145,16 @@ def test_epochs_shorter_than_the_first_plans_window_are_planned_at_their_end() -
 def test_the_command_line_says_which_budget_would_do() -> None:
     cfg = load_config(None, ["budget=5s"])
     with pytest.raises(ConfigError) as info, whole_budget(cfg):
-        raise BudgetTooSmall("distill", 4.0, 11.0, "set-up and the first step took 3.0 s, evaluating 1,000 images takes about 8.0 s")
+        raise BudgetTooSmall(
+            "distill", 4.0, 11.0, "set-up and the first step took 3.0 s, evaluating 1,000 images takes about 8.0 s"
+        )
     message = str(info.value)
-    assert message.startswith("budget: --budget 5.0 s leaves 4.0 s of training time for distill, which cannot hold one training step")
-    assert message.endswith("give --budget 13s or more")  # (5 - 4 + 11) / 0.95, rounded up: the final evaluation keeps 5%
+    assert message.startswith(
+        "budget: --budget 5.0 s leaves 4.0 s of training time for distill, which cannot hold one training step"
+    )
+    assert message.endswith(
+        "give --budget 13s or more"
+    )  # (5 - 4 + 11) / 0.95, rounded up: the final evaluation keeps 5%
 
 
 def test_durations() -> None:
@@ -158,8 +172,11 @@ def small(mini: ImageDataset) -> ImageDataset:
     keep = torch.arange(0, len(mini.train_labels), 5)  # 1000 images of every class
     test = torch.arange(0, len(mini.test_labels), 4)
     return dataclasses.replace(
-        mini, train_images=mini.train_images[keep], train_labels=mini.train_labels[keep],
-        test_images=mini.test_images[test], test_labels=mini.test_labels[test],
+        mini,
+        train_images=mini.train_images[keep],
+        train_labels=mini.train_labels[keep],
+        test_images=mini.test_images[test],
+        test_labels=mini.test_labels[test],
     )
 
 
@@ -185,13 +202,35 @@ def test_budget_with_a_cache_stops_at_the_cached_epochs(small: ImageDataset) -> 
     teacher = kdistill.create_model("seed_teacher")
     cache = kdistill.cache_teacher(teacher, small, epochs=2, device="cpu")
     torch.manual_seed(1)
-    r = kdistill.distill(teacher, kdistill.create_model("seed_student"), small, teacher_cache=cache, budget=120, batch_size=100, device="cpu")
+    r = kdistill.distill(
+        teacher,
+        kdistill.create_model("seed_student"),
+        small,
+        teacher_cache=cache,
+        budget=120,
+        batch_size=100,
+        device="cpu",
+    )
     assert len(r.history) == 2 and r.budget["steps"] == 20  # stopped by the cache's epochs, not by the clock
 
 
 @pytest.mark.slow
 def test_cli_train_with_budget(tmp_path: Path) -> None:
-    code = main(["train", "--budget", "12s", "--output-dir", str(tmp_path), "--name", "b", "--device", "cpu", "--model", "seed_student"])
+    code = main(
+        [
+            "train",
+            "--budget",
+            "12s",
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "b",
+            "--device",
+            "cpu",
+            "--model",
+            "seed_student",
+        ]
+    )
     assert code == 0
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["budget"]["budget_seconds"] < 12 and summary["budget"]["steps"] > 0

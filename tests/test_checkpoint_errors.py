@@ -64,7 +64,10 @@ def test_phase_folder_names_its_checkpoint(tmp_path: Path) -> None:
 def test_parent_of_run_directories_lists_theirs(tmp_path: Path) -> None:
     run_dir = _run_dir(tmp_path)
     message = _message(run_dir.parent)
-    assert f"{run_dir.parent} is a folder, not a checkpoint" in message and str(run_dir / "teacher" / "checkpoint.pt") in message, message
+    assert (
+        f"{run_dir.parent} is a folder, not a checkpoint" in message
+        and str(run_dir / "teacher" / "checkpoint.pt") in message
+    ), message
 
 
 def test_many_checkpoints_are_counted_not_all_listed(tmp_path: Path) -> None:
@@ -98,9 +101,17 @@ def test_torchscript_archive_on_the_command_line_is_one_line(tmp_path: Path) -> 
     """torch.load warns (two lines on stderr) before it refuses a TorchScript archive: the
     user sees only kdistill's line."""
     path = _torchscript(tmp_path / "model.torchscript.pt")
-    out = subprocess.run([sys.executable, "-m", "kdistill", "evaluate", str(path)], capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "kdistill", "evaluate", str(path)],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
-    assert out.stderr.splitlines() == [f"kdistill: error: {path} is a TorchScript archive, not a checkpoint; {EXPECTED}"], out.stderr
+    assert out.stderr.splitlines() == [
+        f"kdistill: error: {path} is a TorchScript archive, not a checkpoint; {EXPECTED}"
+    ], out.stderr
 
 
 # the smallest ONNX model: ir_version 8, producer "pytorch" (what torch.onnx.export writes first)
@@ -119,7 +130,12 @@ def test_real_onnx_model_is_named(tmp_path: Path) -> None:
     onnx = pytest.importorskip("onnx")
     helper, TensorProto = onnx.helper, onnx.TensorProto
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+    )
     path = tmp_path / "exported.bin"  # by its content, not its name
     onnx.save(helper.make_model(graph, producer_name="pytorch"), str(path))
     assert "is an ONNX model, not a checkpoint" in _message(path)

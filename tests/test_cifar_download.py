@@ -81,9 +81,7 @@ def make_cifar10(src: Path, corrupt: dict[str, Any] | None = None) -> Written:
         if i == 1 and corrupt:
             batch.update(corrupt)
         files[f"cifar-10-batches-py/data_batch_{i}"] = pickle.dumps(batch, protocol=2)
-    files["cifar-10-batches-py/test_batch"] = pickle.dumps(
-        {"data": test[0][0], "labels": test[0][1]}, protocol=2
-    )
+    files["cifar-10-batches-py/test_batch"] = pickle.dumps({"data": test[0][0], "labels": test[0][1]}, protocol=2)
     src.mkdir(parents=True, exist_ok=True)
     return _written(_make_tar_gz(src / "cifar-10-python.tar.gz", files), train, test, classes)
 
@@ -155,9 +153,7 @@ def test_download_on_a_terminal(tmp_path: Path, monkeypatch) -> None:
     # The progress-bar branch (tqdm, or no bar if it is missing) must not change the result.
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     want = make_cifar10(tmp_path / "server")
-    assert_loaded(
-        load_cifar("cifar10", tmp_path / "data", url=want.archive.as_uri(), md5=want.md5), want
-    )
+    assert_loaded(load_cifar("cifar10", tmp_path / "data", url=want.archive.as_uri(), md5=want.md5), want)
 
 
 def test_second_call_reuses_files_without_network(tmp_path: Path, monkeypatch) -> None:
@@ -170,9 +166,7 @@ def test_second_call_reuses_files_without_network(tmp_path: Path, monkeypatch) -
     assert_loaded(load_cifar("cifar10", data_dir, download=False, md5=want.md5), want)
 
 
-def test_present_archive_is_verified_and_extracted_without_network(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_present_archive_is_verified_and_extracted_without_network(tmp_path: Path, monkeypatch) -> None:
     want = make_cifar10(tmp_path / "data")  # the archive is already in data_dir
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     assert_loaded(load_cifar("cifar10", tmp_path / "data", download=False, md5=want.md5), want)

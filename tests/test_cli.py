@@ -62,10 +62,7 @@ def test_run_writes_a_self_explaining_run_dir(finished_run: Path) -> None:
     assert cfg.train.epochs == 4 and cfg.name == "t" and cfg.device == "cpu"
 
     for phase in PHASES:
-        rows = [
-            json.loads(line)
-            for line in (finished_run / phase / "metrics.jsonl").read_text().splitlines()
-        ]
+        rows = [json.loads(line) for line in (finished_run / phase / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in rows] == [1, 2, 3, 4], phase
         state = load_checkpoint(finished_run / phase / "checkpoint.pt")
         assert state["epoch"] == 4 and state["model_spec"]["name"] == (
@@ -97,9 +94,7 @@ def test_summary_contents(finished_run: Path) -> None:
         assert p["latency_b1"]["median_ms"] > 0 and p["throughput_b256"]["images_per_second"] > 0
         assert m["epochs"] == 4
     assert models["teacher"]["profile"]["parameters"] > models["distilled"]["profile"]["parameters"]
-    assert (
-        models["baseline"]["profile"]["parameters"] == models["distilled"]["profile"]["parameters"]
-    )
+    assert models["baseline"]["profile"]["parameters"] == models["distilled"]["profile"]["parameters"]
     assert models["baseline"]["profile"]["macs"] == models["distilled"]["profile"]["macs"]
     for phase in ("baseline", "distilled"):
         agreement = models[phase]["agreement"]
@@ -118,9 +113,7 @@ def test_evaluate_matches_the_summary(finished_run: Path, capsys: pytest.Capture
     capsys.readouterr()
     ckpt = finished_run / "distilled" / "checkpoint.pt"
     teacher = finished_run / "teacher" / "checkpoint.pt"
-    assert (
-        main(["evaluate", str(ckpt), "--json", "--device", "cpu", "--teacher", str(teacher)]) == 0
-    )
+    assert main(["evaluate", str(ckpt), "--json", "--device", "cpu", "--teacher", str(teacher)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     expected = _summary(finished_run)["models"]["distilled"]
     assert metrics["dataset"] == "cifar10-mini"
@@ -128,9 +121,7 @@ def test_evaluate_matches_the_summary(finished_run: Path, capsys: pytest.Capture
     # the same weights on the same images; at most one image of 1000 may flip between
     # memory formats (the study evaluates the channels-last model it trained)
     assert metrics["test"]["top1"] == pytest.approx(expected["test"]["top1"], abs=0.1)
-    assert metrics["agreement"]["agreement_top1"] == pytest.approx(
-        expected["agreement"]["agreement_top1"], abs=0.2
-    )
+    assert metrics["agreement"]["agreement_top1"] == pytest.approx(expected["agreement"]["agreement_top1"], abs=0.2)
     assert metrics["profile"]["parameters"] == expected["profile"]["parameters"]
 
     # the human-readable form of the same evaluation
@@ -195,9 +186,7 @@ def test_train_and_distill_commands(finished_run: Path, tmp_path: Path) -> None:
     assert not any(k.startswith("teacher") for k in state["model"])
 
 
-def test_run_into_existing_dir_without_resume(
-    finished_run: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_run_into_existing_dir_without_resume(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
     before = (finished_run / "summary.json").read_bytes()
     capsys.readouterr()
     assert main(_run_args(finished_run.parent)) == 2
@@ -209,9 +198,7 @@ def test_run_into_existing_dir_without_resume(
 
 def test_bad_override_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
-    assert (
-        main(["run", "--set", "train.epochs=0", "--output-dir", str(tmp_path), "--name", "x"]) == 2
-    )
+    assert main(["run", "--set", "train.epochs=0", "--output-dir", str(tmp_path), "--name", "x"]) == 2
     err = capsys.readouterr().err
     assert "train.epochs" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
@@ -233,9 +220,7 @@ def test_bad_override_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture)
 
 def test_unknown_model_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     capsys.readouterr()
-    assert (
-        main(["train", "--model", "resnet9000", "--output-dir", str(tmp_path), "--name", "x"]) == 2
-    )
+    assert main(["train", "--model", "resnet9000", "--output-dir", str(tmp_path), "--name", "x"]) == 2
     err = capsys.readouterr().err
     assert "resnet9000" in err and "resnet20" in err and "Traceback" not in err
 
@@ -263,9 +248,7 @@ def test_resume_of_a_finished_run(finished_run: Path, monkeypatch: pytest.Monkey
     assert (finished_run / "report.md").is_file() and (finished_run / "curves.png").is_file()
     after = _summary(finished_run)
     for phase in PHASES:
-        assert after["models"][phase]["test"]["top1"] == before["models"][phase]["test"]["top1"], (
-            phase
-        )
+        assert after["models"][phase]["test"]["top1"] == before["models"][phase]["test"]["top1"], phase
         assert (finished_run / phase / "checkpoint.pt").read_bytes() == checkpoints[phase]
         rows = (finished_run / phase / "metrics.jsonl").read_text().splitlines()
         assert len(rows) == 4
@@ -309,7 +292,9 @@ def test_methods_command(capsys: pytest.CaptureFixture) -> None:
     assert "temperature" in out
 
 
-def test_a_teacher_trained_on_the_validation_images_is_flagged(finished_run: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_teacher_trained_on_the_validation_images_is_flagged(
+    finished_run: Path, capsys: pytest.CaptureFixture
+) -> None:
     from kdistill.data.dataset import load_dataset
     from kdistill.runs import build_teacher, teacher_saw_validation
 

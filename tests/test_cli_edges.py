@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_closed_pipe_ends_quietly(kdistill_cache: Path) -> None:
     # `kdistill models | head -1`: the reader leaves after one line; no "error: Broken pipe"
     env = {**os.environ, "KDISTILL_CACHE": str(kdistill_cache), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "kdistill", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdistill", "models"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     first = proc.stdout.readline()
     proc.stdout.close()  # what head does after its line
     err = proc.stderr.read().decode()
@@ -62,7 +64,9 @@ def test_every_argument_is_described() -> None:
             assert action.help and action.help.strip(), f"kdistill {name} {where} has no description"
 
 
-def test_cpu_latency_says_its_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_cpu_latency_says_its_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     torch.manual_seed(0)
     model = create_model("seed_student", num_classes=10)
     timing = evaluate.measure_latency(model, (3, 32, 32), warmup=1, repeats=2, max_seconds=0.1, min_repeats=1)
@@ -73,10 +77,21 @@ def test_cpu_latency_says_its_threads(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(evaluate, "time_calls", lambda *a, **k: dict(fake))
     path = tmp_path / "checkpoint.pt"
     spec = {"name": "seed_student", "kwargs": {"num_classes": 10}}
-    save_checkpoint({"kind": "train", "model_spec": spec, "model": model.state_dict(), "data": {"dataset": "cifar10-mini", "image_size": 32}}, path)
+    save_checkpoint(
+        {
+            "kind": "train",
+            "model_spec": spec,
+            "model": model.state_dict(),
+            "data": {"dataset": "cifar10-mini", "image_size": 32},
+        },
+        path,
+    )
     assert main(["evaluate", str(path), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert f"{torch.get_num_threads()} threads" in out and "latency depends on the machine's load and the thread count" in out
+    assert (
+        f"{torch.get_num_threads()} threads" in out
+        and "latency depends on the machine's load and the thread count" in out
+    )
     assert main(["evaluate", str(path), "--device", "cpu", "--json"]) == 0
     profile = json.loads(capsys.readouterr().out)["profile"]
     assert profile["latency_b1"]["threads"] == torch.get_num_threads()
@@ -94,4 +109,6 @@ def test_temperature_flag_reaches_every_method_that_has_one() -> None:
     # and the README says so, as the flag's help does (it once mapped -T to one method's key)
     readme = " ".join((ROOT / "README.md").read_text().split())
     shortcut = readme.split("`-T` → ", 1)[1].split(", `--", 1)[0]
-    assert "every configured method that has one" in shortcut and "distill.methods.<method>.temperature" in shortcut, shortcut
+    assert "every configured method that has one" in shortcut and "distill.methods.<method>.temperature" in shortcut, (
+        shortcut
+    )

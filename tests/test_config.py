@@ -263,8 +263,20 @@ def _cli_error(argv: list[str], config: Path | None = None) -> str:
     [
         (["train", "--set", "train.epoch=1"], "--set train.epoch=1: train.epoch: unknown key"),
         (["distill", "--teacher", "t.pt", "-T", "0"], "-T/--temperature 0: distill.methods.kd.temperature: "),
-        (["distill", "--teacher", "t.pt", "--temperature", "2.5", "--set", "distill.methods={kd: {}, dkd: {}}", "--set", "distill.methods.dkd.temperature=0"],
-         "--set distill.methods.dkd.temperature=0: distill.methods.dkd.temperature: "),  # the later --set wins, and is named
+        (
+            [
+                "distill",
+                "--teacher",
+                "t.pt",
+                "--temperature",
+                "2.5",
+                "--set",
+                "distill.methods={kd: {}, dkd: {}}",
+                "--set",
+                "distill.methods.dkd.temperature=0",
+            ],
+            "--set distill.methods.dkd.temperature=0: distill.methods.dkd.temperature: ",
+        ),  # the later --set wins, and is named
         (["distill", "--teacher", "t.pt", "--alpha", "2"], "--alpha 2: distill.alpha: "),
         (["distill", "--teacher", "t.pt", "--method", "kdd"], "--method kdd: distill.methods: unknown method 'kdd'"),
         (["train", "--device", "gpu"], "--device gpu: device: expected auto, cpu, cuda, cuda:N or mps"),
@@ -274,7 +286,10 @@ def _cli_error(argv: list[str], config: Path | None = None) -> str:
         (["run", "--budget", "soon"], "--budget soon: budget: expected a duration"),
         (["mutual", "-T", "0"], "-T/--temperature 0: mutual.temperature: "),
         (["mutual", "--models", "seed_student"], "--models seed_student: mutual.models: "),
-        (["distill", "--teacher", "a.pt", "--teacher", "b.pt", "--teacher-weights", "1", "2", "3"], "--teacher-weights 1 2 3: teacher.weights: 3 weights for 2"),
+        (
+            ["distill", "--teacher", "a.pt", "--teacher", "b.pt", "--teacher-weights", "1", "2", "3"],
+            "--teacher-weights 1 2 3: teacher.weights: 3 weights for 2",
+        ),
         (["train", "--set", "seed.x=1"], "--set seed.x=1: 'seed' is not a section"),
     ],
 )
@@ -363,7 +378,11 @@ def test_epochs_and_batch_size_property(epochs: int, batch_size: int) -> None:
 
 def test_the_epochs_shortcut_sets_every_phase_over_the_configs_own_phase_overrides() -> None:
     default = _config_from_args(build_parser().parse_args(["run"]))
-    assert (default.train_for("teacher").epochs, default.train_for("student").epochs, default.train_for("distill").epochs) == (30, 15, 15)
+    assert (
+        default.train_for("teacher").epochs,
+        default.train_for("student").epochs,
+        default.train_for("distill").epochs,
+    ) == (30, 15, 15)
     cfg = _config_from_args(build_parser().parse_args(["run", "--epochs", "3"]))
     assert {cfg.train_for(phase).epochs for phase in ("teacher", "student", "distill")} == {3}
     cfg = _config_from_args(build_parser().parse_args(["run", "--epochs", "3", "--set", "student.train.epochs=2"]))

@@ -82,8 +82,7 @@ def _image_bytes(mode: str, size: tuple[int, int], colour, fmt: str) -> bytes:
 def _files(extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
     fmt = {".png": "PNG", ".jpg": "JPEG", ".bmp": "BMP"}
     files = {
-        name: _image_bytes(mode, size, colour, fmt[Path(name).suffix])
-        for name, mode, size, colour, _ in TRAIN + TEST
+        name: _image_bytes(mode, size, colour, fmt[Path(name).suffix]) for name, mode, size, colour, _ in TRAIN + TEST
     }
     files["README.txt"] = b"not part of the tree"
     files["train/ant/.DS_Store"] = b"\0\1garbage"  # hidden files are skipped
@@ -132,9 +131,7 @@ def _make_source(kind: str, tmp_path: Path, files: dict[str, bytes] | None = Non
 SOURCES = ["folder", "tar", "tar.gz", "zip"]
 
 
-def _check_decoded(
-    images: np.ndarray, labels: np.ndarray, entries, order, expected_labels, size: int
-) -> None:
+def _check_decoded(images: np.ndarray, labels: np.ndarray, entries, order, expected_labels, size: int) -> None:
     assert images.shape == (len(entries), 3, size, size)
     assert images.dtype == np.uint8
     assert labels.dtype == np.int64
@@ -402,23 +399,15 @@ def test_validation_split(mini: ImageDataset) -> None:
     assert torch.equal(ds.test_images, mini.test_images)  # the test split is untouched
 
     # train + val is exactly the original training set, as a multiset of (image, label)
-    union = _image_counter(ds.train_images, ds.train_labels) + _image_counter(
-        ds.val_images, ds.val_labels
-    )
+    union = _image_counter(ds.train_images, ds.train_labels) + _image_counter(ds.val_images, ds.val_labels)
     assert union == _image_counter(mini.train_images, mini.train_labels)
-    assert Counter(ds.train_labels.tolist()) + Counter(ds.val_labels.tolist()) == Counter(
-        mini.train_labels.tolist()
-    )
+    assert Counter(ds.train_labels.tolist()) + Counter(ds.val_labels.tolist()) == Counter(mini.train_labels.tolist())
     # disjoint (the sample holds no duplicate images, so sets suffice)
     assert len(_image_counter(mini.train_images, mini.train_labels)) == 5000
-    assert not set(_image_counter(ds.val_images, ds.val_labels)) & set(
-        _image_counter(ds.train_images, ds.train_labels)
-    )
+    assert not set(_image_counter(ds.val_images, ds.val_labels)) & set(_image_counter(ds.train_images, ds.train_labels))
 
     again = load_dataset("cifar10-mini", val_size=500, seed=0)
-    assert torch.equal(again.val_images, ds.val_images) and torch.equal(
-        again.train_labels, ds.train_labels
-    )
+    assert torch.equal(again.val_images, ds.val_images) and torch.equal(again.train_labels, ds.train_labels)
     other = load_dataset("cifar10-mini", val_size=500, seed=1)
     assert not torch.equal(other.val_images, ds.val_images)
     # the same as the in-memory method
@@ -464,9 +453,7 @@ def test_epoch_views_without_augmentation() -> None:
     assert not v.flips.any()
 
 
-def _naive_crop_flip(
-    images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int
-) -> torch.Tensor:
+def _naive_crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, padding: int) -> torch.Tensor:
     B, C, H, W = images.shape
     out = torch.empty_like(images)
     for i in range(B):
@@ -478,7 +465,20 @@ def _naive_crop_flip(
     return out
 
 
-@pytest.mark.parametrize(("padding", "H", "W", "C"), [(4, 32, 32, 3), (2, 7, 5, 3), (0, 6, 6, 3), (1, 1, 3, 3), (4, 8, 8, 1), (3, 5, 9, 2), (2, 6, 4, 4), (2, 6, 4, 5), (2, 5, 5, 9)])
+@pytest.mark.parametrize(
+    ("padding", "H", "W", "C"),
+    [
+        (4, 32, 32, 3),
+        (2, 7, 5, 3),
+        (0, 6, 6, 3),
+        (1, 1, 3, 3),
+        (4, 8, 8, 1),
+        (3, 5, 9, 2),
+        (2, 6, 4, 4),
+        (2, 6, 4, 5),
+        (2, 5, 5, 9),
+    ],
+)
 def test_crop_flip_matches_naive(padding: int, H: int, W: int, C: int) -> None:
     """Every channel count: packed as 1, 2, 4 or 8 bytes per pixel, or (9) gathered per value."""
     g = torch.Generator().manual_seed(padding * 100 + H + C)
@@ -547,15 +547,13 @@ def test_normalize_matches_formula() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (4, 3, 5, 5), generator=g, dtype=torch.uint8)
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-    expected = (
-        x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
-    ) / torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    expected = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64
+    ).view(1, 3, 1, 1)
     for channels_last in (False, True):
         got = Normalize(mean, std, torch.device("cpu"), channels_last)(x)
         assert got.dtype == torch.float32 and got.shape == x.shape
-        assert got.is_contiguous(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format
-        )
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -590,9 +588,7 @@ def test_train_loader_replays_epochs() -> None:
         assert torch.equal(a.labels, b.labels)
         assert torch.equal(a.indices, b.indices)
     other = list(loader.epoch(4))
-    assert not torch.equal(
-        torch.cat([b.indices for b in other]), torch.cat([b.indices for b in first])
-    )
+    assert not torch.equal(torch.cat([b.indices for b in other]), torch.cat([b.indices for b in first]))
 
 
 def test_train_loader_batches_carry_indices() -> None:
@@ -605,9 +601,7 @@ def test_train_loader_batches_carry_indices() -> None:
         assert b.indices.dtype == torch.int64
         assert torch.equal(b.labels, labels[b.indices])
         # the images are exactly the augmented, normalised views of those samples
-        expected = norm(
-            crop_flip(images[b.indices], views.offsets[b.indices], views.flips[b.indices], 2)
-        )
+        expected = norm(crop_flip(images[b.indices], views.offsets[b.indices], views.flips[b.indices], 2))
         assert torch.equal(b.images, expected)
     seen = torch.cat([b.indices for b in batches])
     assert sorted(seen.tolist()) == list(range(50))  # every sample exactly once
@@ -644,9 +638,7 @@ def test_train_loader_non_image_inputs() -> None:
 def test_train_loader_small_dataset_keeps_last_batch() -> None:
     """drop_last is ignored when the data set is smaller than one batch."""
     x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
-    loader = TrainLoader(
-        x, torch.zeros(5, dtype=torch.long), 8, torch.device("cpu"), None, drop_last=True
-    )
+    loader = TrainLoader(x, torch.zeros(5, dtype=torch.long), 8, torch.device("cpu"), None, drop_last=True)
     assert len(loader) == 1
     assert len(next(iter(loader.epoch(0))).labels) == 5
 

@@ -49,8 +49,12 @@ def _free_port() -> int:
 def _as_rank(rank: int, world: int, port: int) -> None:
     """This process becomes rank ``rank`` of a torchrun job (the environment torchrun sets)."""
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
 
@@ -104,7 +108,9 @@ def _distill(small: dict, run_dir: Path | None = None, resume: bool = False, **k
     torch.manual_seed(0)
     student = kdistill.create_model("seed_student")
     settings = {"epochs": 2, "batch_size": 32, "seed": 0, "grad_clip": 5.0, **kw}
-    return kdistill.distill(teacher, student, **small, methods="kd", device="cpu", run_dir=run_dir, resume=resume, **settings)
+    return kdistill.distill(
+        teacher, student, **small, methods="kd", device="cpu", run_dir=run_dir, resume=resume, **settings
+    )
 
 
 def _assert_close(a: dict, b: dict, exact: bool = False) -> None:
@@ -134,8 +140,15 @@ def _scenario_equivalence(rank: int, out: Path, small: dict) -> None:
     engine.save_checkpoint = counting
     # 2 ranks x 2 accumulated micro-batches of 8 = the global batch of 32
     result = _distill(small, out / "run", grad_accumulation=2)
-    torch.save({"weights": result.model.state_dict(), "saves": saves, "top1": result.metrics["top1"],
-                "logits": result.test_logits}, out / f"rank{rank}.pt")
+    torch.save(
+        {
+            "weights": result.model.state_dict(),
+            "saves": saves,
+            "top1": result.metrics["top1"],
+            "logits": result.test_logits,
+        },
+        out / f"rank{rank}.pt",
+    )
     # uneven shards: a global batch of 33 is 17 + 16 samples
     result = _distill(small, batch_size=33, epochs=1)
     torch.save(result.model.state_dict(), out / f"uneven{rank}.pt")
@@ -250,7 +263,10 @@ def test_ctrl_c_and_resume_under_two_ranks(small: dict, tmp_path: Path) -> None:
 def _scenario_budget(rank: int, out: Path, small: dict) -> None:
     # the ranks' own plans would differ (here even their budgets do): rank 0's is followed
     result = _distill(small, out / "budget", budget=4.0 if rank == 0 else 1.0, batch_size=16, epochs=1)
-    torch.save({"weights": result.model.state_dict(), "steps": result.budget["steps"], "epochs": len(result.history)}, out / f"budget{rank}.pt")
+    torch.save(
+        {"weights": result.model.state_dict(), "steps": result.budget["steps"], "epochs": len(result.history)},
+        out / f"budget{rank}.pt",
+    )
 
 
 @pytest.mark.slow
@@ -280,8 +296,12 @@ def test_a_budget_too_small_is_refused_on_every_rank(small: dict, tmp_path: Path
     _launch(_scenario_budget_too_small, tmp_path, small, timeout=120)
     errors = _errors(tmp_path)
     assert sorted(errors) == [0, 1], errors
-    assert errors[0].startswith("BudgetTooSmall: budget: distill: 30.0 s of training time cannot hold one training step"), errors[0]
-    assert errors[1].startswith("BudgetTooSmall: budget: distill: 30.0 s of training time cannot hold one training step"), errors[1]
+    assert errors[0].startswith(
+        "BudgetTooSmall: budget: distill: 30.0 s of training time cannot hold one training step"
+    ), errors[0]
+    assert errors[1].startswith(
+        "BudgetTooSmall: budget: distill: 30.0 s of training time cannot hold one training step"
+    ), errors[1]
     assert "measured by rank 0" in errors[1]
 
 
@@ -308,8 +328,17 @@ def _scenario_build_cache(rank: int, out: Path, small: dict, top_k: int) -> None
     torch.manual_seed(1)
     teacher = kdistill.create_model("seed_student")
     # batch_size 96 over 256 samples x 3 epochs: 9 work items, shared unevenly by the ranks
-    kdistill.cache_teacher(teacher, small["train_data"], epochs=3, path=out / f"built{top_k}.cache", seed=0, device="cpu",
-                           dtype="float32", top_k=top_k, batch_size=96)
+    kdistill.cache_teacher(
+        teacher,
+        small["train_data"],
+        epochs=3,
+        path=out / f"built{top_k}.cache",
+        seed=0,
+        device="cpu",
+        dtype="float32",
+        top_k=top_k,
+        batch_size=96,
+    )
 
 
 @pytest.mark.parametrize("top_k", [0, 3])
@@ -318,7 +347,9 @@ def test_two_ranks_build_the_same_teacher_cache_as_one_process(small: dict, tmp_
 
     torch.manual_seed(1)
     teacher = kdistill.create_model("seed_student")
-    reference = kdistill.cache_teacher(teacher, small["train_data"], epochs=3, seed=0, device="cpu", dtype="float32", top_k=top_k, batch_size=96)
+    reference = kdistill.cache_teacher(
+        teacher, small["train_data"], epochs=3, seed=0, device="cpu", dtype="float32", top_k=top_k, batch_size=96
+    )
     _launch(_scenario_build_cache, tmp_path, small, top_k)
     assert not _errors(tmp_path), _errors(tmp_path)
     built = TeacherCache.load(tmp_path / f"built{top_k}.cache")  # written once, by rank 0
@@ -383,7 +414,9 @@ def test_a_failing_rank_fails_the_job_in_bounded_time(small: dict, tmp_path: Pat
     timeout_s = 5.0
     _launch(_scenario_failing_rank, tmp_path, small, how, timeout_s, timeout=90, wait_for=1)
     error = (tmp_path / "error0.txt").read_text()
-    assert error.startswith("DistributedError: rank 0 of 2: another process of the job stopped, or did not respond within 5 s")
+    assert error.startswith(
+        "DistributedError: rank 0 of 2: another process of the job stopped, or did not respond within 5 s"
+    )
     assert "--resume" in error
     seconds = float((tmp_path / "seconds0.txt").read_text())
     bound = 30 if how == "dies" else timeout_s + 30
@@ -402,7 +435,13 @@ class _WithUnusedLayer(nn.Module):
 
 def _scenario_unused_parameter(rank: int, out: Path) -> None:
     torch.manual_seed(0)
-    kdistill.train(_WithUnusedLayer(), (torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))), epochs=1, batch_size=16, device="cpu")
+    kdistill.train(
+        _WithUnusedLayer(),
+        (torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))),
+        epochs=1,
+        batch_size=16,
+        device="cpu",
+    )
 
 
 def test_a_parameter_without_gradient_is_a_clear_error(tmp_path: Path) -> None:
@@ -427,11 +466,14 @@ def test_single_process_helpers_are_no_ops() -> None:
         distributed.on_main(lambda: (_ for _ in ()).throw(ConfigError("boom")))
 
 
-@pytest.mark.parametrize("text", [
-    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: Connection reset by peer",
-    "Application timeout caused pair closure",  # what a hung peer gave rank 0 in CI: no source path
-    "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation to complete",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: Connection reset by peer",
+        "Application timeout caused pair closure",  # what a hung peer gave rank 0 in CI: no source path
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation to complete",
+    ],
+)
 def test_gloo_peer_failures_are_recognised(text: str) -> None:
     assert distributed._is_communication_error(RuntimeError(text))
 
@@ -443,6 +485,7 @@ def test_other_runtime_errors_are_not_communication_errors() -> None:
 
 def test_sync_batchnorm_alone_is_plain_batch_norm() -> None:
     """Alone there is nothing to synchronise: the flag changes nothing, layers stay as they are."""
+
     def run(sync: bool) -> nn.Module:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 3))
@@ -474,17 +517,30 @@ def test_only_rank_zero_logs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     assert "from rank 0" in err and "from rank 1" not in err
 
 
-def test_single_process_commands_refuse_torchrun(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_single_process_commands_refuse_torchrun(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from kdistill.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main(["report", "nowhere"]) == 2  # cache-teacher, like run/train/distill/mutual, runs under torchrun
-    assert "kdistill: [rank 1] error: kdistill report runs in one process; launch it without torchrun" in capsys.readouterr().err
+    assert (
+        "kdistill: [rank 1] error: kdistill report runs in one process; launch it without torchrun"
+        in capsys.readouterr().err
+    )
 
 
 def test_distributed_config_keys() -> None:
-    cfg = load_config(None, ["distributed.backend=gloo", "distributed.timeout_s=60", "train.grad_accumulation=4", "train.sync_batchnorm=true"])
+    cfg = load_config(
+        None,
+        [
+            "distributed.backend=gloo",
+            "distributed.timeout_s=60",
+            "train.grad_accumulation=4",
+            "train.sync_batchnorm=true",
+        ],
+    )
     assert cfg.distributed.backend == "gloo" and cfg.distributed.timeout_s == 60
     assert cfg.train.grad_accumulation == 4 and cfg.train.sync_batchnorm
     with pytest.raises(ConfigError, match="distributed.backend"):
@@ -508,7 +564,10 @@ def test_loader_shards_cover_every_global_batch() -> None:
 
 def _image_folder(mini: ImageDataset, root: Path, per_class: int) -> Path:
     """A small ImageFolder tree of real CIFAR-10 images (decoded in well under a second)."""
-    for split, images, labels in (("train", mini.train_images, mini.train_labels), ("test", mini.test_images, mini.test_labels)):
+    for split, images, labels in (
+        ("train", mini.train_images, mini.train_labels),
+        ("test", mini.test_images, mini.test_labels),
+    ):
         for c, name in enumerate(mini.classes):
             folder = root / split / name
             folder.mkdir(parents=True)
@@ -519,7 +578,16 @@ def _image_folder(mini: ImageDataset, root: Path, per_class: int) -> Path:
 
 def _torchrun(*args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "kdistill", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={WORLD}",
+        "-m",
+        "kdistill",
+        *args,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -538,8 +606,23 @@ def _ranks(job: subprocess.Popen) -> dict[int, int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the workers through /proc")
 def test_torchrun_cli_killed_rank_then_resume(mini: ImageDataset, tmp_path: Path) -> None:
     data = _image_folder(mini, tmp_path / "data", per_class=60)
-    args = ["train", "--data", str(data), "--device", "cpu", "--output-dir", str(tmp_path), "--name", "t",
-            "--epochs", "3", "--set", "train.batch_size=20", "--set", "distributed.timeout_s=30"]
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp_path),
+        "--name",
+        "t",
+        "--epochs",
+        "3",
+        "--set",
+        "train.batch_size=20",
+        "--set",
+        "distributed.timeout_s=30",
+    ]
     job = _torchrun(*args)
     metrics = tmp_path / "t" / "metrics.jsonl"
     deadline = time.monotonic() + 240
@@ -578,8 +661,21 @@ def test_torchrun_cli_errors_are_one_line_on_every_rank(tmp_path: Path) -> None:
 def test_torchrun_cli_run_writes_one_report(mini: ImageDataset, tmp_path: Path) -> None:
     """The whole study on 2 ranks: teacher, baseline, distilled, report, written by rank 0."""
     data = _image_folder(mini, tmp_path / "data", per_class=20)
-    job = _torchrun("run", "--data", str(data), "--device", "cpu", "--output-dir", str(tmp_path), "--name", "s",
-                    "--epochs", "1", "--set", "train.batch_size=20")
+    job = _torchrun(
+        "run",
+        "--data",
+        str(data),
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp_path),
+        "--name",
+        "s",
+        "--epochs",
+        "1",
+        "--set",
+        "train.batch_size=20",
+    )
     _, err = job.communicate(timeout=600)
     assert job.returncode == 0, err[-3000:]
     run_dir = tmp_path / "s"

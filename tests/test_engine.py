@@ -96,11 +96,7 @@ def test_step_with_warmup_and_constant() -> None:
     s = ScheduleConfig(name="step", milestones=[5], gamma=0.5, warmup_epochs=1, warmup_start=0.2)
     lr = _curve(s, 80, 10)
     assert lr[0] == pytest.approx(0.2) and lr[5] == pytest.approx(0.6)
-    assert (
-        lr[10] == pytest.approx(1.0)
-        and lr[49] == pytest.approx(1.0)
-        and lr[50] == pytest.approx(0.5)
-    )
+    assert lr[10] == pytest.approx(1.0) and lr[49] == pytest.approx(1.0) and lr[50] == pytest.approx(0.5)
     assert _curve(ScheduleConfig(name="constant"), 30, 10) == [1.0] * 30
 
 
@@ -167,13 +163,9 @@ def _assert_same_weights(a: nn.Module, b: nn.Module) -> None:
 
 # trains 4 epochs: the tests that use it are marked slow
 @pytest.fixture(scope="module")
-def uninterrupted(
-    mini: ImageDataset, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, kdistill.Result]:
+def uninterrupted(mini: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, kdistill.Result]:
     run_dir = tmp_path_factory.mktemp("run_a")
-    result = kdistill.train(
-        _student(), **_subset(mini), run_dir=run_dir, model_spec=SPEC, **SETTINGS
-    )
+    result = kdistill.train(_student(), **_subset(mini), run_dir=run_dir, model_spec=SPEC, **SETTINGS)
     return run_dir, result
 
 
@@ -224,9 +216,7 @@ def test_resume_equals_uninterrupted_run(
     assert len(_metrics(run_b)) == 2
 
     torch.manual_seed(12345)  # a different global RNG state: resume must restore its own
-    result_b = kdistill.train(
-        _student(), **_subset(mini), run_dir=run_b, resume=True, model_spec=SPEC, **SETTINGS
-    )
+    result_b = kdistill.train(_student(), **_subset(mini), run_dir=run_b, resume=True, model_spec=SPEC, **SETTINGS)
 
     _assert_same_weights(result_b.model, result_a.model)
     state_a, state_b = (
@@ -236,9 +226,7 @@ def test_resume_equals_uninterrupted_run(
     for k in state_a["model"]:
         assert torch.equal(state_a["model"][k], state_b["model"][k]), k
     assert _metrics(run_b) == _metrics(run_a)
-    assert [{k: v for k, v in h.items() if k not in TIMING} for h in result_b.history] == _metrics(
-        run_a
-    )
+    assert [{k: v for k, v in h.items() if k not in TIMING} for h in result_b.history] == _metrics(run_a)
     assert result_b.metrics["top1"] == result_a.metrics["top1"]
     assert torch.equal(result_b.test_logits, result_a.test_logits)
 
@@ -255,9 +243,7 @@ def test_resume_of_a_finished_run_trains_nothing(
 
     monkeypatch.setattr(engine, "lr_factor", no_training)
     monkeypatch.setattr(engine, "save_checkpoint", no_training)
-    result = kdistill.train(
-        _student(), **_subset(mini), run_dir=run_a, resume=True, model_spec=SPEC, **SETTINGS
-    )
+    result = kdistill.train(_student(), **_subset(mini), run_dir=run_a, resume=True, model_spec=SPEC, **SETTINGS)
     _assert_same_weights(result.model, result_a.model)
     assert (run_a / "checkpoint.pt").read_bytes() == before
     assert len(_metrics(run_a)) == 4
@@ -282,7 +268,9 @@ def test_resume_with_other_settings_is_refused(uninterrupted, mini: ImageDataset
     run_a, _ = uninterrupted
     before = (run_a / "checkpoint.pt").read_bytes()
     with pytest.raises(CheckpointError, match=named):
-        kdistill.train(_student(), **_subset(mini), run_dir=run_a, resume=True, model_spec=SPEC, **{**SETTINGS, **change})
+        kdistill.train(
+            _student(), **_subset(mini), run_dir=run_a, resume=True, model_spec=SPEC, **{**SETTINGS, **change}
+        )
     assert (run_a / "checkpoint.pt").read_bytes() == before
 
 
@@ -297,9 +285,7 @@ def test_distill_resume_equals_uninterrupted_run(
         _interrupt_after_epoch(m, 2)
         with pytest.raises(Interrupted):
             kdistill.distill(_teacher(), _student(), run_dir=tmp_path / "b", **kwargs)
-    result_b = kdistill.distill(
-        _teacher(), _student(), run_dir=tmp_path / "b", resume=True, **kwargs
-    )
+    result_b = kdistill.distill(_teacher(), _student(), run_dir=tmp_path / "b", resume=True, **kwargs)
 
     _assert_same_weights(result_b.model, result_a.model)
     assert _metrics(tmp_path / "b") == _metrics(tmp_path / "a")
@@ -366,7 +352,12 @@ def test_the_bar_ends_an_epoch_showing_the_epochs_numbers(monkeypatch: pytest.Mo
     monkeypatch.setattr(engine, "interactive", lambda: True)
     monkeypatch.setattr(engine, "progress", Bar)
     torch.manual_seed(0)
-    result = engine.fit(_ToyTask(bad_from=99), _toy_loader(), make_train_config(epochs=1, batch_size=8, channels_last=False), device=torch.device("cpu"))
+    result = engine.fit(
+        _ToyTask(bad_from=99),
+        _toy_loader(),
+        make_train_config(epochs=1, batch_size=8, channels_last=False),
+        device=torch.device("cpu"),
+    )
     record = result.history[-1]
     assert shown[-1]["loss"] == f"{record['train_loss']:.3f}" and shown[-1]["acc"] == f"{record['train_top1']:.1f}"
 
@@ -436,9 +427,7 @@ def test_random_bytes_are_not_a_checkpoint(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "garbage.pt"
     for i in range(20):
-        path.write_bytes(
-            bytes(torch.randint(0, 256, (200 + 37 * i,), generator=g, dtype=torch.uint8).tolist())
-        )
+        path.write_bytes(bytes(torch.randint(0, 256, (200 + 37 * i,), generator=g, dtype=torch.uint8).tolist()))
         with pytest.raises(CheckpointError, match="garbage.pt"):
             load_checkpoint(path)
 
@@ -535,9 +524,7 @@ class _Recorder:
 
 
 @pytest.mark.slow
-def test_distill_optimizes_only_the_student(
-    mini: ImageDataset, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_distill_optimizes_only_the_student(mini: ImageDataset, monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = _Recorder(monkeypatch)
     teacher, student = _teacher(), _student()
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -574,9 +561,7 @@ def test_method_parameters_are_trained_with_the_student(
     method = _LearnedScale()
     task = Distillation(student, teacher, {"learned_scale": method}, alpha=0.9, ce_weight=0.1)
     norm = Normalize(*mini.mean_std(), torch.device("cpu"), channels_last=False)
-    loader = TrainLoader(
-        mini.train_images[:128], mini.train_labels[:128], 64, torch.device("cpu"), norm, seed=0
-    )
+    loader = TrainLoader(mini.train_images[:128], mini.train_labels[:128], 64, torch.device("cpu"), norm, seed=0)
     cfg = make_train_config(epochs=1, batch_size=64)
     engine.fit(task, loader, cfg, device=torch.device("cpu"), run_dir=tmp_path)
     expected = {id(p) for p in student.parameters()} | {id(method.log_scale)}

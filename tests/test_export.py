@@ -72,8 +72,18 @@ def test_deploy_exports_verifies_and_quantizes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model("seed_student", num_classes=3)
     test_images, test_labels = _images(200, 1), torch.arange(200) % 3
-    result = deploy(model, tmp_path / "model.onnx", test_images=test_images, test_labels=test_labels, train_images=_images(300, 2),
-                    mean=MEAN, std=STD, classes=None, quantization="static", calibration_count=64)
+    result = deploy(
+        model,
+        tmp_path / "model.onnx",
+        test_images=test_images,
+        test_labels=test_labels,
+        train_images=_images(300, 2),
+        mean=MEAN,
+        std=STD,
+        classes=None,
+        quantization="static",
+        calibration_count=64,
+    )
     onnx, int8 = result["onnx"], result["int8"]
     assert onnx["max_abs_diff"] <= 1e-4 and onnx["top1_agreement"] >= 99.9 and onnx["num_images"] == 200
     assert onnx["top1"] == pytest.approx(result["pytorch_top1"])
@@ -81,7 +91,11 @@ def test_deploy_exports_verifies_and_quantizes(tmp_path: Path) -> None:
     assert (tmp_path / "model.int8.onnx").is_file()
     assert int8["disk_bytes"] < 0.4 * onnx["disk_bytes"]  # int8 weights: about a quarter of float32
     for e in (onnx, int8):
-        assert e["latency_b1"]["median_ms"] > 0 and e["throughput_b256"]["images_per_second"] > 0 and e["latency_b1"]["repeats"] >= 5
+        assert (
+            e["latency_b1"]["median_ms"] > 0
+            and e["throughput_b256"]["images_per_second"] > 0
+            and e["latency_b1"]["repeats"] >= 5
+        )
     # the int8 model is an approximation of the same model, not a different one
     normalize = Normalize(MEAN, STD, torch.device("cpu"), False)
     q = run_session(onnx_session(tmp_path / "model.int8.onnx"), test_images, normalize)
@@ -95,8 +109,14 @@ def checkpoint(tmp_path: Path, mini: ImageDataset) -> Path:
     model = create_model("seed_student", num_classes=10)
     mean, std = mini.mean_std()
     path = tmp_path / "run" / "checkpoint.pt"
-    save_checkpoint({"model_spec": {"name": "seed_student", "kwargs": {"num_classes": 10}}, "model": model.state_dict(),
-                     "data": {"dataset": "cifar10-mini", "classes": mini.classes, "mean": mean, "std": std, "image_size": 32}}, path)
+    save_checkpoint(
+        {
+            "model_spec": {"name": "seed_student", "kwargs": {"num_classes": 10}},
+            "model": model.state_dict(),
+            "data": {"dataset": "cifar10-mini", "classes": mini.classes, "mean": mean, "std": std, "image_size": 32},
+        },
+        path,
+    )
     return path
 
 
@@ -114,7 +134,10 @@ def test_export_command_onnx_with_int8(checkpoint: Path, capsys: pytest.CaptureF
     # the human-readable form
     assert main(["export", str(checkpoint), "-o", str(checkpoint.parent / "s.onnx")]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"onnx: {checkpoint.parent / 's.onnx'}") and "top-1 identical on 100.00% of 1000 test images" in out
+    assert (
+        out.startswith(f"onnx: {checkpoint.parent / 's.onnx'}")
+        and "top-1 identical on 100.00% of 1000 test images" in out
+    )
 
 
 @pytest.mark.slow
@@ -128,7 +151,9 @@ def test_export_command_torchscript(checkpoint: Path, capsys: pytest.CaptureFixt
     assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_export_command_errors(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_export_command_errors(
+    checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     def error(*args: str) -> str:
         assert main(["export", *args]) == 2
         lines = capsys.readouterr().err.strip().splitlines()  # progress lines (decoding) may come first
@@ -138,7 +163,9 @@ def test_export_command_errors(checkpoint: Path, tmp_path: Path, monkeypatch: py
     assert "use --format onnx" in error(str(checkpoint), "--format", "torchscript", "--quantize", "static")
     assert "does not exist" in error(str(tmp_path / "missing.pt"))
     assert "--calibration-images 0" in error(str(checkpoint), "--calibration-images", "0")
-    assert "predicts 10 classes" in error(str(checkpoint), "--format", "torchscript", "--data", str(_three_class_folder(tmp_path)))
+    assert "predicts 10 classes" in error(
+        str(checkpoint), "--format", "torchscript", "--data", str(_three_class_folder(tmp_path))
+    )
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
     assert "pip install 'kdistill[export]'" in error(str(checkpoint))
 
@@ -158,6 +185,8 @@ def test_study_deploy_setting(tmp_path: Path, mini: ImageDataset, monkeypatch: p
     student = create_model("seed_student", num_classes=10)
     assert deploy_student(load_config(None, ["deploy.onnx=false"]), student, mini, tmp_path) is None
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
-    assert deploy_student(load_config(None, []), student, mini, tmp_path) is None  # automatic: skipped without the extra
+    assert (
+        deploy_student(load_config(None, []), student, mini, tmp_path) is None
+    )  # automatic: skipped without the extra
     with pytest.raises(ExportError, match=r"pip install 'kdistill\[export\]'"):
         deploy_student(load_config(None, ["deploy.onnx=true"]), student, mini, tmp_path)

@@ -23,8 +23,13 @@ class ConvSeq(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv1d(2, width, 5, padding=2), nn.ReLU(), nn.Conv1d(width, width, 5, padding=2), nn.ReLU(),
-            nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width, 4),
+            nn.Conv1d(2, width, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(width, width, 5, padding=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+            nn.Flatten(),
+            nn.Linear(width, 4),
         )
 
     def forward(self, x):  # (B, 2, 32) -> (B, 4)
@@ -53,8 +58,21 @@ def test_distill_sequence_classifiers_from_tensors_and_iterables():
     teacher.zero_grad(set_to_none=True)
     torch.manual_seed(0)
     student = GRUSeq(8)
-    before = kdistill.train(GRUSeq(8), train, test, epochs=1, lr=1e-9, batch_size=64, channels_last=False, device="cpu").metrics["top1"]
-    r = kdistill.distill(teacher, student, train, test, epochs=8, lr=0.02, batch_size=64, channels_last=False, device="cpu", optimizer={"name": "adamw"})
+    before = kdistill.train(
+        GRUSeq(8), train, test, epochs=1, lr=1e-9, batch_size=64, channels_last=False, device="cpu"
+    ).metrics["top1"]
+    r = kdistill.distill(
+        teacher,
+        student,
+        train,
+        test,
+        epochs=8,
+        lr=0.02,
+        batch_size=64,
+        channels_last=False,
+        device="cpu",
+        optimizer={"name": "adamw"},
+    )
     assert r.metrics["top1"] > max(before, 25) + 20, (before, r.metrics)
     assert all(p.grad is None for p in teacher.parameters())  # the teacher was never trained here
 
@@ -62,5 +80,7 @@ def test_distill_sequence_classifiers_from_tensors_and_iterables():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train), batch_size=64, shuffle=True)
     test_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test), batch_size=128)
     torch.manual_seed(0)
-    r2 = kdistill.distill(teacher, ConvSeq(16), loader, test_loader, epochs=8, lr=0.05, channels_last=False, device="cpu")
+    r2 = kdistill.distill(
+        teacher, ConvSeq(16), loader, test_loader, epochs=8, lr=0.05, channels_last=False, device="cpu"
+    )
     assert r2.metrics["top1"] > 50, r2.metrics

@@ -75,7 +75,10 @@ def pool_blocks(f: list, k: int) -> list:
     return [
         [
             [
-                [sum(f[b][c][h * k + i][w * k + j] for i in range(k) for j in range(k)) / (k * k) for w in range(W // k)]
+                [
+                    sum(f[b][c][h * k + i][w * k + j] for i in range(k) for j in range(k)) / (k * k)
+                    for w in range(W // k)
+                ]
                 for h in range(H // k)
             ]
             for c in range(C)
@@ -99,7 +102,12 @@ def dot(u: list[float], v: list[float]) -> float:
 def test_hint_loss_value() -> None:
     r, t = randn(3, 4, 2, 2, seed=1), randn(3, 4, 2, 2, seed=2)
     R, T = r.tolist(), t.tolist()
-    want = sum((R[b][c][h][w] - T[b][c][h][w]) ** 2 for b in range(3) for c in range(4) for h in range(2) for w in range(2)) / 48
+    want = (
+        sum(
+            (R[b][c][h][w] - T[b][c][h][w]) ** 2 for b in range(3) for c in range(4) for h in range(2) for w in range(2)
+        )
+        / 48
+    )
     assert hint_loss(r, t).item() == pytest.approx(want, rel=1e-12)
 
 
@@ -119,7 +127,10 @@ def test_fitnets_value_through_regressor() -> None:
 
     x = pool_blocks(f_s.tolist(), 2)  # (B, Cs, 2, 2)
     W, T = weight.tolist(), f_t.tolist()
-    y = [[[[sum(W[o][c] * x[b][c][h][w] for c in range(Cs)) for w in range(2)] for h in range(2)] for o in range(Ct)] for b in range(B)]
+    y = [
+        [[[sum(W[o][c] * x[b][c][h][w] for c in range(Cs)) for w in range(2)] for h in range(2)] for o in range(Ct)]
+        for b in range(B)
+    ]
     total = 0.0
     for o in range(Ct):
         vals = [y[b][o][h][w] for b in range(B) for h in range(2) for w in range(2)]
@@ -157,7 +168,10 @@ def test_fitnets_regressor_shapes_and_default_stages() -> None:
     m = FitNets(FitNets.Options(), ctx)
     assert (m.student_stage, m.teacher_stage) == (1, 1)
     # three stages: the middle one, as RepDistiller's hint_layer=2
-    ctx = make_context(shapes_only([(16, 32, 32), (32, 16, 16), (64, 8, 8)], 64), shapes_only([(64, 32, 32), (128, 16, 16), (256, 8, 8)], 256))
+    ctx = make_context(
+        shapes_only([(16, 32, 32), (32, 16, 16), (64, 8, 8)], 64),
+        shapes_only([(64, 32, 32), (128, 16, 16), (256, 8, 8)], 256),
+    )
     m = FitNets(FitNets.Options(), ctx)
     assert (m.student_stage, m.teacher_stage) == (1, 1)
     m = FitNets(FitNets.Options(student_stage=0, teacher_stage=-1), ctx)
@@ -244,7 +258,10 @@ def test_sp_method_default_last_stage_gamma() -> None:
     ctx = make_context(shapes_only([(2, 4, 4), (3, 2, 2)], 4), shapes_only([(4, 4, 4), (5, 2, 2)], 4))
     m = SP(SP.Options(), ctx)
     assert m.pairs == [(1, 1)]
-    fs, ft = [randn(4, 2, 4, 4, seed=1), randn(4, 3, 2, 2, seed=2)], [randn(4, 4, 4, 4, seed=3), randn(4, 5, 2, 2, seed=4)]
+    fs, ft = (
+        [randn(4, 2, 4, 4, seed=1), randn(4, 3, 2, 2, seed=2)],
+        [randn(4, 4, 4, 4, seed=3), randn(4, 5, 2, 2, seed=4)],
+    )
     got = m(output(fs, randn(4, 4)), output(ft, randn(4, 4)), None, None, 0.0)["sp"]
     assert got.item() == pytest.approx(3000 * reference_sp(fs[1], ft[1]), rel=1e-5)
 
@@ -260,10 +277,14 @@ def test_sp_gradcheck() -> None:
 
 def reference_rkd(e_s: torch.Tensor, e_t: torch.Tensor) -> tuple[float, float, int]:
     """(distance loss, angle loss, how many Huber arguments fell in the linear branch)."""
+
     def distances(e):
         x = e.tolist()
         b = len(x)
-        d = [[math.sqrt(sum((p - q) ** 2 for p, q in zip(x[i], x[j]))) if i != j else 0.0 for j in range(b)] for i in range(b)]
+        d = [
+            [math.sqrt(sum((p - q) ** 2 for p, q in zip(x[i], x[j]))) if i != j else 0.0 for j in range(b)]
+            for i in range(b)
+        ]
         mu = sum(d[i][j] for i in range(b) for j in range(b) if i != j) / (b * (b - 1))
         return [[v / mu for v in row] for row in d]
 
@@ -347,7 +368,9 @@ def test_pkt_loss_value() -> None:
 def test_pkt_method_beta() -> None:
     x_s, x_t = randn(4, 3, seed=42), randn(4, 6, seed=43)
     ctx = make_context(shapes_only([(2, 2, 2)], 3), shapes_only([(2, 2, 2)], 6))
-    got = PKT(PKT.Options(), ctx)(output([randn(4, 2, 2, 2)], x_s), output([randn(4, 2, 2, 2)], x_t), None, None, 0.0)["pkt"]
+    got = PKT(PKT.Options(), ctx)(output([randn(4, 2, 2, 2)], x_s), output([randn(4, 2, 2, 2)], x_t), None, None, 0.0)[
+        "pkt"
+    ]
     assert got.item() == pytest.approx(30000 * reference_pkt(x_s, x_t), rel=1e-5)
 
 
@@ -502,7 +525,13 @@ def test_crd_forward_value_memory_and_z() -> None:
 
     # Z is fixed after the first batch
     z = method.z.clone()
-    method(output([], randn(b, 5, seed=58).float()), output([], randn(b, 7, seed=59).float()), None, torch.tensor([1, 2, 5, 6]), 1.0)
+    method(
+        output([], randn(b, 5, seed=58).float()),
+        output([], randn(b, 7, seed=59).float()),
+        None,
+        torch.tensor([1, 2, 5, 6]),
+        1.0,
+    )
     assert torch.equal(method.z, z)
 
 
@@ -580,7 +609,12 @@ def test_method_parameters_are_trained_and_checkpointed() -> None:
     assert own and all(id(p) in params for p in own)
     assert not any(id(p) in params for p in teacher.parameters())
     state = task.state_dict()
-    for key in ("methods.crd.memory_s", "methods.crd.memory_t", "methods.crd.z", "methods.fitnets.regressor.bn.running_mean"):
+    for key in (
+        "methods.crd.memory_s",
+        "methods.crd.memory_t",
+        "methods.crd.z",
+        "methods.fitnets.regressor.bn.running_mean",
+    ):
         assert key in state
 
     batch = Batch(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)), torch.arange(8) * 5)
@@ -661,7 +695,9 @@ def test_crd_scores_both_ways_equal_the_formula(n: int, k: int) -> None:
     memory = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1)
     anchor = F.normalize(torch.randn(4, 8, generator=g, dtype=torch.float64), dim=1).requires_grad_(True)
     idx = sample_contrast_indices(torch.tensor([0, 3, 5, 9]), n, k)
-    want = torch.stack([torch.stack([torch.exp(memory[j] @ anchor[i] / 0.07) for j in idx[i].tolist()]) for i in range(4)])
+    want = torch.stack(
+        [torch.stack([torch.exp(memory[j] @ anchor[i] / 0.07) for j in idx[i].tolist()]) for i in range(4)]
+    )
     got = contrast_scores(anchor, memory, idx, 0.07)
     torch.testing.assert_close(got, want)
     (g_got,) = torch.autograd.grad(got.log().sum(), anchor)

@@ -223,7 +223,10 @@ def test_standardize_constant_row_is_finite() -> None:
 
 def kd_std_explicit(s: torch.Tensor, t: torch.Tensor, T: float) -> float:
     rows = zip(s.tolist(), t.tolist())
-    total = sum(kl_explicit(softmax_explicit(zscore_explicit(rt), T), softmax_explicit(zscore_explicit(rs), T)) for rs, rt in rows)
+    total = sum(
+        kl_explicit(softmax_explicit(zscore_explicit(rt), T), softmax_explicit(zscore_explicit(rs), T))
+        for rs, rt in rows
+    )
     return total / len(s) * T**2
 
 
@@ -231,7 +234,10 @@ def test_kd_with_logit_std_matches_formula() -> None:
     # float32: the KD method computes in float32 whatever it is given
     s = torch.tensor([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 0.3, 9.0]])
     t = torch.tensor([[30.0, 0.0, 10.0, -5.0], [1.0, 1.5, 0.0, 2.0]])
-    for method, T in ((KD(KDOptions(logit_std=True, temperature=3.0), context(4)), 3.0), (LogitStdKD(LogitStdKDOptions(), context(4)), 2.0)):
+    for method, T in (
+        (KD(KDOptions(logit_std=True, temperature=3.0), context(4)), 3.0),
+        (LogitStdKD(LogitStdKDOptions(), context(4)), 2.0),
+    ):
         terms = method(out(s), out(t), torch.tensor([0, 3]), torch.arange(2), 0.0)
         assert list(terms) == [method.name]
         assert terms[method.name].item() == pytest.approx(kd_std_explicit(s, t, T), rel=1e-5)
@@ -315,7 +321,9 @@ def test_dist_zero_when_student_is_teacher() -> None:
     inter, intra = dist_loss(z, z.clone(), 1.0, 1.0, 1.0)
     assert abs(inter.item()) < 1e-5 and abs(intra.item()) < 1e-5
     # and invariant to what Pearson ignores: here a second teacher with the same probabilities
-    terms = DIST(DISTOptions(), context(10))(out(z), out(z + 7.0), torch.zeros(8, dtype=torch.long), torch.arange(8), 0.0)
+    terms = DIST(DISTOptions(), context(10))(
+        out(z), out(z + 7.0), torch.zeros(8, dtype=torch.long), torch.arange(8), 0.0
+    )
     assert set(terms) == {"dist_inter", "dist_intra"}
     assert all(abs(v.item()) < 1e-5 for v in terms.values())
 

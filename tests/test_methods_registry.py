@@ -17,8 +17,11 @@ def small(mini):
     idx = torch.arange(0, len(mini.train_labels), 10)  # 500 images, every class
     tidx = torch.arange(0, len(mini.test_labels), 5)
     return dataclasses.replace(
-        mini, train_images=mini.train_images[idx], train_labels=mini.train_labels[idx],
-        test_images=mini.test_images[tidx], test_labels=mini.test_labels[tidx],
+        mini,
+        train_images=mini.train_images[idx],
+        train_labels=mini.train_labels[idx],
+        test_images=mini.test_images[tidx],
+        test_labels=mini.test_labels[tidx],
     )
 
 
@@ -27,7 +30,9 @@ def small(mini):
 def test_every_method_distills_and_checkpoints(name, small, tmp_path):
     torch.manual_seed(0)
     teacher, student = kdistill.create_model("seed_teacher"), kdistill.create_model("seed_student")
-    r = kdistill.distill(teacher, student, small, methods=name, epochs=1, batch_size=50, device="cpu", run_dir=tmp_path, grad_clip=5.0)
+    r = kdistill.distill(
+        teacher, student, small, methods=name, epochs=1, batch_size=50, device="cpu", run_dir=tmp_path, grad_clip=5.0
+    )
     assert r.history[0]["train_loss"] == r.history[0]["train_loss"]  # finite, not NaN
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     own = {k for k in state["task_state"] if k.startswith("methods.")}
@@ -41,7 +46,9 @@ def _context(teacher, student, ds):
     from kdistill.methods.base import MethodContext
     from kdistill.models.base import feature_shapes
 
-    return MethodContext(feature_shapes(student, ds.image_shape), feature_shapes(teacher, ds.image_shape), 10, len(ds.train_labels), 1)
+    return MethodContext(
+        feature_shapes(student, ds.image_shape), feature_shapes(teacher, ds.image_shape), 10, len(ds.train_labels), 1
+    )
 
 
 @pytest.mark.slow
@@ -49,8 +56,15 @@ def test_combined_methods_have_separate_weights(small):
     torch.manual_seed(0)
     teacher, student = kdistill.create_model("seed_teacher"), kdistill.create_model("seed_student")
     r = kdistill.distill(
-        teacher, student, small, methods={"crd": {"weight": 0.8}, "kd": {"weight": 1.0}}, alpha=1.0, ce_weight=1.0,
-        epochs=1, batch_size=50, device="cpu",
+        teacher,
+        student,
+        small,
+        methods={"crd": {"weight": 0.8}, "kd": {"weight": 1.0}},
+        alpha=1.0,
+        ce_weight=1.0,
+        epochs=1,
+        batch_size=50,
+        device="cpu",
     )
     assert {"train_ce", "train_kd", "train_crd"} <= set(r.history[0])
 

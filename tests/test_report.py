@@ -110,9 +110,17 @@ def _history(epochs: int, kd: bool, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
     for e in range(1, epochs + 1):
-        row = {"epoch": e, "lr": 0.05 * (1 - e / (epochs + 1)), "train_loss": 2.0 / e + 0.1 * torch.rand(1, generator=g).item(),
-               "train_top1": 30 + 10 * e, "train_seconds": 1.0, "train_images": 100, "images_per_second": 100.0,
-               "test_top1": 25 + 9 * e, "test_loss": 2.0 / e}
+        row = {
+            "epoch": e,
+            "lr": 0.05 * (1 - e / (epochs + 1)),
+            "train_loss": 2.0 / e + 0.1 * torch.rand(1, generator=g).item(),
+            "train_top1": 30 + 10 * e,
+            "train_seconds": 1.0,
+            "train_images": 100,
+            "images_per_second": 100.0,
+            "test_top1": 25 + 9 * e,
+            "test_loss": 2.0 / e,
+        }
         if kd:
             row.update(train_ce=1.0 / e, train_kd=1.0 / e)
         rows.append(row)
@@ -126,31 +134,83 @@ def fake_run(root: Path, name: str, temperature: float, seed: int = 0, deploymen
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(60) % 3
     models = {}
-    for phase, arch, skill in (("teacher", "seed_teacher", 3.0), ("baseline", "seed_student", 1.0), ("distilled", "seed_student", 1.5 + seed)):
+    for phase, arch, skill in (
+        ("teacher", "seed_teacher", 3.0),
+        ("baseline", "seed_student", 1.0),
+        ("distilled", "seed_student", 1.5 + seed),
+    ):
         logits = torch.randn(60, 3, generator=g) + skill * torch.nn.functional.one_hot(labels, 3)
         profile = profile_model(create_model(arch, num_classes=3), (3, 32, 32), latency=False)
         scale = 4.0 if phase == "teacher" else 1.0
-        profile["latency_b1"] = {"median_ms": 0.5 * scale, "p90_ms": 0.7 * scale, "images_per_second": 2000 / scale, "repeats": 30, "warmup": 5, "batch_size": 1}
-        profile["throughput_b256"] = {"median_ms": 50 * scale, "p90_ms": 60 * scale, "images_per_second": 5000 / scale, "repeats": 10, "warmup": 2, "batch_size": 256}
-        models[phase] = {"model": arch, "test": classification_metrics(logits, labels, CLASSES), "profile": profile,
-                         "train_seconds": 10.0, "images_per_second": 100.0, "epochs": 3, "logits": logits}
+        profile["latency_b1"] = {
+            "median_ms": 0.5 * scale,
+            "p90_ms": 0.7 * scale,
+            "images_per_second": 2000 / scale,
+            "repeats": 30,
+            "warmup": 5,
+            "batch_size": 1,
+        }
+        profile["throughput_b256"] = {
+            "median_ms": 50 * scale,
+            "p90_ms": 60 * scale,
+            "images_per_second": 5000 / scale,
+            "repeats": 10,
+            "warmup": 2,
+            "batch_size": 256,
+        }
+        models[phase] = {
+            "model": arch,
+            "test": classification_metrics(logits, labels, CLASSES),
+            "profile": profile,
+            "train_seconds": 10.0,
+            "images_per_second": 100.0,
+            "epochs": 3,
+            "logits": logits,
+        }
         (run / phase).mkdir(parents=True)
-        (run / phase / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _history(3, phase == "distilled", seed)))
+        (run / phase / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in _history(3, phase == "distilled", seed))
+        )
     for phase in ("baseline", "distilled"):
         models[phase]["agreement"] = agreement(models[phase]["logits"], models["teacher"]["logits"])
     for m in models.values():
         del m["logits"]
-    summary = {"name": name, "seed": seed, "device": "cpu", "method": "kd", "platform": "test",
-               "data": {"dataset": "fake", "train_size": 300, "test_size": 60, "num_classes": 3}, "models": models, "wall_seconds": 1.0}
+    summary = {
+        "name": name,
+        "seed": seed,
+        "device": "cpu",
+        "method": "kd",
+        "platform": "test",
+        "data": {"dataset": "fake", "train_size": 300, "test_size": 60, "num_classes": 3},
+        "models": models,
+        "wall_seconds": 1.0,
+    }
     if deployment:
         lat = {"latency_b1": {"median_ms": 0.1, "p90_ms": 0.2}, "throughput_b256": {"images_per_second": 9000.0}}
         summary["deployment"] = {
             "pytorch_top1": models["distilled"]["test"]["top1"],
-            "onnx": {"path": str(run / "distilled/model.onnx"), "top1": models["distilled"]["test"]["top1"], "disk_bytes": 1_000_000,
-                     "max_abs_diff": 2e-6, "mean_abs_diff": 1e-7, "top1_agreement": 100.0, "num_images": 60, **lat},
-            "int8": {"path": str(run / "distilled/model.int8.onnx"), "mode": "static", "calibration_images": 64,
-                     "top1": models["distilled"]["test"]["top1"] - 1.0, "disk_bytes": 270_000, "max_abs_diff": 0.3,
-                     "mean_abs_diff": 0.05, "top1_agreement": 97.0, "num_images": 60, **lat},
+            "onnx": {
+                "path": str(run / "distilled/model.onnx"),
+                "top1": models["distilled"]["test"]["top1"],
+                "disk_bytes": 1_000_000,
+                "max_abs_diff": 2e-6,
+                "mean_abs_diff": 1e-7,
+                "top1_agreement": 100.0,
+                "num_images": 60,
+                **lat,
+            },
+            "int8": {
+                "path": str(run / "distilled/model.int8.onnx"),
+                "mode": "static",
+                "calibration_images": 64,
+                "top1": models["distilled"]["test"]["top1"] - 1.0,
+                "disk_bytes": 270_000,
+                "max_abs_diff": 0.3,
+                "mean_abs_diff": 0.05,
+                "top1_agreement": 97.0,
+                "num_images": 60,
+                **lat,
+            },
         }
     summary["headline"] = headline(summary)
     (run / "summary.json").write_text(json.dumps(summary))
@@ -172,15 +232,31 @@ def test_report_of_a_run(tmp_path: Path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     d = summary["models"]["distilled"]
     # the comparison table with the new columns, the headline and the deployment section
-    for needle in ("ECE", "NLL", "size on disk", "p90", f"{d['test']['top1']:.2f}%", f"{d['test']['ece']:.3f}",
-                   "kd (temperature 4.0), alpha 0.9", "ONNX Runtime int8 (static)", "calibrated on 64 training images",
-                   "Which classes distillation helped", "reliability diagram"):
+    for needle in (
+        "ECE",
+        "NLL",
+        "size on disk",
+        "p90",
+        f"{d['test']['top1']:.2f}%",
+        f"{d['test']['ece']:.3f}",
+        "kd (temperature 4.0), alpha 0.9",
+        "ONNX Runtime int8 (static)",
+        "calibrated on 64 training images",
+        "Which classes distillation helped",
+        "reliability diagram",
+    ):
         assert needle in text, needle
     gain = d["test"]["top1"] - summary["models"]["baseline"]["test"]["top1"]
     assert f"Distillation bought {gain:+.2f} points" in text
     for cls in CLASSES:
         assert f"| {cls} |" in text
-    figures = ["curves.png", "figures/pareto.png", "figures/class_deltas.png", "figures/confusion.png", "figures/reliability.png"]
+    figures = [
+        "curves.png",
+        "figures/pareto.png",
+        "figures/class_deltas.png",
+        "figures/confusion.png",
+        "figures/reliability.png",
+    ]
     for fig in figures:
         assert f"]({fig})" in text and (run / fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig
 
@@ -188,7 +264,16 @@ def test_report_of_a_run(tmp_path: Path) -> None:
     page = (run / "report.html").read_text()
     counts = check_html(page)
     assert counts == {"tables": 3, "rows": 1 + 3 + 1 + 3 + 1 + 3, "images": len(figures)}
-    assert [img for img in _embedded_images(page)] == [(run / f).read_bytes() for f in ("figures/pareto.png", "curves.png", "figures/class_deltas.png", "figures/confusion.png", "figures/reliability.png")]
+    assert [img for img in _embedded_images(page)] == [
+        (run / f).read_bytes()
+        for f in (
+            "figures/pareto.png",
+            "curves.png",
+            "figures/class_deltas.png",
+            "figures/confusion.png",
+            "figures/reliability.png",
+        )
+    ]
     assert "<script" not in page and "http://" not in page and "https://" not in page
 
     # summary.csv: one row per model, the numbers of summary.json
@@ -257,22 +342,61 @@ def test_leaderboard_of_a_sweep(tmp_path: Path) -> None:
     """leaderboard.csv (every column), leaderboard.md and the self-contained leaderboard.html."""
     common = {"student": "seed_student", "parameters": 267747, "macs": 1884544, "epochs": 2, "top5": 90.0}
     rows = [
-        {**common, "name": "seed_student-at-a0.5", "method": "at", "temperature": None, "alpha": 0.5, "teacher": "live",
-         "top1": 41.25, "agreement": 60.5, "train_seconds": 9.4, "images_per_second": 539.2},
-        {**common, "name": "seed_student-kd-T4-a0.9", "method": "kd", "temperature": 4.0, "alpha": 0.9, "teacher": "cache",
-         "top1": 40.0, "agreement": 58.0, "train_seconds": 4.0, "images_per_second": 1216.0},
+        {
+            **common,
+            "name": "seed_student-at-a0.5",
+            "method": "at",
+            "temperature": None,
+            "alpha": 0.5,
+            "teacher": "live",
+            "top1": 41.25,
+            "agreement": 60.5,
+            "train_seconds": 9.4,
+            "images_per_second": 539.2,
+        },
+        {
+            **common,
+            "name": "seed_student-kd-T4-a0.9",
+            "method": "kd",
+            "temperature": 4.0,
+            "alpha": 0.9,
+            "teacher": "cache",
+            "top1": 40.0,
+            "agreement": 58.0,
+            "train_seconds": 4.0,
+            "images_per_second": 1216.0,
+        },
     ]
     cache = "2 epochs x 100 samples"  # the teacher cache, described
     write_leaderboard(tmp_path, rows, cache_seconds=3.2, cache=cache, wall_seconds=20.4)
     table = list(csv.DictReader((tmp_path / "leaderboard.csv").open()))
-    assert list(table[0]) == ["rank", "name", "student", "method", "temperature", "alpha", "teacher", "top1", "top5", "agreement",
-                              "parameters", "macs", "epochs", "train_seconds", "images_per_second"]
+    assert list(table[0]) == [
+        "rank",
+        "name",
+        "student",
+        "method",
+        "temperature",
+        "alpha",
+        "teacher",
+        "top1",
+        "top5",
+        "agreement",
+        "parameters",
+        "macs",
+        "epochs",
+        "train_seconds",
+        "images_per_second",
+    ]
     assert [(r["rank"], r["name"], r["temperature"], r["top1"]) for r in table] == [
-        ("1", "seed_student-at-a0.5", "", "41.25"), ("2", "seed_student-kd-T4-a0.9", "4.0", "40.0")]
+        ("1", "seed_student-at-a0.5", "", "41.25"),
+        ("2", "seed_student-kd-T4-a0.9", "4.0", "40.0"),
+    ]
     md = (tmp_path / "leaderboard.md").read_text().splitlines()
     assert md[0] == f"# Sweep leaderboard: {tmp_path.name}"
-    assert md[2] == ("2 configurations, sorted by test top-1 (last epoch). Wall time of this invocation 20 s; the teacher cache "
-                     "(2 epochs x 100 samples) took 3 s to build and served every 'cache' row.")
+    assert md[2] == (
+        "2 configurations, sorted by test top-1 (last epoch). Wall time of this invocation 20 s; the teacher cache "
+        "(2 epochs x 100 samples) took 3 s to build and served every 'cache' row."
+    )
     assert md[5:8] == [
         "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         "| 1 | seed_student | at | – | 0.5 | live | 41.25% | 90.00% | 60.50% | 0.27 M | 1.9 M | 2 | 9 s | 539 |",
@@ -280,22 +404,27 @@ def test_leaderboard_of_a_sweep(tmp_path: Path) -> None:
     ]
     assert md[-1] == "![accuracy vs cost](accuracy_vs_cost.png)"
     assert check_html((tmp_path / "leaderboard.html").read_text()) == {"tables": 1, "rows": 3, "images": 1}
-    assert _embedded_images((tmp_path / "leaderboard.html").read_text()) == [(tmp_path / "accuracy_vs_cost.png").read_bytes()]
+    assert _embedded_images((tmp_path / "leaderboard.html").read_text()) == [
+        (tmp_path / "accuracy_vs_cost.png").read_bytes()
+    ]
     # an existing cache, and none: said so, or nothing said
     write_leaderboard(tmp_path, rows, cache_seconds=0.0, cache=cache, wall_seconds=20.4)
-    assert "Wall time of this invocation 20 s; teacher cache: 2 epochs x 100 samples." in (tmp_path / "leaderboard.md").read_text()
+    assert (
+        "Wall time of this invocation 20 s; teacher cache: 2 epochs x 100 samples."
+        in (tmp_path / "leaderboard.md").read_text()
+    )
     write_leaderboard(tmp_path, rows, cache_seconds=0.0, cache=None, wall_seconds=20.4)
     assert "Wall time of this invocation 20 s.\n" in (tmp_path / "leaderboard.md").read_text()
 
 
 def test_check_html_rejects_external_and_broken_content() -> None:
-    ok = '<html><body><table><tr><th>a</th></tr></table></body></html>'
+    ok = "<html><body><table><tr><th>a</th></tr></table></body></html>"
     assert check_html(ok)["tables"] == 1
     for bad, why in (
         ('<html><body><img src="x.png" alt="a"></body></html>', "not embedded"),
         ('<html><body><img src="data:image/png;base64,AAAA" alt="a"></body></html>', "does not decode"),
-        ('<html><body><script>1</script></body></html>', "<script>"),
-        ('<html><body><div></body></html>', "does not close"),
+        ("<html><body><script>1</script></body></html>", "<script>"),
+        ("<html><body><div></body></html>", "does not close"),
         ('<html><head><link rel="stylesheet" href="https://cdn/x.css"></head><body></body></html>', "<link>"),
         ('<html><body><p style="background: url(a.png)">x</p></body></html>', "url()"),
     ):
@@ -321,7 +450,17 @@ def test_metrics_csv_and_tensorboard(tmp_path: Path) -> None:
         def forward(self, x):
             return self.fc(x.flatten(1))
 
-    kdistill.train(Tiny(), (x, y), (x, y), epochs=2, batch_size=16, device="cpu", run_dir=tmp_path / "r", tensorboard=True, channels_last=False)
+    kdistill.train(
+        Tiny(),
+        (x, y),
+        (x, y),
+        epochs=2,
+        batch_size=16,
+        device="cpu",
+        run_dir=tmp_path / "r",
+        tensorboard=True,
+        channels_last=False,
+    )
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     csv_lines = (tmp_path / "r" / "metrics.csv").read_text().splitlines()
     header = csv_lines[0].split(",")
@@ -334,14 +473,19 @@ def test_metrics_csv_and_tensorboard(tmp_path: Path) -> None:
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/top1", "test/top1", "test/loss", "train/lr"} <= tags
-    assert [(e.step, round(e.value, 4)) for e in events.Scalars("test/top1")] == [(r["epoch"], round(r["test_top1"], 4)) for r in rows]
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("test/top1")] == [
+        (r["epoch"], round(r["test_top1"], 4)) for r in rows
+    ]
 
 
 def test_tensorboard_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
-    with pytest.raises(ConfigError, match=r"tensorboard package is not installed; install it with: pip install 'kdistill\[tensorboard\]'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tensorboard package is not installed; install it with: pip install 'kdistill\[tensorboard\]'",
+    ):
         MetricsLog(tmp_path, [], tensorboard=True)
 
 
@@ -351,7 +495,9 @@ def test_tensorboard_flag_and_csv_helpers() -> None:
     args = build_parser().parse_args(["run", "--tensorboard"])
     assert _config_from_args(args).train.tensorboard is True
     assert _config_from_args(build_parser().parse_args(["run"])).train.tensorboard is False
-    assert scalar_tag("train_kd") == "train/kd" and scalar_tag("val_top1") == "val/top1" and scalar_tag("lr") == "train/lr"
+    assert (
+        scalar_tag("train_kd") == "train/kd" and scalar_tag("val_top1") == "val/top1" and scalar_tag("lr") == "train/lr"
+    )
     assert to_csv([{"a": 1}, {"a": 2, "b": 3}]) == "a,b\n1,\n2,3\n"
 
 
@@ -376,8 +522,12 @@ def test_plain_progress_lines_with_eta(monkeypatch: pytest.MonkeyPatch, capsys: 
 
 def _summary_with(teacher: float, baseline: float, distilled: float) -> dict:
     profile = {"parameters": 100, "macs": 1000, "latency_b1": {"median_ms": 1.0}}
-    return {"models": {p: {"test": {"top1": v}, "profile": profile} for p, v in
-                       (("teacher", teacher), ("baseline", baseline), ("distilled", distilled))}}
+    return {
+        "models": {
+            p: {"test": {"top1": v}, "profile": profile}
+            for p, v in (("teacher", teacher), ("baseline", baseline), ("distilled", distilled))
+        }
+    }
 
 
 @pytest.mark.parametrize(
@@ -388,7 +538,13 @@ def _summary_with(teacher: float, baseline: float, distilled: float) -> dict:
         (70.0, 60.0, 60.0, ["left test top-1 unchanged"], ["bought", "closed", "cost"]),
         (70.0, 60.0, 72.0, ["bought +12.00 points", "beat its teacher"], ["closed"]),
         # issue 18's case: a 1-epoch teacher (28%) far below the student alone (55%)
-        (28.0, 55.0, 46.8, ["cost 8.20 points", "warning: the teacher, 28.00%, is not better than the student alone, 55.00%"], ["closed", "bought"]),
+        (
+            28.0,
+            55.0,
+            46.8,
+            ["cost 8.20 points", "warning: the teacher, 28.00%, is not better than the student alone, 55.00%"],
+            ["closed", "bought"],
+        ),
         (55.0, 55.0, 57.0, ["bought +2.00 points", "warning: the teacher"], ["closed"]),
     ],
 )

@@ -18,8 +18,22 @@ pytestmark = pytest.mark.slow
 
 
 def _run(output_dir: Path, name: str, *extra: str) -> Path:
-    args = ["run", "--epochs", "1", "--output-dir", str(output_dir), "--name", name, "--device", "cpu",
-            "--set", "deploy.onnx=true", "--set", "deploy.calibration_images=128", *extra]
+    args = [
+        "run",
+        "--epochs",
+        "1",
+        "--output-dir",
+        str(output_dir),
+        "--name",
+        name,
+        "--device",
+        "cpu",
+        "--set",
+        "deploy.onnx=true",
+        "--set",
+        "deploy.calibration_images=128",
+        *extra,
+    ]
     assert main(args) == 0
     return output_dir / name
 
@@ -45,7 +59,11 @@ def test_summary_has_every_metric(runs: tuple[Path, Path]) -> None:
         rows = (run / phase / "metrics.csv").read_text().splitlines()
         assert rows[0].startswith("epoch,lr,train_loss") and len(rows) == 2
     dep = summary["deployment"]
-    assert dep["onnx"]["max_abs_diff"] <= 1e-4 and dep["onnx"]["top1_agreement"] >= 99.9 and dep["onnx"]["num_images"] == 1000
+    assert (
+        dep["onnx"]["max_abs_diff"] <= 1e-4
+        and dep["onnx"]["top1_agreement"] >= 99.9
+        and dep["onnx"]["num_images"] == 1000
+    )
     assert dep["int8"]["mode"] == "static" and dep["int8"]["calibration_images"] == 128
     assert abs(dep["int8"]["top1"] - dep["pytorch_top1"]) < 10  # quantized, not broken
     assert (run / "distilled" / "model.onnx").is_file() and (run / "distilled" / "model.int8.onnx").is_file()

@@ -27,8 +27,12 @@ from kdistill.errors import ConfigError
 from kdistill.runs import RUN_FILE, open_run_dir, run_identity
 
 TREE = {
-    "train/ant/0.png": (200, 10, 10), "train/ant/1.png": (190, 20, 10), "train/bee/0.png": (10, 200, 10),
-    "train/bee/1.png": (20, 190, 10), "test/ant/0.png": (210, 0, 0), "test/bee/0.png": (0, 210, 0),
+    "train/ant/0.png": (200, 10, 10),
+    "train/ant/1.png": (190, 20, 10),
+    "train/bee/0.png": (10, 200, 10),
+    "train/bee/1.png": (20, 190, 10),
+    "test/ant/0.png": (210, 0, 0),
+    "test/bee/0.png": (0, 210, 0),
 }
 
 
@@ -48,7 +52,20 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _args(command: str, tree: Path, out: Path, *extra: str) -> list[str]:
-    return [command, "--data", str(tree), "--epochs", "1", "--device", "cpu", "--output-dir", str(out), "--set", "train.batch_size=2", *extra]
+    return [
+        command,
+        "--data",
+        str(tree),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(out),
+        "--set",
+        "train.batch_size=2",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +85,11 @@ def _error(capsys: pytest.CaptureFixture) -> str:
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 # ------------------------------------------------------------------ resume integrity
@@ -81,12 +102,19 @@ def _made_by(argv: list[str], kind: str) -> Path:
         return run_dir
 
 
-def test_a_resume_by_another_command_is_refused_before_anything_is_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_resume_by_another_command_is_refused_before_anything_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     run_dir = _made_by(["train", "--model", "seed_student", "--output-dir", str(tmp_path), "--name", "r20"], "train")
     assert json.loads((run_dir / RUN_FILE).read_text())["kind"] == "train"
     before = _files(run_dir)
     capsys.readouterr()
-    assert main(["distill", "--teacher", str(tmp_path / "t.pt"), "--output-dir", str(tmp_path), "--name", "r20", "--resume"]) == 2
+    assert (
+        main(
+            ["distill", "--teacher", str(tmp_path / "t.pt"), "--output-dir", str(tmp_path), "--name", "r20", "--resume"]
+        )
+        == 2
+    )
     assert f"cannot resume {run_dir}: it was made by kdistill train, not by kdistill distill" in _error(capsys)
     assert _files(run_dir) == before  # config.yaml still names what the run is
 
@@ -141,11 +169,28 @@ def test_train_resume_over_a_distill_run_is_refused(runs: Path, tree: Path, caps
 
 
 @pytest.mark.slow
-def test_resume_with_other_distillation_settings_is_refused(runs: Path, tree: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_with_other_distillation_settings_is_refused(
+    runs: Path, tree: Path, capsys: pytest.CaptureFixture
+) -> None:
     before = _files(runs / "d")
     capsys.readouterr()
     teacher = str(runs / "r20" / "checkpoint.pt")
-    argv = _args("distill", tree, runs, "--teacher", teacher, "--name", "d", "--resume", "-T", "8", "--alpha", "0.1", "--method", "dkd")
+    argv = _args(
+        "distill",
+        tree,
+        runs,
+        "--teacher",
+        teacher,
+        "--name",
+        "d",
+        "--resume",
+        "-T",
+        "8",
+        "--alpha",
+        "0.1",
+        "--method",
+        "dkd",
+    )
     assert main(argv) == 2
     line = _error(capsys)
     assert "cannot resume" in line and "distill.methods changed from {kd: {" in line and "to {dkd: {" in line
@@ -168,8 +213,9 @@ def test_resume_with_other_distillation_settings_is_refused(runs: Path, tree: Pa
         (("--set", "data.val_size=1"), "data.val_size changed from 0 to 1"),
     ],
 )
-def test_resume_with_another_identity_names_the_key(runs: Path, tree: Path, tmp_path: Path, extra: tuple, key: str,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_resume_with_another_identity_names_the_key(
+    runs: Path, tree: Path, tmp_path: Path, extra: tuple, key: str, capsys: pytest.CaptureFixture
+) -> None:
     teacher = runs / "r20" / "checkpoint.pt"
     if "OTHER" in extra:
         other = tmp_path / "other.pt"
@@ -183,11 +229,24 @@ def test_resume_with_another_identity_names_the_key(runs: Path, tree: Path, tmp_
 
 
 @pytest.mark.slow
-def test_resume_with_the_same_identity_goes_on(runs: Path, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_with_the_same_identity_goes_on(
+    runs: Path, tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Where files are is not what the run is: a resume from another folder, with the
     teacher's path spelled relative to it and another data cache folder, is accepted."""
     monkeypatch.chdir(runs)
-    argv = _args("distill", tree, runs, "--teacher", "r20/checkpoint.pt", "--name", "d", "--resume", "--data-dir", str(tmp_path / "cache"))
+    argv = _args(
+        "distill",
+        tree,
+        runs,
+        "--teacher",
+        "r20/checkpoint.pt",
+        "--name",
+        "d",
+        "--resume",
+        "--data-dir",
+        str(tmp_path / "cache"),
+    )
     assert main(argv) == 0
     assert json.loads((runs / "d" / RUN_FILE).read_text())["kind"] == "distill"
 
@@ -212,10 +271,20 @@ def test_unreadable_run_json_is_refused(tmp_path: Path, tree: Path, capsys: pyte
 
 def test_identity_ignores_where_files_are() -> None:
     base = load_config(None, ["teacher.checkpoint=t.pt"])
-    same = load_config(None, [
-        "teacher.checkpoint=./t.pt", "data.data_dir=/elsewhere", "data.download=false", "device=cpu", "output_dir=other",
-        "train.tensorboard=true", "distill.teacher_cache=c.pt", "name=renamed", "distill.methods.kd.temperature=4.0",
-    ])
+    same = load_config(
+        None,
+        [
+            "teacher.checkpoint=./t.pt",
+            "data.data_dir=/elsewhere",
+            "data.download=false",
+            "device=cpu",
+            "output_dir=other",
+            "train.tensorboard=true",
+            "distill.teacher_cache=c.pt",
+            "name=renamed",
+            "distill.methods.kd.temperature=4.0",
+        ],
+    )
     for kind in ("run", "train", "distill", "mutual", "sweep"):
         assert run_identity(same, kind) == run_identity(base, kind), kind
     assert run_identity(load_config(None, ["born_again=2"]), "run") != run_identity(load_config(), "run")
@@ -245,15 +314,20 @@ def test_default_run_names_do_not_collide() -> None:
         "sweep": _name(["sweep", "--teacher", "t.pt"]),
     }
     assert names == {
-        "run": "quickstart", "train": "quickstart-train-resnet20", "distill": "quickstart-distill-resnet20",
-        "mutual": "quickstart-mutual-seed_student-seed_student", "sweep": "quickstart-sweep",
+        "run": "quickstart",
+        "train": "quickstart-train-resnet20",
+        "distill": "quickstart-distill-resnet20",
+        "mutual": "quickstart-mutual-seed_student-seed_student",
+        "sweep": "quickstart-sweep",
     }
     assert _name(["train", "--name", "mine"]) == "mine" and _name(["train", "--set", "name=mine"]) == "mine"
     assert _name(["train", "--config", "cifar10_seed"]) == "cifar10_seed-train-seed_teacher"
 
 
 @pytest.mark.slow
-def test_train_after_the_study_gets_its_own_directory(tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_after_the_study_gets_its_own_directory(
+    tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """The README's ``kdistill run`` then ``kdistill train --model ...``: no "already exists"."""
     study = tmp_path / "quickstart"
     with open_run_dir(load_config(None, [f"output_dir={tmp_path}"]), False, kind="run"):
@@ -296,7 +370,17 @@ def test_unreachable_download_leaves_no_run_directory_and_says_where_the_archive
         raise urllib.error.URLError("Temporary failure in name resolution")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    argv = ["train", "--data", "cifar10", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs"), "--device", "cpu"]
+    argv = [
+        "train",
+        "--data",
+        "cifar10",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output-dir",
+        str(tmp_path / "runs"),
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 2
     line = _error(capsys)
     archive = tmp_path.resolve() / "data" / "cifar10" / "cifar-10-python.tar.gz"
@@ -306,19 +390,56 @@ def test_unreachable_download_leaves_no_run_directory_and_says_where_the_archive
 
 
 @pytest.mark.slow
-def test_cache_mismatch_leaves_no_run_directory(runs: Path, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cache_mismatch_leaves_no_run_directory(
+    runs: Path, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     teacher = str(runs / "r20" / "checkpoint.pt")
     cache = tmp_path / "t.cache"
-    assert main(["cache-teacher", "--teacher", teacher, "--data", str(tree), "--epochs", "1", "--device", "cpu", "--out", str(cache)]) == 0
+    assert (
+        main(
+            [
+                "cache-teacher",
+                "--teacher",
+                teacher,
+                "--data",
+                str(tree),
+                "--epochs",
+                "1",
+                "--device",
+                "cpu",
+                "--out",
+                str(cache),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(_args("distill", tree, tmp_path / "runs", "--teacher", teacher, "--teacher-cache", str(cache), "--seed", "1")) == 2
+    assert (
+        main(
+            _args(
+                "distill", tree, tmp_path / "runs", "--teacher", teacher, "--teacher-cache", str(cache), "--seed", "1"
+            )
+        )
+        == 2
+    )
     assert "seed" in _error(capsys)
     assert not (tmp_path / "runs").exists()
 
 
 def test_a_directory_that_existed_is_never_removed(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     def train(name: str, *extra: str) -> list[str]:
-        return ["train", "--data", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "runs"), "--name", name, "--device", "cpu", *extra]
+        return [
+            "train",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            name,
+            "--device",
+            "cpu",
+            *extra,
+        ]
 
     empty = tmp_path / "runs" / "x"
     empty.mkdir(parents=True)
@@ -334,7 +455,9 @@ def test_a_directory_that_existed_is_never_removed(tmp_path: Path, capsys: pytes
 
 
 @pytest.mark.slow
-def test_a_failure_after_work_started_keeps_the_run(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failure_after_work_started_keeps_the_run(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import kdistill.commands as commands
 
     def fail(*args, **kwargs):

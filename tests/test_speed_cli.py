@@ -31,7 +31,14 @@ def teacher_ckpt(mini: ImageDataset, tmp_path_factory: pytest.TempPathFactory) -
     torch.manual_seed(0)
     model = kdistill.create_model("seed_teacher")
     path = tmp_path_factory.mktemp("teacher") / "checkpoint.pt"
-    save_checkpoint({"model_spec": {"name": "seed_teacher", "kwargs": {"num_classes": 10}}, "model": model.state_dict(), "data": {"classes": mini.classes}}, path)
+    save_checkpoint(
+        {
+            "model_spec": {"name": "seed_teacher", "kwargs": {"num_classes": 10}},
+            "model": model.state_dict(),
+            "data": {"classes": mini.classes},
+        },
+        path,
+    )
     return path
 
 
@@ -42,7 +49,16 @@ def test_cache_teacher_then_distill_from_it(teacher_ckpt: Path, tmp_path: Path, 
     assert "wrote" in capsys.readouterr().out
     loaded = TeacherCache.load(cache)
     assert loaded.epochs == 1 and loaded.num_samples == 5000 and loaded.logits.dtype == torch.float16
-    args = ["distill", "--teacher", str(teacher_ckpt), "--teacher-cache", str(cache), "--output-dir", str(tmp_path), *FAST]
+    args = [
+        "distill",
+        "--teacher",
+        str(teacher_ckpt),
+        "--teacher-cache",
+        str(cache),
+        "--output-dir",
+        str(tmp_path),
+        *FAST,
+    ]
     assert main([*args, "--name", "d"]) == 0
     summary = json.loads((tmp_path / "d" / "summary.json").read_text())
     assert summary["epochs"] == 1 and "agreement" in summary
@@ -57,15 +73,38 @@ def test_cache_teacher_then_distill_from_it(teacher_ckpt: Path, tmp_path: Path, 
 
 @pytest.mark.slow
 def test_sweep_writes_leaderboard_csv_and_plot(teacher_ckpt: Path, tmp_path: Path) -> None:
-    code = main([
-        "sweep", "--teacher", str(teacher_ckpt), "--students", "seed_student", "--methods", "kd", "dist",
-        "--temperatures", "2", "4", "--alphas", "0.9", "--output-dir", str(tmp_path), "--name", "s", *FAST,
-    ])
+    code = main(
+        [
+            "sweep",
+            "--teacher",
+            str(teacher_ckpt),
+            "--students",
+            "seed_student",
+            "--methods",
+            "kd",
+            "dist",
+            "--temperatures",
+            "2",
+            "4",
+            "--alphas",
+            "0.9",
+            "--output-dir",
+            str(tmp_path),
+            "--name",
+            "s",
+            *FAST,
+        ]
+    )
     assert code == 0
     run = tmp_path / "s"
     rows = list(csv.DictReader((run / "leaderboard.csv").open()))
     names = {r["name"] for r in rows}
-    assert names == {"seed_student-kd-T2-a0.9", "seed_student-kd-T4-a0.9", "seed_student-dist-T2-a0.9", "seed_student-dist-T4-a0.9"}
+    assert names == {
+        "seed_student-kd-T2-a0.9",
+        "seed_student-kd-T4-a0.9",
+        "seed_student-dist-T2-a0.9",
+        "seed_student-dist-T4-a0.9",
+    }
     assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]
     top1 = [float(r["top1"]) for r in rows]
     assert top1 == sorted(top1, reverse=True)
@@ -79,14 +118,50 @@ def test_sweep_writes_leaderboard_csv_and_plot(teacher_ckpt: Path, tmp_path: Pat
         assert (run / name / "checkpoint.pt").is_file()
     # resume: every configuration is finished, nothing is retrained (no checkpoint rewritten)
     stamps = {name: (run / name / "checkpoint.pt").stat().st_mtime_ns for name in names}
-    assert main(["sweep", "--teacher", str(teacher_ckpt), "--students", "seed_student", "--methods", "kd", "dist",
-                 "--temperatures", "2", "4", "--output-dir", str(tmp_path), "--name", "s", "--resume", *FAST]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--teacher",
+                str(teacher_ckpt),
+                "--students",
+                "seed_student",
+                "--methods",
+                "kd",
+                "dist",
+                "--temperatures",
+                "2",
+                "4",
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                "s",
+                "--resume",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert {name: (run / name / "checkpoint.pt").stat().st_mtime_ns for name in names} == stamps
 
 
 @pytest.mark.slow
 def test_sweep_trains_configurations_in_parallel_processes(teacher_ckpt: Path, tmp_path: Path, capsys) -> None:
-    grid = ["sweep", "--teacher", str(teacher_ckpt), "--methods", "kd", "at", "--temperatures", "2", "4", "--alphas", "0.5", "--output-dir", str(tmp_path)]
+    grid = [
+        "sweep",
+        "--teacher",
+        str(teacher_ckpt),
+        "--methods",
+        "kd",
+        "at",
+        "--temperatures",
+        "2",
+        "4",
+        "--alphas",
+        "0.5",
+        "--output-dir",
+        str(tmp_path),
+    ]
     assert main([*grid, "--name", "par", "--jobs", "2", *FAST]) == 0
     assert "3 configurations, 2 at a time, " in capsys.readouterr().err
     assert main([*grid, "--name", "seq", *FAST]) == 0
@@ -108,9 +183,31 @@ def test_ctrl_c_stops_a_parallel_sweep_resumably(teacher_ckpt: Path, tmp_path: P
     """SIGINT to the sweep's main process (a Ctrl-C reaches only it: the workers leave the
     terminal's process group): no further configuration starts, the running ones save
     resumable checkpoints, and --resume finishes the grid."""
-    grid = ["-m", "kdistill", "sweep", "--teacher", str(teacher_ckpt), "--methods", "kd", "--temperatures", "2", "4", "8",
-            "--alphas", "0.5", "--output-dir", str(tmp_path), "--name", "s", "--device", "cpu", "--epochs", "3",
-            "--set", "train.batch_size=50"]
+    grid = [
+        "-m",
+        "kdistill",
+        "sweep",
+        "--teacher",
+        str(teacher_ckpt),
+        "--methods",
+        "kd",
+        "--temperatures",
+        "2",
+        "4",
+        "8",
+        "--alphas",
+        "0.5",
+        "--output-dir",
+        str(tmp_path),
+        "--name",
+        "s",
+        "--device",
+        "cpu",
+        "--epochs",
+        "3",
+        "--set",
+        "train.batch_size=50",
+    ]
     env = {**os.environ, "KDISTILL_LOG_INTERVAL": "0"}  # a log line every step
     proc = subprocess.Popen([sys.executable, *grid, "--jobs", "2"], stderr=subprocess.PIPE, text=True, env=env)
     seen = []
@@ -126,7 +223,9 @@ def test_ctrl_c_stops_a_parallel_sweep_resumably(teacher_ckpt: Path, tmp_path: P
     assert not (run / "seed_student-kd-T8-a0.5").exists()  # never started
     for name in ("seed_student-kd-T2-a0.5", "seed_student-kd-T4-a0.5"):
         assert (run / name / "checkpoint.pt").is_file() and not (run / name / "summary.json").exists()
-    done = subprocess.run([sys.executable, *grid, "--jobs", "2", "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, *grid, "--jobs", "2", "--resume"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader((run / "leaderboard.csv").open()))
     assert len(rows) == 3 and all(int(r["epochs"]) == 3 for r in rows)
@@ -134,11 +233,43 @@ def test_ctrl_c_stops_a_parallel_sweep_resumably(teacher_ckpt: Path, tmp_path: P
 
 @pytest.mark.slow
 def test_sweep_runs_feature_methods_live(teacher_ckpt: Path, tmp_path: Path, capsys) -> None:
-    assert main(["sweep", "--teacher", str(teacher_ckpt), "--methods", "at", "--output-dir", str(tmp_path), "--name", "f", *FAST]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--teacher",
+                str(teacher_ckpt),
+                "--methods",
+                "at",
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                "f",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((tmp_path / "f" / "leaderboard.csv").open()))
     assert [(r["name"], r["teacher"]) for r in rows] == [("seed_student-at-a0.5", "live")]
     assert not (tmp_path / "f" / "teacher_cache.pt").exists()
-    assert main(["sweep", "--teacher", str(teacher_ckpt), "--methods", "nope", "--output-dir", str(tmp_path), "--name", "g", *FAST]) == 2
+    assert (
+        main(
+            [
+                "sweep",
+                "--teacher",
+                str(teacher_ckpt),
+                "--methods",
+                "nope",
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                "g",
+                *FAST,
+            ]
+        )
+        == 2
+    )
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
@@ -152,4 +283,3 @@ def test_run_with_budget_plans_every_phase(mini: ImageDataset, tmp_path: Path) -
     steps = {p: summary["models"][p]["budget"]["steps"] for p in ("teacher", "baseline", "distilled")}
     assert all(s > 0 for s in steps.values())
     assert "Time budget: 40 s" in (tmp_path / "r" / "report.md").read_text()
-

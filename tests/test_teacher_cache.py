@@ -46,7 +46,9 @@ def cache32(small: ImageDataset, teacher) -> TeacherCache:
 
 
 def _task(student, teacher, small, cache=None, methods=None) -> Distillation:
-    context = MethodContext(feature_shapes(student, (3, 32, 32)), feature_shapes(teacher, (3, 32, 32)), 10, len(small.train_labels), 2)
+    context = MethodContext(
+        feature_shapes(student, (3, 32, 32)), feature_shapes(teacher, (3, 32, 32)), 10, len(small.train_labels), 2
+    )
     built = build_methods(methods or {"kd": {"temperature": 4.0}}, context)
     return Distillation(student, teacher, built, alpha=0.9, ce_weight=0.1, teacher_cache=cache)
 
@@ -82,7 +84,9 @@ def test_cached_distillation_trains_like_live(small, teacher, cache32, tmp_path:
     kw = dict(epochs=2, batch_size=64, device="cpu", lr=0.02)
     live = kdistill.distill(teacher, _model("seed_student", 1), small, **kw)
     path = cache32.save(tmp_path / "cache.pt")
-    cached = kdistill.distill(teacher, _model("seed_student", 1), small, teacher_cache=path, run_dir=tmp_path / "run", **kw)
+    cached = kdistill.distill(
+        teacher, _model("seed_student", 1), small, teacher_cache=path, run_dir=tmp_path / "run", **kw
+    )
     for a, b in zip(live.history, cached.history):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["train_kd"] == pytest.approx(a["train_kd"], rel=1e-4)
@@ -115,7 +119,9 @@ def test_cache_file_round_trip_and_size(small, teacher, cache32, tmp_path: Path)
     ],
 )
 def test_fingerprint_mismatch_is_refused(small, teacher, cache32, change, key) -> None:
-    kw = dict(epochs=change.get("epochs", 1), batch_size=64, device="cpu", seed=change.get("seed", 0), data=change.get("data"))
+    kw = dict(
+        epochs=change.get("epochs", 1), batch_size=64, device="cpu", seed=change.get("seed", 0), data=change.get("data")
+    )
     t = _model("seed_teacher", 5) if change.get("teacher") else teacher
     data = dataclasses.replace(small, train_labels=small.train_labels.roll(1)) if change.get("train") else small
     with pytest.raises(CacheError, match=key) as err:
@@ -125,7 +131,9 @@ def test_fingerprint_mismatch_is_refused(small, teacher, cache32, change, key) -
 
 def test_feature_methods_refuse_a_logit_cache(small, teacher, cache32) -> None:
     with pytest.raises(ConfigError, match="at need the teacher's stage features"):
-        kdistill.distill(teacher, _model("seed_student", 1), small, methods="at", teacher_cache=cache32, epochs=1, device="cpu")
+        kdistill.distill(
+            teacher, _model("seed_student", 1), small, methods="at", teacher_cache=cache32, epochs=1, device="cpu"
+        )
 
 
 def test_unreadable_caches_are_refused(tmp_path: Path) -> None:
@@ -161,7 +169,9 @@ def test_ensemble_caches_its_combined_logits(small) -> None:
     views = loader.device_views(0)
     idx = torch.arange(50)
     with torch.no_grad():
-        torch.testing.assert_close(cache.lookup(0, idx), ensemble(loader.batch(idx, views).images), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            cache.lookup(0, idx), ensemble(loader.batch(idx, views).images), rtol=1e-5, atol=1e-5
+        )
     assert cache.fingerprint["teacher_temperature"] == 4.0
     other_t = TeacherEnsemble(members, [2.0, 1.0], temperature=2.0)
     with pytest.raises(CacheError, match="ensemble temperature"):

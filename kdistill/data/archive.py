@@ -128,9 +128,7 @@ def _extract_tar(archive: Path, root: Path) -> None:
                     m.mode = (m.mode & 0o755) | (0o700 if m.isdir() else 0o600)
                 tar.extractall(root, members=members)
     except _FilterError as e:
-        raise DataError(
-            f"refusing to extract {archive}: member {e.tarinfo.name!r} is unsafe ({e})"
-        ) from e
+        raise DataError(f"refusing to extract {archive}: member {e.tarinfo.name!r} is unsafe ({e})") from e
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as e:
         # Truncated or corrupt streams surface as any of these depending on where the
         # damage is and how the archive is compressed.

@@ -119,8 +119,7 @@ def load_cifar(
             # Our own extraction is atomic, so a partial folder was made by hand or damaged;
             # deleting someone's files ourselves would be worse than asking.
             raise DataError(
-                f"{spec.title} folder {folder} lacks {', '.join(missing)}; "
-                f"delete the folder to extract it again"
+                f"{spec.title} folder {folder} lacks {', '.join(missing)}; delete the folder to extract it again"
             )
     else:
         if archive.exists():
@@ -128,9 +127,7 @@ def load_cifar(
             # nothing is unpickled from an archive that has not matched the checksum.
             actual = md5_file(archive)
             if actual != md5:
-                raise DataError(
-                    f"{archive} has md5 {actual}, expected {md5}; delete it to download again"
-                )
+                raise DataError(f"{archive} has md5 {actual}, expected {md5}; delete it to download again")
         elif download:
             _download(url, archive, md5)
         else:
@@ -153,7 +150,9 @@ def _all_files(spec: _Spec) -> tuple[str, ...]:
 def _download(url: str, archive: Path, md5: str) -> None:
     """Stream ``url`` to ``archive``, which only ever appears complete and MD5-verified."""
     archive.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = create_temporary(archive.parent, archive.name, ".part")  # permissions by the umask, like the data it holds
+    fd, tmp = create_temporary(
+        archive.parent, archive.name, ".part"
+    )  # permissions by the umask, like the data it holds
     digest = hashlib.new("md5", usedforsecurity=False)  # checksum while streaming, not after
     try:
         with os.fdopen(fd, "wb") as out:
@@ -173,8 +172,7 @@ def _download(url: str, archive: Path, md5: str) -> None:
         actual = digest.hexdigest()
         if actual != md5:
             raise DataError(
-                f"download of {url} failed its checksum: expected md5 {md5}, got {actual}; "
-                f"the corrupt file was deleted"
+                f"download of {url} failed its checksum: expected md5 {md5}, got {actual}; the corrupt file was deleted"
             )
         os.replace(tmp, archive)
     finally:
@@ -249,33 +247,24 @@ def _load_classes(path: Path, spec: _Spec) -> list[str]:
     return [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in names]
 
 
-def _load_batches(
-    folder: Path, files: tuple[str, ...], spec: _Spec
-) -> tuple[np.ndarray, np.ndarray]:
+def _load_batches(folder: Path, files: tuple[str, ...], spec: _Spec) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for file in files:
         path = folder / file
         batch = _read_pickle(path)
         data = np.asarray(_field(batch, "data", path))
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _ROW_BYTES:
-            raise DataError(
-                f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, {_ROW_BYTES})"
-            )
+            raise DataError(f"{path}: 'data' is {data.dtype} {data.shape}, expected uint8 (N, {_ROW_BYTES})")
         batch_labels = np.asarray(_field(batch, spec.labels_key, path))
         # Checked before casting, which would silently truncate floats like 3.7.
         if batch_labels.size and batch_labels.dtype.kind not in "iu":
-            raise DataError(
-                f"{path}: {spec.labels_key!r} are {batch_labels.dtype}, expected integers"
-            )
+            raise DataError(f"{path}: {spec.labels_key!r} are {batch_labels.dtype}, expected integers")
         batch_labels = batch_labels.astype(np.int64)
         if batch_labels.shape != (len(data),):
             raise DataError(
-                f"{path}: {spec.labels_key!r} has shape {batch_labels.shape}, "
-                f"expected ({len(data)},) to match 'data'"
+                f"{path}: {spec.labels_key!r} has shape {batch_labels.shape}, expected ({len(data)},) to match 'data'"
             )
-        if batch_labels.size and not (
-            0 <= batch_labels.min() and batch_labels.max() < spec.num_classes
-        ):
+        if batch_labels.size and not (0 <= batch_labels.min() and batch_labels.max() < spec.num_classes):
             raise DataError(
                 f"{path}: labels range over [{batch_labels.min()}, {batch_labels.max()}], "
                 f"expected [0, {spec.num_classes - 1}]"

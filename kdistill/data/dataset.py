@@ -153,7 +153,9 @@ def load_dataset(
     source = BUNDLED.get(name, Path(name).expanduser())
     if not source.exists():
         known = ", ".join([*BUNDLED, *DOWNLOADABLE])
-        raise DataError(f"data set {name!r} not found: expected one of {known}, or a path to an ImageFolder folder or archive")
+        raise DataError(
+            f"data set {name!r} not found: expected one of {known}, or a path to an ImageFolder folder or archive"
+        )
     if source.is_dir():
         checksum = "dir-" + _folder_signature(source)
     elif is_archive(source):

@@ -51,13 +51,17 @@ def _iter_members(source: Path) -> Iterator[tuple[str, bytes | None]]:
             with zipfile.ZipFile(source) as zf:
                 for info in zf.infolist():
                     if _zip_kind(info) == "zip-symlink":
-                        raise DataError(f"{source}: member {info.filename!r} is a link; ImageFolder archives must hold plain files")
+                        raise DataError(
+                            f"{source}: member {info.filename!r} is a link; ImageFolder archives must hold plain files"
+                        )
                     yield _checked(source, info.filename).rstrip("/"), None if info.is_dir() else zf.read(info)
         else:
             with tarfile.open(source, "r:*") as tf:
                 for member in tf:
                     if member.issym() or member.islnk():
-                        raise DataError(f"{source}: member {member.name!r} is a link; ImageFolder archives must hold plain files")
+                        raise DataError(
+                            f"{source}: member {member.name!r} is a link; ImageFolder archives must hold plain files"
+                        )
                     if member.isfile():
                         yield _checked(source, member.name), tf.extractfile(member).read()
                     elif member.isdir():
@@ -97,7 +101,9 @@ def _split_layout(source: Path, names: list[str], is_file: list[bool]) -> tuple[
         layout[split].setdefault(cls, []).append(i)
     for split in SPLITS:
         if not layout[split]:
-            raise DataError(f"{source}: no images under {prefix}{split}/<class>/; expected an ImageFolder tree root/{{train,test}}/<class>/<image>")
+            raise DataError(
+                f"{source}: no images under {prefix}{split}/<class>/; expected an ImageFolder tree root/{{train,test}}/<class>/<image>"
+            )
     return prefix, layout
 
 
@@ -112,22 +118,30 @@ def _decode(name: str, data: bytes, size: int) -> np.ndarray:
             # values loaded back from the cache: the first run would differ from later ones
             return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
     except UnidentifiedImageError:
-        raise DataError(f"{name}: unreadable image (not a format Pillow recognises); expected a JPEG/PNG/... file") from None
+        raise DataError(
+            f"{name}: unreadable image (not a format Pillow recognises); expected a JPEG/PNG/... file"
+        ) from None
     except (Image.DecompressionBombError, OSError, ValueError) as e:
-        raise DataError(f"{name}: unreadable image ({e.__class__.__name__}: {e}); expected a JPEG/PNG/... file") from None
+        raise DataError(
+            f"{name}: unreadable image ({e.__class__.__name__}: {e}); expected a JPEG/PNG/... file"
+        ) from None
 
 
 def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """Decode a folder tree or archive into {split: (images (N,3,S,S) uint8, labels (N,) int64)}."""
     if not source.exists():
-        raise DataError(f"data set {str(source)!r} does not exist; expected a folder or a .tar/.tar.gz/.zip archive of root/{{train,test}}/<class>/<image>")
+        raise DataError(
+            f"data set {str(source)!r} does not exist; expected a folder or a .tar/.tar.gz/.zip archive of root/{{train,test}}/<class>/<image>"
+        )
     members = list(_iter_members(source))
     names = [n for n, _ in members]
     prefix, layout = _split_layout(source, names, [data is not None for _, data in members])
     for split in SPLITS:
         for cls in sorted(layout[split]):
             if not layout[split][cls]:
-                raise DataError(f"{source}: class folder {prefix}{split}/{cls}/ is empty; expected at least one image in it")
+                raise DataError(
+                    f"{source}: class folder {prefix}{split}/{cls}/ is empty; expected at least one image in it"
+                )
     classes = sorted(layout["train"])
     if set(layout["test"]) != set(classes):
         missing = sorted(set(classes) ^ set(layout["test"]))
@@ -137,7 +151,11 @@ def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.
     out = {}
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
         for split in SPLITS:
-            items = [(i, label) for label, cls in enumerate(classes) for i in sorted(layout[split][cls], key=lambda i: names[i])]
+            items = [
+                (i, label)
+                for label, cls in enumerate(classes)
+                for i in sorted(layout[split][cls], key=lambda i: names[i])
+            ]
             jobs = pool.map(lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size), items)
             images = np.stack(list(progress(jobs, total=len(items), desc=f"decode {split}")))
             labels = np.array([label for _, label in items], dtype=np.int64)

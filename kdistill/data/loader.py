@@ -235,8 +235,22 @@ class IterableLoader:
 class EvalData:
     """Fixed-order evaluation batches; ``labels`` holds all labels on the CPU."""
 
-    def __init__(self, inputs: Tensor | None, labels: Tensor | None, batch_size: int, device: torch.device, normalize: Normalize | None = None, source=None):
-        self.inputs, self.batch_size, self.device, self.normalize, self.source = inputs, batch_size, device, normalize, source
+    def __init__(
+        self,
+        inputs: Tensor | None,
+        labels: Tensor | None,
+        batch_size: int,
+        device: torch.device,
+        normalize: Normalize | None = None,
+        source=None,
+    ):
+        self.inputs, self.batch_size, self.device, self.normalize, self.source = (
+            inputs,
+            batch_size,
+            device,
+            normalize,
+            source,
+        )
         if source is not None:
             labels = torch.cat([item[1] for item in source])
         self.labels = labels.cpu()
@@ -263,4 +277,6 @@ class EvalData:
             x = self.inputs[start : start + self.batch_size].to(self.device, non_blocking=True)
             if self.normalize is not None:
                 x = self.normalize(x)
-            yield Batch(x, self.labels[start : start + self.batch_size].to(self.device), torch.arange(start, start + len(x)))
+            yield Batch(
+                x, self.labels[start : start + self.batch_size].to(self.device), torch.arange(start, start + len(x))
+            )

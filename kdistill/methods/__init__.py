@@ -90,10 +90,14 @@ def soft_target_temperature(methods: dict[str, dict[str, Any] | None], parsed: d
 def check_run(parsed: dict[str, MethodOptions], epochs: int) -> list[str]:
     """Why each method's options cannot take effect in a run of ``epochs`` epochs, as
     ``name.option: reason`` (empty: they all can)."""
-    return [f"{name}.{problem}" for name, options in parsed.items() if (problem := METHODS[name].check_run(options, epochs))]
+    return [
+        f"{name}.{problem}" for name, options in parsed.items() if (problem := METHODS[name].check_run(options, epochs))
+    ]
 
 
-def build_methods(methods: dict[str, MethodOptions | dict[str, Any] | None], context: MethodContext) -> dict[str, Method]:
+def build_methods(
+    methods: dict[str, MethodOptions | dict[str, Any] | None], context: MethodContext
+) -> dict[str, Method]:
     """The methods' modules from their options: parsed already (:func:`parse_methods`, as a
     config holds them) or plain dicts, parsed here."""
     parsed = {n: o if isinstance(o, MethodOptions) else parse_method_options(n, o or {}) for n, o in methods.items()}
@@ -101,6 +105,20 @@ def build_methods(methods: dict[str, MethodOptions | dict[str, Any] | None], con
 
 
 __all__ = [
-    "DEFAULT_METHOD", "METHODS", "Method", "UnknownMethod", "MethodContext", "MethodOptions", "build_methods", "check_run", "kd_loss", "method_class", "needs_features",
-    "parse_method_options", "parse_methods", "set_option", "soft_target_temperature", "taking",
+    "DEFAULT_METHOD",
+    "METHODS",
+    "Method",
+    "UnknownMethod",
+    "MethodContext",
+    "MethodOptions",
+    "build_methods",
+    "check_run",
+    "kd_loss",
+    "method_class",
+    "needs_features",
+    "parse_method_options",
+    "parse_methods",
+    "set_option",
+    "soft_target_temperature",
+    "taking",
 ]

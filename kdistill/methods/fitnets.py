@@ -86,8 +86,12 @@ class FitNets(Method):
 
     def __init__(self, options: FitNetsOptions, context: MethodContext):
         super().__init__(options, context)
-        self.student_stage = resolve_stage(options.student_stage, context.student.features, "student", "fitnets.student_stage")
-        self.teacher_stage = resolve_stage(options.teacher_stage, context.teacher.features, "teacher", "fitnets.teacher_stage")
+        self.student_stage = resolve_stage(
+            options.student_stage, context.student.features, "student", "fitnets.student_stage"
+        )
+        self.teacher_stage = resolve_stage(
+            options.teacher_stage, context.teacher.features, "teacher", "fitnets.teacher_stage"
+        )
         s = context.student.features[self.student_stage]  # (B, C_s, H_s, W_s)
         t = context.teacher.features[self.teacher_stage]  # (B, C_t, H_t, W_t)
         self.regressor = HintRegressor(s.shape[1], t.shape[1], tuple(t.shape[-2:]), options.relu)

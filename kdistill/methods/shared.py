@@ -22,7 +22,9 @@ def resolve_stage(index: int | None, features: list[Tensor], who: str, option: s
     position in ``features``, or a ConfigError naming the option and the valid range."""
     n = len(features)
     if n == 0:
-        raise ConfigError(f"{option}: the {who} exposes no stage features; feature methods need a kdistill model (KDModel)")
+        raise ConfigError(
+            f"{option}: the {who} exposes no stage features; feature methods need a kdistill model (KDModel)"
+        )
     if index is None:
         return n // 2
     if not -n <= index < n:
@@ -40,7 +42,9 @@ def stage_pairs(
     student_stages = student_stages if student_stages is not None else teacher_stages
     teacher_stages = teacher_stages if teacher_stages is not None else student_stages
     if len(student_stages) != len(teacher_stages):
-        raise ConfigError(f"{method}: student_stages {student_stages} and teacher_stages {teacher_stages} must pair up (same length)")
+        raise ConfigError(
+            f"{method}: student_stages {student_stages} and teacher_stages {teacher_stages} must pair up (same length)"
+        )
     if not student_stages:
         raise ConfigError(f"{method}: no stage pairs (do both models expose stage features?)")
     s = [resolve_stage(i, context.student.features, "student", f"{method}.student_stages") for i in student_stages]

@@ -25,9 +25,7 @@ def create_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     try:
         builder = MODELS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}"
-        ) from None
+        raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}") from None
     return builder(num_classes=num_classes, **kwargs)
 
 

@@ -37,9 +37,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _conv_bn(
-    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True
-) -> nn.Sequential:
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
     """Conv (no bias: the BN shift replaces it) -> BN [-> ReLU]; 'same' padding."""
     layers: list[nn.Module] = [
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
@@ -81,9 +79,7 @@ class _BasicBlock(nn.Module):
 
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
-        self.residual = nn.Sequential(
-            _conv_bn(cin, cout, 3, stride), _conv_bn(cout, cout, 3, relu=False)
-        )
+        self.residual = nn.Sequential(_conv_bn(cin, cout, 3, stride), _conv_bn(cout, cout, 3, relu=False))
         # CRD uses a projection (1x1 conv + BN, "option B") wherever the shape changes,
         # not the zero-padding "option A" of the ResNet paper's CIFAR experiments.
         same_shape = stride == 1 and cin == cout
@@ -132,11 +128,7 @@ class _WideBlock(nn.Module):
         self.identity = stride == 1 and cin == cout
         if self.identity and not activate_input:
             raise ValueError("an identity wide block needs its raw input; it must activate it")
-        self.pre = (
-            nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
-            if activate_input
-            else nn.Identity()
-        )
+        self.pre = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)) if activate_input else nn.Identity()
         self.residual = nn.Sequential(
             nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
             nn.BatchNorm2d(cout),
@@ -265,14 +257,10 @@ class CifarMobileNetV2(StageNet):
             cout = int(c * width_mult)
             blocks = []
             for i in range(n):
-                blocks.append(
-                    _InvertedResidual(cin, cout, s if i == 0 else 1, 1 if t == 1 else expand)
-                )
+                blocks.append(_InvertedResidual(cin, cout, s if i == 0 else 1, 1 if t == 1 else expand))
                 cin = cout
             sequences.append(nn.Sequential(*blocks))
-        stages: list[nn.Module] = [
-            nn.Sequential(*(sequences[i] for i in group)) for group in _MOBILENETV2_STAGES
-        ]
+        stages: list[nn.Module] = [nn.Sequential(*(sequences[i] for i in group)) for group in _MOBILENETV2_STAGES]
         last = int(1280 * width_mult) if width_mult > 1.0 else 1280
         stages.append(_conv_bn(cin, last, 1))
         super().__init__(stem, stages, last, num_classes)
@@ -312,9 +300,7 @@ class _ShuffleDownUnit(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         half = cout // 2
-        self.left = nn.Sequential(
-            _conv_bn(cin, cin, 3, 2, groups=cin, relu=False), _conv_bn(cin, half, 1)
-        )
+        self.left = nn.Sequential(_conv_bn(cin, cin, 3, 2, groups=cin, relu=False), _conv_bn(cin, half, 1))
         self.right = nn.Sequential(
             _conv_bn(cin, half, 1),
             _conv_bn(half, half, 3, 2, groups=half, relu=False),
@@ -344,9 +330,7 @@ class CifarShuffleNetV2(StageNet):
         stages: list[nn.Module] = []
         cin = 24
         for cout, n in zip(widths, units, strict=True):
-            stages.append(
-                nn.Sequential(_ShuffleDownUnit(cin, cout), *(_ShuffleUnit(cout) for _ in range(n)))
-            )
+            stages.append(nn.Sequential(_ShuffleDownUnit(cin, cout), *(_ShuffleUnit(cout) for _ in range(n))))
             cin = cout
         stages.append(_conv_bn(cin, last, 1))
         super().__init__(stem, stages, last, num_classes)

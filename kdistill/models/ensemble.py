@@ -21,10 +21,14 @@ class TeacherEnsemble(nn.Module):
             raise ValueError("a teacher ensemble needs at least one teacher")
         weights = weights or [1.0] * len(teachers)
         if len(weights) != len(teachers) or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"teacher weights {weights} must be {len(teachers)} non-negative numbers with a positive sum")
+            raise ValueError(
+                f"teacher weights {weights} must be {len(teachers)} non-negative numbers with a positive sum"
+            )
         self.teachers = nn.ModuleList(teachers)
         total = sum(weights)
-        self.register_buffer("log_weights", torch.tensor([math.log(w / total) if w > 0 else -math.inf for w in weights]))
+        self.register_buffer(
+            "log_weights", torch.tensor([math.log(w / total) if w > 0 else -math.inf for w in weights])
+        )
         self.temperature = temperature
 
     def forward(self, x: Tensor) -> Tensor:

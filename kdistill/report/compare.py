@@ -35,7 +35,11 @@ def write_comparison(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     blocks = [*_summary_blocks(runs), *_figure_blocks(runs, out)]
     csv_rows = [{**r, "settings": run.settings()} for run in runs for r in model_rows(run)]
     atomic_write_text(out / "comparison.csv", to_csv(csv_rows), "comparison")
-    blocks.append(Note("Written by kdistill from the runs' summary.json and metrics.jsonl; every model's numbers are in comparison.csv."))
+    blocks.append(
+        Note(
+            "Written by kdistill from the runs' summary.json and metrics.jsonl; every model's numbers are in comparison.csv."
+        )
+    )
     return write_documents(blocks, out, f"kdistill comparison: {', '.join(r.name for r in runs)}")
 
 
@@ -56,16 +60,31 @@ def _load_runs(run_dirs: list[Path]) -> list[Run]:
 
 def _summary_blocks(runs: list[Run]) -> list[Block]:
     """The runs' settings and one table row per run: what distillation bought in each."""
-    headers = ["run", "data", "distillation", "epochs", "teacher top-1", "baseline top-1", "distilled top-1", "gain (points)",
-               "gap closed", "distilled ECE", "agreement with teacher", "int8 top-1", "student CPU latency b=1"]
+    headers = [
+        "run",
+        "data",
+        "distillation",
+        "epochs",
+        "teacher top-1",
+        "baseline top-1",
+        "distilled top-1",
+        "gain (points)",
+        "gap closed",
+        "distilled ECE",
+        "agreement with teacher",
+        "int8 top-1",
+        "student CPU latency b=1",
+    ]
     return [
         Heading(f"kdistill comparison of {len(runs)} runs"),
         Paragraph("Runs: " + ", ".join(f"**{r.name}** ({r.settings()}, seed {r.summary['seed']})" for r in runs) + "."),
         Heading("What distillation bought in each run", 2),
         Table(headers, [_summary_row(run) for run in runs], right=set(range(3, 13))),
-        Note("Gain: distilled minus baseline test top-1 of the same run; gap closed: gain as a share of teacher minus baseline. "
-             "Runs on the same data with the same seed share their teacher and baseline recipe, so their distilled students "
-             "differ by the distillation settings alone."),
+        Note(
+            "Gain: distilled minus baseline test top-1 of the same run; gap closed: gain as a share of teacher minus baseline. "
+            "Runs on the same data with the same seed share their teacher and baseline recipe, so their distilled students "
+            "differ by the distillation settings alone."
+        ),
     ]
 
 
@@ -74,11 +93,19 @@ def _summary_row(run: Run) -> list[str]:
     m = run.models
     dep = run.summary.get("deployment") or {}
     return [
-        run.name, run.summary["data"]["dataset"], run.settings(), fmt_num(nested(m, "distilled", "epochs"), "d"),
-        fmt_num(m["teacher"]["test"]["top1"], ".2f", "%"), fmt_num(m["baseline"]["test"]["top1"], ".2f", "%"),
-        fmt_num(m["distilled"]["test"]["top1"], ".2f", "%"), fmt_num(h["gain_top1"], "+.2f"), fmt_num(h["gap_closed"] * 100, ".0f", "%"),
-        fmt_num(nested(m, "distilled", "test", "ece"), ".3f"), fmt_num(nested(m, "distilled", "agreement", "agreement_top1"), ".2f", "%"),
-        fmt_num(nested(dep, "int8", "top1"), ".2f", "%"), fmt_num(nested(m, "distilled", "profile", "latency_b1", "median_ms"), ".2f", " ms"),
+        run.name,
+        run.summary["data"]["dataset"],
+        run.settings(),
+        fmt_num(nested(m, "distilled", "epochs"), "d"),
+        fmt_num(m["teacher"]["test"]["top1"], ".2f", "%"),
+        fmt_num(m["baseline"]["test"]["top1"], ".2f", "%"),
+        fmt_num(m["distilled"]["test"]["top1"], ".2f", "%"),
+        fmt_num(h["gain_top1"], "+.2f"),
+        fmt_num(h["gap_closed"] * 100, ".0f", "%"),
+        fmt_num(nested(m, "distilled", "test", "ece"), ".3f"),
+        fmt_num(nested(m, "distilled", "agreement", "agreement_top1"), ".2f", "%"),
+        fmt_num(nested(dep, "int8", "top1"), ".2f", "%"),
+        fmt_num(nested(m, "distilled", "profile", "latency_b1", "median_ms"), ".2f", " ms"),
     ]
 
 
@@ -89,10 +116,15 @@ def _figure_blocks(runs: list[Run], out: Path) -> list[Block]:
     histories = {run.name: run.histories.get("distilled", []) for run in runs}
     blocks: list[Block] = [
         Heading("Accuracy against cost", 2),
-        Figure(plot_pareto(points, fig_dir / "pareto.png").relative_to(out), "test top-1 of every model of every run against MACs and CPU latency at batch 1"),
+        Figure(
+            plot_pareto(points, fig_dir / "pareto.png").relative_to(out),
+            "test top-1 of every model of every run against MACs and CPU latency at batch 1",
+        ),
         Heading("Training curves of the distilled students", 2),
-        Figure(plot_curves(histories, fig_dir / "curves.png", {n: n for n in histories}).relative_to(out),
-               "training loss, top-1 accuracy and learning rate per epoch of each run's distilled student"),
+        Figure(
+            plot_curves(histories, fig_dir / "curves.png", {n: n for n in histories}).relative_to(out),
+            "training loss, top-1 accuracy and learning rate per epoch of each run's distilled student",
+        ),
     ]
     deltas = {}
     for run in runs:
@@ -103,11 +135,23 @@ def _figure_blocks(runs: list[Run], out: Path) -> list[Block]:
         fig = plot_class_deltas(deltas, fig_dir / "class_deltas.png")
         names = list(deltas)
         rows = [[c, *(fmt_num(deltas[n].get(c), "+.1f") for n in names)] for c in next(iter(deltas.values()))]
-        blocks += [Heading("Which classes distillation helped", 2),
-                   Figure(fig.relative_to(out), "per-class test top-1 of each run's distilled student minus its baseline, in points"),
-                   Table(["class", *names], rows, right=set(range(1, len(names) + 1)))]
-    calibrations = {run.name: run.models["distilled"]["test"]["calibration"] for run in runs if "calibration" in run.models["distilled"]["test"]}
+        blocks += [
+            Heading("Which classes distillation helped", 2),
+            Figure(
+                fig.relative_to(out),
+                "per-class test top-1 of each run's distilled student minus its baseline, in points",
+            ),
+            Table(["class", *names], rows, right=set(range(1, len(names) + 1))),
+        ]
+    calibrations = {
+        run.name: run.models["distilled"]["test"]["calibration"]
+        for run in runs
+        if "calibration" in run.models["distilled"]["test"]
+    }
     if calibrations:
         fig = plot_reliability(calibrations, fig_dir / "reliability.png")
-        blocks += [Heading("Calibration of the distilled students", 2), Figure(fig.relative_to(out), "reliability diagram of each run's distilled student")]
+        blocks += [
+            Heading("Calibration of the distilled students", 2),
+            Figure(fig.relative_to(out), "reliability diagram of each run's distilled student"),
+        ]
     return blocks

@@ -111,8 +111,8 @@ def render_html(blocks: list[Block], base: Path, title: str) -> str:
     URIs, no script."""
     body = "\n".join(_html(block, base) for block in blocks)
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + body + "\n</body>\n</html>\n"
     )
 
@@ -136,7 +136,12 @@ def _html(block: Block, base: Path) -> str:
 def _html_table(table: Table) -> str:
     head = "".join(f"<th>{_inline_html(h)}</th>" for h in table.headers)
     rows = "".join(
-        "<tr>" + "".join(f'<td class="num">{_inline_html(c)}</td>' if i in table.right else f"<td>{_inline_html(c)}</td>" for i, c in enumerate(row)) + "</tr>"
+        "<tr>"
+        + "".join(
+            f'<td class="num">{_inline_html(c)}</td>' if i in table.right else f"<td>{_inline_html(c)}</td>"
+            for i, c in enumerate(row)
+        )
+        + "</tr>"
         for row in table.rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"

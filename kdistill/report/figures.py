@@ -44,9 +44,13 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], out: Path, names: di
         name = (names or {}).get(key, label(key))
         epochs = [r["epoch"] for r in rows]
         marker = "o" if len(rows) <= 20 else None  # short runs: show the epochs themselves
-        line = axes[0].plot(epochs, [r["train_loss"] for r in rows], marker=marker, color=COLORS.get(key), label=name)[0]
+        line = axes[0].plot(epochs, [r["train_loss"] for r in rows], marker=marker, color=COLORS.get(key), label=name)[
+            0
+        ]
         color = line.get_color()
-        axes[1].plot(epochs, [r.get("test_top1", float("nan")) for r in rows], marker=marker, color=color, label=f"{name} (test)")
+        axes[1].plot(
+            epochs, [r.get("test_top1", float("nan")) for r in rows], marker=marker, color=color, label=f"{name} (test)"
+        )
         if "train_top1" in rows[0]:
             axes[1].plot(epochs, [r["train_top1"] for r in rows], ":", color=color, label=f"{name} (train)")
         if "val_top1" in rows[0]:
@@ -75,14 +79,24 @@ def plot_pareto(points: list[dict[str, Any]], out: Path) -> Path:
     """Accuracy vs MACs and accuracy vs CPU latency (batch 1), with the Pareto front.
     ``points``: dicts with label, top1, macs (None: not on the MACs plot), latency_ms, color."""
     fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, xlabel in ((axes[0], "macs", "MACs per image (log scale)"), (axes[1], "latency_ms", "CPU latency at batch 1, ms (log scale)")):
+    for ax, key, xlabel in (
+        (axes[0], "macs", "MACs per image (log scale)"),
+        (axes[1], "latency_ms", "CPU latency at batch 1, ms (log scale)"),
+    ):
         shown = [p for p in points if p.get(key)]
         for p in shown:
             ax.scatter(p[key], p["top1"], s=60, color=p.get("color", "#333333"), marker=p.get("marker", "o"), zorder=3)
             ax.annotate(p["label"], (p[key], p["top1"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
         front = pareto_front([(p[key], p["top1"]) for p in shown])
         if len(front) > 1:
-            ax.step([c for c, _ in front], [a for _, a in front], where="post", color="#2ca02c", alpha=0.6, label="Pareto front")
+            ax.step(
+                [c for c, _ in front],
+                [a for _, a in front],
+                where="post",
+                color="#2ca02c",
+                alpha=0.6,
+                label="Pareto front",
+            )
             ax.legend(fontsize=8, loc="lower right")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -106,7 +120,15 @@ def plot_confusions(matrices: dict[str, list[list[int]]], classes: list[str], ou
         if k <= 20:
             for i in range(k):
                 for j in range(k):
-                    ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=7, color="white" if m[i, j] > 50 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{m[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if m[i, j] > 50 else "black",
+                    )
             ax.set_xticks(range(k), classes, rotation=90, fontsize=7)
             ax.set_yticks(range(k), classes, fontsize=7)
         ax.set_xlabel("predicted class")
@@ -127,10 +149,21 @@ def plot_reliability(calibrations: dict[str, dict[str, Any]], out: Path) -> Path
         total = max(sum(counts), 1)
         keep = [b for b in range(bins) if counts[b] > 0]
         color = c.get("color")
-        top.plot([c["bin_confidence"][b] for b in keep], [c["bin_accuracy"][b] for b in keep], "o-", color=color, label=f"{name} (ECE {c['ece']:.3f})")
+        top.plot(
+            [c["bin_confidence"][b] for b in keep],
+            [c["bin_accuracy"][b] for b in keep],
+            "o-",
+            color=color,
+            label=f"{name} (ECE {c['ece']:.3f})",
+        )
         width = 1 / bins / (len(calibrations) + 1)
         centers = [(b + 0.5) / bins for b in range(bins)]
-        bottom.bar([x + (i - (len(calibrations) - 1) / 2) * width for x in centers], [100 * n / total for n in counts], width=width, color=color)
+        bottom.bar(
+            [x + (i - (len(calibrations) - 1) / 2) * width for x in centers],
+            [100 * n / total for n in counts],
+            width=width,
+            color=color,
+        )
     top.set_ylabel("accuracy in bin")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
@@ -170,13 +203,22 @@ def plot_accuracy_vs_cost(rows: list[dict[str, Any]], out: Path) -> Path:
     fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.5))
     students = sorted({r["student"] for r in rows})
     markers = dict(zip(students, "osD^v<>ph*"))
-    for ax, key, xlabel in ((axes[0], "train_seconds", "training time (s)"), (axes[1], "macs", "student MACs per image (millions)")):
+    for ax, key, xlabel in (
+        (axes[0], "train_seconds", "training time (s)"),
+        (axes[1], "macs", "student MACs per image (millions)"),
+    ):
         for s in students:
             pts = [r for r in rows if r["student"] == s]
             xs = [r[key] / (1e6 if key == "macs" else 1) for r in pts]
             ax.scatter(xs, [r["top1"] for r in pts], marker=markers.get(s, "o"), label=s)
             for r, x in zip(pts, xs):
-                ax.annotate(r["name"].removeprefix(f"{s}-"), (x, r["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    r["name"].removeprefix(f"{s}-"),
+                    (x, r["top1"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)

@@ -12,13 +12,44 @@ from kdistill.files import atomic_write_text
 from kdistill.report.document import Figure, Heading, Paragraph, Table, write_documents
 from kdistill.report.figures import plot_accuracy_vs_cost
 
-COLUMNS = ["rank", "name", "student", "method", "temperature", "alpha", "teacher", "top1", "top5", "agreement",
-           "parameters", "macs", "epochs", "train_seconds", "images_per_second"]
-HEADERS = ["rank", "student", "method", "T", "alpha", "teacher", "test top-1", "top-5", "agreement with teacher",
-           "parameters", "MACs", "epochs", "training time", "img/s"]
+COLUMNS = [
+    "rank",
+    "name",
+    "student",
+    "method",
+    "temperature",
+    "alpha",
+    "teacher",
+    "top1",
+    "top5",
+    "agreement",
+    "parameters",
+    "macs",
+    "epochs",
+    "train_seconds",
+    "images_per_second",
+]
+HEADERS = [
+    "rank",
+    "student",
+    "method",
+    "T",
+    "alpha",
+    "teacher",
+    "test top-1",
+    "top-5",
+    "agreement with teacher",
+    "parameters",
+    "MACs",
+    "epochs",
+    "training time",
+    "img/s",
+]
 
 
-def write_leaderboard(run_dir: Path, rows: list[dict], *, cache_seconds: float, cache: str | None, wall_seconds: float) -> None:
+def write_leaderboard(
+    run_dir: Path, rows: list[dict], *, cache_seconds: float, cache: str | None, wall_seconds: float
+) -> None:
     """The leaderboard of ``rows`` (the configurations' summaries, best first) in ``run_dir``.
     ``cache``: the teacher cache's description (``TeacherCache.describe()``), None without one;
     ``cache_seconds``: the time it took to build (0: it was loaded)."""
@@ -54,7 +85,18 @@ def _summary(rows: list[dict], cache_seconds: float, cache: str | None, wall_sec
 
 def _cells(rank: int, r: dict) -> list[str]:
     return [
-        str(rank), r["student"], r["method"], f"{r['temperature']:g}" if r["temperature"] is not None else "–", f"{r['alpha']:g}",
-        r["teacher"], f"{r['top1']:.2f}%", f"{r['top5']:.2f}%", f"{r['agreement']:.2f}%", f"{r['parameters'] / 1e6:.2f} M",
-        f"{r['macs'] / 1e6:.1f} M", str(r["epochs"]), f"{r['train_seconds']:.0f} s", f"{r['images_per_second']:.0f}",
+        str(rank),
+        r["student"],
+        r["method"],
+        f"{r['temperature']:g}" if r["temperature"] is not None else "–",
+        f"{r['alpha']:g}",
+        r["teacher"],
+        f"{r['top1']:.2f}%",
+        f"{r['top5']:.2f}%",
+        f"{r['agreement']:.2f}%",
+        f"{r['parameters'] / 1e6:.2f} M",
+        f"{r['macs'] / 1e6:.1f} M",
+        str(r["epochs"]),
+        f"{r['train_seconds']:.0f} s",
+        f"{r['images_per_second']:.0f}",
     ]

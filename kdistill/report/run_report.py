@@ -119,13 +119,17 @@ def load_run(run_dir: Path) -> Run:
     run_dir = Path(run_dir)
     path = run_dir / "summary.json"
     if not path.is_file():
-        raise ReportError(f"{run_dir} is not a finished run directory: {path} does not exist (it is written when `kdistill run` finishes)")
+        raise ReportError(
+            f"{run_dir} is not a finished run directory: {path} does not exist (it is written when `kdistill run` finishes)"
+        )
     try:
         summary = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ReportError(f"{path} is unreadable: {e}") from None
     if not isinstance(summary, dict) or not all(p in summary.get("models", {}) for p in PHASES):
-        raise ReportError(f"{path} is not the summary of a study run (expected models {', '.join(PHASES)}); reports cover `kdistill run` directories")
+        raise ReportError(
+            f"{path} is not the summary of a study run (expected models {', '.join(PHASES)}); reports cover `kdistill run` directories"
+        )
     config = {}
     if (run_dir / "config.yaml").is_file():
         try:
@@ -133,7 +137,9 @@ def load_run(run_dir: Path) -> Run:
         except yaml.YAMLError:
             config = {}
     histories = {}
-    for phase_dir in sorted((p for p in run_dir.iterdir() if (p / "metrics.jsonl").exists()), key=lambda p: phase_order(p.name)):
+    for phase_dir in sorted(
+        (p for p in run_dir.iterdir() if (p / "metrics.jsonl").exists()), key=lambda p: phase_order(p.name)
+    ):
         histories[phase_dir.name] = read_metrics(phase_dir)
     return Run(run_dir, summary, config if isinstance(config, dict) else {}, histories)
 
@@ -143,17 +149,30 @@ def model_rows(run: Run) -> list[dict[str, Any]]:
     rows = []
     for phase, m in run.models.items():
         p, t, a = m.get("profile", {}), m.get("test", {}), m.get("agreement", {})
-        rows.append({
-            "run": run.name, "phase": phase, "model": m.get("model"), "top1": t.get("top1"), "top5": t.get("top5"),
-            "nll": t.get("nll"), "ece": t.get("ece"),
-            "agreement_top1": a.get("agreement_top1", 100.0 if phase == "teacher" else None),
-            "mean_kl": a.get("mean_kl", 0.0 if phase == "teacher" else None),
-            "parameters": p.get("parameters"), "macs": p.get("macs"), "disk_bytes": p.get("disk_bytes"),
-            "cpu_latency_b1_ms": nested(p, "latency_b1", "median_ms"), "cpu_latency_b1_p90_ms": nested(p, "latency_b1", "p90_ms"),
-            "cpu_throughput_b256": nested(p, "throughput_b256", "images_per_second"),
-            "gpu_latency_b1_ms": nested(p, "gpu", "latency_b1", "median_ms"), "gpu_throughput_b256": nested(p, "gpu", "throughput_b256", "images_per_second"),
-            "train_seconds": m.get("train_seconds"), "train_images_per_second": m.get("images_per_second"), "epochs": m.get("epochs"),
-        })
+        rows.append(
+            {
+                "run": run.name,
+                "phase": phase,
+                "model": m.get("model"),
+                "top1": t.get("top1"),
+                "top5": t.get("top5"),
+                "nll": t.get("nll"),
+                "ece": t.get("ece"),
+                "agreement_top1": a.get("agreement_top1", 100.0 if phase == "teacher" else None),
+                "mean_kl": a.get("mean_kl", 0.0 if phase == "teacher" else None),
+                "parameters": p.get("parameters"),
+                "macs": p.get("macs"),
+                "disk_bytes": p.get("disk_bytes"),
+                "cpu_latency_b1_ms": nested(p, "latency_b1", "median_ms"),
+                "cpu_latency_b1_p90_ms": nested(p, "latency_b1", "p90_ms"),
+                "cpu_throughput_b256": nested(p, "throughput_b256", "images_per_second"),
+                "gpu_latency_b1_ms": nested(p, "gpu", "latency_b1", "median_ms"),
+                "gpu_throughput_b256": nested(p, "gpu", "throughput_b256", "images_per_second"),
+                "train_seconds": m.get("train_seconds"),
+                "train_images_per_second": m.get("images_per_second"),
+                "epochs": m.get("epochs"),
+            }
+        )
     return rows
 
 
@@ -161,14 +180,27 @@ def pareto_points(run: Run, prefix: str = "", with_int8: bool = True) -> list[di
     """The run's models (and its int8 student) as points of :func:`plot_pareto`."""
     points = []
     for phase, m in run.models.items():
-        points.append({
-            "label": f"{prefix}{label(phase)}", "top1": m["test"]["top1"], "macs": nested(m, "profile", "macs"),
-            "latency_ms": nested(m, "profile", "latency_b1", "median_ms"), "color": COLORS.get(phase, "#9467bd"),
-        })
+        points.append(
+            {
+                "label": f"{prefix}{label(phase)}",
+                "top1": m["test"]["top1"],
+                "macs": nested(m, "profile", "macs"),
+                "latency_ms": nested(m, "profile", "latency_b1", "median_ms"),
+                "color": COLORS.get(phase, "#9467bd"),
+            }
+        )
     dep = run.summary.get("deployment") or {}
     if with_int8 and "int8" in dep:
-        points.append({"label": f"{prefix}distilled int8 (ONNX Runtime)", "top1": dep["int8"]["top1"], "macs": None,
-                       "latency_ms": nested(dep, "int8", "latency_b1", "median_ms"), "color": COLORS["distilled"], "marker": "s"})
+        points.append(
+            {
+                "label": f"{prefix}distilled int8 (ONNX Runtime)",
+                "top1": dep["int8"]["top1"],
+                "macs": None,
+                "latency_ms": nested(dep, "int8", "latency_b1", "median_ms"),
+                "color": COLORS["distilled"],
+                "marker": "s",
+            }
+        )
     return points
 
 
@@ -188,7 +220,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
         *_cost_and_curve_blocks(run),
         *_class_blocks(run),
         *_diagnostic_blocks(run),
-        Note(f"Written by kdistill from {run.path.name}/ (summary.json, metrics.jsonl); the same numbers are in summary.csv."),
+        Note(
+            f"Written by kdistill from {run.path.name}/ (summary.json, metrics.jsonl); the same numbers are in summary.csv."
+        ),
     ]
     return write_documents(blocks, run.out, f"kdistill study: {run.summary['name']}")
 
@@ -199,43 +233,78 @@ def _overview_blocks(run: Run) -> list[Block]:
     data = summary["data"]
     blocks: list[Block] = [
         Heading(f"kdistill study: {summary['name']}"),
-        Paragraph(f"Data: **{data['dataset']}** ({data['train_size']} training, {data['test_size']} test images, {data['num_classes']} classes). "
-                  f"Distillation: **{run.settings()}**. Seed {summary['seed']}. Device: {summary['device']}. {summary.get('platform', '')}"),
+        Paragraph(
+            f"Data: **{data['dataset']}** ({data['train_size']} training, {data['test_size']} test images, {data['num_classes']} classes). "
+            f"Distillation: **{run.settings()}**. Seed {summary['seed']}. Device: {summary['device']}. {summary.get('platform', '')}"
+        ),
         Paragraph(headline_sentence(summary)),
         Heading("What each model is worth and what it costs", 2),
         _models_table(run),
-        Note("Accuracies are from the last epoch (not the best one). NLL: mean cross-entropy on the test set. ECE: expected "
-             "calibration error over 15 equal-width confidence bins (0 is perfectly calibrated). Agreement: share of test images "
-             "on which the model's top-1 class equals the teacher's; KL: mean KL(teacher || model) at T=1. Size: the float32 "
-             "weights as saved by torch.save. Latency: median and 90th percentile of repeated forward passes after warm-up "
-             "(throughput: images per second at batch 256)."
-             + (" The teacher was loaded from a checkpoint, so its training time is not counted." if models["teacher"].get("from_checkpoint") else "")),
+        Note(
+            "Accuracies are from the last epoch (not the best one). NLL: mean cross-entropy on the test set. ECE: expected "
+            "calibration error over 15 equal-width confidence bins (0 is perfectly calibrated). Agreement: share of test images "
+            "on which the model's top-1 class equals the teacher's; KL: mean KL(teacher || model) at T=1. Size: the float32 "
+            "weights as saved by torch.save. Latency: median and 90th percentile of repeated forward passes after warm-up "
+            "(throughput: images per second at batch 256)."
+            + (
+                " The teacher was loaded from a checkpoint, so its training time is not counted."
+                if models["teacher"].get("from_checkpoint")
+                else ""
+            )
+        ),
     ]
     if summary.get("budget_seconds"):
         reached = ", ".join(
-            f"{label(phase)} {m['budget']['steps']} steps ({m['budget']['epochs']:.1f} epochs)" for phase, m in models.items() if m.get("budget")
+            f"{label(phase)} {m['budget']['steps']} steps ({m['budget']['epochs']:.1f} epochs)"
+            for phase, m in models.items()
+            if m.get("budget")
         )
-        blocks.append(Paragraph(f"Time budget: {summary['budget_seconds']:.0f} s; the study took {summary['wall_seconds']:.0f} s "
-                                f"({100 * summary['wall_seconds'] / summary['budget_seconds']:.0f}%). Reached: {reached}."))
+        blocks.append(
+            Paragraph(
+                f"Time budget: {summary['budget_seconds']:.0f} s; the study took {summary['wall_seconds']:.0f} s "
+                f"({100 * summary['wall_seconds'] / summary['budget_seconds']:.0f}%). Reached: {reached}."
+            )
+        )
     return blocks
 
 
 def _models_table(run: Run) -> Table:
     """Accuracy, calibration, agreement and cost of every model (GPU columns if measured)."""
     gpu = any(r["gpu_latency_b1_ms"] is not None for r in model_rows(run))
-    headers = ["model", "architecture", "test top-1", "top-5", "NLL", "ECE", "agreement with teacher", "KL to teacher",
-               "parameters", "MACs", "size on disk", "CPU latency b=1 (median / p90)", "CPU throughput b=256"]
+    headers = [
+        "model",
+        "architecture",
+        "test top-1",
+        "top-5",
+        "NLL",
+        "ECE",
+        "agreement with teacher",
+        "KL to teacher",
+        "parameters",
+        "MACs",
+        "size on disk",
+        "CPU latency b=1 (median / p90)",
+        "CPU throughput b=256",
+    ]
     if gpu:
         headers += ["GPU latency b=1", "GPU throughput b=256"]
     headers += ["training time", "train img/s"]
     rows = []
     for r in model_rows(run):
         row = [
-            label(r["phase"]), str(r["model"]), fmt_num(r["top1"], ".2f", "%"), fmt_num(r["top5"], ".2f", "%"), fmt_num(r["nll"], ".3f"),
-            fmt_num(r["ece"], ".3f"), fmt_num(r["agreement_top1"], ".2f", "%"), fmt_num(r["mean_kl"], ".4f"),
-            fmt_count(r["parameters"]) if r["parameters"] is not None else "n/a", fmt_count(r["macs"]) if r["macs"] is not None else "n/a",
+            label(r["phase"]),
+            str(r["model"]),
+            fmt_num(r["top1"], ".2f", "%"),
+            fmt_num(r["top5"], ".2f", "%"),
+            fmt_num(r["nll"], ".3f"),
+            fmt_num(r["ece"], ".3f"),
+            fmt_num(r["agreement_top1"], ".2f", "%"),
+            fmt_num(r["mean_kl"], ".4f"),
+            fmt_count(r["parameters"]) if r["parameters"] is not None else "n/a",
+            fmt_count(r["macs"]) if r["macs"] is not None else "n/a",
             fmt_bytes(r["disk_bytes"]),
-            f"{fmt_num(r['cpu_latency_b1_ms'], '.2f')} / {fmt_num(r['cpu_latency_b1_p90_ms'], '.2f')} ms", fmt_num(r["cpu_throughput_b256"], ".0f", " img/s"),
+            f"{fmt_num(r['cpu_latency_b1_ms'], '.2f')} / {fmt_num(r['cpu_latency_b1_p90_ms'], '.2f')} ms",
+            fmt_num(r["cpu_throughput_b256"], ".0f", " img/s"),
         ]
         if gpu:
             row += [fmt_num(r["gpu_latency_b1_ms"], ".3f", " ms"), fmt_num(r["gpu_throughput_b256"], ".0f", " img/s")]
@@ -250,26 +319,53 @@ def _deployment_blocks(run: Run) -> list[Block]:
     if not dep:
         return [
             Heading("Deployment", 2),
-            Paragraph("No ONNX export in this run (`deploy.onnx` off, or the export extra not installed: `pip install 'kdistill[export]'`). "
-                      "Export any checkpoint later with `kdistill export CHECKPOINT --format onnx --quantize static`."),
+            Paragraph(
+                "No ONNX export in this run (`deploy.onnx` off, or the export extra not installed: `pip install 'kdistill[export]'`). "
+                "Export any checkpoint later with `kdistill export CHECKPOINT --format onnx --quantize static`."
+            ),
         ]
-    headers = ["distilled student as", "file", "test top-1", "top-1 identical to PyTorch", "max logit difference",
-               "CPU latency b=1 (median / p90)", "CPU throughput b=256", "size on disk"]
+    headers = [
+        "distilled student as",
+        "file",
+        "test top-1",
+        "top-1 identical to PyTorch",
+        "max logit difference",
+        "CPU latency b=1 (median / p90)",
+        "CPU throughput b=256",
+        "size on disk",
+    ]
     d = run.models["distilled"]
-    rows = [[
-        "PyTorch (float32)", "checkpoint.pt", fmt_num(dep.get("pytorch_top1", d["test"]["top1"]), ".2f", "%"), "100.00%", "0",
-        f"{fmt_num(nested(d, 'profile', 'latency_b1', 'median_ms'), '.2f')} / {fmt_num(nested(d, 'profile', 'latency_b1', 'p90_ms'), '.2f')} ms",
-        fmt_num(nested(d, "profile", "throughput_b256", "images_per_second"), ".0f", " img/s"), fmt_bytes(nested(d, "profile", "disk_bytes")),
-    ]]
-    for key, name in (("onnx", "ONNX Runtime (float32)"), ("int8", f"ONNX Runtime int8 ({nested(dep, 'int8', 'mode', default='')})")):
+    rows = [
+        [
+            "PyTorch (float32)",
+            "checkpoint.pt",
+            fmt_num(dep.get("pytorch_top1", d["test"]["top1"]), ".2f", "%"),
+            "100.00%",
+            "0",
+            f"{fmt_num(nested(d, 'profile', 'latency_b1', 'median_ms'), '.2f')} / {fmt_num(nested(d, 'profile', 'latency_b1', 'p90_ms'), '.2f')} ms",
+            fmt_num(nested(d, "profile", "throughput_b256", "images_per_second"), ".0f", " img/s"),
+            fmt_bytes(nested(d, "profile", "disk_bytes")),
+        ]
+    ]
+    for key, name in (
+        ("onnx", "ONNX Runtime (float32)"),
+        ("int8", f"ONNX Runtime int8 ({nested(dep, 'int8', 'mode', default='')})"),
+    ):
         e = dep.get(key)
         if not e:
             continue
-        rows.append([
-            name, Path(e["path"]).name, fmt_num(e["top1"], ".2f", "%"), fmt_num(e["top1_agreement"], ".2f", "%"), fmt_num(e["max_abs_diff"], ".1e"),
-            f"{fmt_num(nested(e, 'latency_b1', 'median_ms'), '.2f')} / {fmt_num(nested(e, 'latency_b1', 'p90_ms'), '.2f')} ms",
-            fmt_num(nested(e, "throughput_b256", "images_per_second"), ".0f", " img/s"), fmt_bytes(e.get("disk_bytes")),
-        ])
+        rows.append(
+            [
+                name,
+                Path(e["path"]).name,
+                fmt_num(e["top1"], ".2f", "%"),
+                fmt_num(e["top1_agreement"], ".2f", "%"),
+                fmt_num(e["max_abs_diff"], ".1e"),
+                f"{fmt_num(nested(e, 'latency_b1', 'median_ms'), '.2f')} / {fmt_num(nested(e, 'latency_b1', 'p90_ms'), '.2f')} ms",
+                fmt_num(nested(e, "throughput_b256", "images_per_second"), ".0f", " img/s"),
+                fmt_bytes(e.get("disk_bytes")),
+            ]
+        )
     note = (
         f"The ONNX file was verified with ONNX Runtime on {nested(dep, 'onnx', 'num_images', default='the')} test images "
         "(max |logit difference| <= 1e-4, identical top-1 on >= 99.9% required). Its inputs are float32 images normalised "
@@ -277,9 +373,17 @@ def _deployment_blocks(run: Run) -> list[Block]:
     )
     if "int8" in dep:
         i8 = dep["int8"]
-        how = f"calibrated on {i8['calibration_images']} training images" if i8["mode"] == "static" else "activation ranges computed at run time"
+        how = (
+            f"calibrated on {i8['calibration_images']} training images"
+            if i8["mode"] == "static"
+            else "activation ranges computed at run time"
+        )
         note += f" The int8 model is post-training quantized ({i8['mode']}, {how}): {i8['top1'] - dep['pytorch_top1']:+.2f} points of top-1."
-    return [Heading("Deployment: the distilled student on the CPU", 2), Table(headers, rows, right=set(range(2, 8))), Note(note)]
+    return [
+        Heading("Deployment: the distilled student on the CPU", 2),
+        Table(headers, rows, right=set(range(2, 8))),
+        Note(note),
+    ]
 
 
 def _cost_and_curve_blocks(run: Run) -> list[Block]:
@@ -289,9 +393,15 @@ def _cost_and_curve_blocks(run: Run) -> list[Block]:
     plot_curves(run.histories, out / "curves.png")
     return [
         Heading("Accuracy against cost", 2),
-        Figure(pareto.relative_to(out), "test top-1 against MACs and against CPU latency at batch 1; the green steps join the models no other model beats on both"),
+        Figure(
+            pareto.relative_to(out),
+            "test top-1 against MACs and against CPU latency at batch 1; the green steps join the models no other model beats on both",
+        ),
         Heading("Training curves", 2),
-        Figure(Path("curves.png"), "training loss, top-1 accuracy (train dotted, test solid) and learning rate per epoch of every phase"),
+        Figure(
+            Path("curves.png"),
+            "training loss, top-1 accuracy (train dotted, test solid) and learning rate per epoch of every phase",
+        ),
     ]
 
 
@@ -304,13 +414,31 @@ def _class_blocks(run: Run) -> list[Block]:
     }
     blocks: list[Block] = [Heading("Which classes distillation helped", 2)]
     if deltas:
-        fig = plot_class_deltas({"distilled − baseline": {c: d - b for c, (d, b) in deltas.items() if d is not None}}, run.out / FIGURES / "class_deltas.png")
-        blocks.append(Figure(fig.relative_to(run.out), "per-class test top-1 of the distilled student minus the baseline's, in points"))
+        fig = plot_class_deltas(
+            {"distilled − baseline": {c: d - b for c, (d, b) in deltas.items() if d is not None}},
+            run.out / FIGURES / "class_deltas.png",
+        )
+        blocks.append(
+            Figure(
+                fig.relative_to(run.out),
+                "per-class test top-1 of the distilled student minus the baseline's, in points",
+            )
+        )
     rows = []
     for cls, (d, base) in deltas.items():
         t = nested(models, "teacher", "test", "per_class_top1", cls)
-        rows.append([cls, fmt_num(t, ".1f"), fmt_num(base, ".1f"), fmt_num(d, ".1f"), fmt_num(None if d is None else d - base, "+.1f")])
-    blocks.append(Table(["class", "teacher", "baseline", "distilled", "distilled − baseline"], rows, right={1, 2, 3, 4}))
+        rows.append(
+            [
+                cls,
+                fmt_num(t, ".1f"),
+                fmt_num(base, ".1f"),
+                fmt_num(d, ".1f"),
+                fmt_num(None if d is None else d - base, "+.1f"),
+            ]
+        )
+    blocks.append(
+        Table(["class", "teacher", "baseline", "distilled", "distilled − baseline"], rows, right={1, 2, 3, 4})
+    )
     return blocks
 
 
@@ -318,13 +446,28 @@ def _diagnostic_blocks(run: Run) -> list[Block]:
     """Confusion matrices and the reliability diagram, where the run measured them."""
     out, models = run.out, run.models
     blocks: list[Block] = []
-    classes = nested(models, "baseline", "test", "classes") or list(nested(models, "baseline", "test", "per_class_top1", default={}))
+    classes = nested(models, "baseline", "test", "classes") or list(
+        nested(models, "baseline", "test", "per_class_top1", default={})
+    )
     matrices = {label(p): m["test"]["confusion"] for p, m in models.items() if "confusion" in m.get("test", {})}
     if matrices and classes:
         fig = plot_confusions(matrices, classes, out / FIGURES / "confusion.png")
-        blocks += [Heading("Confusion matrices", 2), Figure(fig.relative_to(out), "test confusion matrices, % of each true class (rows)")]
-    calibrations = {label(p): {**m["test"]["calibration"], "color": COLORS.get(p)} for p, m in models.items() if "calibration" in m.get("test", {})}
+        blocks += [
+            Heading("Confusion matrices", 2),
+            Figure(fig.relative_to(out), "test confusion matrices, % of each true class (rows)"),
+        ]
+    calibrations = {
+        label(p): {**m["test"]["calibration"], "color": COLORS.get(p)}
+        for p, m in models.items()
+        if "calibration" in m.get("test", {})
+    }
     if calibrations:
         fig = plot_reliability(calibrations, out / FIGURES / "reliability.png")
-        blocks += [Heading("Calibration", 2), Figure(fig.relative_to(out), "reliability diagram: accuracy against confidence per bin; below, the share of test images per bin")]
+        blocks += [
+            Heading("Calibration", 2),
+            Figure(
+                fig.relative_to(out),
+                "reliability diagram: accuracy against confidence per bin; below, the share of test images per bin",
+            ),
+        ]
     return blocks

@@ -64,11 +64,45 @@ def tree(tmp: Path, extra: dict[str, bytes] | None = None, drop: str | None = No
 
 
 def train(tmp: Path, data: Path | str, *extra: str) -> list[str]:
-    return ["train", "--model", "seed_student", "--data", str(data), "--epochs", "1", "--device", "cpu", "--output-dir", str(tmp / "runs"), "--name", "x", "--set", "train.batch_size=2", *extra]
+    return [
+        "train",
+        "--model",
+        "seed_student",
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp / "runs"),
+        "--name",
+        "x",
+        "--set",
+        "train.batch_size=2",
+        *extra,
+    ]
 
 
 def distill(tmp: Path, teacher: Path, *extra: str) -> list[str]:
-    return ["distill", "--teacher", str(teacher), "--student", "seed_student", "--data", str(tree(tmp)), "--epochs", "1", "--device", "cpu", "--output-dir", str(tmp / "runs"), "--name", "x", *extra]
+    return [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        "seed_student",
+        "--data",
+        str(tree(tmp)),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp / "runs"),
+        "--name",
+        "x",
+        *extra,
+    ]
 
 
 def tar_with(tmp: Path, member: tarfile.TarInfo, data: bytes = b"") -> Path:
@@ -120,12 +154,22 @@ def cifar_archive(tmp: Path, content: bytes) -> list[str]:
     return train(tmp, "cifar10", "--data-dir", str(tmp / "cache"), "--set", "data.download=false")
 
 
-def teacher_checkpoint(tmp: Path, name: str = "seed_teacher", num_classes: int = 2, weights_of: str | None = None) -> Path:
+def teacher_checkpoint(
+    tmp: Path, name: str = "seed_teacher", num_classes: int = 2, weights_of: str | None = None
+) -> Path:
     torch.manual_seed(0)
     spec = {"name": name, "kwargs": {"num_classes": num_classes}}
     model = create_model(weights_of or name, num_classes=num_classes)
     path = tmp / "teacher.pt"
-    save_checkpoint({"kind": "train", "model_spec": spec, "model": model.state_dict(), "data": {"classes": [f"c{i}" for i in range(num_classes)]}}, path)
+    save_checkpoint(
+        {
+            "kind": "train",
+            "model_spec": spec,
+            "model": model.state_dict(),
+            "data": {"classes": [f"c{i}" for i in range(num_classes)]},
+        },
+        path,
+    )
     return path
 
 
@@ -147,7 +191,10 @@ class Evil:
 
 def evil_checkpoint(tmp: Path) -> Path:
     path = tmp / "evil.pt"
-    torch.save({"format": FORMAT, "model_spec": {"name": "seed_teacher", "kwargs": {}}, "model": {}, "x": Evil(tmp / "pwned")}, path)
+    torch.save(
+        {"format": FORMAT, "model_spec": {"name": "seed_teacher", "kwargs": {}}, "model": {}, "x": Evil(tmp / "pwned")},
+        path,
+    )
     return path
 
 
@@ -325,101 +372,480 @@ D, M, C, R = "data", "models and checkpoints", "configs", "run directory and dis
 
 CASES = [
     # data
-    Case(D, "corrupt image (random bytes named x.jpg)", lambda t: train(t, tree(t, {"train/bee/x.jpg": random_bytes(300)})), ("x.jpg", "unreadable image")),
-    Case(D, "truncated PNG", lambda t: train(t, tree(t, {"train/bee/cut.png": tiny_png()[:40]})), ("cut.png", "unreadable image")),
-    Case(D, "empty (0-byte) image file", lambda t: train(t, tree(t, {"test/ant/empty.png": b""})), ("empty.png", "unreadable image")),
-    Case(D, "non-image file in a class folder", lambda t: train(t, tree(t, {"train/ant/notes.txt": b"labels: ant\n"})), ("notes.txt", "expected a JPEG/PNG")),
-    Case(D, "decompression bomb (image over PIL's pixel limit)", lambda t: train(t, tree(t)), ("0.png", "decompression bomb"), patch=small_bomb),
+    Case(
+        D,
+        "corrupt image (random bytes named x.jpg)",
+        lambda t: train(t, tree(t, {"train/bee/x.jpg": random_bytes(300)})),
+        ("x.jpg", "unreadable image"),
+    ),
+    Case(
+        D,
+        "truncated PNG",
+        lambda t: train(t, tree(t, {"train/bee/cut.png": tiny_png()[:40]})),
+        ("cut.png", "unreadable image"),
+    ),
+    Case(
+        D,
+        "empty (0-byte) image file",
+        lambda t: train(t, tree(t, {"test/ant/empty.png": b""})),
+        ("empty.png", "unreadable image"),
+    ),
+    Case(
+        D,
+        "non-image file in a class folder",
+        lambda t: train(t, tree(t, {"train/ant/notes.txt": b"labels: ant\n"})),
+        ("notes.txt", "expected a JPEG/PNG"),
+    ),
+    Case(
+        D,
+        "decompression bomb (image over PIL's pixel limit)",
+        lambda t: train(t, tree(t)),
+        ("0.png", "decompression bomb"),
+        patch=small_bomb,
+    ),
     Case(D, "empty class folder", lambda t: train(t, empty_class_folder(t)), ("train/cat/", "is empty")),
-    Case(D, "train and test class sets differ", lambda t: train(t, tree(t, {"test/dog/0.png": tiny_png()})), ("different classes", "dog")),
+    Case(
+        D,
+        "train and test class sets differ",
+        lambda t: train(t, tree(t, {"test/dog/0.png": tiny_png()})),
+        ("different classes", "dog"),
+    ),
     Case(D, "a single class", lambda t: train(t, tree(t, drop="/bee/")), ("single class", "at least 2")),
     Case(D, "no test split", lambda t: train(t, tree(t, drop="test/")), ("no images under test/",)),
-    Case(D, "data set path does not exist", lambda t: train(t, t / "nowhere"), ("nowhere", "not found"), check=no_run_dir),
+    Case(
+        D, "data set path does not exist", lambda t: train(t, t / "nowhere"), ("nowhere", "not found"), check=no_run_dir
+    ),
     Case(D, "unknown data set name", lambda t: train(t, "cifar11"), ("cifar11", "cifar10-mini")),
-    Case(D, "a plain file instead of a folder or archive", lambda t: train(t, write_tree(t, {"data.csv": b"a,b\n"}) / "data.csv"), ("data.csv", "neither a folder nor")),
-    Case(D, "truncated .tar.gz archive", lambda t: train(t, truncated_tar_gz(t)), ("data.tar.gz", "cannot read archive")),
-    Case(D, "archive member with an absolute path", lambda t: train(t, tar_with(t, tarfile.TarInfo("/etc/cron.d/x.png"), tiny_png())), ("/etc/cron.d/x.png", "absolute path")),
-    Case(D, "archive member with '..'", lambda t: train(t, zip_with(t, "train/../../evil.png", tiny_png())), ("train/../../evil.png", "'..'")),
-    Case(D, "tar symlink pointing outside (/etc/passwd)", lambda t: train(t, tar_link(t, tarfile.SYMTYPE, "/etc/passwd")), ("link.png", "is a link")),
-    Case(D, "tar hard link", lambda t: train(t, tar_link(t, tarfile.LNKTYPE, "../../etc/passwd")), ("link.png", "is a link")),
-    Case(D, "zip symlink", lambda t: train(t, zip_with(t, "train/ant/link.png", b"/etc/passwd", mode=0o120777)), ("link.png", "is a link")),
-    Case(D, "truncated CIFAR-10 download", lambda t: cifar_archive(t, random_bytes(5000)[:1234]), ("cifar-10-python.tar.gz", "expected c58f30108f718f92721af3b95e74349a")),
-    Case(D, "CIFAR-10 archive with the wrong checksum", lambda t: cifar_archive(t, truncated_tar_gz(t).read_bytes()), ("cifar-10-python.tar.gz", "has md5")),
-    Case(D, "CIFAR-10 absent, download disabled", lambda t: train(t, "cifar10", "--data-dir", str(t / "cache"), "--set", "data.download=false"), ("CIFAR-10 not found", "place it at", "cifar-10-python.tar.gz"), check=no_run_dir),
-    Case(D, "CIFAR-10 download unreachable (offline)", lambda t: train(t, "cifar10", "--data-dir", str(t / "cache")), ("cannot download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "place it at", "cifar10/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"), patch=offline, check=no_run_dir),
-    Case(D, "validation split as large as the training set", lambda t: train(t, tree(t), "--set", "data.val_size=4"), ("data.val_size=4", "smaller than the 4 training images")),
+    Case(
+        D,
+        "a plain file instead of a folder or archive",
+        lambda t: train(t, write_tree(t, {"data.csv": b"a,b\n"}) / "data.csv"),
+        ("data.csv", "neither a folder nor"),
+    ),
+    Case(
+        D, "truncated .tar.gz archive", lambda t: train(t, truncated_tar_gz(t)), ("data.tar.gz", "cannot read archive")
+    ),
+    Case(
+        D,
+        "archive member with an absolute path",
+        lambda t: train(t, tar_with(t, tarfile.TarInfo("/etc/cron.d/x.png"), tiny_png())),
+        ("/etc/cron.d/x.png", "absolute path"),
+    ),
+    Case(
+        D,
+        "archive member with '..'",
+        lambda t: train(t, zip_with(t, "train/../../evil.png", tiny_png())),
+        ("train/../../evil.png", "'..'"),
+    ),
+    Case(
+        D,
+        "tar symlink pointing outside (/etc/passwd)",
+        lambda t: train(t, tar_link(t, tarfile.SYMTYPE, "/etc/passwd")),
+        ("link.png", "is a link"),
+    ),
+    Case(
+        D,
+        "tar hard link",
+        lambda t: train(t, tar_link(t, tarfile.LNKTYPE, "../../etc/passwd")),
+        ("link.png", "is a link"),
+    ),
+    Case(
+        D,
+        "zip symlink",
+        lambda t: train(t, zip_with(t, "train/ant/link.png", b"/etc/passwd", mode=0o120777)),
+        ("link.png", "is a link"),
+    ),
+    Case(
+        D,
+        "truncated CIFAR-10 download",
+        lambda t: cifar_archive(t, random_bytes(5000)[:1234]),
+        ("cifar-10-python.tar.gz", "expected c58f30108f718f92721af3b95e74349a"),
+    ),
+    Case(
+        D,
+        "CIFAR-10 archive with the wrong checksum",
+        lambda t: cifar_archive(t, truncated_tar_gz(t).read_bytes()),
+        ("cifar-10-python.tar.gz", "has md5"),
+    ),
+    Case(
+        D,
+        "CIFAR-10 absent, download disabled",
+        lambda t: train(t, "cifar10", "--data-dir", str(t / "cache"), "--set", "data.download=false"),
+        ("CIFAR-10 not found", "place it at", "cifar-10-python.tar.gz"),
+        check=no_run_dir,
+    ),
+    Case(
+        D,
+        "CIFAR-10 download unreachable (offline)",
+        lambda t: train(t, "cifar10", "--data-dir", str(t / "cache")),
+        (
+            "cannot download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "place it at",
+            "cifar10/cifar-10-python.tar.gz",
+            "c58f30108f718f92721af3b95e74349a",
+        ),
+        patch=offline,
+        check=no_run_dir,
+    ),
+    Case(
+        D,
+        "validation split as large as the training set",
+        lambda t: train(t, tree(t), "--set", "data.val_size=4"),
+        ("data.val_size=4", "smaller than the 4 training images"),
+    ),
     # models and checkpoints
-    Case(M, "teacher trained on 3 classes, data set has 2", lambda t: distill(t, teacher_checkpoint(t, num_classes=3)), ("teacher.pt", "predicts 3 classes but the data set has 2")),
-    Case(M, "teacher checkpoint of another architecture", lambda t: distill(t, teacher_checkpoint(t, weights_of="seed_student")), ("teacher.pt", "do not fit model 'seed_teacher'")),
-    Case(M, "truncated teacher checkpoint", lambda t: distill(t, truncated_checkpoint(t)), ("teacher.pt", "unreadable or truncated")),
-    Case(M, "malicious pickle as teacher checkpoint", lambda t: distill(t, evil_checkpoint(t)), ("evil.pt", "refused"), check=no_code_ran, absent=("weights_only",)),
-    Case(M, "malicious pickle given to evaluate", lambda t: ["evaluate", str(evil_checkpoint(t))], ("evil.pt", "refused"), check=no_code_ran, absent=("weights_only",)),
-    Case(M, "a torch file that is not a kdistill checkpoint", lambda t: distill(t, plain_torch_file(t)), ("plain.pt", "not a kdistill checkpoint")),
-    Case(M, "teacher checkpoint missing", lambda t: distill(t, t / "gone.pt"), ("gone.pt", "does not exist"), check=no_run_dir),
-    Case(M, "a run directory given to evaluate", lambda t: ["evaluate", str(run_dir_of_checkpoints(t))],
-         ("quickstart is a run directory, not a checkpoint; it holds", "teacher/checkpoint.pt", "baseline/checkpoint.pt", "distilled/checkpoint.pt"), absent=("does not exist",)),
-    Case(M, "a run directory given to export", lambda t: ["export", str(run_dir_of_checkpoints(t))], ("quickstart is a run directory, not a checkpoint", "teacher/checkpoint.pt"), absent=("does not exist",)),
-    Case(M, "a phase folder given as --teacher", lambda t: distill(t, run_dir_of_checkpoints(t) / "teacher"),
-         ("quickstart/teacher is a folder, not a checkpoint; pass the checkpoint it holds:", "quickstart/teacher/checkpoint.pt"), absent=("does not exist",)),
-    Case(M, "an ONNX model given to export", lambda t: ["export", str(onnx_file(t))], ("model.onnx is an ONNX model, not a checkpoint", "expected a checkpoint.pt written by kdistill"), absent=("weights_only", "refused")),
-    Case(M, "a TorchScript archive given to evaluate", lambda t: ["evaluate", str(torchscript_file(t))],
-         ("model.torchscript.pt is a TorchScript archive, not a checkpoint", "expected a checkpoint.pt written by kdistill"), absent=("weights_only", "refused")),
-    Case(M, "a Markdown report given as --teacher", lambda t: distill(t, write_tree(t, {"report.md": b"# Report\n"}) / "report.md"),
-         ("report.md is a text file", "expected a checkpoint.pt written by kdistill"), absent=("weights_only", "refused")),
-    Case(M, "evaluate a truncated checkpoint", lambda t: ["evaluate", str(truncated_checkpoint(t))], ("teacher.pt", "unreadable or truncated")),
-    Case(M, "resume a run whose checkpoint holds another model", lambda t: resume_into(t, other_model_checkpoint), ("checkpoint.pt", "does not match this run")),
-    Case(M, "resume from a checkpoint without training state", lambda t: resume_into(t, checkpoint_without_state), ("checkpoint.pt", "does not match this run")),
-    Case(M, "resume from a truncated checkpoint", lambda t: resume_into(t, cut_checkpoint), ("checkpoint.pt", "unreadable or truncated")),
+    Case(
+        M,
+        "teacher trained on 3 classes, data set has 2",
+        lambda t: distill(t, teacher_checkpoint(t, num_classes=3)),
+        ("teacher.pt", "predicts 3 classes but the data set has 2"),
+    ),
+    Case(
+        M,
+        "teacher checkpoint of another architecture",
+        lambda t: distill(t, teacher_checkpoint(t, weights_of="seed_student")),
+        ("teacher.pt", "do not fit model 'seed_teacher'"),
+    ),
+    Case(
+        M,
+        "truncated teacher checkpoint",
+        lambda t: distill(t, truncated_checkpoint(t)),
+        ("teacher.pt", "unreadable or truncated"),
+    ),
+    Case(
+        M,
+        "malicious pickle as teacher checkpoint",
+        lambda t: distill(t, evil_checkpoint(t)),
+        ("evil.pt", "refused"),
+        check=no_code_ran,
+        absent=("weights_only",),
+    ),
+    Case(
+        M,
+        "malicious pickle given to evaluate",
+        lambda t: ["evaluate", str(evil_checkpoint(t))],
+        ("evil.pt", "refused"),
+        check=no_code_ran,
+        absent=("weights_only",),
+    ),
+    Case(
+        M,
+        "a torch file that is not a kdistill checkpoint",
+        lambda t: distill(t, plain_torch_file(t)),
+        ("plain.pt", "not a kdistill checkpoint"),
+    ),
+    Case(
+        M,
+        "teacher checkpoint missing",
+        lambda t: distill(t, t / "gone.pt"),
+        ("gone.pt", "does not exist"),
+        check=no_run_dir,
+    ),
+    Case(
+        M,
+        "a run directory given to evaluate",
+        lambda t: ["evaluate", str(run_dir_of_checkpoints(t))],
+        (
+            "quickstart is a run directory, not a checkpoint; it holds",
+            "teacher/checkpoint.pt",
+            "baseline/checkpoint.pt",
+            "distilled/checkpoint.pt",
+        ),
+        absent=("does not exist",),
+    ),
+    Case(
+        M,
+        "a run directory given to export",
+        lambda t: ["export", str(run_dir_of_checkpoints(t))],
+        ("quickstart is a run directory, not a checkpoint", "teacher/checkpoint.pt"),
+        absent=("does not exist",),
+    ),
+    Case(
+        M,
+        "a phase folder given as --teacher",
+        lambda t: distill(t, run_dir_of_checkpoints(t) / "teacher"),
+        (
+            "quickstart/teacher is a folder, not a checkpoint; pass the checkpoint it holds:",
+            "quickstart/teacher/checkpoint.pt",
+        ),
+        absent=("does not exist",),
+    ),
+    Case(
+        M,
+        "an ONNX model given to export",
+        lambda t: ["export", str(onnx_file(t))],
+        ("model.onnx is an ONNX model, not a checkpoint", "expected a checkpoint.pt written by kdistill"),
+        absent=("weights_only", "refused"),
+    ),
+    Case(
+        M,
+        "a TorchScript archive given to evaluate",
+        lambda t: ["evaluate", str(torchscript_file(t))],
+        (
+            "model.torchscript.pt is a TorchScript archive, not a checkpoint",
+            "expected a checkpoint.pt written by kdistill",
+        ),
+        absent=("weights_only", "refused"),
+    ),
+    Case(
+        M,
+        "a Markdown report given as --teacher",
+        lambda t: distill(t, write_tree(t, {"report.md": b"# Report\n"}) / "report.md"),
+        ("report.md is a text file", "expected a checkpoint.pt written by kdistill"),
+        absent=("weights_only", "refused"),
+    ),
+    Case(
+        M,
+        "evaluate a truncated checkpoint",
+        lambda t: ["evaluate", str(truncated_checkpoint(t))],
+        ("teacher.pt", "unreadable or truncated"),
+    ),
+    Case(
+        M,
+        "resume a run whose checkpoint holds another model",
+        lambda t: resume_into(t, other_model_checkpoint),
+        ("checkpoint.pt", "does not match this run"),
+    ),
+    Case(
+        M,
+        "resume from a checkpoint without training state",
+        lambda t: resume_into(t, checkpoint_without_state),
+        ("checkpoint.pt", "does not match this run"),
+    ),
+    Case(
+        M,
+        "resume from a truncated checkpoint",
+        lambda t: resume_into(t, cut_checkpoint),
+        ("checkpoint.pt", "unreadable or truncated"),
+    ),
     # configs
-    Case(C, "malformed YAML", lambda t: config_file(t, "train:\n  epochs: [3\n"), ("bad.yaml", "malformed YAML", "line")),
-    Case(C, "YAML with a python object tag", lambda t: config_file(t, "name: !!python/object/apply:os.system ['true']\n"), ("bad.yaml", "malformed YAML")),
-    Case(C, "top level of the YAML is a list", lambda t: config_file(t, "- a\n- b\n"), ("bad.yaml", "expected a mapping")),
+    Case(
+        C, "malformed YAML", lambda t: config_file(t, "train:\n  epochs: [3\n"), ("bad.yaml", "malformed YAML", "line")
+    ),
+    Case(
+        C,
+        "YAML with a python object tag",
+        lambda t: config_file(t, "name: !!python/object/apply:os.system ['true']\n"),
+        ("bad.yaml", "malformed YAML"),
+    ),
+    Case(
+        C, "top level of the YAML is a list", lambda t: config_file(t, "- a\n- b\n"), ("bad.yaml", "expected a mapping")
+    ),
     Case(C, "unknown key", lambda t: train(t, tree(t), "--set", "train.epoch=3"), ("train.epoch: unknown key",)),
-    Case(C, "unknown key in a config file", lambda t: config_file(t, "train:\n  optimiser: {lr: 0.1}\n"), ("config error in", "bad.yaml: train.optimiser: unknown key"), absent=("--set", "--model", "--data", "--epochs")),
-    Case(C, "unknown key from --set: the flag is named, not the config file", lambda t: train(t, tree(t), "--set", "train.epoch=1"),
-         ("--set train.epoch=1: train.epoch: unknown key",), absent=("quickstart.yaml", "config error in")),
-    Case(C, "-T 0: the flag is named, not the config file", lambda t: distill(t, teacher_checkpoint(t), "-T", "0"),
-         ("-T/--temperature 0: distill.methods.kd.temperature:", "greater than 0"), absent=("quickstart.yaml", "config error in")),
-    Case(C, "--alpha 2: the flag is named, not the config file", lambda t: distill(t, teacher_checkpoint(t), "--alpha", "2"),
-         ("--alpha 2: distill.alpha:", "less than or equal to 1"), absent=("quickstart.yaml", "config error in")),
-    Case(C, "--method kdd: the flag is named, not the config file", lambda t: distill(t, teacher_checkpoint(t), "--method", "kdd"),
-         ("--method kdd: distill.methods: unknown method 'kdd'",), absent=("quickstart.yaml", "config error in")),
-    Case(C, "--device gpu: the flag is named, not the config file", lambda t: train(t, tree(t), "--device", "gpu"),
-         ("--device gpu: device: expected auto, cpu, cuda, cuda:N or mps",), absent=("quickstart.yaml", "config error in")),
-    Case(C, "wrong type", lambda t: train(t, tree(t), "--set", "train.batch_size=abc"), ("train.batch_size", "integer")),
-    Case(C, "boolean where a number belongs", lambda t: train(t, tree(t), "--set", "train.epochs=yes"), ("train.epochs", "expected a number")),
-    Case(C, "negative size", lambda t: train(t, tree(t), "--set", "train.batch_size=-5"), ("train.batch_size", "greater than 0")),
+    Case(
+        C,
+        "unknown key in a config file",
+        lambda t: config_file(t, "train:\n  optimiser: {lr: 0.1}\n"),
+        ("config error in", "bad.yaml: train.optimiser: unknown key"),
+        absent=("--set", "--model", "--data", "--epochs"),
+    ),
+    Case(
+        C,
+        "unknown key from --set: the flag is named, not the config file",
+        lambda t: train(t, tree(t), "--set", "train.epoch=1"),
+        ("--set train.epoch=1: train.epoch: unknown key",),
+        absent=("quickstart.yaml", "config error in"),
+    ),
+    Case(
+        C,
+        "-T 0: the flag is named, not the config file",
+        lambda t: distill(t, teacher_checkpoint(t), "-T", "0"),
+        ("-T/--temperature 0: distill.methods.kd.temperature:", "greater than 0"),
+        absent=("quickstart.yaml", "config error in"),
+    ),
+    Case(
+        C,
+        "--alpha 2: the flag is named, not the config file",
+        lambda t: distill(t, teacher_checkpoint(t), "--alpha", "2"),
+        ("--alpha 2: distill.alpha:", "less than or equal to 1"),
+        absent=("quickstart.yaml", "config error in"),
+    ),
+    Case(
+        C,
+        "--method kdd: the flag is named, not the config file",
+        lambda t: distill(t, teacher_checkpoint(t), "--method", "kdd"),
+        ("--method kdd: distill.methods: unknown method 'kdd'",),
+        absent=("quickstart.yaml", "config error in"),
+    ),
+    Case(
+        C,
+        "--device gpu: the flag is named, not the config file",
+        lambda t: train(t, tree(t), "--device", "gpu"),
+        ("--device gpu: device: expected auto, cpu, cuda, cuda:N or mps",),
+        absent=("quickstart.yaml", "config error in"),
+    ),
+    Case(
+        C, "wrong type", lambda t: train(t, tree(t), "--set", "train.batch_size=abc"), ("train.batch_size", "integer")
+    ),
+    Case(
+        C,
+        "boolean where a number belongs",
+        lambda t: train(t, tree(t), "--set", "train.epochs=yes"),
+        ("train.epochs", "expected a number"),
+    ),
+    Case(
+        C,
+        "negative size",
+        lambda t: train(t, tree(t), "--set", "train.batch_size=-5"),
+        ("train.batch_size", "greater than 0"),
+    ),
     Case(C, "zero epochs", lambda t: train(t, tree(t), "--epochs", "0"), ("train.epochs", "greater than 0")),
-    Case(C, "zero image size", lambda t: train(t, tree(t), "--set", "data.image_size=0"), ("data.image_size", "greater than 0")),
-    Case(C, "learning rate 0", lambda t: train(t, tree(t), "--set", "train.optimizer.lr=0"), ("train.optimizer.lr", "greater than 0")),
-    Case(C, "learning rate 100", lambda t: train(t, tree(t), "--set", "train.optimizer.lr=100"), ("train.optimizer.lr", "less than or equal to 10")),
-    Case(C, "learning rate NaN", lambda t: train(t, tree(t), "--set", "train.optimizer.lr=.nan"), ("train.optimizer.lr", "finite number")),
-    Case(C, "temperature 0", lambda t: distill(t, teacher_checkpoint(t), "-T", "0"), ("distill.methods.kd.temperature", "greater than 0")),
-    Case(C, "temperature infinite", lambda t: distill(t, teacher_checkpoint(t), "--set", "distill.methods.kd.temperature=.inf"), ("distill.methods.kd.temperature", "finite number")),
-    Case(C, "temperature 1000", lambda t: distill(t, teacher_checkpoint(t), "-T", "1000"), ("distill.methods.kd.temperature", "less than or equal to 100")),
-    Case(C, "alpha 1.5", lambda t: distill(t, teacher_checkpoint(t), "--alpha", "1.5"), ("distill.alpha", "less than or equal to 1")),
-    Case(C, "every loss weight 0 (alpha 0, ce_weight 0)", lambda t: distill(t, teacher_checkpoint(t), "--alpha", "0", "--set", "distill.ce_weight=0"), ("distill.alpha", "nothing would be learned")),
-    Case(C, "teacher.checkpoint and teacher.checkpoints both set", lambda t: distill(t, teacher_checkpoint(t), "--set", f"teacher.checkpoints=[{teacher_checkpoint(t)}]"), ("teacher.checkpoints", "not both")),
-    Case(C, "teacher weights without matching teachers", lambda t: distill(t, teacher_checkpoint(t), "--teacher-weights", "1", "2"), ("teacher.weights", "2 weights for 0 teacher checkpoints")),
+    Case(
+        C,
+        "zero image size",
+        lambda t: train(t, tree(t), "--set", "data.image_size=0"),
+        ("data.image_size", "greater than 0"),
+    ),
+    Case(
+        C,
+        "learning rate 0",
+        lambda t: train(t, tree(t), "--set", "train.optimizer.lr=0"),
+        ("train.optimizer.lr", "greater than 0"),
+    ),
+    Case(
+        C,
+        "learning rate 100",
+        lambda t: train(t, tree(t), "--set", "train.optimizer.lr=100"),
+        ("train.optimizer.lr", "less than or equal to 10"),
+    ),
+    Case(
+        C,
+        "learning rate NaN",
+        lambda t: train(t, tree(t), "--set", "train.optimizer.lr=.nan"),
+        ("train.optimizer.lr", "finite number"),
+    ),
+    Case(
+        C,
+        "temperature 0",
+        lambda t: distill(t, teacher_checkpoint(t), "-T", "0"),
+        ("distill.methods.kd.temperature", "greater than 0"),
+    ),
+    Case(
+        C,
+        "temperature infinite",
+        lambda t: distill(t, teacher_checkpoint(t), "--set", "distill.methods.kd.temperature=.inf"),
+        ("distill.methods.kd.temperature", "finite number"),
+    ),
+    Case(
+        C,
+        "temperature 1000",
+        lambda t: distill(t, teacher_checkpoint(t), "-T", "1000"),
+        ("distill.methods.kd.temperature", "less than or equal to 100"),
+    ),
+    Case(
+        C,
+        "alpha 1.5",
+        lambda t: distill(t, teacher_checkpoint(t), "--alpha", "1.5"),
+        ("distill.alpha", "less than or equal to 1"),
+    ),
+    Case(
+        C,
+        "every loss weight 0 (alpha 0, ce_weight 0)",
+        lambda t: distill(t, teacher_checkpoint(t), "--alpha", "0", "--set", "distill.ce_weight=0"),
+        ("distill.alpha", "nothing would be learned"),
+    ),
+    Case(
+        C,
+        "teacher.checkpoint and teacher.checkpoints both set",
+        lambda t: distill(t, teacher_checkpoint(t), "--set", f"teacher.checkpoints=[{teacher_checkpoint(t)}]"),
+        ("teacher.checkpoints", "not both"),
+    ),
+    Case(
+        C,
+        "teacher weights without matching teachers",
+        lambda t: distill(t, teacher_checkpoint(t), "--teacher-weights", "1", "2"),
+        ("teacher.weights", "2 weights for 0 teacher checkpoints"),
+    ),
     Case(C, "unknown model", lambda t: train(t, tree(t), "--model", "resnet9000"), ("resnet9000", "expected one of")),
-    Case(C, "unknown method", lambda t: distill(t, teacher_checkpoint(t), "--method", "nope"), ("nope", "expected one of")),
-    Case(C, "unknown method option", lambda t: distill(t, teacher_checkpoint(t), "--set", "distill.methods.kd.temp=3"), ("distill.methods.kd.temp", "unknown key")),
-    Case(C, "device name that does not exist", lambda t: train(t, tree(t), "--device", "gpu"), ("device", "expected auto, cpu, cuda")),
+    Case(
+        C,
+        "unknown method",
+        lambda t: distill(t, teacher_checkpoint(t), "--method", "nope"),
+        ("nope", "expected one of"),
+    ),
+    Case(
+        C,
+        "unknown method option",
+        lambda t: distill(t, teacher_checkpoint(t), "--set", "distill.methods.kd.temp=3"),
+        ("distill.methods.kd.temp", "unknown key"),
+    ),
+    Case(
+        C,
+        "device name that does not exist",
+        lambda t: train(t, tree(t), "--device", "gpu"),
+        ("device", "expected auto, cpu, cuda"),
+    ),
     Case(C, "CUDA device index that does not exist", lambda t: train(t, tree(t), "--device", "cuda:99"), ("cuda:99",)),
-    Case(C, "config file not found", lambda t: train(t, tree(t), "--config", str(t / "nope.yaml")), ("nope.yaml", "not found")),
-    Case(C, "--set without '='", lambda t: train(t, tree(t), "--set", "train.epochs"), ("train.epochs", "expected KEY=VALUE")),
-    Case(C, "budget too small for one training step and the evaluation", lambda t: train(t, tree(t), "--budget", "30s"), ("--budget 30.0 s", "cannot hold one training step", "give --budget"), patch=slow_steps),
+    Case(
+        C,
+        "config file not found",
+        lambda t: train(t, tree(t), "--config", str(t / "nope.yaml")),
+        ("nope.yaml", "not found"),
+    ),
+    Case(
+        C,
+        "--set without '='",
+        lambda t: train(t, tree(t), "--set", "train.epochs"),
+        ("train.epochs", "expected KEY=VALUE"),
+    ),
+    Case(
+        C,
+        "budget too small for one training step and the evaluation",
+        lambda t: train(t, tree(t), "--budget", "30s"),
+        ("--budget 30.0 s", "cannot hold one training step", "give --budget"),
+        patch=slow_steps,
+    ),
     Case(C, "--set below a value", lambda t: train(t, tree(t), "--set", "seed.x=1"), ("seed", "is not a section")),
     # run directory and disk
-    Case(R, "output directory below a regular file", lambda t: train(t, tree(t), "--output-dir", str(write_tree(t, {"file": b""}) / "file" / "runs")), ("cannot create run directory", "Not a directory")),
-    Case(R, "run directory exists, no --resume", lambda t: train(write_tree(t, {"runs/x/config.yaml": b"name: x\n"}), tree(t)), ("already exists", "--resume")),
+    Case(
+        R,
+        "output directory below a regular file",
+        lambda t: train(t, tree(t), "--output-dir", str(write_tree(t, {"file": b""}) / "file" / "runs")),
+        ("cannot create run directory", "Not a directory"),
+    ),
+    Case(
+        R,
+        "run directory exists, no --resume",
+        lambda t: train(write_tree(t, {"runs/x/config.yaml": b"name: x\n"}), tree(t)),
+        ("already exists", "--resume"),
+    ),
     Case(R, "run directory in use by another run", locked_run_dir, ("is in use by kdistill pid 4242",)),
-    Case(R, "distill --resume into a train run", resume_other_kind, ("cannot resume", "made by kdistill train, not by kdistill distill")),
-    Case(R, "--resume with other distillation settings", resume_other_settings, ("cannot resume", "distill.alpha changed from 0.5 to 0.1", "another --name")),
+    Case(
+        R,
+        "distill --resume into a train run",
+        resume_other_kind,
+        ("cannot resume", "made by kdistill train, not by kdistill distill"),
+    ),
+    Case(
+        R,
+        "--resume with other distillation settings",
+        resume_other_settings,
+        ("cannot resume", "distill.alpha changed from 0.5 to 0.1", "another --name"),
+    ),
     Case(R, "--resume with an unreadable run.json", unreadable_run_record, ("run.json is unreadable",)),
-    Case(R, "disk full while writing a checkpoint", lambda t: train(t, tree(t), "--epochs", "2"), ("checkpoint.pt", "No space left on device", "previous one is intact"), patch=lambda mp: fail_writes(mp, errno.ENOSPC), check=epoch_one_kept),
-    Case(R, "read-only file system at a checkpoint", lambda t: train(t, tree(t), "--epochs", "2"), ("checkpoint.pt", "Read-only file system", "previous one is intact"), patch=lambda mp: fail_writes(mp, errno.EROFS), check=epoch_one_kept),
-    Case(R, "disk full while writing metrics", lambda t: train(t, tree(t)), ("metrics.jsonl", "No space left on device"), patch=fail_metrics),
+    Case(
+        R,
+        "disk full while writing a checkpoint",
+        lambda t: train(t, tree(t), "--epochs", "2"),
+        ("checkpoint.pt", "No space left on device", "previous one is intact"),
+        patch=lambda mp: fail_writes(mp, errno.ENOSPC),
+        check=epoch_one_kept,
+    ),
+    Case(
+        R,
+        "read-only file system at a checkpoint",
+        lambda t: train(t, tree(t), "--epochs", "2"),
+        ("checkpoint.pt", "Read-only file system", "previous one is intact"),
+        patch=lambda mp: fail_writes(mp, errno.EROFS),
+        check=epoch_one_kept,
+    ),
+    Case(
+        R,
+        "disk full while writing metrics",
+        lambda t: train(t, tree(t)),
+        ("metrics.jsonl", "No space left on device"),
+        patch=fail_metrics,
+    ),
 ]
 
 

@@ -22,7 +22,9 @@ def _release_locks():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
-def test_bad_input_is_one_clear_line(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_bad_input_is_one_clear_line(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     argv = case.build(tmp_path)
     if case.patch:
         case.patch(monkeypatch)

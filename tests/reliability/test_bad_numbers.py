@@ -117,7 +117,9 @@ def test_constant_channel_trains(tmp_path: Path) -> None:
     x[:, 2] = 7  # the blue channel is constant
     y = torch.randint(0, 2, (64,), generator=g)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
-    result = kdistill.train(model, (x, y), (x, y), epochs=2, batch_size=16, device="cpu", channels_last=False, run_dir=tmp_path)
+    result = kdistill.train(
+        model, (x, y), (x, y), epochs=2, batch_size=16, device="cpu", channels_last=False, run_dir=tmp_path
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in rows)
     assert torch.isfinite(result.test_logits).all()

@@ -15,7 +15,20 @@ from kdistill.runs import open_run_dir
 def test_second_run_into_a_locked_run_dir_is_refused(tmp_path, capsys):
     cfg = validate_config({"name": "busy", "output_dir": str(tmp_path)})
     with open_run_dir(cfg, resume=False, kind="train") as run_dir:
-        code = main(["train", "--model", "seed_student", "--output-dir", str(tmp_path), "--name", "busy", "--resume", "--epochs", "1"])
+        code = main(
+            [
+                "train",
+                "--model",
+                "seed_student",
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                "busy",
+                "--resume",
+                "--epochs",
+                "1",
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2
         assert "is in use by kdistill pid" in err and str(run_dir) in err

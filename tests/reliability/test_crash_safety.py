@@ -31,7 +31,17 @@ TIMING = ("train_seconds", "images_per_second")
 
 
 def _train(tiny_tree: Path, output_dir: Path, name: str, *extra: str) -> int:
-    args = ["train", "--model", "seed_student", "--data", str(tiny_tree), "--epochs", "3", "--set", "train.batch_size=50"]
+    args = [
+        "train",
+        "--model",
+        "seed_student",
+        "--data",
+        str(tiny_tree),
+        "--epochs",
+        "3",
+        "--set",
+        "train.batch_size=50",
+    ]
     return main([*args, "--device", "cpu", "--output-dir", str(output_dir), "--name", name, *extra])
 
 
@@ -73,7 +83,15 @@ def test_real_write_failure_from_the_kernel(tiny_tree: Path, tmp_path: Path) -> 
 
     args = ["train", "--model", "seed_student", "--data", str(tiny_tree), "--epochs", "1", "--device", "cpu"]
     args += ["--output-dir", str(tmp_path), "--name", "x"]
-    proc = subprocess.run([PYTHON, "-m", "kdistill", *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, preexec_fn=limit, timeout=600)
+    proc = subprocess.run(
+        [PYTHON, "-m", "kdistill", *args],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=600,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -112,7 +130,11 @@ def test_stale_temporaries_are_removed_under_the_lock(tmp_path: Path, capsys: py
     cfg = validate_config({"name": "r", "output_dir": str(tmp_path)})
     run_dir = tmp_path / "r"
     (run_dir / "teacher").mkdir(parents=True)
-    stale = [run_dir / ".checkpoint.pt.k2j3.tmp", run_dir / "teacher" / ".checkpoint.pt.a8x.tmp", run_dir / ".summary.json.zz.tmp"]
+    stale = [
+        run_dir / ".checkpoint.pt.k2j3.tmp",
+        run_dir / "teacher" / ".checkpoint.pt.a8x.tmp",
+        run_dir / ".summary.json.zz.tmp",
+    ]
     for p in stale:
         p.write_bytes(b"half a checkpoint")
     keep = run_dir / "notes.tmp"  # not ours: not hidden

@@ -25,24 +25,80 @@ PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 # ------------------------------------------------------------------ the config loader
 
 KEYS = [
-    "name", "seed", "device", "born_again", "output_dir",
-    "data.dataset", "data.image_size", "data.val_size", "data.crop_padding", "data.flip", "data.augment",
-    "train.epochs", "train.batch_size", "train.eval_batch_size", "train.label_smoothing", "train.grad_clip",
-    "train.amp", "train.checkpoint_every", "train.optimizer.lr", "train.optimizer.name", "train.optimizer.momentum",
-    "train.optimizer.weight_decay", "train.optimizer.betas", "train.schedule.name", "train.schedule.pct_start",
-    "train.schedule.milestones", "train.schedule.gamma", "train.schedule.warmup_epochs",
-    "teacher.name", "teacher.weights", "teacher.checkpoints", "student.name", "student.train.epochs",
-    "distill.alpha", "distill.ce_weight", "distill.methods", "distill.methods.kd.temperature",
-    "distill.methods.kd.weight", "distill.methods.dkd.beta", "distill.train.optimizer.lr",
-    "mutual.models", "mutual.temperature",
+    "name",
+    "seed",
+    "device",
+    "born_again",
+    "output_dir",
+    "data.dataset",
+    "data.image_size",
+    "data.val_size",
+    "data.crop_padding",
+    "data.flip",
+    "data.augment",
+    "train.epochs",
+    "train.batch_size",
+    "train.eval_batch_size",
+    "train.label_smoothing",
+    "train.grad_clip",
+    "train.amp",
+    "train.checkpoint_every",
+    "train.optimizer.lr",
+    "train.optimizer.name",
+    "train.optimizer.momentum",
+    "train.optimizer.weight_decay",
+    "train.optimizer.betas",
+    "train.schedule.name",
+    "train.schedule.pct_start",
+    "train.schedule.milestones",
+    "train.schedule.gamma",
+    "train.schedule.warmup_epochs",
+    "teacher.name",
+    "teacher.weights",
+    "teacher.checkpoints",
+    "student.name",
+    "student.train.epochs",
+    "distill.alpha",
+    "distill.ce_weight",
+    "distill.methods",
+    "distill.methods.kd.temperature",
+    "distill.methods.kd.weight",
+    "distill.methods.dkd.beta",
+    "distill.train.optimizer.lr",
+    "mutual.models",
+    "mutual.temperature",
     # not keys
-    "trian.epochs", "train.epoch", "train.optimizer.lr.x", "distill.methods.nope", "data", "train",
+    "trian.epochs",
+    "train.epoch",
+    "train.optimizer.lr.x",
+    "distill.methods.nope",
+    "data",
+    "train",
 ]
 
 VALUES = st.one_of(
     st.integers(-5, 300),
     st.floats(allow_nan=True, allow_infinity=True, width=32),
-    st.sampled_from(["sgd", "adamw", "cosine", "step", "kd", "seed_student", "resnet20", "cpu", "auto", "bf16", "abc", "", "yes", "null", "[1, 2]", "{kd: {}}"]),
+    st.sampled_from(
+        [
+            "sgd",
+            "adamw",
+            "cosine",
+            "step",
+            "kd",
+            "seed_student",
+            "resnet20",
+            "cpu",
+            "auto",
+            "bf16",
+            "abc",
+            "",
+            "yes",
+            "null",
+            "[1, 2]",
+            "{kd: {}}",
+        ]
+    ),
     st.booleans(),
     st.lists(st.integers(0, 50), max_size=3),
 )
@@ -168,7 +224,10 @@ def _build(kind: str, root: Path, tree: dict[str, dict[str, list[str]]]) -> Path
 @given(train=SPLIT, test=SPLIT, kind=st.sampled_from(["folder", "tar", "zip"]))
 def test_imagefolder_loads_or_names_the_problem(train, test, kind) -> None:
     tree = {"train": train, "test": test}
-    visible = {s: {c: [k for k in kinds if k != "hidden"] for c, kinds in classes.items() if not c.startswith(".")} for s, classes in tree.items()}
+    visible = {
+        s: {c: [k for k in kinds if k != "hidden"] for c, kinds in classes.items() if not c.startswith(".")}
+        for s, classes in tree.items()
+    }
     with tempfile.TemporaryDirectory() as d:
         source = _build(kind, Path(d), tree)
         try:
@@ -177,7 +236,13 @@ def test_imagefolder_loads_or_names_the_problem(train, test, kind) -> None:
             message = str(e)
             assert "\n" not in message and str(source) in message, message
             empty = [f"{s}/{c}/" for s, cs in visible.items() for c, files in cs.items() if not files]
-            bad = [f"{s}/{c}/{_content(k, i)[0]}" for s, cs in tree.items() for c, ks in cs.items() for i, k in enumerate(ks) if k in BAD_KINDS and not c.startswith(".")]
+            bad = [
+                f"{s}/{c}/{_content(k, i)[0]}"
+                for s, cs in tree.items()
+                for c, ks in cs.items()
+                for i, k in enumerate(ks)
+                if k in BAD_KINDS and not c.startswith(".")
+            ]
             if not visible["train"] or not visible["test"]:
                 assert "no images under" in message
             elif empty:

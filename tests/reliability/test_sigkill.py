@@ -70,10 +70,23 @@ def _args(command: str, data: Path, output_dir: Path, name: str, teacher: Path |
     if command == "train":
         return ["train", "--model", "seed_student", *common]
     # kd+crd: CRD's memory banks and negative sampling are state a resume must restore too
-    return ["distill", "--teacher", str(teacher), "--student", "seed_student", "--method", "kd+crd", "--set", "distill.methods.crd.nce_k=64", *common]
+    return [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        "seed_student",
+        "--method",
+        "kd+crd",
+        "--set",
+        "distill.methods.crd.nce_k=64",
+        *common,
+    ]
 
 
-def _start(args: list[str], log: Path, slow_write_epoch: int | None = None, marker: Path | None = None) -> subprocess.Popen:
+def _start(
+    args: list[str], log: Path, slow_write_epoch: int | None = None, marker: Path | None = None
+) -> subprocess.Popen:
     env = cli_env()
     if slow_write_epoch is None:
         cmd = [PYTHON, "-m", "kdistill", *args]
@@ -137,7 +150,17 @@ class Tally:
         )
 
 
-def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: float, work: float, teacher: Path | None, kills: int, seed: int) -> Tally:
+def _kill_loop(
+    command: str,
+    data: Path,
+    tmp: Path,
+    reference: Path,
+    startup: float,
+    work: float,
+    teacher: Path | None,
+    kills: int,
+    seed: int,
+) -> Tally:
     rng = random.Random(seed)
     tally = Tally()
     chain, attempt = 0, 0
@@ -201,7 +224,12 @@ def _kill_loop(command: str, data: Path, tmp: Path, reference: Path, startup: fl
             output = log.read_text()
             if rc == 0:
                 pass  # it finished just before the signal
-            elif sig == signal.SIGINT and rc == -signal.SIGINT and "Traceback" not in output and "outputs in" in output.strip().splitlines()[-1]:
+            elif (
+                sig == signal.SIGINT
+                and rc == -signal.SIGINT
+                and "Traceback" not in output
+                and "outputs in" in output.strip().splitlines()[-1]
+            ):
                 rc = 0  # it finished, and the signal arrived while the interpreter was exiting: nothing was lost
             elif sig == signal.SIGINT:
                 # 130, or killed by SIGINT itself (shells show both as 130): seen once after
