@@ -14,9 +14,8 @@ and ``o`` seconds of evaluation + checkpoint per epoch end:
 
     remaining seconds = k * r + (k / S) * o + o      (the final epoch end included)
 
-Before the first epoch end, ``o`` is estimated as the evaluation images' forward passes
-at a third of a training step's per-image cost (a forward is about a third of
-forward + backward).
+Before the first epoch end, ``o`` is estimated as one third of a training step per
+evaluation batch (a forward pass is about a third of forward + backward).
 
 Before the first plan the safety net uses a provisional step time, the mean of the steps
 since the first (the first holds the set-up and the warm-up). A budget that cannot hold
@@ -50,6 +49,9 @@ class BudgetTooSmall(ConfigError):
             f"after it ({detail}){needs}"
         )
         self.desc, self.seconds, self.needed, self.detail = desc, seconds, needed, detail
+
+    def __reduce__(self):  # a sweep worker's refusal travels to the main process pickled
+        return type(self), (self.desc, self.seconds, self.needed, self.detail)
 
 
 def format_seconds(seconds: float) -> str:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from kdistill import commands, runs
-from kdistill.config import Override, RunConfig, load_config
+from kdistill.config import Override, RunConfig, apply_overrides, load_config
 from kdistill.errors import ConfigError, ExportError, KDistillError
 from kdistill.export import export_checkpoint
 from kdistill.methods import METHODS, taking
@@ -377,20 +377,31 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "logit_std", False):
         options["logit_std"] = ("true", _said(args, "logit_std"))
     set_methods = []
+    said_by_set = _methods_set_explicitly(sets)
     for option, (value, said) in options.items():
         takers = taking(option, cfg.distill.methods)
         if not takers:  # a flag that would change nothing is refused, not dropped
             raise ConfigError(
                 f"{said}: no method of this run has a {option} option (distill.methods: {', '.join(cfg.distill.methods)})"
             )
+        # after the --set flags (a --set of a whole methods dict would otherwise drop it), but an
+        # option that a --set names for a method itself wins
+        takers = [m for m in takers if option not in said_by_set.get(m, {})]
         set_methods += [Override(f"distill.methods.{m}.{option}={value}", said) for m in takers]
-    cfg = load_config(args.config, pre + set_methods + sets) if set_methods else cfg
+    cfg = load_config(args.config, pre + sets + set_methods) if set_methods else cfg
     named = getattr(args, "name", None) is not None or any(
         o.partition("=")[0].strip() == "name" for o in args.overrides
     )
     if args.command in KINDS and not named:  # a name of its own, not the study's
         cfg = cfg.model_copy(update={"name": default_run_name(cfg, args.command)})
     return cfg
+
+
+def _methods_set_explicitly(sets: list[Override]) -> dict[str, dict]:
+    """The method options that the ``--set`` flags themselves give, by method."""
+    methods = apply_overrides({}, sets).get("distill", {})
+    methods = methods.get("methods", {}) if isinstance(methods, dict) else {}
+    return {m: o for m, o in methods.items() if isinstance(o, dict)} if isinstance(methods, dict) else {}
 
 
 def cmd_run(args) -> None:

@@ -48,6 +48,7 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
 def distill_model(cfg: RunConfig, resume: bool) -> Path:
     """``kdistill distill``: the config's student distilled from a trained teacher."""
     start = time.perf_counter()
+    runs.check_distillation(cfg)
     with runs.job(cfg), runs.open_run_dir(cfg, resume, kind="distill") as run_dir:
         ds = runs.load_data(cfg)
         device = select_device(cfg.device)

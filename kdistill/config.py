@@ -30,7 +30,6 @@ from kdistill.methods import (
     DEFAULT_METHOD,
     MethodOptions,
     UnknownMethod,
-    check_run,
     parse_methods,
     soft_target_temperature,
 )
@@ -302,13 +301,6 @@ class RunConfig(StrictConfig):
     def _phase_overrides_valid(self) -> RunConfig:
         for phase in ("teacher", "student", "distill"):
             self.train_for(phase)
-        distill = self.train_for("distill")
-        if not (self.budget or distill.budget):  # a budget run's epochs are planned, not set
-            problems = check_run(self.distill.method_options, distill.epochs)
-            if problems:
-                raise ValueError(
-                    f"distill.methods.{problems[0]} (the distillation phase: distill.train.epochs or train.epochs)"
-                )
         return self
 
     def train_for(self, phase: Literal["teacher", "student", "distill"]) -> TrainConfig:

@@ -64,10 +64,12 @@ class MetricsLog:
         self.writer = None
         if run_dir is None:
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
         # rewritten from the checkpoint's history: epochs after the last checkpoint are redone
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.rows), "metrics")
-        atomic_write_text(run_dir / "metrics.csv", to_csv(self.rows), "metrics")
+        # (nothing is written before the first epoch of a new run: a run that fails before
+        # it leaves no metrics files behind)
+        if self.rows or (run_dir / "metrics.jsonl").exists():
+            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in self.rows), "metrics")
+            atomic_write_text(run_dir / "metrics.csv", to_csv(self.rows), "metrics")
         if tensorboard:
             self.writer = tensorboard_writer(run_dir / "tensorboard")
 
@@ -77,6 +79,7 @@ class MetricsLog:
             return
         path = self.run_dir / "metrics.jsonl"
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:  # a line cut short by a kill is rewritten on resume
                 f.write(json.dumps(record) + "\n")
         except OSError as e:

@@ -30,6 +30,7 @@ from kdistill.engine import Result, predict, select_device
 from kdistill.errors import CheckpointError, ConfigError
 from kdistill.evaluate import agreement, profile_model
 from kdistill.files import atomic_write_text, remove_stale_temporaries
+from kdistill.methods import check_run
 from kdistill.models import create_model
 from kdistill.models.ensemble import TeacherEnsemble
 from kdistill.progress import log
@@ -162,14 +163,20 @@ def _topmost_missing(path: Path) -> Path | None:
 
 def _remove_if_unused(run_dir: Path, created: Path) -> None:
     """After a failed start: remove the run directory this run created (with the empty
-    parents it created for it) when it holds nothing but the run's own bookkeeping files.
-    Anything else (a checkpoint, metrics, a teacher cache, a folder) is kept."""
+    parents it created for it) when it holds nothing but the run's own bookkeeping files and
+    empty folders (a phase's, made before its first epoch). Anything else (a checkpoint,
+    metrics, a teacher cache) is kept. The lock file goes last, so that no other process can
+    take the directory while its files are being removed."""
     try:
         entries = list(run_dir.iterdir())
-        if any(p.name not in BOOKKEEPING or not p.is_file() for p in entries):
+        if any(not (p.name in BOOKKEEPING and p.is_file() or p.is_dir() and _empty_tree(p)) for p in entries):
             return
-        for p in entries:
-            p.unlink(missing_ok=True)
+        for p in sorted(entries, key=lambda p: p.name == LOCK_NAME):  # the lock file last
+            if p.is_dir():
+                for folder in sorted((p, *p.rglob("*")), key=lambda f: -len(f.parts)):
+                    folder.rmdir()
+            else:
+                p.unlink(missing_ok=True)
         folder = run_dir
         while True:
             folder.rmdir()  # only ever an empty folder
@@ -178,6 +185,11 @@ def _remove_if_unused(run_dir: Path, created: Path) -> None:
             folder = folder.parent
     except OSError:
         return  # a folder someone else put something in meanwhile: theirs to keep
+
+
+def _empty_tree(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but (possibly nested) empty folders."""
+    return all(p.is_dir() for p in folder.rglob("*"))
 
 
 # ---------------------------------------------------------------- what a run directory is
@@ -318,6 +330,20 @@ def _show(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return {None: "none", True: "true", False: "false"}[value]
     return str(value)
+
+
+def check_distillation(cfg: RunConfig) -> None:
+    """Refuse, before any work, distillation settings that cannot take effect in the
+    distillation phase (e.g. a DKD warm-up longer than the phase). A budget run's epochs are
+    planned as it goes, so it is not checked."""
+    distill = cfg.train_for("distill")
+    if cfg.budget or distill.budget:
+        return
+    problems = check_run(cfg.distill.method_options, distill.epochs)
+    if problems:
+        raise ConfigError(
+            f"distill.methods.{problems[0]} (the distillation phase: distill.train.epochs or train.epochs)"
+        )
 
 
 def git_revision() -> str:

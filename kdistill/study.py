@@ -31,6 +31,8 @@ from kdistill.report.run_report import headline, write_report
 from kdistill.runs import (
     budget_left,
     build_teacher,
+    check_distillation,
+    job,
     load_data,
     model_spec,
     new_model,
@@ -43,7 +45,8 @@ from kdistill.runs import (
 
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
     """Run teacher -> baseline -> distilled -> report. Returns the run directory."""
-    with open_run_dir(cfg, resume, run_dir, kind="run") as run_dir:
+    check_distillation(cfg)  # before anything is written
+    with job(cfg), open_run_dir(cfg, resume, run_dir, kind="run") as run_dir:
         start = time.perf_counter()
         device = select_device(cfg.device)
         ds = load_data(cfg)

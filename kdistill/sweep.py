@@ -126,6 +126,7 @@ class _Shared:
 
 def run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool = False, jobs: int | str = 1) -> Path:
     check_jobs(jobs)
+    runs.check_distillation(cfg)
     with runs.open_run_dir(cfg, resume, kind="sweep") as run_dir:
         return _run_sweep(cfg, points, resume, run_dir, jobs)
 

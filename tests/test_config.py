@@ -10,7 +10,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdistill.cli import _config_from_args, build_parser
+from kdistill.cli import _config_from_args, build_parser, main
 from kdistill.config import (
     CONFIG_DIR,
     RunConfig,
@@ -389,11 +389,23 @@ def test_the_epochs_shortcut_sets_every_phase_over_the_configs_own_phase_overrid
     assert (cfg.train_for("teacher").epochs, cfg.train_for("student").epochs) == (3, 2)  # an explicit --set wins
 
 
-def test_a_method_setting_that_cannot_take_effect_is_refused_at_load() -> None:
-    """DKD's warm-up longer than the distillation phase would never reach full weight."""
-    message = _error(["distill.methods={dkd: {warmup_epochs: 20}}"])  # the quickstart distills for 15 epochs
-    assert "distill.methods.dkd.warmup_epochs" in message and "15 epochs" in message
-    assert load_config(None, ["distill.methods={dkd: {}}"]).distill.methods == {"dkd": {}}  # default: scaled to the run
+def test_a_method_setting_that_cannot_take_effect_is_refused_before_a_distillation(tmp_path) -> None:
+    """DKD's warm-up longer than the distillation phase would never reach full weight: a run
+    that distills refuses it before writing anything; commands that do not distill load it."""
+    from kdistill.runs import check_distillation
+
+    cfg = load_config(None, ["distill.methods={dkd: {warmup_epochs: 20}}"])  # the quickstart distills for 15 epochs
+    with pytest.raises(
+        ConfigError, match=r"distill\.methods\.dkd\.warmup_epochs: 20 is longer than the run's 15 epochs"
+    ):
+        check_distillation(cfg)
+    check_distillation(load_config(None, ["distill.methods={dkd: {}}"]))  # default: scaled to the run
+    check_distillation(load_config(None, ["distill.methods={dkd: {warmup_epochs: 20}}", "budget=60"]))  # planned length
+    out = tmp_path / "runs"
+    assert main(["run", "--set", "distill.methods={dkd: {warmup_epochs: 20}}", "--output-dir", str(out)]) == 2
+    assert not out.exists()
+    # the bundled full-CIFAR config (dkd warm-up 2.5) still trains a 2-epoch teacher
+    assert load_config("cifar10_seed", ["train.epochs=2", "teacher.train.epochs=2"]).train_for("teacher").epochs == 2
 
 
 def test_temperature_flag_goes_to_the_configured_methods_that_have_one() -> None:
@@ -412,3 +424,13 @@ def test_a_method_flag_that_would_change_nothing_is_refused(argv: list[str]) -> 
 
     with pytest.raises(ConfigError, match="no method of this run has"):
         _config_from_args(build_parser().parse_args(argv))
+
+
+def test_temperature_flag_survives_a_set_of_the_methods_but_an_explicit_set_wins() -> None:
+    from kdistill.cli import _config_from_args, build_parser
+
+    parse = build_parser().parse_args
+    cfg = _config_from_args(parse(["run", "--set", "distill.methods={dkd: {}}", "-T", "2"]))
+    assert cfg.distill.methods == {"dkd": {"temperature": 2.0}}
+    cfg = _config_from_args(parse(["run", "--set", "distill.methods.kd.temperature=3", "-T", "2"]))
+    assert cfg.distill.methods["kd"]["temperature"] == 3

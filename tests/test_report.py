@@ -557,7 +557,7 @@ def test_headline_is_true_in_every_sign_case(teacher, baseline, distilled, says,
     for fragment in never:
         assert fragment not in text, text
     gap = headline(_summary_with(teacher, baseline, distilled))["gap_closed"]
-    assert (gap != gap) == (teacher <= baseline)  # NaN exactly when there is no gap to close
+    assert (gap is None) == (teacher <= baseline)  # null (valid JSON) exactly when there is no gap to close
 
 
 def test_report_of_one_run_honours_output_folder(tmp_path: Path) -> None:

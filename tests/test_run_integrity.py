@@ -466,3 +466,20 @@ def test_a_failure_after_work_started_keeps_the_run(
     monkeypatch.setattr(commands.runs, "write_single_summary", fail)  # after training, before the summary
     assert main(_args("train", tree, tmp_path, "--model", "seed_student", "--name", "t")) == 2
     assert (tmp_path / "t" / "checkpoint.pt").is_file() and (tmp_path / "t" / RUN_FILE).is_file()
+
+
+def test_a_failure_at_the_first_step_leaves_no_run_directory(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A run refused at its first step (e.g. a budget too small for one step) has written
+    only bookkeeping and set-up: the same command, corrected, can simply be rerun."""
+    from kdistill import engine
+    from kdistill.errors import TrainingError
+
+    def refuse(*args, **kwargs):
+        raise TrainingError("refused at the first step")
+
+    monkeypatch.setattr(engine, "lr_factor", refuse)
+    assert main(_args("run", tree, tmp_path / "runs")) == 2
+    assert "refused at the first step" in _error(capsys)
+    assert not (tmp_path / "runs").exists()

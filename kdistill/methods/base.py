@@ -39,6 +39,7 @@ class MethodContext:
     num_classes: int
     num_samples: int  # training set size (index-based methods such as CRD)
     epochs: int  # length of the distillation run (for warm-ups defined in epochs)
+    epochs_fixed: bool = True  # False: a time budget plans the run's length, ``epochs`` is a guess
 
 
 class Method(nn.Module, ABC):

@@ -113,7 +113,7 @@ class DKD(Method):
 
     def __init__(self, options: DKDOptions, context: MethodContext):
         super().__init__(options, context)
-        problem = self.check_run(options, context.epochs)
+        problem = self.check_run(options, context.epochs) if context.epochs_fixed else None
         if problem:
             raise ConfigError(f"{self.name}.{problem}")
         self.warmup_epochs = options.warmup_epochs

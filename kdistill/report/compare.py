@@ -101,7 +101,7 @@ def _summary_row(run: Run) -> list[str]:
         fmt_num(m["baseline"]["test"]["top1"], ".2f", "%"),
         fmt_num(m["distilled"]["test"]["top1"], ".2f", "%"),
         fmt_num(h["gain_top1"], "+.2f"),
-        fmt_num(h["gap_closed"] * 100, ".0f", "%"),
+        fmt_num(h["gap_closed"] * 100 if h["gap_closed"] is not None else None, ".0f", "%"),
         fmt_num(nested(m, "distilled", "test", "ece"), ".3f"),
         fmt_num(nested(m, "distilled", "agreement", "agreement_top1"), ".2f", "%"),
         fmt_num(nested(dep, "int8", "top1"), ".2f", "%"),

@@ -29,13 +29,13 @@ from kdistill.report.phases import COLORS, PHASES, label, phase_order
 
 def headline(summary: dict[str, Any]) -> dict[str, float]:
     """The two numbers that matter: what distillation bought and what the student costs.
-    ``gap_closed`` (the gain as a share of teacher minus student alone) is NaN when the
+    ``gap_closed`` (the gain as a share of teacher minus student alone) is None when the
     teacher is not better than the student alone: then there is no gap to close."""
     t, b, d = (summary["models"][p] for p in PHASES)
     gap = t["test"]["top1"] - b["test"]["top1"]
     return {
         "gain_top1": d["test"]["top1"] - b["test"]["top1"],
-        "gap_closed": (d["test"]["top1"] - b["test"]["top1"]) / gap if gap > 0 else float("nan"),
+        "gap_closed": (d["test"]["top1"] - b["test"]["top1"]) / gap if gap > 0 else None,  # JSON null
         "params_fraction": d["profile"]["parameters"] / t["profile"]["parameters"],
         "macs_fraction": d["profile"]["macs"] / t["profile"]["macs"],
         "latency_fraction": d["profile"]["latency_b1"]["median_ms"] / t["profile"]["latency_b1"]["median_ms"],
