@@ -33,24 +33,22 @@ from kdistill.study import run_study
 from kdistill.sweep import expand_grid, run_sweep
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config file or bundled config name (default: quickstart)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.epochs=5 (repeatable)",
-    )
-    p.add_argument(
-        "--data", help="data set: cifar10-mini, cifar10, cifar100, or an ImageFolder folder/archive (data.dataset)"
-    )
+def _config_args(p: argparse.ArgumentParser, config_help: str = "(default: quickstart)") -> None:
+    """The config file, its overrides and the shortcuts every config-reading command takes."""
+    p.add_argument("--config", "-c", help=f"YAML config file or bundled config name {config_help}")
+    set_help = "override a config key, e.g. --set train.epochs=5 (repeatable)"
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    data_help = "data set: cifar10-mini, cifar10, cifar100, or an ImageFolder folder/archive (data.dataset)"
+    p.add_argument("--data", help=data_help)
     p.add_argument("--data-dir", help="download and cache folder (data.data_dir)")
-    p.add_argument("--name", help="run name: outputs go to OUTPUT_DIR/NAME (name)")
-    p.add_argument("--output-dir", help="parent folder of run directories (output_dir, default runs)")
     p.add_argument("--seed", type=int, help="random seed (seed)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--name", help="run name: outputs go to OUTPUT_DIR/NAME (name)")
+    p.add_argument("--output-dir", help="parent folder of run directories (output_dir, default runs)")
     p.add_argument("--epochs", type=int, help="epochs of every phase (train.epochs and each phase's train.epochs)")
     p.add_argument(
         "--budget",
@@ -137,23 +135,7 @@ def _add_cache_command(sub) -> None:
     p.add_argument(
         "--dtype", choices=["float16", "float32"], default="float16", help="storage of the logits (default float16)"
     )
-    p.add_argument(
-        "--config",
-        "-c",
-        help="YAML config file or bundled config name: its data, seed and augmentation must be the distillation's",
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
-    p.add_argument("--data", help="data set (data.dataset)")
-    p.add_argument("--data-dir", help="download and cache folder (data.data_dir)")
-    p.add_argument("--seed", type=int, help="random seed: the distillation's (seed)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (device)")
+    _config_args(p, "(its data, seed and augmentation must be the distillation's)")
     p.add_argument(
         "--method",
         help="the distillation method(s); for an ensemble, its averaging temperature is theirs (distill.methods)",

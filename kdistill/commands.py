@@ -17,7 +17,7 @@ from kdistill.data.dataset import load_dataset
 from kdistill.engine import predict, select_device
 from kdistill.errors import CheckpointError
 from kdistill.evaluate import agreement, classification_metrics, profile_model
-from kdistill.study import distill_phase, train_phase
+from kdistill.study import Phases
 from kdistill.teacher_cache import TeacherCache
 
 
@@ -29,18 +29,8 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
         spec = runs.model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         model = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
-            result = train_phase(
-                cfg,
-                ds,
-                model,
-                spec,
-                "teacher",
-                run_dir,
-                device=select_device(cfg.device),
-                resume=resume,
-                budget=runs.budget_left(cfg, start),
-                desc=cfg.teacher.name,
-            )
+            run = Phases(cfg, ds, select_device(cfg.device), resume)
+            result = run.train(model, spec, "teacher", run_dir, runs.budget_left(cfg, start), cfg.teacher.name)
         runs.write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=runs.profile_seconds(cfg))
         return run_dir
 
@@ -56,19 +46,8 @@ def distill_model(cfg: RunConfig, resume: bool) -> Path:
         spec = runs.model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
         student = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
-            result = distill_phase(
-                cfg,
-                ds,
-                teacher,
-                teacher_spec,
-                student,
-                spec,
-                run_dir,
-                device=device,
-                resume=resume,
-                budget=runs.budget_left(cfg, start),
-                desc="distill",
-            )
+            run = Phases(cfg, ds, device, resume)
+            result = run.distill(teacher, teacher_spec, student, spec, run_dir, runs.budget_left(cfg, start), "distill")
         runs.write_single_summary(
             run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=runs.profile_seconds(cfg)
         )
@@ -111,21 +90,7 @@ def cache_teacher(cfg: RunConfig, out: Path, top_k: int = 0, dtype: str = "float
         ds = runs.load_data(cfg)
         device = select_device(cfg.device)
         teacher, _ = runs.build_teacher(cfg, ds.num_classes, device, ds)
-        tcfg = cfg.train_for("distill")
-        return api.cache_teacher(
-            teacher,
-            ds,
-            epochs=tcfg.epochs,
-            path=out,
-            data=cfg.data,
-            seed=cfg.seed,
-            device=device,
-            batch_size=tcfg.eval_batch_size,
-            channels_last=tcfg.channels_last,
-            amp=tcfg.amp,
-            top_k=top_k,
-            dtype=dtype,
-        )
+        return runs.cache_teacher(cfg, teacher, ds, device, out, top_k, dtype)
 
 
 def evaluate_checkpoint(

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from kdistill import distributed
+from kdistill import api, distributed
 from kdistill.budget import BudgetTooSmall, format_seconds
 from kdistill.checkpoint import load_model
 from kdistill.config import RunConfig, TrainConfig, dump_config
@@ -330,6 +330,28 @@ def _show(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return {None: "none", True: "true", False: "false"}[value]
     return str(value)
+
+
+def cache_teacher(
+    cfg: RunConfig, teacher, ds: ImageDataset, device, path: Path, top_k: int = 0, dtype: str = "float16"
+):
+    """The teacher's logits on every augmented view of the config's distillation epochs,
+    written to ``path`` (see :func:`kdistill.api.cache_teacher`)."""
+    tcfg = cfg.train_for("distill")
+    return api.cache_teacher(
+        teacher,
+        ds,
+        epochs=tcfg.epochs,
+        path=path,
+        data=cfg.data,
+        seed=cfg.seed,
+        device=device,
+        batch_size=tcfg.eval_batch_size,
+        channels_last=tcfg.channels_last,
+        amp=tcfg.amp,
+        top_k=top_k,
+        dtype=dtype,
+    )
 
 
 def check_distillation(cfg: RunConfig) -> None:

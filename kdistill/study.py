@@ -5,7 +5,7 @@ Each phase trains in its own folder of the run directory (``teacher/``, ``baseli
 phases and continues an interrupted one. The baseline and the distilled student start from
 the same initial weights and see the same batches, so the difference between them is the
 distillation alone. The single-model commands (:mod:`kdistill.commands`) train with the
-same phase functions, :func:`train_phase` and :func:`distill_phase`.
+same :class:`Phases`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,69 +68,66 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
         return run_dir
 
 
-def train_phase(
-    cfg: RunConfig,
-    ds: ImageDataset,
-    model,
-    spec: dict,
-    phase: str,
-    run_dir: Path,
-    *,
-    device,
-    resume: bool,
-    budget: float | None,
-    desc: str,
-) -> Result:
-    """Train ``model`` with cross-entropy: the settings of ``phase`` (teacher or student)."""
-    return api.train(
-        model,
-        ds,
-        config=train_config(cfg, phase, budget),
-        data=cfg.data,
-        device=device,
-        run_dir=run_dir,
-        resume=resume,
-        seed=cfg.seed,
-        model_spec=spec,
-        desc=desc,
-    )
+# the teacher cache of a distillation phase: the config's (distill.teacher_cache) unless given
+FROM_CONFIG = "from config"
 
 
-def distill_phase(
-    cfg: RunConfig,
-    ds: ImageDataset,
-    teacher,
-    teacher_spec: dict,
-    student,
-    spec: dict,
-    run_dir: Path,
-    *,
-    device,
-    resume: bool,
-    budget: float | None,
-    desc: str,
-    use_cache: bool = True,
-) -> Result:
-    """Distill ``student`` from ``teacher`` with the config's distillation settings."""
-    d = cfg.distill
-    return api.distill(
+@dataclass
+class Phases:
+    """How a run trains its phases: its config, data, device and whether it resumes. The
+    study, the single-model commands and the sweep all train through it."""
+
+    cfg: RunConfig
+    ds: ImageDataset
+    device: torch.device
+    resume: bool
+
+    def train(self, model, spec: dict, phase: str, run_dir: Path, budget: float | None, desc: str) -> Result:
+        """Train ``model`` with cross-entropy: the settings of ``phase`` (teacher or student)."""
+        config = train_config(self.cfg, phase, budget)
+        return api.train(model, self.ds, config=config, **self._where(spec, run_dir, desc))
+
+    def distill(
+        self,
         teacher,
+        teacher_spec: dict,
         student,
-        ds,
-        methods=d.methods,
-        alpha=d.alpha,
-        ce_weight=d.ce_weight,
-        config=train_config(cfg, "distill", budget),
-        data=cfg.data,
-        device=device,
-        run_dir=run_dir,
-        resume=resume,
-        seed=cfg.seed,
-        model_spec=spec,
-        teacher_spec=teacher_spec,
-        desc=desc,
-        teacher_cache=d.teacher_cache if use_cache else None,
-    )
+        spec: dict,
+        run_dir: Path,
+        budget: float | None,
+        desc: str,
+        *,
+        teacher_cache=FROM_CONFIG,
+        methods: dict | None = None,
+        alpha: float | None = None,
+    ) -> Result:
+        """Distill ``student`` from ``teacher`` with the config's distillation settings (a
+        sweep gives each point its own ``methods`` and ``alpha``)."""
+        d = self.cfg.distill
+        return api.distill(
+            teacher,
+            student,
+            self.ds,
+            methods=methods or d.methods,
+            alpha=d.alpha if alpha is None else alpha,
+            ce_weight=d.ce_weight,
+            config=train_config(self.cfg, "distill", budget),
+            teacher_spec=teacher_spec,
+            teacher_cache=d.teacher_cache if teacher_cache is FROM_CONFIG else teacher_cache,
+            **self._where(spec, run_dir, desc),
+        )
+
+    def _where(self, spec: dict, run_dir: Path, desc: str) -> dict:
+        cfg = self.cfg
+        return {
+            "data": cfg.data,
+            "device": self.device,
+            "run_dir": run_dir,
+            "resume": self.resume,
+            "seed": cfg.seed,
+            "model_spec": spec,
+            "desc": desc,
+        }
 
 
 def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resume: bool, start: float):
@@ -151,59 +149,24 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
         teacher_spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         teacher = new_model(teacher_spec, cfg.seed)
     budgets = _phase_budgets(cfg, start, teacher, student, ds.image_shape, train_teacher=not loaded)
-    common = {"device": device, "resume": resume}
+    run = Phases(cfg, ds, device, resume)
     if not loaded:  # 1. the teacher
-        phases["teacher"] = train_phase(
-            cfg,
-            ds,
-            teacher,
-            teacher_spec,
-            "teacher",
-            run_dir / "teacher",
-            budget=budgets("teacher"),
-            desc="teacher",
-            **common,
+        phases["teacher"] = run.train(
+            teacher, teacher_spec, "teacher", run_dir / "teacher", budgets("teacher"), "teacher"
         )
     # 2. the student alone
-    phases["baseline"] = train_phase(
-        cfg,
-        ds,
-        student(),
-        sspec,
-        "student",
-        run_dir / "baseline",
-        budget=budgets("baseline"),
-        desc="baseline",
-        **common,
-    )
+    phases["baseline"] = run.train(student(), sspec, "student", run_dir / "baseline", budgets("baseline"), "baseline")
     # 3. the student distilled from the teacher
-    phases["distilled"] = distill_phase(
-        cfg,
-        ds,
-        teacher,
-        teacher_spec,
-        student(),
-        sspec,
-        run_dir / "distilled",
-        budget=budgets("distilled"),
-        desc="distill",
-        **common,
+    distilled = run_dir / "distilled"
+    phases["distilled"] = run.distill(
+        teacher, teacher_spec, student(), sspec, distilled, budgets("distilled"), "distill"
     )
-    # 3b. born-again generations: each student distilled from the previous generation
+    # 3b. born-again generations: each student distilled from the previous generation, live
     for g in range(2, cfg.born_again + 2):
         previous = phases["distilled" if g == 2 else f"generation{g - 1}"].model
-        phases[f"generation{g}"] = distill_phase(
-            cfg,
-            ds,
-            previous,
-            {"generation": g - 1, **sspec},
-            student(),
-            sspec,
-            run_dir / f"generation{g}",
-            budget=budgets(f"generation{g}"),
-            desc=f"generation {g}",
-            use_cache=False,
-            **common,
+        spec, folder, budget = {"generation": g - 1, **sspec}, run_dir / f"generation{g}", budgets(f"generation{g}")
+        phases[f"generation{g}"] = run.distill(
+            previous, spec, student(), sspec, folder, budget, f"generation {g}", teacher_cache=None
         )
     return teacher, teacher_spec, phases
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from kdistill import api, runs
+from kdistill import runs
 from kdistill.config import DistillConfig, RunConfig
 from kdistill.configbase import format_errors
 from kdistill.engine import GracefulInterrupt, predict, select_device
@@ -42,6 +42,7 @@ from kdistill.methods import METHODS, needs_features, set_option, taking
 from kdistill.models import MODELS, count_parameters
 from kdistill.progress import log, plain_progress_only
 from kdistill.report.leaderboard import write_leaderboard
+from kdistill.study import Phases
 from kdistill.teacher_cache import TeacherCache
 
 
@@ -144,7 +145,6 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
         raise ConfigError(
             "sweep: an ensemble teacher averages its members at one temperature; sweep a single temperature with it"
         )
-    tcfg = cfg.train_for("distill")
 
     # one teacher cache for every logit-method point
     cache, cache_path, cache_seconds = None, None, 0.0
@@ -154,18 +154,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
             cache = TeacherCache.load(cache_path)
         else:
             t0 = time.perf_counter()
-            cache = api.cache_teacher(
-                teacher,
-                ds,
-                epochs=tcfg.epochs,
-                path=cache_path,
-                data=cfg.data,
-                seed=cfg.seed,
-                device=device,
-                batch_size=tcfg.eval_batch_size,
-                channels_last=tcfg.channels_last,
-                amp=tcfg.amp,
-            )
+            cache = runs.cache_teacher(cfg, teacher, ds, device, cache_path)
             cache_seconds = time.perf_counter() - t0
 
     teacher_logits = predict(teacher, runs.test_set(ds, device)).cpu()
@@ -210,22 +199,18 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
     spec = runs.model_spec(point.student, {}, ds.num_classes)
     student = runs.new_model(spec, cfg.seed)  # every student of an architecture starts from the same weights
     use_cache = shared.cache if not point.needs_features else None
-    r = api.distill(
+    run = Phases(cfg, ds, shared.device, shared.resume)
+    r = run.distill(
         shared.teacher,
+        shared.teacher_spec,
         student,
-        ds,
+        spec,
+        out,
+        budget,
+        point.name,
+        teacher_cache=use_cache,
         methods=point.methods,
         alpha=point.alpha,
-        config=runs.train_config(cfg, "distill", budget),
-        data=cfg.data,
-        device=shared.device,
-        run_dir=out,
-        resume=shared.resume,
-        seed=cfg.seed,
-        model_spec=spec,
-        teacher_spec=shared.teacher_spec,
-        desc=point.name,
-        teacher_cache=use_cache,
     )
     row = {
         "name": point.name,
