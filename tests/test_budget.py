@@ -255,3 +255,13 @@ def test_mutual_learning_reports_its_budget(small: ImageDataset) -> None:
     assert len(results) == 2
     for r in results:  # every model's result says what the shared run reached in its budget
         assert r.budget is not None and r.budget["budget_seconds"] == 4.0 and r.budget["steps"] > 0
+
+
+def test_budget_too_small_travels_between_processes() -> None:
+    """A sweep worker's refusal reaches the main process pickled: it must arrive whole."""
+    import pickle
+
+    from kdistill.budget import BudgetTooSmall
+
+    error = pickle.loads(pickle.dumps(BudgetTooSmall("distill", 3.0, 20.0, "one step took 2.5 s")))
+    assert isinstance(error, BudgetTooSmall) and "one step took 2.5 s" in str(error) and error.needed == 20.0

@@ -483,3 +483,27 @@ def test_a_failure_at_the_first_step_leaves_no_run_directory(
     assert main(_args("run", tree, tmp_path / "runs")) == 2
     assert "refused at the first step" in _error(capsys)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_study_joins_the_torchrun_job_before_its_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`torchrun ... kdistill run`: the ranks join the process group (with the config's backend
+    and timeout) before the run directory, the data and the budget, as the other commands do."""
+    import contextlib
+
+    from kdistill import study
+
+    entered = []
+
+    @contextlib.contextmanager
+    def job(cfg):
+        entered.append(cfg.distributed.timeout_s)
+        raise KeyboardInterrupt  # stop here: nothing after the job's start may have run
+        yield
+
+    monkeypatch.setattr(study, "job", job)
+    cfg = load_config(None, [f"output_dir={tmp_path / 'runs'}", "distributed.timeout_s=77"])
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(cfg)
+    assert entered == [77.0] and not (tmp_path / "runs").exists()
