@@ -54,6 +54,12 @@ class Prepared:
     num_samples: int
     data_info: dict[str, Any]
     classes: list[str] | None = None
+    probe: Tensor | None = None  # two training inputs as the model sees them (None: float images of input_shape)
+
+    @property
+    def example(self) -> Tensor | tuple[int, ...]:
+        """What shape probes run through the models (:func:`~kdistill.models.base.feature_shapes`)."""
+        return self.probe if self.probe is not None else self.input_shape
 
 
 def make_train_config(config: TrainConfig | dict | None = None, **overrides) -> TrainConfig:
@@ -96,7 +102,8 @@ def prepare_data(
         if test_data is not None:
             evals["test"] = EvalData(None, None, cfg.eval_batch_size, device, source=test_data)
         num_classes = int((evals["test"].labels if evals else first_y).max()) + 1
-        return Prepared(loader, evals, num_classes, tuple(first_x.shape[1:]), -1, {"dataset": "iterable"})
+        shape = tuple(first_x.shape[1:])
+        return Prepared(loader, evals, num_classes, shape, -1, {"dataset": "iterable"}, probe=first_x[:2])
     raise DataError(
         "train_data: expected an ImageDataset, a data set name, a pair of tensors (inputs, labels) or an iterable of "
         f"batches, got {type(train_data).__name__}"
@@ -145,7 +152,8 @@ def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: Data
     if test_data is not None:
         tx, ty = test_data
         evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize)
-    return Prepared(loader, evals, int(labels.max()) + 1, tuple(inputs.shape[1:]), len(labels), info)
+    probe = None if images else inputs[:2]  # uint8 images reach the model normalised to float
+    return Prepared(loader, evals, int(labels.max()) + 1, tuple(inputs.shape[1:]), len(labels), info, probe=probe)
 
 
 def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> Result:
@@ -336,8 +344,8 @@ def distill(
     student.to(device)
     cache, cache_info = _open_cache(teacher_cache, teacher, prepared, cfg, device, desc)
     context = MethodContext(
-        student=feature_shapes(student, prepared.input_shape),
-        teacher=feature_shapes(teacher, prepared.input_shape),
+        student=feature_shapes(student, prepared.example),
+        teacher=feature_shapes(teacher, prepared.example),
         num_classes=prepared.num_classes,
         num_samples=prepared.num_samples,
         epochs=cfg.epochs,

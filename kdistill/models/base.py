@@ -67,13 +67,16 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, image_shape: tuple[int, int, int]) -> ModelOutput:
-    """Run one dummy image through the model to learn its feature shapes (in eval mode)."""
+def feature_shapes(model: nn.Module, example: Tensor | tuple[int, ...]) -> ModelOutput:
+    """Run ``example`` (a small batch of real inputs, of the dtype and shape the model trains
+    on: token ids for a text model) through the model to learn its output and feature shapes,
+    in eval mode. A shape instead of a batch means two float zero images of that shape."""
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        out = forward_all(model, torch.zeros(2, *image_shape, device=device))
+        x = example.to(device) if isinstance(example, Tensor) else torch.zeros(2, *example, device=device)
+        out = forward_all(model, x)
     finally:
         model.train(was_training)
     return out
