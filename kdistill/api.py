@@ -74,6 +74,30 @@ def make_train_config(config: TrainConfig | dict | None = None, **overrides) -> 
         raise ConfigError(f"train settings: {format_errors(e) if hasattr(e, 'errors') else e}") from None
 
 
+def _settings(config, data: DataConfig | None, overrides: dict) -> tuple[TrainConfig, DataConfig]:
+    """The keyword settings of train/distill/mutual: data keys (``augment=False``,
+    ``flip=False``, ``num_classes=12``, ...) go to the :class:`DataConfig`, the others to the
+    :class:`TrainConfig`."""
+    data_keys = {k: overrides.pop(k) for k in list(overrides) if k in DataConfig.model_fields}
+    if data_keys:
+        try:
+            data = DataConfig.model_validate({**(data or DataConfig()).model_dump(), **data_keys})
+        except Exception as e:
+            raise ConfigError(f"data settings: {format_errors(e) if hasattr(e, 'errors') else e}") from None
+    return make_train_config(config, **overrides), data
+
+
+def _num_classes(labels: Tensor, data: DataConfig, what: str) -> int:
+    """``data.num_classes``, checked against the labels, or the largest label + 1 (said)."""
+    largest = int(labels.max())
+    if data.num_classes is None:
+        log(f"{what}: {largest + 1} classes, from the largest label ({largest}); pass num_classes= if there are more")
+        return largest + 1
+    if largest >= data.num_classes:
+        raise DataError(f"{what}: label {largest} is out of range for num_classes={data.num_classes}")
+    return data.num_classes
+
+
 def prepare_data(
     train_data,
     test_data=None,
@@ -101,7 +125,7 @@ def prepare_data(
         evals = {}
         if test_data is not None:
             evals["test"] = EvalData(None, None, cfg.eval_batch_size, device, source=test_data)
-        num_classes = int((evals["test"].labels if evals else first_y).max()) + 1
+        num_classes = _num_classes(evals["test"].labels if evals else first_y, data, "train_data")
         shape = tuple(first_x.shape[1:])
         return Prepared(loader, evals, num_classes, shape, -1, {"dataset": "iterable"}, probe=first_x[:2])
     raise DataError(
@@ -112,6 +136,8 @@ def prepare_data(
 
 def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfig, seed: int, shard) -> Prepared:
     """An ImageDataset: augmented batches of its training split, its validation and test splits."""
+    if data.num_classes is not None and data.num_classes != ds.num_classes:
+        raise DataError(f"num_classes={data.num_classes}, but data set {ds.name!r} has {ds.num_classes} classes")
     mean, std = ds.mean_std()
     normalize = Normalize(mean, std, device, cfg.channels_last)
     augment = {"augment": data.augment, "padding": data.crop_padding, "flip": data.flip, "shard": shard}
@@ -153,7 +179,8 @@ def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: Data
         tx, ty = test_data
         evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize)
     probe = None if images else inputs[:2]  # uint8 images reach the model normalised to float
-    return Prepared(loader, evals, int(labels.max()) + 1, tuple(inputs.shape[1:]), len(labels), info, probe=probe)
+    num_classes = _num_classes(labels, data, "train_data")
+    return Prepared(loader, evals, num_classes, tuple(inputs.shape[1:]), len(labels), info, probe=probe)
 
 
 def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> Result:
@@ -288,7 +315,7 @@ def train(
 ) -> Result:
     """Train ``model`` with cross-entropy. Keyword overrides go to :class:`TrainConfig`
     (``epochs=10``, ``batch_size=64``, ``lr=0.1``, ``label_smoothing=0.1``, ...)."""
-    cfg = make_train_config(config, **overrides)
+    cfg, data = _settings(config, data, overrides)
     device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
@@ -334,7 +361,7 @@ def distill(
     ``teacher_cache`` (a :class:`TeacherCache` or its path, from :func:`cache_teacher`):
     read the teacher's logits from it instead of running the teacher. It must have been
     made for this teacher, data, augmentation and seed, and for at least ``epochs`` epochs."""
-    cfg = make_train_config(config, **overrides)
+    cfg, data = _settings(config, data, overrides)
     dcfg = _distill_config(methods, alpha, temperature, ce_weight)
     _warn_if_student_larger(student, teacher)
     device = _device(device)
@@ -439,7 +466,7 @@ def mutual(
 ) -> list[Result]:
     """Deep mutual learning: train ``models`` (two or more) together, each distilled from the
     others' current predictions (no pre-trained teacher). Returns one Result per model."""
-    cfg = make_train_config(config, **overrides)
+    cfg, data = _settings(config, data, overrides)
     device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed)

@@ -66,6 +66,9 @@ class DataConfig(StrictConfig):
     """Random crop with this many pixels of zero padding on each side (0 = no crop)."""
     flip: bool = True
     download: bool = True
+    num_classes: int | None = Field(None, ge=2)
+    """The number of classes of tensors or batches given to the Python API (default: the
+    largest training label + 1, logged); a data set's own folders or files decide it there."""
 
 
 class OptimizerConfig(StrictConfig):

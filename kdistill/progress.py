@@ -13,6 +13,7 @@ the same steps and would print the same lines.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -32,6 +33,19 @@ def _main_process() -> bool:
 
 
 _plain_only = False
+_quiet = os.environ.get("KDISTILL_QUIET", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet(enabled: bool = True) -> Iterator[None]:
+    """For library use: no progress bars or lines and no per-epoch log lines inside this
+    block (or with KDISTILL_QUIET=1); warnings and errors still show."""
+    global _quiet
+    previous, _quiet = _quiet, enabled
+    try:
+        yield
+    finally:
+        _quiet = previous
 
 
 def plain_progress_only() -> None:
@@ -131,7 +145,7 @@ def progress(
     module's docstring). ``disable`` silences both."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)
-    if disable:
+    if disable or _quiet:
         return PlainProgress(iterable, total, desc, initial, interval=float("inf"))
     if not interactive():
         return PlainProgress(iterable, total, desc, initial)
@@ -139,7 +153,8 @@ def progress(
 
 
 def log(message: str) -> None:
-    """One line to stderr, safe to interleave with a progress bar (rank 0 only)."""
-    if not _main_process():
+    """One line to stderr, safe to interleave with a progress bar (rank 0 only; in a
+    :func:`quiet` block only warnings)."""
+    if not _main_process() or (_quiet and not message.startswith("warning")):
         return
     tqdm.write(message, file=sys.stderr)

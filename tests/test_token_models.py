@@ -55,8 +55,39 @@ def test_a_token_model_distils_through_the_api(as_loader: bool) -> None:
     assert taught.metrics["top1"] > 80, taught.metrics  # the task is learnable
     if as_loader:
         data = torch.utils.data.TensorDataset(*train)
-        train = torch.utils.data.DataLoader(data, batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0))
+        train = torch.utils.data.DataLoader(
+            data, batch_size=50, shuffle=True, generator=torch.Generator().manual_seed(0)
+        )
         test = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*test), batch_size=100)
     result = kdistill.distill(teacher, PooledStudent(), train, test, alpha=0.5, temperature=2.0, **settings)
     assert result.metrics["top1"] > 60, result.metrics  # learning happened (chance: 33%)
     assert result.history[-1]["train_kd"] > 0  # the teacher's soft targets were used
+
+
+def test_api_edges_a_new_user_trips_over(capsys: pytest.CaptureFixture) -> None:
+    """augment=False for uint8 images, DataConfig importable, num_classes said or given,
+    and a quiet block for library use."""
+    assert kdistill.DataConfig().augment is True
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.arange(40) % 4
+    r = kdistill.train(PooledImage(), (images, labels), epochs=1, batch_size=20, device="cpu", augment=False)
+    err = capsys.readouterr().err
+    assert "4 classes, from the largest label (3); pass num_classes=" in err and "epoch 1/1" in err
+    assert len(r.history) == 1
+    with kdistill.quiet():
+        kdistill.train(PooledImage(6), (images, labels), epochs=1, batch_size=20, device="cpu", num_classes=6)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(kdistill.KDistillError, match="label 3 is out of range for num_classes=2"):
+        kdistill.train(PooledImage(), (images, labels), epochs=1, device="cpu", num_classes=2)
+    with pytest.raises(kdistill.KDistillError, match="data settings: augment"):
+        kdistill.train(PooledImage(), (images, labels), epochs=1, device="cpu", augment="sometimes")
+
+
+class PooledImage(nn.Module):
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.head = nn.Linear(3, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.float().mean(dim=(2, 3)))
