@@ -28,7 +28,7 @@ from kdistill.evaluate import agreement, classification_metrics, count_macs, pro
 from kdistill.export import EXPORT_HINT, deploy, onnx_available
 from kdistill.files import atomic_write, atomic_write_text
 from kdistill.progress import log, progress
-from kdistill.report.run_report import headline, write_report
+from kdistill.report.run_report import gain_words, headline, write_report
 from kdistill.runs import (
     budget_left,
     build_teacher,
@@ -42,6 +42,7 @@ from kdistill.runs import (
     test_set,
     train_config,
 )
+from kdistill.stats import mcnemar, paired_bootstrap
 
 
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
@@ -64,7 +65,8 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
         }  # sharded over the ranks
         if distributed.is_main():
             summary_models = _evaluate(cfg, ds, device, run_dir, models, logits, phases, teacher_spec)
-            _summarise(cfg, ds, device, run_dir, summary_models, phases["distilled"].model, start)
+            statistics = gain_statistics(logits["baseline"], logits["distilled"], ds.test_labels, cfg.seed)
+            _summarise(cfg, ds, device, run_dir, summary_models, statistics, phases["distilled"].model, start)
         return run_dir
 
 
@@ -239,8 +241,26 @@ def _evaluate(
     return summary_models
 
 
+def gain_statistics(baseline_logits, distilled_logits, labels, seed: int) -> dict[str, Any]:
+    """How sure the gain of one run is: a paired bootstrap interval over the test images and
+    McNemar's exact test (see :mod:`kdistill.stats`)."""
+    right_baseline = (baseline_logits.argmax(1) == labels).numpy()
+    right_distilled = (distilled_logits.argmax(1) == labels).numpy()
+    return {
+        "gain": paired_bootstrap(right_baseline, right_distilled, seed=seed),
+        "mcnemar": mcnemar(right_baseline, right_distilled),
+    }
+
+
 def _summarise(
-    cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, summary_models: dict, student, start: float
+    cfg: RunConfig,
+    ds: ImageDataset,
+    device,
+    run_dir: Path,
+    summary_models: dict,
+    statistics: dict,
+    student,
+    start: float,
 ) -> None:
     """summary.json (with the deployed student's measurements) and the report."""
     summary = {
@@ -256,6 +276,7 @@ def _summarise(
             "num_classes": ds.num_classes,
         },
         "models": summary_models,
+        "statistics": statistics,
         "wall_seconds": time.perf_counter() - start,
     }
     if cfg.budget:
@@ -271,7 +292,7 @@ def _summarise(
     log(
         f"done in {summary['wall_seconds']:.0f} s: teacher {summary_models['teacher']['test']['top1']:.2f}%, "
         f"baseline {summary_models['baseline']['test']['top1']:.2f}%, distilled {summary_models['distilled']['test']['top1']:.2f}% "
-        f"({h['gain_top1']:+.2f} points at {h['params_fraction'] * 100:.1f}% of the teacher's parameters); report: {report}"
+        f"(gain {gain_words(summary)}; at {h['params_fraction'] * 100:.1f}% of the teacher's parameters); report: {report}"
     )
 
 

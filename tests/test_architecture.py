@@ -49,6 +49,7 @@ BOTTOM: tuple[str, ...] = (
     "kdistill.progress",  # log() and progress bars
     "kdistill.distributed",  # process-group helpers over torch.distributed; imports only errors
     "kdistill.perf",  # the allocator's tuning
+    "kdistill.stats",  # confidence intervals and paired tests of gains
 )
 
 # The layers from the bottom up: a module may import its own layer and the layers below it.

@@ -52,6 +52,18 @@ def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
+def test_run_records_how_sure_its_gain_is(finished_run: Path) -> None:
+    s = _summary(finished_run)["statistics"]
+    gain = s["gain"]
+    assert gain["low"] <= gain["mean"] <= gain["high"] and gain["n"] == 1000 and gain["confidence"] == 0.95
+    models = _summary(finished_run)["models"]
+    assert gain["mean"] == pytest.approx(
+        models["distilled"]["test"]["top1"] - models["baseline"]["test"]["top1"], abs=1e-6
+    )
+    assert 0 <= s["mcnemar"]["p_value"] <= 1
+    assert "How sure: the gain is" in (finished_run / "report.md").read_text()
+
+
 def test_run_writes_a_self_explaining_run_dir(finished_run: Path) -> None:
     for name in ("report.md", "summary.json", "curves.png", "config.yaml", "git.txt"):
         assert (finished_run / name).is_file(), name

@@ -577,3 +577,19 @@ def test_study_warns_when_the_teacher_is_not_better(capsys: pytest.CaptureFixtur
     assert "warning: the teacher (28.00%) is not better than the student alone (55.00%)" in capsys.readouterr().err
     warn_if_teacher_not_better(_summary_with(70.0, 60.0, 65.0)["models"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_report_states_how_sure_the_gain_is(tmp_path: Path) -> None:
+    import numpy as np
+
+    from kdistill.stats import mcnemar, paired_bootstrap
+
+    run = fake_run(tmp_path, "sure", 4.0)
+    summary = json.loads((run / "summary.json").read_text())
+    a = np.array([True] * 30 + [False] * 30)
+    b = np.array([True] * 40 + [False] * 20)
+    summary["statistics"] = {"gain": paired_bootstrap(a, b, resamples=500), "mcnemar": mcnemar(a, b)}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = write_report(run).read_text()
+    assert "How sure: the gain is +16.67 points (95% CI" in text and "paired bootstrap over 60 test images" in text
+    assert "right and the baseline wrong on 10, the reverse on 0): p = 0.00195" in text

@@ -25,6 +25,7 @@ from kdistill.report.figures import (
 )
 from kdistill.report.format import fmt_bytes, fmt_count, fmt_num, nested
 from kdistill.report.phases import COLORS, PHASES, label, phase_order
+from kdistill.stats import describe_gain
 
 
 def headline(summary: dict[str, Any]) -> dict[str, float]:
@@ -65,6 +66,29 @@ def headline_sentence(summary: dict[str, Any]) -> str:
     return (
         f"{what}, **at {h['params_fraction'] * 100:.1f}% of the teacher's parameters and {h['macs_fraction'] * 100:.1f}% of its MACs** "
         f"({h['latency_fraction'] * 100:.0f}% of its batch-1 CPU latency)."
+    )
+
+
+def gain_words(summary: dict[str, Any]) -> str:
+    """The gain with its interval in words (from ``summary["statistics"]``), e.g. "+2.20
+    points (95% CI +0.90 to +3.50, paired bootstrap over 1000 test images)"; the bare gain for
+    a run written before intervals were recorded."""
+    stats = summary.get("statistics") or {}
+    if "gain" not in stats:
+        return f"{headline(summary)['gain_top1']:+.2f} points"
+    return describe_gain(stats["gain"], f"paired bootstrap over {stats['gain']['n']} test images")
+
+
+def interval_sentence(summary: dict[str, Any]) -> str | None:
+    """How sure the gain is, in one sentence for the report (None for older runs)."""
+    stats = summary.get("statistics") or {}
+    if "gain" not in stats:
+        return None
+    m = stats["mcnemar"]
+    return (
+        f"How sure: the gain is {gain_words(summary)}. McNemar's exact test on the images the two students disagree on "
+        f"(the distilled one right and the baseline wrong on {m['only_b']}, the reverse on {m['only_a']}): "
+        f"p = {m['p_value']:.3g}. One seed: another seed moves both students; `kdistill run --seed N` for more."
     )
 
 
@@ -238,6 +262,7 @@ def _overview_blocks(run: Run) -> list[Block]:
             f"Distillation: **{run.settings()}**. Seed {summary['seed']}. Device: {summary['device']}. {summary.get('platform', '')}"
         ),
         Paragraph(headline_sentence(summary)),
+        *([Paragraph(sentence)] if (sentence := interval_sentence(summary)) else []),
         Heading("What each model is worth and what it costs", 2),
         _models_table(run),
         Note(
