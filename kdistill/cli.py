@@ -29,7 +29,7 @@ from kdistill.methods import METHODS, taking
 from kdistill.models import MODELS, count_parameters, create_model
 from kdistill.report import write_comparison, write_report
 from kdistill.runs import KINDS, default_run_name
-from kdistill.study import run_study
+from kdistill.study import run_seeds, run_study
 from kdistill.sweep import expand_grid, run_sweep
 
 
@@ -92,6 +92,19 @@ def _add_study_commands(sub) -> None:
     _common(p)
     _method_arg(p)
     p.add_argument("--teacher-checkpoint", help="use this trained teacher instead of training one (teacher.checkpoint)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="SEED",
+        help="run the study once per seed, each in OUTPUT_DIR/NAME/seedN, and write one report over them "
+        "with the gain's 95%% interval (default name: <config name>-seeds)",
+    )
+    p.add_argument(
+        "--share-teacher",
+        action="store_true",
+        help="with --seeds: train the teacher once (first seed) and distill every seed's student from it",
+    )
     p.add_argument(
         "--born-again",
         type=int,
@@ -387,6 +400,15 @@ def _methods_set_explicitly(sets: list[Override]) -> dict[str, dict]:
 
 
 def cmd_run(args) -> None:
+    if args.share_teacher and not args.seeds:
+        raise ConfigError("--share-teacher: only with --seeds (one teacher for every seed)")
+    if args.seeds:
+        cfg = _config_from_args(args)
+        if args.name is None and not any(o.partition("=")[0].strip() == "name" for o in args.overrides):
+            cfg = cfg.model_copy(update={"name": f"{cfg.name}-seeds"})
+        out = run_seeds(cfg, args.seeds, resume=args.resume, share_teacher=args.share_teacher)
+        print(f"report over seeds {' '.join(map(str, args.seeds))}: {out / 'report.md'} and {out / 'report.html'}")
+        return
     run_study(_config_from_args(args), resume=args.resume)
 
 

@@ -28,6 +28,7 @@ from kdistill.evaluate import agreement, classification_metrics, count_macs, pro
 from kdistill.export import EXPORT_HINT, deploy, onnx_available
 from kdistill.files import atomic_write, atomic_write_text
 from kdistill.progress import log, progress
+from kdistill.report.compare import write_comparison
 from kdistill.report.run_report import gain_words, headline, write_report
 from kdistill.runs import (
     budget_left,
@@ -42,7 +43,7 @@ from kdistill.runs import (
     test_set,
     train_config,
 )
-from kdistill.stats import mcnemar, paired_bootstrap
+from kdistill.stats import describe_gain, mcnemar, paired_bootstrap
 
 
 def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None) -> Path:
@@ -68,6 +69,36 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
             statistics = gain_statistics(logits["baseline"], logits["distilled"], ds.test_labels, cfg.seed)
             _summarise(cfg, ds, device, run_dir, summary_models, statistics, phases["distilled"].model, start)
         return run_dir
+
+
+def run_seeds(cfg: RunConfig, seeds: list[int], resume: bool = False, share_teacher: bool = False) -> Path:
+    """The study once per seed, each a normal run in ``<output>/<name>/seed<N>`` (``resume``
+    finishes the missing or interrupted ones), then one report over them in ``<name>/``:
+    each model's mean and spread and the gain's t-interval over the seeds. With
+    ``share_teacher`` the first seed trains the teacher and every other seed distills from it
+    (the report's runs then share their teacher). Returns the folder of the report."""
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: expected two or more different seeds")
+    root = cfg.output_dir / cfg.name
+    summary = root / "summary.json"
+    if (root / "run.json").exists() or (summary.exists() and "runs" not in json.loads(summary.read_text())):
+        raise ConfigError(f"{root} is a run of its own; choose another --name for a study over seeds")
+    dirs = []
+    for i, seed in enumerate(seeds):
+        seed_cfg = cfg.model_copy(update={"seed": seed, "name": f"seed{seed}", "output_dir": root})
+        if share_teacher and i > 0 and not (cfg.teacher.checkpoint or cfg.teacher.checkpoints):
+            teacher = root / f"seed{seeds[0]}" / "teacher" / "checkpoint.pt"
+            seed_cfg = seed_cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": teacher})})
+        run_dir = root / seed_cfg.name
+        if not (resume and (run_dir / "summary.json").exists()):  # a finished seed is kept as it is
+            run_study(seed_cfg, resume=resume and run_dir.exists())
+        dirs.append(run_dir)
+    report = write_comparison(dirs, root)
+    statistics = json.loads((root / "summary.json").read_text())["statistics"]
+    log(
+        f"over seeds {', '.join(map(str, seeds))}: the gain is {describe_gain(statistics['gain'], f'{len(seeds)} seeds')}; report: {report}"
+    )
+    return root
 
 
 # the teacher cache of a distillation phase: the config's (distill.teacher_cache) unless given

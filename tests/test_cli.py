@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -328,3 +329,25 @@ def test_a_teacher_trained_on_the_validation_images_is_flagged(
     assert not teacher_saw_validation({**state, "data": {**state["data"], "checksum": "other"}}, held_out)
     build_teacher(cfg, 10, engine.select_device("cpu"), load_dataset("cifar10-mini"))
     assert "warning" not in "".join(capsys.readouterr())
+
+
+@pytest.mark.slow
+def test_seeds_give_one_report_with_an_interval_and_resume_finishes_a_missing_seed(tmp_path: Path) -> None:
+    argv = ["run", "--seeds", "0", "1", "2", "--share-teacher", "--epochs", "1", "--output-dir", str(tmp_path)]
+    argv += ["--device", "cpu", "--set", "deploy.onnx=false"]
+    assert main(argv) == 0
+    root = tmp_path / "quickstart-seeds"
+    over = json.loads((root / "summary.json").read_text())["statistics"]
+    assert over["gain"]["n"] == 3 and over["gain"]["low"] <= over["gain"]["mean"] <= over["gain"]["high"]
+    assert [r["seed"] for r in over["runs"]] == [0, 1, 2]
+    assert "Over these runs the distillation gain is" in (root / "report.md").read_text()
+    for seed in (0, 1, 2):  # each seed is a normal run
+        assert (root / f"seed{seed}" / "report.md").exists() and (root / f"seed{seed}" / "run.json").exists()
+    assert _summary(root / "seed1")["models"]["teacher"].get("from_checkpoint")  # the shared teacher
+    kept = (root / "seed0" / "summary.json").stat().st_mtime_ns
+    shutil.rmtree(root / "seed2")
+    assert main([*argv, "--resume"]) == 0
+    assert (root / "seed2" / "summary.json").exists() and (root / "seed0" / "summary.json").stat().st_mtime_ns == kept
+    assert (
+        main(["run", "--seeds", "0", "--output-dir", str(tmp_path), "--device", "cpu"]) == 2
+    )  # one seed is no interval

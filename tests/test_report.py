@@ -311,7 +311,10 @@ def test_report_command_compares_two_runs(tmp_path: Path, capsys: pytest.Capture
         row = next(line for line in text.splitlines() if line.startswith(f"| {run.name} |"))
         assert f"kd (temperature {t}), alpha 0.9" in row and f"{gain:+.2f}" in row
     counts = check_html((out / "report.html").read_text())
-    assert counts["images"] == 4 and counts["tables"] == 2
+    assert counts["images"] == 4 and counts["tables"] == 4  # runs, how sure (models, each run)
+    assert "Over these runs the distillation gain is" in text
+    over = json.loads((out / "summary.json").read_text())["statistics"]
+    assert over["gain"]["n"] == 2 and over["gain"]["low"] <= over["gain"]["mean"] <= over["gain"]["high"]
     csv_rows = (out / "comparison.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + 6 and csv_rows[1].startswith("t2,teacher")
 

@@ -4,7 +4,9 @@ run)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from kdistill.errors import ReportError
 from kdistill.files import atomic_write_text
@@ -18,7 +20,9 @@ from kdistill.report.figures import (
     plot_reliability,
 )
 from kdistill.report.format import fmt_num, nested
+from kdistill.report.phases import label
 from kdistill.report.run_report import Run, headline, load_run, model_rows, pareto_points
+from kdistill.stats import describe_gain, t_interval
 
 
 def default_comparison_dir(runs: list[Run]) -> Path:
@@ -32,7 +36,10 @@ def write_comparison(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     runs = _load_runs(run_dirs)
     out = Path(out_dir) if out_dir else default_comparison_dir(runs)
     out.mkdir(parents=True, exist_ok=True)
-    blocks = [*_summary_blocks(runs), *_figure_blocks(runs, out)]
+    statistics = over_runs(runs)
+    blocks = [*_summary_blocks(runs), *_statistics_blocks(runs, statistics), *_figure_blocks(runs, out)]
+    summary = {"runs": [str(r.path) for r in runs], "statistics": statistics}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2), "summary")
     csv_rows = [{**r, "settings": run.settings()} for run in runs for r in model_rows(run)]
     atomic_write_text(out / "comparison.csv", to_csv(csv_rows), "comparison")
     blocks.append(
@@ -84,6 +91,57 @@ def _summary_blocks(runs: list[Run]) -> list[Block]:
             "Gain: distilled minus baseline test top-1 of the same run; gap closed: gain as a share of teacher minus baseline. "
             "Runs on the same data with the same seed share their teacher and baseline recipe, so their distilled students "
             "differ by the distillation settings alone."
+        ),
+    ]
+
+
+def over_runs(runs: list[Run]) -> dict[str, Any]:
+    """Each model's test top-1 as mean and standard deviation over the runs, the gain of each
+    run (with its own interval and McNemar's p where the run recorded them), and the mean
+    gain's t-interval over the runs."""
+    top1 = {p: [r.models[p]["test"]["top1"] for r in runs] for p in ("teacher", "baseline", "distilled")}
+    per_run = []
+    for r in runs:
+        stats = r.summary.get("statistics") or {}
+        entry = {"run": r.name, "seed": r.summary.get("seed"), "gain": headline(r.summary)["gain_top1"]}
+        if "gain" in stats:
+            entry.update(low=stats["gain"]["low"], high=stats["gain"]["high"], mcnemar_p=stats["mcnemar"]["p_value"])
+        per_run.append(entry)
+    models = {}
+    for phase, values in top1.items():
+        t = t_interval(values)
+        models[phase] = {"mean": t["mean"], "std": t["std"], "values": values}
+    return {"models": models, "runs": per_run, "gain": t_interval([e["gain"] for e in per_run])}
+
+
+def _statistics_blocks(runs: list[Run], statistics: dict[str, Any]) -> list[Block]:
+    """The gain over the runs with its t-interval, each model's mean and spread, each run's gain."""
+    seeds = {r.summary.get("seed") for r in runs}
+    basis = f"t-interval over {len(runs)} runs" + (" with different seeds" if len(seeds) == len(runs) else "")
+    rows = [
+        [label(p), fmt_num(m["mean"], ".2f", "%"), fmt_num(m["std"], ".2f")] for p, m in statistics["models"].items()
+    ]
+    per_run = [
+        [
+            e["run"],
+            fmt_num(e["seed"], "d"),
+            fmt_num(e["gain"], "+.2f"),
+            fmt_num(e.get("low"), "+.2f"),
+            fmt_num(e.get("high"), "+.2f"),
+            fmt_num(e.get("mcnemar_p"), ".3g"),
+        ]
+        for e in statistics["runs"]
+    ]
+    return [
+        Heading("How sure the gain is", 2),
+        Paragraph(f"Over these runs the distillation gain is **{describe_gain(statistics['gain'], basis)}**."),
+        Table(["model", "mean test top-1", "standard deviation"], rows, right={1, 2}),
+        Table(
+            ["run", "seed", "gain (points)", "95% CI low", "95% CI high", "McNemar p"], per_run, right=set(range(1, 6))
+        ),
+        Note(
+            "The mean and its interval mean something when the runs differ only in their seed. Each run's own interval "
+            "(paired bootstrap over its test images) and McNemar's exact test cover the test set's sampling only."
         ),
     ]
 
