@@ -133,6 +133,8 @@ def process_group(device: torch.device, backend: str = "auto", timeout_s: float 
     try:
         with translate_errors():
             yield
+            if created:  # the ranks leave together: one tearing the group down while another still
+                dist.barrier()  # works (rank 0 writing the report) could abort its process
     finally:
         if created:
             leave()
