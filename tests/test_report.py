@@ -596,3 +596,10 @@ def test_report_states_how_sure_the_gain_is(tmp_path: Path) -> None:
     text = write_report(run).read_text()
     assert "How sure: the gain is +16.67 points (95% CI" in text and "paired bootstrap over 60 test images" in text
     assert "right and the baseline wrong on 10, the reverse on 0): p = 0.00195" in text
+
+
+def test_report_states_what_the_gain_cost(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, "cost", 4.0)  # every phase trained 10 s at 100 img/s; the study 1 s of wall time
+    text = write_report(run).read_text()
+    assert "What it cost: training teacher 10 s (100 img/s), student alone (baseline) 10 s (100 img/s)" in text
+    assert "the whole study 1 s of wall time" in text

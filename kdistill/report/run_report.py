@@ -92,6 +92,17 @@ def interval_sentence(summary: dict[str, Any]) -> str | None:
     )
 
 
+def cost_sentence(summary: dict[str, Any]) -> str | None:
+    """What the gain cost: each trained phase's training time and images/s, and the study's
+    wall time (None for a summary without them)."""
+    models = summary.get("models") or {}
+    phases = [(p, m) for p, m in models.items() if m.get("train_seconds")]
+    if not phases or "wall_seconds" not in summary:
+        return None
+    parts = ", ".join(f"{label(p)} {m['train_seconds']:.0f} s ({m['images_per_second']:.0f} img/s)" for p, m in phases)
+    return f"What it cost: training {parts}; the whole study {summary['wall_seconds']:.0f} s of wall time."
+
+
 # ----------------------------------------------------------------------------- run directories
 
 
@@ -263,6 +274,7 @@ def _overview_blocks(run: Run) -> list[Block]:
         ),
         Paragraph(headline_sentence(summary)),
         *([Paragraph(sentence)] if (sentence := interval_sentence(summary)) else []),
+        *([Paragraph(sentence)] if (sentence := cost_sentence(summary)) else []),
         Heading("What each model is worth and what it costs", 2),
         _models_table(run),
         Note(
