@@ -387,29 +387,28 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     named = getattr(args, "name", None) is not None or any(
         o.partition("=")[0].strip() == "name" for o in args.overrides
     )
-    if args.command in KINDS and not named:  # a name of its own, not the study's
-        cfg = cfg.model_copy(update={"name": default_run_name(cfg, args.command)})
+    kind = "seeds" if getattr(args, "seeds", None) else args.command
+    if kind in (*KINDS, "seeds") and not named:  # a name of its own, not the study's
+        cfg = cfg.model_copy(update={"name": default_run_name(cfg, kind)})
     return cfg
 
 
 def _methods_set_explicitly(sets: list[Override]) -> dict[str, dict]:
     """The method options that the ``--set`` flags themselves give, by method."""
-    methods = apply_overrides({}, sets).get("distill", {})
-    methods = methods.get("methods", {}) if isinstance(methods, dict) else {}
+    distill = apply_overrides({}, sets).get("distill")
+    methods = distill.get("methods") if isinstance(distill, dict) else None
     return {m: o for m, o in methods.items() if isinstance(o, dict)} if isinstance(methods, dict) else {}
 
 
 def cmd_run(args) -> None:
     if args.share_teacher and not args.seeds:
         raise ConfigError("--share-teacher: only with --seeds (one teacher for every seed)")
-    if args.seeds:
-        cfg = _config_from_args(args)
-        if args.name is None and not any(o.partition("=")[0].strip() == "name" for o in args.overrides):
-            cfg = cfg.model_copy(update={"name": f"{cfg.name}-seeds"})
-        out = run_seeds(cfg, args.seeds, resume=args.resume, share_teacher=args.share_teacher)
-        print(f"report over seeds {' '.join(map(str, args.seeds))}: {out / 'report.md'} and {out / 'report.html'}")
+    cfg = _config_from_args(args)
+    if not args.seeds:
+        run_study(cfg, resume=args.resume)
         return
-    run_study(_config_from_args(args), resume=args.resume)
+    out = run_seeds(cfg, args.seeds, resume=args.resume, share_teacher=args.share_teacher)
+    print(f"report over seeds {' '.join(map(str, args.seeds))}: {out / 'report.md'} and {out / 'report.html'}")
 
 
 def cmd_train(args) -> None:

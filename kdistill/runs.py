@@ -206,15 +206,15 @@ def default_run_name(cfg: RunConfig, kind: str) -> str:
     """The run name of a command given no ``--name``: the config's name for ``run``, and for
     the other commands one that says what they train, so that they never collide with the
     study's directory or each other's: ``<name>-train-<model>``, ``<name>-distill-<student>``,
-    ``<name>-mutual-<model>-<model>...``, ``<name>-sweep``."""
+    ``<name>-mutual-<model>-<model>...``, ``<name>-sweep``, ``<name>-seeds``."""
     if kind == "train":
         return f"{cfg.name}-train-{cfg.teacher.name}"
     if kind == "distill":
         return f"{cfg.name}-distill-{cfg.student.name}"
     if kind == "mutual":
         return f"{cfg.name}-mutual-" + "-".join(cfg.mutual.models)
-    if kind == "sweep":
-        return f"{cfg.name}-sweep"
+    if kind in ("sweep", "seeds"):  # seeds: `run --seeds`, a folder of one run per seed
+        return f"{cfg.name}-{kind}"
     return cfg.name
 
 
