@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
@@ -25,6 +25,7 @@ from kdistill.progress import progress
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 SPLITS = ("train", "test")
+Allocate = Callable[[dict[str, int], list[str]], dict[str, np.ndarray]]
 
 
 def is_archive(path: Path) -> bool:
@@ -127,8 +128,14 @@ def _decode(name: str, data: bytes, size: int) -> np.ndarray:
         ) from None
 
 
-def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Decode a folder tree or archive into {split: (images (N,3,S,S) uint8, labels (N,) int64)}."""
+def load_imagefolder(
+    source: Path, image_size: int, allocate: Allocate | None = None
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Decode a folder tree or archive into {split: (images (N,3,S,S) uint8, labels (N,) int64)}.
+
+    ``allocate(counts, classes)`` ({split: N}), if given, returns the arrays to decode each
+    split into ({split: (N,3,S,S) uint8}, e.g. memory maps of a file), once the images are
+    counted and before any is decoded."""
     if not source.exists():
         raise DataError(
             f"data set {str(source)!r} does not exist; expected a folder or a .tar/.tar.gz/.zip archive of root/{{train,test}}/<class>/<image>"
@@ -149,15 +156,23 @@ def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.
     if len(classes) < 2:
         raise DataError(f"{source}: found a single class {classes}; a classifier needs at least 2")
     out = {}
+    items = {
+        split: [
+            (i, label) for label, cls in enumerate(classes) for i in sorted(layout[split][cls], key=lambda i: names[i])
+        ]
+        for split in SPLITS
+    }
+    shape = (3, image_size, image_size)
+    counts = {split: len(items[split]) for split in SPLITS}
+    arrays = allocate(counts, classes) if allocate else {s: np.empty((n, *shape), np.uint8) for s, n in counts.items()}
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
         for split in SPLITS:
-            items = [
-                (i, label)
-                for label, cls in enumerate(classes)
-                for i in sorted(layout[split][cls], key=lambda i: names[i])
-            ]
-            jobs = pool.map(lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size), items)
-            images = np.stack(list(progress(jobs, total=len(items), desc=f"decode {split}")))
-            labels = np.array([label for _, label in items], dtype=np.int64)
+            jobs = pool.map(
+                lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size), items[split]
+            )
+            images = arrays[split]
+            for k, image in enumerate(progress(jobs, total=len(items[split]), desc=f"decode {split}")):
+                images[k] = image  # one at a time into place: never a second copy of the split
+            labels = np.array([label for _, label in items[split]], dtype=np.int64)
             out[split] = (images, labels)
     return out, classes

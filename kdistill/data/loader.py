@@ -1,4 +1,4 @@
-"""Batches from in-memory uint8 tensors, augmented on the training device.
+"""Batches from uint8 tensors (in memory or memory-mapped), augmented on the training device.
 
 Every batch carries the sample indices (into the training set) of its images, so index-
 based methods and caches can use them. Augmentation is replayable: the shuffling order and
@@ -122,11 +122,17 @@ class Normalize:
 
 
 class TrainLoader:
-    """Shuffled (and, for images, augmented) training batches from in-memory tensors.
+    """Shuffled (and, for images, augmented) training batches from tensors.
 
     ``epoch(e)`` yields the batches of epoch ``e``. ``inputs`` are uint8 images
     (N, C, H, W), which are cropped/flipped and normalised on the device, or any other
-    tensor (N, ...) of model inputs, used as they are.
+    tensor (N, ...) of model inputs, used as they are. ``rows``: the rows of ``inputs`` that
+    form the training set (a split held out by index; default all, in order).
+
+    Images stay where they are (in memory, or memory-mapped from a data store on disk):
+    each batch gathers its B images, and only those are moved to the device, packed and
+    augmented, so the process never holds a second copy of the set. For CUDA the gather
+    goes into pinned host memory and the copy overlaps the GPU's work.
     """
 
     def __init__(
@@ -142,7 +148,10 @@ class TrainLoader:
         flip: bool = True,
         drop_last: bool = True,
         shard: tuple[int, int] = (0, 1),
+        rows: Tensor | None = None,
     ):
+        if rows is not None and len(rows) != len(labels):
+            raise ValueError(f"TrainLoader: {len(rows)} rows but {len(labels)} labels")
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.normalize = normalize
@@ -154,11 +163,11 @@ class TrainLoader:
         self.flip = flip and self.augment
         self.drop_last = drop_last and len(labels) >= batch_size
         self.rank, self.world = shard
-        # what stays on the device for the whole run: images packed a pixel per element for
-        # the crop/flip gather (the uint8 originals stay where they were, for fingerprints)
-        pixels = pack_pixels(inputs) if self.augment else None  # packed on the host, then moved
-        self.pixels = pixels.to(device) if pixels is not None else None
-        self.inputs = inputs if self.pixels is not None else inputs.to(device)
+        # images are read per batch from where they are; other inputs (tokens, features)
+        # are the user's in-memory tensors and move to the device whole, as given
+        self.inputs = inputs if images else inputs.to(device)
+        self.rows = rows.to(self.inputs.device) if rows is not None else None
+        self.pinned = self.inputs.device.type == "cpu" and device.type == "cuda"
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -173,9 +182,10 @@ class TrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from step ``start_step`` on (a resumed, interrupted epoch)."""
+        order = self.views(epoch).order  # on the host: the gathers read it without a device sync
         views = self.device_views(epoch)
         for step in range(start_step, len(self)):
-            idx = views.order[step * self.batch_size : (step + 1) * self.batch_size]
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             # each rank takes its own slice of the global batch (DDP); one rank takes it all
             idx = idx[self.rank :: self.world]
             yield self.batch(idx, views)
@@ -185,19 +195,33 @@ class TrainLoader:
         v = self.views(epoch)
         return Views(v.order.to(self.device), v.offsets.to(self.device), v.flips.to(self.device))
 
+    def gather(self, idx: Tensor) -> Tensor:
+        """The inputs of the samples ``idx`` (any device), on the training device."""
+        rows = idx.to(self.inputs.device)
+        if self.rows is not None:
+            rows = self.rows[rows]
+        if not self.pinned:
+            return self.inputs[rows].to(self.device)
+        x = torch.empty((len(rows), *self.inputs.shape[1:]), dtype=self.inputs.dtype, pin_memory=True)
+        torch.index_select(self.inputs, 0, rows, out=x)
+        return x.to(self.device, non_blocking=True)
+
     def batch(self, idx: Tensor, views: Views) -> Batch:
-        """The samples ``idx`` (on the device) as the given epoch's views present them: the
+        """The samples ``idx`` as the given epoch's views (on the device) present them: the
         one place where a training input is made, shared with the teacher cache."""
+        x = self.gather(idx)  # (B, C, H, W)
+        idx = idx.to(self.device, non_blocking=True)
         channels = None  # packed pixels carry padding channels: the image's come first
-        if self.pixels is not None:
-            channels = self.inputs.shape[1]
-            x = crop_flip_packed(self.pixels, idx, views.offsets[idx], views.flips[idx], self.padding)
-            if self.normalize is None:
-                x = x[:, :channels]
-        elif self.augment:
-            x = crop_flip(self.inputs[idx], views.offsets[idx], views.flips[idx], self.padding)
-        else:
-            x = self.inputs[idx]
+        if self.augment:
+            pixels = pack_pixels(x)  # (B, H+1, W+1): this batch only
+            if pixels is not None:
+                channels = x.shape[1]
+                here = torch.arange(len(idx), device=x.device)
+                x = crop_flip_packed(pixels, here, views.offsets[idx], views.flips[idx], self.padding)
+                if self.normalize is None:
+                    x = x[:, :channels]
+            else:
+                x = crop_flip(x, views.offsets[idx], views.flips[idx], self.padding)
         if self.normalize is not None:
             x = self.normalize(x, channels)
         return Batch(x, self.labels[idx], idx)
@@ -233,7 +257,8 @@ class IterableLoader:
 
 
 class EvalData:
-    """Fixed-order evaluation batches; ``labels`` holds all labels on the CPU."""
+    """Fixed-order evaluation batches; ``labels`` holds all labels on the CPU. ``rows``: the
+    rows of ``inputs`` that form the set (a split held out by index; default all)."""
 
     def __init__(
         self,
@@ -243,6 +268,7 @@ class EvalData:
         device: torch.device,
         normalize: Normalize | None = None,
         source=None,
+        rows: Tensor | None = None,
     ):
         self.inputs, self.batch_size, self.device, self.normalize, self.source = (
             inputs,
@@ -251,6 +277,7 @@ class EvalData:
             normalize,
             source,
         )
+        self.rows = rows
         if source is not None:
             labels = torch.cat([item[1] for item in source])
         self.labels = labels.cpu()
@@ -263,6 +290,15 @@ class EvalData:
 
     def subset(self, start: int, stop: int) -> EvalData:
         """Samples [start, stop) only (in-memory data): one rank's share of an evaluation."""
+        if self.rows is not None:
+            return EvalData(
+                self.inputs,
+                self.labels[start:stop],
+                self.batch_size,
+                self.device,
+                self.normalize,
+                rows=self.rows[start:stop],
+            )
         return EvalData(self.inputs[start:stop], self.labels[start:stop], self.batch_size, self.device, self.normalize)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -274,9 +310,10 @@ class EvalData:
                 seen += len(y)
             return
         for start in range(0, len(self.labels), self.batch_size):
-            x = self.inputs[start : start + self.batch_size].to(self.device, non_blocking=True)
+            stop = start + self.batch_size
+            # one batch read at a time (from memory or a memory-mapped store)
+            x = self.inputs[start:stop] if self.rows is None else self.inputs[self.rows[start:stop]]
+            x = x.to(self.device, non_blocking=True)
             if self.normalize is not None:
                 x = self.normalize(x)
-            yield Batch(
-                x, self.labels[start : start + self.batch_size].to(self.device), torch.arange(start, start + len(x))
-            )
+            yield Batch(x, self.labels[start:stop].to(self.device), torch.arange(start, start + len(x)))
