@@ -278,11 +278,13 @@ def quantize_onnx(
     return target
 
 
-def calibration_images(train_images: Tensor, count: int, seed: int = 0) -> Tensor:
-    """A seeded random subset of ``count`` training images for int8 calibration."""
-    count = min(count, len(train_images))
-    index = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:count]
-    return train_images[index.sort().values]
+def calibration_images(train_images: Tensor, count: int, seed: int = 0, rows: Tensor | None = None) -> Tensor:
+    """A seeded random subset of ``count`` training images for int8 calibration (of the
+    ``rows`` of ``train_images`` that form the training split, if given)."""
+    n = len(rows) if rows is not None else len(train_images)
+    count = min(count, n)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return train_images[rows[index] if rows is not None else index]
 
 
 def deploy(
@@ -292,6 +294,7 @@ def deploy(
     test_images: Tensor,
     test_labels: Tensor,
     train_images: Tensor,
+    train_rows: Tensor | None = None,
     mean: list[float],
     std: list[float],
     classes: list[str] | None,
@@ -328,7 +331,9 @@ def deploy(
         },
     }
     if quantization:
-        calib = calibration_images(train_images, calibration_count, seed) if quantization == "static" else None
+        calib = (
+            calibration_images(train_images, calibration_count, seed, train_rows) if quantization == "static" else None
+        )
         int8_path = quantize_onnx(
             fp32_path, path.with_name(path.name.removesuffix(".onnx") + ".int8.onnx"), quantization, calib, normalize
         )

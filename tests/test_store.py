@@ -264,3 +264,51 @@ def test_channel_mean_std_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
         torch.testing.assert_close(torch.tensor(std, dtype=torch.float64), want_std, rtol=1e-12, atol=1e-12)
         rows = torch.tensor([3, 1, 30, 30])
         assert channel_mean_std(images, rows) == channel_mean_std(images[rows].clone())
+
+
+# ------------------------------------------------------------------ processes sharing a store
+
+
+def _scenario_two_ranks_one_store(rank: int, out: Path, source: Path, cache: Path) -> None:
+    from kdistill import distributed
+
+    decode = dataset_module.load_imagefolder
+
+    def counting(*args, **kwargs):  # this forked rank's own module: the test's is untouched
+        (out / f"decoded{rank}").write_text("")
+        return decode(*args, **kwargs)
+
+    dataset_module.load_imagefolder = counting
+    distributed.ensure(CPU)
+    ds = distributed.local_main_first(lambda: load_dataset(source, image_size=8, data_dir=cache, val_size=2))
+    mapped = sorted({line.split()[-1] for line in _mapped_files().splitlines() if line.endswith(".kdstore")})
+    loader = TrainLoader(
+        ds.train_images, ds.train_labels, 4, CPU, seed=3, shard=distributed.shard(), rows=ds.train_rows
+    )
+    batches = [(b.images, b.labels, b.indices) for e in range(2) for b in loader.epoch(e)]
+    torch.save({"batches": batches, "mapped": mapped, "pid": os.getpid()}, out / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_read_one_store(tmp_path: Path) -> None:
+    """Under torchrun, one rank decodes the data set into the store; both map that one file
+    (the page cache holds it once) and together see the batches of one process."""
+    from tests.test_distributed import _errors, _launch
+
+    source, cache, out = _make_source("folder", tmp_path), tmp_path / "cache", tmp_path / "out"
+    out.mkdir()
+    _launch(_scenario_two_ranks_one_store, out, source, cache, timeout=240)
+    assert _errors(out) == {}
+    assert sorted(p.name for p in out.glob("decoded*")) == ["decoded0"]  # decoded once, by local rank 0
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    (store,) = (cache / "decoded").glob("*.kdstore")
+    assert ranks[0]["mapped"] == ranks[1]["mapped"] == [str(store)]
+    assert ranks[0]["pid"] != ranks[1]["pid"]
+
+    ds = load_dataset(source, image_size=8, data_dir=cache, val_size=2)
+    one = TrainLoader(ds.images("train").clone(), ds.train_labels, 4, CPU, seed=3)
+    single = [b for e in range(2) for b in one.epoch(e)]
+    assert len(single) == len(ranks[0]["batches"]) == len(ranks[1]["batches"]) == 2
+    for b, r0, r1 in zip(single, ranks[0]["batches"], ranks[1]["batches"]):
+        assert torch.equal(b.images[0::2], r0[0]) and torch.equal(b.images[1::2], r1[0])
+        assert torch.equal(b.indices[0::2], r0[2]) and torch.equal(b.indices[1::2], r1[2])
