@@ -12,8 +12,8 @@ not mix:
   batch's images from the store) against the in-memory path (the images copied into the
   process, packed once for the crop/flip gather, as kdistill trained before the store),
   after the store was read once so that the page cache holds it: (i) the data pipeline
-  alone (gather, crop, flip, normalise of batches of ``--batch``), (ii) training steps of a
-  small CNN (forward, backward, SGD); both paths alternate ``--rounds`` times in one
+  alone (gather, crop, flip, normalise of batches of ``--batch``), (ii) training steps of
+  kdistill's ``seed_student`` (forward, backward, SGD); both paths alternate ``--rounds`` times in one
   process and each ratio is the median of the rounds' ratios;
 - the peak anonymous memory (``RssAnon``, sampled after every batch) of one process
   training ``--rss-steps`` pipeline steps per path, and of each of two DDP ranks (torchrun's
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from machine import machine_description
 from torch import nn
 
+from kdistill import create_model
 from kdistill.data.dataset import load_dataset
 from kdistill.data.loader import Normalize, TrainLoader, crop_flip_packed, pack_pixels
 
@@ -76,17 +77,12 @@ class PackedInMemory:
             yield lo.normalize(x, self.channels), lo.labels[idx]
 
 
-def small_cnn(num_classes: int) -> nn.Module:
+def student(num_classes: int, image_size: int) -> nn.Module:
+    """kdistill's small CNN student (seed_student) at this image size, channels_last."""
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(32, 64, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(64, num_classes),
-    ).to(memory_format=torch.channels_last)
+    return create_model("seed_student", num_classes=num_classes, image_size=image_size).to(
+        memory_format=torch.channels_last
+    )
 
 
 def _timed(batches, steps: int, model: nn.Module | None, opt) -> float:
@@ -132,7 +128,7 @@ def worker_speed(args) -> dict:
         for kind in ratios:
             got = {}
             for path in ("store", "memory") if r % 2 == 0 else ("memory", "store"):
-                model = small_cnn(ds.num_classes) if kind == "train" else None
+                model = student(ds.num_classes, args.size) if kind == "train" else None
                 opt = torch.optim.SGD(model.parameters(), lr=0.01) if model is not None else None
                 steps = args.steps if kind == "pipeline" else args.train_steps
                 got[path] = _timed(batches(path, r), steps, model, opt)

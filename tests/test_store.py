@@ -257,7 +257,7 @@ def test_channel_mean_std_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     images = torch.randint(0, 256, (37, 3, 5, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     x = images.double() / 255
     want_mean, want_std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
-    for chunk in (1 << 22, 60, 1):  # one chunk, several, one image at a time
+    for chunk in (1 << 20, 60, 1):  # one chunk, several, one image at a time
         monkeypatch.setattr(dataset_module, "CHUNK_VALUES", chunk)
         mean, std = channel_mean_std(images)
         torch.testing.assert_close(torch.tensor(mean, dtype=torch.float64), want_mean, rtol=1e-12, atol=1e-12)

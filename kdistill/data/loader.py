@@ -9,6 +9,7 @@ exactly the batches an uninterrupted one would, and a teacher cache can replay t
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -168,6 +169,7 @@ class TrainLoader:
         self.inputs = inputs if images else inputs.to(device)
         self.rows = rows.to(self.inputs.device) if rows is not None else None
         self.pinned = self.inputs.device.type == "cpu" and device.type == "cuda"
+        self.pack_buffer: Tensor | None = None
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -200,11 +202,32 @@ class TrainLoader:
         rows = idx.to(self.inputs.device)
         if self.rows is not None:
             rows = self.rows[rows]
-        if not self.pinned:
-            return self.inputs[rows].to(self.device)
+        if not self.pinned:  # index_select: a row copy each, many times faster than indexing
+            return torch.index_select(self.inputs, 0, rows).to(self.device)
         x = torch.empty((len(rows), *self.inputs.shape[1:]), dtype=self.inputs.dtype, pin_memory=True)
         torch.index_select(self.inputs, 0, rows, out=x)
         return x.to(self.device, non_blocking=True)
+
+    def pack(self, images: Tensor) -> Tensor | None:
+        """:func:`pack_pixels` of a batch, into a buffer kept from batch to batch (its zero
+        padding channels, last row and last column are written once, when it is made)."""
+        B, C, H, W = images.shape
+        width = next((w for w in _PIXEL_DTYPES if w >= C), None)
+        if width is None:
+            return None
+        buf = self.pack_buffer
+        if buf is None or len(buf) < B or buf.shape[1:] != (H + 1, W + 1, width) or buf.device != images.device:
+            buf = self.pack_buffer = torch.zeros((B, H + 1, W + 1, width), dtype=torch.uint8, device=images.device)
+        pixels = buf[:B].view(_PIXEL_DTYPES[width]).view(B, H + 1, W + 1)
+        if C == 3 and sys.byteorder == "little":
+            # RGB as the int32 r | g << 8 | b << 16 (little endian: the bytes r, g, b, 0):
+            # three element-wise passes, about 3x faster than the transposing copy below
+            inner = pixels[:, :H, :W]
+            inner.copy_(images[:, 2]).bitwise_left_shift_(8).bitwise_or_(images[:, 1])
+            inner.bitwise_left_shift_(8).bitwise_or_(images[:, 0])
+        else:
+            buf[:B, :H, :W, :C].copy_(images.permute(0, 2, 3, 1))  # (B, H, W, C) into each pixel's first bytes
+        return pixels
 
     def batch(self, idx: Tensor, views: Views) -> Batch:
         """The samples ``idx`` as the given epoch's views (on the device) present them: the
@@ -213,7 +236,7 @@ class TrainLoader:
         idx = idx.to(self.device, non_blocking=True)
         channels = None  # packed pixels carry padding channels: the image's come first
         if self.augment:
-            pixels = pack_pixels(x)  # (B, H+1, W+1): this batch only
+            pixels = self.pack(x)  # (B, H+1, W+1): this batch only
             if pixels is not None:
                 channels = x.shape[1]
                 here = torch.arange(len(idx), device=x.device)
