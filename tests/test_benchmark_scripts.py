@@ -120,7 +120,7 @@ def test_data_scale_compares_the_store_with_the_packed_in_memory_path(mini, tmp_
     assert data_scale.rss_anon_mib() > 0
     row = {
         "size": 32,
-        "build": {"seconds": 20.0, "peak_mib": 300.0, "bytes": 2**30, "train": 50000},
+        "build": {"seconds": 20.0, "peak_anon_mib": 300.0, "bytes": 2**30, "train": 50000},
         "speed": {
             **{f"{k}_{p}": 1000.0 for k in ("pipeline", "train") for p in ("store", "memory")},
             "ratio_pipeline": 1.0,

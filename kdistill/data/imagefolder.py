@@ -128,6 +128,16 @@ def _decode(name: str, data: bytes, size: int) -> np.ndarray:
         ) from None
 
 
+DECODE_WINDOW = 512  # images decoded ahead of the one being stored: bounded memory, whatever the set's size
+
+
+def _windows(pool: ThreadPoolExecutor, fn: Callable, items: list) -> Iterator:
+    """``pool.map(fn, items)`` a window at a time (a plain map would hold every decoded
+    image that the consumer has not stored yet)."""
+    for start in range(0, len(items), DECODE_WINDOW):
+        yield from pool.map(fn, items[start : start + DECODE_WINDOW])
+
+
 def load_imagefolder(
     source: Path, image_size: int, allocate: Allocate | None = None
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
@@ -167,8 +177,8 @@ def load_imagefolder(
     arrays = allocate(counts, classes) if allocate else {s: np.empty((n, *shape), np.uint8) for s, n in counts.items()}
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
         for split in SPLITS:
-            jobs = pool.map(
-                lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size), items[split]
+            jobs = _windows(
+                pool, lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size), items[split]
             )
             images = arrays[split]
             for k, image in enumerate(progress(jobs, total=len(items[split]), desc=f"decode {split}")):
