@@ -376,7 +376,7 @@ def distill(
         num_classes=prepared.num_classes,
         num_samples=prepared.num_samples,
         epochs=cfg.epochs,
-        epochs_fixed=not cfg.budget,
+        epochs_fixed=not (cfg.budget or cfg.max_steps),
     )
     with _borrowed(teacher):  # frozen for the run, given back as it came
         task = Distillation(

@@ -126,6 +126,10 @@ class TrainConfig(StrictConfig):
     """Wall-clock budget of this phase in seconds (or 90s, 10m, 1.5h): replaces ``epochs``.
     The number of steps is planned from the throughput measured in the first steps (and
     re-planned as the run goes) and the learning-rate schedule is stretched over it."""
+    max_steps: int | None = Field(None, gt=0)
+    """Train at most this many optimizer steps (the schedule spans them); with ``budget``, the
+    budget can only stop the run sooner. A budgeted ``run`` gives the distilled student the
+    step count the student alone reached, so that the two differ only by distillation."""
 
     @field_validator("budget", mode="before")
     @classmethod
