@@ -440,9 +440,19 @@ def _open_cache(
         cache = TeacherCache.load(cache)
     # a budget run may not outlast the cache; an epoch run must fit in it
     cache.check(fingerprint(_replayable(prepared), teacher), epochs=1 if cfg.budget else cfg.epochs)
-    info = {"path": str(cache.path) if cache.path else None, "epochs": cache.epochs, "fingerprint": cache.fingerprint}
+    info = {
+        "path": str(cache.path) if cache.path else None,
+        "epochs": cache.epochs,
+        "fingerprint": cache.fingerprint,
+        "build_seconds": cache.build_seconds,
+    }
+    built = (
+        f"; it cost {cache.build_seconds:.1f} s once, shared by every run with this teacher, data and seed, and not counted in this run's time"
+        if cache.build_seconds is not None
+        else ""
+    )
     log(
-        f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run"
+        f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run{built}"
     )
     return cache.to(device), info
 

@@ -23,7 +23,7 @@ import torch
 
 from kdistill import api, distributed
 from kdistill.budget import BudgetTooSmall, PhaseCost, format_seconds
-from kdistill.checkpoint import load_model
+from kdistill.checkpoint import load_checkpoint, load_model
 from kdistill.config import RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import BUNDLED, DOWNLOADABLE, ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
@@ -634,9 +634,24 @@ def write_single_summary(
     }
     if result.budget:
         summary["budget"] = result.budget
+    cache = _teacher_cache_record(result)
+    if cache:
+        summary["teacher_cache"] = cache
     if teacher_logits is not None:
         summary["agreement"] = agreement(result.test_logits, teacher_logits)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(
         f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}"
     )
+
+
+def _teacher_cache_record(result: Result) -> dict[str, Any] | None:
+    """A distillation from a teacher cache: the cache's path, epochs and what building it
+    cost (once, for every run that reads it: not part of this run's training time or
+    budget), from the run's checkpoint. None without a cache."""
+    if result.checkpoint is None or not result.checkpoint.is_file():
+        return None
+    info = load_checkpoint(result.checkpoint).get("teacher_cache")
+    if not info:
+        return None
+    return {k: info.get(k) for k in ("path", "epochs", "build_seconds")}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pickle
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ class TeacherCache:
     classes: Tensor | None = None
     tail: Tensor | None = None
     path: Path | None = None
+    build_seconds: float | None = None  # what running the teacher over the views took, once for every run it serves
 
     @property
     def top_k(self) -> int:
@@ -135,7 +137,15 @@ class TeacherCache:
             for k in ("logits", "values", "classes", "tail")
             if getattr(self, k) is not None
         }
-        return TeacherCache(self.fingerprint, self.epochs, self.num_samples, self.num_classes, path=self.path, **move)
+        return TeacherCache(
+            self.fingerprint,
+            self.epochs,
+            self.num_samples,
+            self.num_classes,
+            path=self.path,
+            build_seconds=self.build_seconds,
+            **move,
+        )
 
     def lookup(self, epoch: int, indices: Tensor) -> Tensor:
         """Teacher logits (B, K), float32, of the samples ``indices`` as epoch ``epoch`` shows them."""
@@ -174,6 +184,7 @@ class TeacherCache:
             "epochs": self.epochs,
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
+            "build_seconds": self.build_seconds,
             **tensors,
         }
         try:  # the checkpoints' writer: temporary file, fsync, rename, fsync of the folder
@@ -211,6 +222,7 @@ class TeacherCache:
                 state.get("classes"),
                 state.get("tail"),
                 path,
+                state.get("build_seconds"),  # None in a cache written before it was recorded
             )
         except KeyError as e:
             raise CacheError(f"teacher cache {path} lacks the key {e.args[0]!r}") from None
@@ -234,6 +246,7 @@ def build_teacher_cache(
         raise CacheError(f"teacher cache dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if top_k < 0:
         raise CacheError(f"teacher cache top_k={top_k}: expected 0 (all logits) or a positive number")
+    started = time.perf_counter()
     fp = fingerprint(loader, teacher)
     device, n = loader.device, len(loader.labels)
     was_training = teacher.training
@@ -294,6 +307,8 @@ def build_teacher_cache(
                 merged = t.float()
             distributed.all_reduce_max(merged)
             store[key] = merged.to(t.dtype)
-    cache = TeacherCache(fp, epochs, n, num_classes, **store)
-    log(f"{desc}: {cache.describe()}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    cache = TeacherCache(fp, epochs, n, num_classes, build_seconds=time.perf_counter() - started, **store)
+    log(f"{desc}: {cache.describe()}, built in {cache.build_seconds:.1f} s")
     return cache
