@@ -634,7 +634,7 @@ def write_single_summary(
     }
     if result.budget:
         summary["budget"] = result.budget
-    cache = _teacher_cache_record(result)
+    cache = teacher_cache_record(result)
     if cache:
         summary["teacher_cache"] = cache
     if teacher_logits is not None:
@@ -645,7 +645,7 @@ def write_single_summary(
     )
 
 
-def _teacher_cache_record(result: Result) -> dict[str, Any] | None:
+def teacher_cache_record(result: Result) -> dict[str, Any] | None:
     """A distillation from a teacher cache: the cache's path, epochs and what building it
     cost (once, for every run that reads it: not part of this run's training time or
     budget), from the run's checkpoint. None without a cache."""

@@ -42,6 +42,7 @@ from kdistill.runs import (
     new_model,
     open_run_dir,
     profile_seconds,
+    teacher_cache_record,
     test_set,
     train_config,
 )
@@ -269,6 +270,7 @@ class StudyBudget:
         self.remaining = list(plan.phases)
         self.results: dict[str, dict[str, Any]] = {}
         self.steps: int | None = None  # the student alone's steps, every later student's
+        self.cache: dict[str, Any] | None = None  # the teacher cache the distilled student read
 
     @classmethod
     def plan(cls, cfg: RunConfig, ds: ImageDataset, device, start: float, teacher, student, names) -> StudyBudget:
@@ -314,6 +316,8 @@ class StudyBudget:
     def spent(self, phase: str, result: Result) -> None:
         b = result.budget or {}
         self.results[phase] = {"spent_seconds": b.get("wall_seconds"), "steps": b.get("steps")}
+        if phase == "distilled" and self.cfg.distill.teacher_cache:
+            self.cache = distributed.on_main(lambda: teacher_cache_record(result))
         if self.steps is not None and b.get("steps") is not None and b["steps"] < self.steps:
             log(
                 f"warning: {phase}: the budget ran out after {b['steps']} of the student alone's {self.steps} steps "
@@ -328,6 +332,8 @@ class StudyBudget:
             record["phases"][phase].update(spent)
         record["evaluation"] = {"planned_seconds": self.plan.reserve, "spent_seconds": time.perf_counter() - trained}
         record["student_steps"] = self.steps
+        if self.cache:  # built before the study, once for every run that reads it: not in this budget
+            record["teacher_cache"] = self.cache
         return record
 
 

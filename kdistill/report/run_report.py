@@ -355,6 +355,18 @@ def budget_blocks(summary: dict[str, Any]) -> list[Block]:
         0,
         ["loading and measuring", f"{plan['planning_seconds']:.1f} s", f"{plan['planning_seconds']:.1f} s", "", "", ""],
     )
+    cache = plan.get("teacher_cache")
+    if cache and cache.get("build_seconds") is not None:
+        rows.append(
+            [
+                "teacher cache (built before, for every run that reads it)",
+                "",
+                f"{cache['build_seconds']:.1f} s",
+                "",
+                "",
+                "",
+            ]
+        )
     return [
         Heading("How the budget was spent", 2),
         Paragraph(fair),
