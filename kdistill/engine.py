@@ -365,10 +365,12 @@ class Training:
                 agreed = self.plan.after_step(step + 1, epoch.done, stop.requested)
                 if agreed:
                     raise KeyboardInterrupt
-                if self.plan.ends_at(step + 1):
-                    break
-                if refresh is not None and refresh.due(last=i + 1 == self.steps_per_epoch):  # the only host syncs
+                ends = self.plan.ends_at(step + 1)
+                last = ends or i + 1 == self.steps_per_epoch
+                if refresh is not None and refresh.due(last=last):  # the only host syncs
                     self._show_progress(bar, epoch, i)
+                if ends:
+                    break
         except KeyboardInterrupt:
             if self.world > 1 and not agreed:
                 raise  # a second Ctrl-C, at any moment: no collective can be trusted now

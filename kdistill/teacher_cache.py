@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import pickle
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,7 +245,6 @@ def build_teacher_cache(
         raise CacheError(f"teacher cache dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if top_k < 0:
         raise CacheError(f"teacher cache top_k={top_k}: expected 0 (all logits) or a positive number")
-    started = time.perf_counter()
     fp = fingerprint(loader, teacher)
     device, n = loader.device, len(loader.labels)
     was_training = teacher.training
@@ -307,8 +305,6 @@ def build_teacher_cache(
                 merged = t.float()
             distributed.all_reduce_max(merged)
             store[key] = merged.to(t.dtype)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    cache = TeacherCache(fp, epochs, n, num_classes, build_seconds=time.perf_counter() - started, **store)
-    log(f"{desc}: {cache.describe()}, built in {cache.build_seconds:.1f} s")
+    cache = TeacherCache(fp, epochs, n, num_classes, **store)
+    log(f"{desc}: {cache.describe()}")
     return cache
