@@ -282,7 +282,8 @@ class RunConfig(StrictConfig):
     output_dir: Path = Path("runs")
     budget: float | None = Field(None, gt=0)
     """Wall-clock budget of the whole command in seconds (or 90s, 10m, 1.5h); replaces the
-    epoch counts: train/distill give it to their one phase, run splits it over its phases."""
+    epoch counts: train/distill give it to their one phase; run plans its phases inside it
+    (the same steps for every phase: the distilled student trains for the student alone's)."""
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig()
