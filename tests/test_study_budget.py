@@ -182,3 +182,12 @@ def test_a_budgeted_study_gives_both_students_the_same_steps(tmp_path: Path) -> 
     report = (tmp_path / "b" / "report.md").read_text()
     assert "## How the budget was spent" in report and f"**Both students: {steps} steps**" in report
     assert f"both students trained for {steps} steps" in report
+
+
+@pytest.mark.slow
+def test_a_study_budget_too_small_for_one_step_of_each_phase_is_one_line(tmp_path: Path, capsys) -> None:
+    code = main(["run", "--budget", "2s", "--output-dir", str(tmp_path), "--name", "b", "--device", "cpu"])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("kdistill: error: budget: --budget 2.0 s cannot hold the study")
+    assert "give --budget" in lines[-1] and not (tmp_path / "b").exists()  # nothing left half-made
