@@ -191,3 +191,26 @@ def test_a_study_budget_too_small_for_one_step_of_each_phase_is_one_line(tmp_pat
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("kdistill: error: budget: --budget 2.0 s cannot hold the study")
     assert "give --budget" in lines[-1] and not (tmp_path / "b").exists()  # nothing left half-made
+
+
+def test_a_cached_distillation_step_is_planned_at_the_student_alones_cost() -> None:
+    """With a teacher cache the distilled student's step is the student's own (the cache is a
+    lookup), so a budget gives it as many steps as the student alone; a live teacher adds its
+    forward pass. The models given are left as they were."""
+    cfg = load_config(None, ["train.batch_size=16", "train.eval_batch_size=16"])
+    # what the measurement reads of a data set: its split sizes and image shape
+    mini = types.SimpleNamespace(
+        train_labels=torch.zeros(320), val_labels=None, test_labels=torch.zeros(100), image_shape=(3, 32, 32)
+    )
+    torch.manual_seed(0)
+    teacher, student = kdistill.create_model("seed_student"), kdistill.create_model("seed_student")  # small: fast
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    names = ["baseline", "distilled"]
+    cached = {
+        c.name: c for c in runs.measure_phase_costs(cfg, mini, torch.device("cpu"), teacher, student, names, False)
+    }
+    assert cached["distilled"].step_seconds == cached["baseline"].step_seconds
+    assert cached["baseline"].steps_per_epoch == len(mini.train_labels) // 16
+    live = {c.name: c for c in runs.measure_phase_costs(cfg, mini, torch.device("cpu"), teacher, student, names, True)}
+    assert live["distilled"].step_seconds > live["baseline"].step_seconds
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
