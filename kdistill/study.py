@@ -271,6 +271,11 @@ class StudyBudget:
         self.results: dict[str, dict[str, Any]] = {}
         self.steps: int | None = None  # the student alone's steps, every later student's
         self.cache: dict[str, Any] | None = None  # the teacher cache the distilled student read
+        # how far past the budget the students after the first may go to reach its steps: one
+        # epoch and its evaluation of the dearest of them (as measured), for all of them together
+        self.allowance = max(
+            c.seconds(c.steps_per_epoch) for name, c in plan.costs.items() if name not in ("teacher", "baseline")
+        )
 
     @classmethod
     def plan(cls, cfg: RunConfig, ds: ImageDataset, device, start: float, teacher, student, names) -> StudyBudget:
@@ -295,12 +300,14 @@ class StudyBudget:
 
     def seconds(self, phase: str) -> float:
         """``phase``'s time: its share of what is left. The phases after the student alone
-        train for its steps (``max_steps``): for them this is the safety net, all that is
-        left but the planned time of the phases after them."""
-        left = budget_left(self.cfg, self.start, self.plan.reserve)
+        train for its steps (``max_steps``): for them this is a safety net only, all that is
+        left but the planned time of the phases after them, plus :attr:`allowance` (a
+        machine slower than measured may take them that far past the budget, no further)."""
         if self.steps is None:
+            left = budget_left(self.cfg, self.start, self.plan.reserve)
             seconds = self.plan.share(phase, left, self.remaining)
         else:
+            left = budget_left(self.cfg, self.start, self.plan.reserve - self.allowance)
             later = self.remaining[self.remaining.index(phase) + 1 :]
             seconds = max(left - sum(self.plan.phases[p] for p in later), self.plan.share(phase, left, self.remaining))
         self.remaining.remove(phase)

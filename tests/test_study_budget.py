@@ -131,6 +131,27 @@ def test_the_whole_study_never_overruns_by_more_than_an_epoch_and_an_evaluation(
     assert record["student_steps"] == b and record["phases"]["distilled"]["steps"] == d
 
 
+def test_a_distilled_student_dearer_than_measured_still_gets_the_student_alones_steps(monkeypatch) -> None:
+    """Its steps cost 1.2x what was measured: it may go past the budget,
+    by less than an epoch and an evaluation, to train for as many steps as the student alone."""
+    clock = FakeClock()
+    monkeypatch.setattr(runs, "time", types.SimpleNamespace(perf_counter=clock))
+    budget = 120.0
+    cfg = load_config(None, [f"budget={budget}"])
+    start = clock.now
+    clock.now += 3.0
+    plan = plan_study(budget, clock.now - start, COSTS, 12.0)
+    study = StudyBudget(cfg, plan, start)
+    results = {}
+    for cost, slowdown in ((TEACHER, 1.0), (BASELINE, 1.0), (DISTILLED, 1.2)):
+        results[cost.name] = _train(clock, study.seconds(cost.name), cost, slowdown, study.steps)
+        if cost.name == "baseline":
+            study.student_steps(results["baseline"])
+    clock.now += plan.reserve
+    assert results["distilled"].budget["steps"] == results["baseline"].budget["steps"]
+    assert budget < clock.now - start <= budget + DISTILLED.seconds(40)  # one epoch and its evaluation, as measured
+
+
 def test_max_steps_ends_a_fixed_epoch_run_inside_an_epoch_with_the_schedule_spanning_it() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
