@@ -262,8 +262,9 @@ class StudyBudget:
     Fairness: the student alone trains within its share; the distilled student (and any
     born-again generation) then trains for the same number of optimizer steps on the same
     batches, so that the gain is distillation's, not extra training. Its share of the time
-    is a safety net only: the teacher's forward passes make its steps dearer, and that
-    cost, distillation's own, is reported next to the gain, not traded for fewer steps."""
+    is a safety net only (up to one of its epochs and an evaluation past the budget): the
+    teacher's forward passes make its steps dearer, and that cost, distillation's own, is
+    reported next to the gain, not traded for fewer steps."""
 
     def __init__(self, cfg: RunConfig, plan: StudyPlan, start: float):
         self.cfg, self.plan, self.start = cfg, plan, start
