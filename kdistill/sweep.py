@@ -42,6 +42,7 @@ from kdistill.methods import METHODS, needs_features, set_option, taking
 from kdistill.models import MODELS, count_parameters
 from kdistill.progress import log, plain_progress_only
 from kdistill.report.leaderboard import write_leaderboard
+from kdistill.stats import pack_outcomes
 from kdistill.study import Phases
 from kdistill.teacher_cache import TeacherCache
 
@@ -227,6 +228,8 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
         "epochs": len(r.history),
         "train_seconds": r.train_seconds,
         "images_per_second": r.images_per_second,
+        # which test images it got right: the leaderboard's paired tests against the best
+        "test_correct": pack_outcomes((r.test_logits.argmax(1).cpu() == ds.test_labels).numpy()),
     }
     # atomic: --resume skips a configuration by its summary, which must never be half-written
     atomic_write_text(out / "summary.json", json.dumps(row, indent=2), "summary")
