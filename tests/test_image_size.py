@@ -5,8 +5,10 @@ the new views, and a model trained on 48 px images."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -340,3 +342,20 @@ def test_training_on_48px_photos_with_random_resized_crop(tmp_path: Path) -> Non
     assert result.metrics["top1"] > 75.0  # bright-on-dark vs dark-on-bright: easy once learnt
     info = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["data"]
     assert info["train_size"] == 40 and info["resize"] == "crop" and info["image_size"] == 48
+
+
+def test_augmentation_benchmark_quick_prints_both_columns(capsys: pytest.CaptureFixture) -> None:
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    spec = importlib.util.spec_from_file_location("augment_benchmark", root / "augment.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(root))  # as when it runs as a script (for ``from machine import ...``)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(root))
+    args = ["--quick", "--sizes", "16", "24", "--images", "64", "--batch-size", "32"]
+    assert module.main(args) == 0
+    out = capsys.readouterr().out
+    assert "Command: `python benchmarks/augment.py --quick --sizes 16 24" in out
+    assert "| 16 |" in out and "| 24 |" in out and "ratio rrc / pad_crop" in out
+    assert module.main(["--batch-size", "64", "--images", "32"]) == 2

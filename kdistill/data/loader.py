@@ -179,36 +179,39 @@ def _taps(start: Tensor, length: Tensor, size: int) -> tuple[Tensor, Tensor, Ten
     return start[:, None] + lo, start[:, None] + hi, frac
 
 
-def _resample(read, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
+def _resample(read_rows, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
     """The bilinear resampling of ``boxes`` (B, 4) to ``size`` x ``size``, flipped where
-    ``flips``: ``read(rows (B, S, 1), cols (B, 1, S))`` gives those pixels as uint8
-    (B, S, S, P). Returns float (B, S, S, P) in [0, 255]."""
+    ``flips``, one axis after the other: ``read_rows(rows (B, S))`` gives those rows of the
+    batch's images as uint8 (B, S, W, P); the two rows of every output row are blended
+    (float, (B, S, W, P)), then the two columns of every output pixel. Returns float
+    (B, S, S, P) in [0, 255]."""
     r0, r1, fy = _taps(boxes[:, 0], boxes[:, 2], size)  # (B, S)
     c0, c1, fx = _taps(boxes[:, 1], boxes[:, 3], size)
     # a flip reverses the output columns
     c0, c1, fx = (torch.where(flips[:, None], t.flip(1), t) for t in (c0, c1, fx))
-    r0, r1, c0, c1 = r0[:, :, None], r1[:, :, None], c0[:, None, :], c1[:, None, :]
-    fy, fx = fy[:, :, None, None], fx[:, None, :, None]
-    top = read(r0, c0).float().lerp_(read(r0, c1).float(), fx)
-    bottom = read(r1, c0).float().lerp_(read(r1, c1).float(), fx)
-    return top.lerp_(bottom, fy)
+    rows = read_rows(r0).float().lerp_(read_rows(r1).float(), fy[:, :, None, None])  # (B, S, W, P)
+    B, S, _, P = rows.shape
+
+    def columns(cols: Tensor) -> Tensor:  # (B, S) -> (B, S, S, P), the index expanded without a copy
+        return rows.gather(2, cols[:, None, :, None].expand(B, S, S, P))
+
+    return columns(c0).lerp_(columns(c1), fx[:, None, :, None])
 
 
 def resized_crop_flip_packed(pixels: Tensor, idx: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
     """Random-resized-crop and horizontal flip of the images ``idx`` of ``pixels`` (from
     :func:`pack_pixels`): each box (top, left, height, width) of ``boxes`` (B, 4) resampled
-    bilinearly to ``size`` x ``size``, four gathers of whole pixels for the whole batch.
+    bilinearly to ``size`` x ``size``; the rows are gathered as whole pixels.
 
     Returns float (B, P, size, size) in [0, 255], channels_last in memory, P >= C the packed
     channels (the first C are the image's)."""
-    N, H1, W1 = pixels.shape
-    flat, base = pixels.view(-1), idx[:, None, None] * H1
+    P = pixels.element_size()
 
-    def read(rows: Tensor, cols: Tensor) -> Tensor:
-        out = flat.take((base + rows) * W1 + cols)  # (B, S, S) packed pixels
-        return out.view(torch.uint8).view(*out.shape, pixels.element_size())
+    def read_rows(rows: Tensor) -> Tensor:
+        out = pixels[idx[:, None], rows]  # (B, S, W + 1) packed pixels (the last column is never read)
+        return out.view(torch.uint8).view(*out.shape, P)
 
-    return _resample(read, boxes, flips, size).permute(0, 3, 1, 2)
+    return _resample(read_rows, boxes, flips, size).permute(0, 3, 1, 2)
 
 
 def resized_crop_flip(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
@@ -219,9 +222,9 @@ def resized_crop_flip(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -
     pixels = pack_pixels(images)
     if pixels is not None:
         return resized_crop_flip_packed(pixels, torch.arange(B, device=images.device), boxes, flips, size)[:, :C]
-    hwc = images.permute(0, 2, 3, 1)  # (B, H, W, C): more than 8 channels, one gather of every value
-    b = torch.arange(B, device=images.device)[:, None, None]
-    return _resample(lambda rows, cols: hwc[b, rows, cols], boxes, flips, size).permute(0, 3, 1, 2)
+    hwc = images.permute(0, 2, 3, 1)  # (B, H, W, C): more than 8 channels, a gather of every value
+    b = torch.arange(B, device=images.device)[:, None]
+    return _resample(lambda rows: hwc[b, rows], boxes, flips, size).permute(0, 3, 1, 2)
 
 
 def centre_crop(images: Tensor, size: int) -> Tensor:
@@ -374,9 +377,10 @@ class TrainLoader:
         the normalisation, or rounded to uint8 without one (as pad-and-crop gives them)."""
         boxes, flips = views.boxes[idx], views.flips[idx]
         if self.pixels is not None:
-            x = resized_crop_flip_packed(self.pixels, idx, boxes, flips, self.size)[:, : self.inputs.shape[1]]
+            x = resized_crop_flip_packed(self.pixels, idx, boxes, flips, self.size)
         else:
             x = resized_crop_flip(self.inputs[idx], boxes, flips, self.size)
+        x = x[:, : self.inputs.shape[1]]  # packed pixels carry padding channels: the image's come first
         return x if self.normalize is not None else x.round_().to(torch.uint8)
 
 
