@@ -35,6 +35,7 @@ from kdistill.data.loader import (
     sample_boxes,
 )
 from kdistill.errors import CacheError, ConfigError, DataError
+from kdistill.runs import run_identity
 from kdistill.teacher_cache import fingerprint
 
 CPU = torch.device("cpu")
@@ -359,3 +360,15 @@ def test_augmentation_benchmark_quick_prints_both_columns(capsys: pytest.Capture
     assert "Command: `python benchmarks/augment.py --quick --sizes 16 24" in out
     assert "| 16 |" in out and "| 24 |" in out and "ratio rrc / pad_crop" in out
     assert module.main(["--batch-size", "64", "--images", "32"]) == 2
+
+
+def test_run_identity_names_the_image_size_settings_only_when_set() -> None:
+    plain = run_identity(load_config("quickstart"), "train")
+    assert not any(key in plain for key in ("data.resize", "data.augmentation", "data.train_size"))
+    cfg = load_config(
+        "quickstart",
+        ["data.augmentation=random_resized_crop", "data.image_size=40", "data.train_size=32", "data.resize=squash"],
+    )
+    identity = run_identity(cfg, "train")
+    assert identity["data.augmentation"] == "random_resized_crop" and identity["data.train_size"] == 32
+    assert identity["data.resize"] == "squash" and "data.crop_scale" not in identity

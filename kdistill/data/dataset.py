@@ -2,8 +2,8 @@
 
 ``load_dataset("cifar10-mini" | "cifar10" | "cifar100" | path)`` returns an
 :class:`ImageDataset`. Decoding JPEGs is slow, so decoded arrays are cached on disk, keyed
-by the source's checksum and the image size: a second run on the same data loads them in
-well under a second.
+by the source's checksum, the image size and the resize policy: a second run on the same
+data loads them in well under a second.
 """
 
 from __future__ import annotations
