@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import io
+import json
 import math
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 
 import kdistill
 from kdistill.api import augmentation, make_train_config, prepare_data
+from kdistill.cli import main
 from kdistill.config import DataConfig, load_config
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.imagefolder import _decode
@@ -372,3 +374,23 @@ def test_run_identity_names_the_image_size_settings_only_when_set() -> None:
     identity = run_identity(cfg, "train")
     assert identity["data.augmentation"] == "random_resized_crop" and identity["data.train_size"] == 32
     assert identity["data.resize"] == "squash" and "data.crop_scale" not in identity
+
+
+@pytest.mark.slow
+def test_cli_train_then_evaluate_at_the_training_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`kdistill evaluate` reads the checkpoint's resize policy and training size: the same
+    top-1 as the run's own evaluation, at the same input shape."""
+    root = _folder(tmp_path / "photos", side=(60, 48), per_class=16)
+    settings = ["data.image_size=48", "data.augmentation=random_resized_crop", "data.train_size=40"]
+    args = ["train", "--model", "seed_student", "--data", str(root), "--epochs", "2", "--device", "cpu"]
+    args += ["--output-dir", str(tmp_path / "runs"), "--name", "t", "--set", "teacher.kwargs.image_size=40"]
+    for setting in settings:
+        args += ["--set", setting]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "runs" / "t" / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["test"]["num_samples"] == 16
+    assert metrics["test"]["top1"] == pytest.approx(summary["test"]["top1"], abs=0.01)
+    assert metrics["profile"]["macs"] == summary["profile"]["macs"]
