@@ -34,6 +34,7 @@ from kdistill.runs import (
     budget_left,
     build_teacher,
     check_distillation,
+    input_shape,
     job,
     load_data,
     model_spec,
@@ -60,7 +61,7 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
         teacher, teacher_spec, phases = _train_phases(cfg, ds, device, run_dir, resume, start)
         # 4. evaluate them all on the test set, the same way; rank 0 profiles and reports
         models = {"teacher": teacher, **{name: r.model for name, r in phases.items() if name != "teacher"}}
-        test = test_set(ds, device)
+        test = test_set(ds, device, size=cfg.data.train_size)
         logits = {
             name: predict(m, test, desc=f"evaluate {name}") for name, m in models.items()
         }  # sharded over the ranks
@@ -181,7 +182,9 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
     else:
         teacher_spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
         teacher = new_model(teacher_spec, cfg.seed)
-    budgets = _phase_budgets(cfg, start, teacher, student, ds.image_shape, train_teacher=not loaded)
+    budgets = _phase_budgets(
+        cfg, start, teacher, student, input_shape(ds, cfg.data.train_size), train_teacher=not loaded
+    )
     run = Phases(cfg, ds, device, resume)
     if not loaded:  # 1. the teacher
         phases["teacher"] = run.train(
@@ -253,7 +256,7 @@ def _evaluate(
         entry: dict[str, Any] = {
             "model": _teacher_name(cfg) if name == "teacher" else cfg.student.name,
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
-            "profile": profile_model(model, ds.image_shape, max_seconds=profile_seconds(cfg)),
+            "profile": profile_model(model, input_shape(ds, cfg.data.train_size), max_seconds=profile_seconds(cfg)),
         }
         if name != "teacher":
             entry["agreement"] = agreement(logits[name], logits["teacher"])

@@ -158,7 +158,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
             cache = runs.cache_teacher(cfg, teacher, ds, device, cache_path)
             cache_seconds = time.perf_counter() - t0
 
-    teacher_logits = predict(teacher, runs.test_set(ds, device)).cpu()
+    teacher_logits = predict(teacher, runs.test_set(ds, device, size=cfg.data.train_size)).cpu()
     shared = _Shared(cfg, run_dir, resume, device, ds, teacher, teacher_spec, cache, teacher_logits)
     done: dict[int, dict] = {}
     pending: list[int] = []
@@ -224,7 +224,7 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
         "top5": r.metrics["top5"],
         "agreement": agreement(r.test_logits, shared.teacher_logits.to(r.test_logits.device))["agreement_top1"],
         "parameters": count_parameters(r.model),
-        "macs": count_macs(r.model, ds.image_shape),
+        "macs": count_macs(r.model, runs.input_shape(ds, cfg.data.train_size)),
         "epochs": len(r.history),
         "train_seconds": r.train_seconds,
         "images_per_second": r.images_per_second,
