@@ -33,7 +33,7 @@ from kdistill import distributed
 from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.configbase import deep_merge, format_errors
 from kdistill.data.dataset import ImageDataset, load_dataset
-from kdistill.data.loader import EvalData, IterableLoader, Normalize, TrainLoader
+from kdistill.data.loader import EvalData, IterableLoader, Normalize, ResizedCrop, TrainLoader
 from kdistill.engine import Result, autocast_for, fit, predict, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
@@ -114,7 +114,9 @@ def prepare_data(
     data = data or DataConfig()
     shard = shard or distributed.shard()
     if isinstance(train_data, (str, Path)):
-        train_data = load_dataset(train_data, data.image_size, data.data_dir, data.download, data.val_size, seed)
+        train_data = load_dataset(
+            train_data, data.image_size, data.data_dir, data.download, data.val_size, seed, data.resize
+        )
     if isinstance(train_data, ImageDataset):
         return _prepare_dataset(train_data, cfg, device, data, seed, shard)
     pair = isinstance(train_data, (tuple, list)) and len(train_data) == 2
@@ -135,18 +137,49 @@ def prepare_data(
     )
 
 
+def augmentation(data: DataConfig, stored: tuple[int, ...], images: bool = True) -> dict[str, Any]:
+    """TrainLoader's augmentation arguments for images of ``stored`` (C, H, W) shape: the
+    crop-and-flip settings, the random-resized crop if chosen, and the training ``size``
+    (which evaluation centre-crops to as well)."""
+    if not images:
+        return {"augment": False}
+    resized = data.augmentation == "random_resized_crop"
+    side = min(stored[-2:])
+    size = data.train_size or (side if resized else None)  # None: the whole stored image
+    if size is not None and size > side:
+        raise DataError(
+            f"data.train_size={size} is larger than the stored images ({stored[-2]}x{stored[-1]}); evaluation "
+            "centre-crops train_size from them: raise data.image_size or lower data.train_size"
+        )
+    if not resized and size is not None and tuple(stored[-2:]) != (size, size):
+        raise DataError(
+            f"data.train_size={size} differs from the stored size {stored[-1]}: pad_crop trains at the stored size; "
+            "use augmentation: random_resized_crop"
+        )
+    return {
+        "augment": data.augment,
+        "padding": data.crop_padding,
+        "flip": data.flip,
+        "resized_crop": ResizedCrop(size, data.crop_scale, data.crop_ratio) if resized else None,
+        "size": size,
+    }
+
+
 def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfig, seed: int, shard) -> Prepared:
     """An ImageDataset: augmented batches of its training split, its validation and test splits."""
     if data.num_classes is not None and data.num_classes != ds.num_classes:
         raise DataError(f"num_classes={data.num_classes}, but data set {ds.name!r} has {ds.num_classes} classes")
     mean, std = ds.mean_std()
     normalize = Normalize(mean, std, device, cfg.channels_last)
-    augment = {"augment": data.augment, "padding": data.crop_padding, "flip": data.flip, "shard": shard}
-    loader = TrainLoader(ds.train_images, ds.train_labels, cfg.batch_size, device, normalize, seed, **augment)
+    augment = augmentation(data, ds.image_shape)
+    loader = TrainLoader(
+        ds.train_images, ds.train_labels, cfg.batch_size, device, normalize, seed, shard=shard, **augment
+    )
+    size = augment["size"]
     evals = {}
     if ds.val_images is not None:
-        evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize)
-    evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize)
+        evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize, size=size)
+    evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize, size=size)
     info = {
         "dataset": ds.source or ds.name,
         "checksum": ds.checksum,
@@ -154,9 +187,12 @@ def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfi
         "mean": mean,
         "std": std,
         "image_size": ds.image_shape[-1],
+        "resize": data.resize,  # how the stored images were made from the files
+        "train_size": size,  # what the model sees: evaluation centre-crops the stored images to it
         "val_split": ds.val_split,  # a teacher trained here may be checked against a later run's split
     }
-    return Prepared(loader, evals, ds.num_classes, ds.image_shape, len(ds.train_labels), info, ds.classes)
+    shape = (ds.image_shape[0], size, size) if size else ds.image_shape
+    return Prepared(loader, evals, ds.num_classes, shape, len(ds.train_labels), info, ds.classes)
 
 
 def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: DataConfig, seed: int, shard) -> Prepared:
@@ -173,15 +209,19 @@ def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: Data
         mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
         normalize = Normalize(mean, std, device, cfg.channels_last)
         info.update(mean=mean, std=std, image_size=inputs.shape[-1])
-    augment = {"augment": data.augment and images, "padding": data.crop_padding, "flip": data.flip, "shard": shard}
-    loader = TrainLoader(inputs, labels, cfg.batch_size, device, normalize, seed, **augment)
+    augment = augmentation(data, tuple(inputs.shape[1:]), images)
+    loader = TrainLoader(inputs, labels, cfg.batch_size, device, normalize, seed, shard=shard, **augment)
+    size = augment.get("size")
     evals = {}
     if test_data is not None:
         tx, ty = test_data
-        evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize)
+        evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize, size=size if images else None)
     probe = None if images else inputs[:2]  # uint8 images reach the model normalised to float
     num_classes = _num_classes(labels, data, "train_data")
-    return Prepared(loader, evals, num_classes, tuple(inputs.shape[1:]), len(labels), info, probe=probe)
+    shape = (inputs.shape[1], size, size) if size else tuple(inputs.shape[1:])
+    if size:
+        info["train_size"] = size
+    return Prepared(loader, evals, num_classes, shape, len(labels), info, probe=probe)
 
 
 def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> Result:

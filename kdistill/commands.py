@@ -31,7 +31,14 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
         with runs.whole_budget(cfg):
             run = Phases(cfg, ds, select_device(cfg.device), resume)
             result = run.train(model, spec, "teacher", run_dir, runs.budget_left(cfg, start), cfg.teacher.name)
-        runs.write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=runs.profile_seconds(cfg))
+        runs.write_single_summary(
+            run_dir,
+            cfg.teacher.name,
+            result,
+            ds,
+            profile_max_seconds=runs.profile_seconds(cfg),
+            size=cfg.data.train_size,
+        )
         return run_dir
 
 
@@ -49,7 +56,13 @@ def distill_model(cfg: RunConfig, resume: bool) -> Path:
             run = Phases(cfg, ds, device, resume)
             result = run.distill(teacher, teacher_spec, student, spec, run_dir, runs.budget_left(cfg, start), "distill")
         runs.write_single_summary(
-            run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=runs.profile_seconds(cfg)
+            run_dir,
+            cfg.student.name,
+            result,
+            ds,
+            teacher=teacher,
+            profile_max_seconds=runs.profile_seconds(cfg),
+            size=cfg.data.train_size,
         )
         return run_dir
 
@@ -78,7 +91,7 @@ def mutual_models(cfg: RunConfig, resume: bool) -> Path:
                 model_specs=specs,
             )
         for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
-            runs.write_single_summary(run_dir / f"model{i}", name, result, ds)
+            runs.write_single_summary(run_dir / f"model{i}", name, result, ds, size=cfg.data.train_size)
         return run_dir
 
 
@@ -110,11 +123,13 @@ def evaluate_checkpoint(
         )
     info = state.get("data", {})
     dataset = dataset or info.get("dataset")
-    ds = load_dataset(dataset, info.get("image_size", 32), data_dir)
+    # the stored images as the checkpoint's run made them (squashed before data.resize existed)
+    ds = load_dataset(dataset, info.get("image_size", 32), data_dir, resize=info.get("resize", "squash"))
     expected = state["model_spec"]["kwargs"].get("num_classes")
     if expected is not None and expected != ds.num_classes:
         raise CheckpointError(f"{path} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
-    test = runs.test_set(ds, device, info.get("mean"), info.get("std"))  # the checkpoint's own normalisation
+    size = info.get("train_size")  # the checkpoint's own normalisation and training size
+    test = runs.test_set(ds, device, info.get("mean"), info.get("std"), size)
     logits = predict(model.to(device), test, desc="evaluate")
     metrics = {
         "checkpoint": str(path),
@@ -124,5 +139,5 @@ def evaluate_checkpoint(
     if teacher:
         teacher_model, _ = load_model(Path(teacher))
         metrics["agreement"] = agreement(logits, predict(teacher_model.to(device), test))
-    metrics["profile"] = profile_model(model, ds.image_shape)
+    metrics["profile"] = profile_model(model, runs.input_shape(ds, size))
     return metrics

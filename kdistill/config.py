@@ -59,16 +59,62 @@ class DataConfig(StrictConfig):
     data_dir: Path | None = None
     """Download and decoded-image cache folder (default: ~/.cache/kdistill)."""
     image_size: int = Field(32, gt=0, le=1024)
+    """The stored resolution: ImageFolder images are decoded once to ``image_size`` x
+    ``image_size`` uint8 (by ``resize``) and kept so; CIFAR is 32."""
+    resize: Literal["crop", "squash"] = "crop"
+    """How a decoded image becomes ``image_size`` square: ``crop`` scales its shorter side
+    to ``image_size`` and centre-crops the longer one (keeps the aspect ratio); ``squash``
+    scales both sides (keeps the whole image, stretched). Square images of that size are
+    untouched by either."""
     val_size: int = Field(0, ge=0)
     """Hold out this many training images as a validation split (tune on it, not on test)."""
     augment: bool = True
+    augmentation: Literal["pad_crop", "random_resized_crop"] = "pad_crop"
+    """``pad_crop``: zero padding (``crop_padding``) + random crop at the stored size + flip,
+    the CIFAR recipe, best for small (<= 64 px) images that are the whole object.
+    ``random_resized_crop``: a random box of ``crop_scale`` x the image's area and aspect
+    ratio in ``crop_ratio``, resized bilinearly to ``train_size`` + flip, the ImageNet
+    recipe for larger photos. Both run batched on the training device."""
     crop_padding: int = Field(4, ge=0, le=64)
     """Random crop with this many pixels of zero padding on each side (0 = no crop)."""
+    train_size: int | None = Field(None, gt=0, le=1024)
+    """The training resolution (default: ``image_size``); random_resized_crop only. At most
+    ``image_size``: evaluation sees the centred ``train_size`` window of the stored images
+    (torchvision's resize + centre crop, e.g. image_size 256, train_size 224)."""
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    """random_resized_crop: the box's area, as fractions of the image's (torchvision and
+    ImageNet use (0.08, 1); the default keeps more of small images and short runs)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """random_resized_crop: the box's aspect ratio (width / height), drawn log-uniformly."""
     flip: bool = True
     download: bool = True
     num_classes: int | None = Field(None, ge=2)
     """The number of classes of tensors or batches given to the Python API (default: the
     largest training label + 1, logged); a data set's own folders or files decide it there."""
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"expected [low, high] with 0 < low <= high <= 1 (got {list(value)})")
+        return value
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"expected [low, high] with 0 < low <= high (got {list(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DataConfig:
+        if self.train_size is not None and self.train_size != self.image_size:
+            if self.augmentation != "random_resized_crop":
+                raise ValueError(
+                    f"train_size: {self.train_size} differs from image_size {self.image_size}, which needs "
+                    "augmentation: random_resized_crop (pad_crop trains at the stored size)"
+                )
+        return self
 
 
 class OptimizerConfig(StrictConfig):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import warnings
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from kdistill.checkpoint import load_model
 from kdistill.data.dataset import load_dataset
-from kdistill.data.loader import Normalize
+from kdistill.data.loader import Normalize, centre_crop
 from kdistill.errors import ExportError
 from kdistill.evaluate import time_calls
 from kdistill.progress import log, progress
@@ -382,7 +383,14 @@ def export_checkpoint(
         raise ExportError(
             f"{checkpoint} was trained on in-memory data; pass --data with a data set of the same classes to verify the export on"
         )
-    ds = load_dataset(name, info.get("image_size", 32), data_dir)
+    # the stored images as the checkpoint's run made them (squashed before data.resize existed),
+    # at its training size (evaluation's centre crop)
+    ds = load_dataset(name, info.get("image_size", 32), data_dir, resize=info.get("resize", "squash"))
+    if info.get("train_size"):
+        crop = {
+            k: centre_crop(getattr(ds, k), info["train_size"]).contiguous() for k in ("train_images", "test_images")
+        }
+        ds = dataclasses.replace(ds, **crop)
     expected = (state.get("model_spec") or {}).get("kwargs", {}).get("num_classes")
     if expected is not None and expected != ds.num_classes:
         raise ExportError(f"{checkpoint} predicts {expected} classes but data set {name!r} has {ds.num_classes}")

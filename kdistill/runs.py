@@ -24,7 +24,7 @@ import torch
 from kdistill import api, distributed
 from kdistill.budget import BudgetTooSmall, PhaseCost, format_seconds
 from kdistill.checkpoint import load_checkpoint, load_model
-from kdistill.config import RunConfig, TrainConfig, dump_config
+from kdistill.config import DataConfig, RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import BUNDLED, DOWNLOADABLE, ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import Result, autocast_for, predict, select_device
@@ -236,6 +236,12 @@ def run_identity(cfg: RunConfig, kind: str) -> dict[str, Any]:
         "data.flip": d.flip,
         "seed": cfg.seed,
     }
+    # the image-size settings, where not their defaults (a run directory made before they
+    # existed resumes as it was)
+    defaults = DataConfig()
+    for key in ("resize", "augmentation", "train_size", "crop_scale", "crop_ratio"):
+        if getattr(d, key) != getattr(defaults, key):
+            identity[f"data.{key}"] = getattr(d, key)
     if kind == "train":
         identity.update({"teacher.name": cfg.teacher.name, "teacher.kwargs": cfg.teacher.kwargs})
     if kind in ("run", "distill", "sweep"):
@@ -470,12 +476,13 @@ def measure_phase_costs(
     world = distributed.world_size()
     eval_images = len(ds.test_labels) + (len(ds.val_labels) if ds.val_labels is not None else 0)
     settings = {"teacher": "teacher", "baseline": "student"}
+    shape = input_shape(ds, cfg.data.train_size)  # what the models take: the training size
     timings: dict[tuple, float] = {}
 
     def timed(model: torch.nn.Module, tcfg: TrainConfig, train: bool) -> float:
         key = (id(model), tcfg.batch_size, tcfg.channels_last, tcfg.amp, train)
         if key not in timings:
-            timings[key] = _step_seconds(model, tcfg, ds.image_shape, device, max(1, tcfg.batch_size // world), train)
+            timings[key] = _step_seconds(model, tcfg, shape, device, max(1, tcfg.batch_size // world), train)
         return timings[key]
 
     costs = []
@@ -529,7 +536,7 @@ def load_data(cfg: RunConfig) -> ImageDataset:
     it first, the others then read its cache."""
     d = cfg.data
     return distributed.local_main_first(
-        lambda: load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed)
+        lambda: load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed, d.resize)
     )
 
 
@@ -545,12 +552,17 @@ def new_model(spec: dict[str, Any], seed: int) -> torch.nn.Module:
 
 
 def test_set(
-    ds: ImageDataset, device: torch.device, mean: list[float] | None = None, std: list[float] | None = None
+    ds: ImageDataset,
+    device: torch.device,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    size: int | None = None,
 ) -> EvalData:
     """The data set's test split, batched for evaluation on ``device``, normalised with
-    ``mean`` and ``std`` (default: the data set's own)."""
+    ``mean`` and ``std`` (default: the data set's own), centre-cropped to ``size`` (the
+    training size, ``data.train_size``; default: the whole image)."""
     mean, std = mean or ds.mean_std()[0], std or ds.mean_std()[1]
-    return EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
+    return EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False), size=size)
 
 
 def load_teacher(
@@ -614,20 +626,33 @@ def build_teacher(
     return None
 
 
+def input_shape(ds: ImageDataset, size: int | None = None) -> tuple[int, ...]:
+    """What a model trained on ``ds`` at training size ``size`` (``data.train_size``) takes."""
+    return (ds.image_shape[0], size, size) if size else ds.image_shape
+
+
 def write_single_summary(
-    run_dir: Path, model_name: str, result: Result, ds: ImageDataset, teacher=None, profile_max_seconds: float = 5.0
+    run_dir: Path,
+    model_name: str,
+    result: Result,
+    ds: ImageDataset,
+    teacher=None,
+    profile_max_seconds: float = 5.0,
+    size: int | None = None,
 ) -> None:
     """summary.json of a ``kdistill train`` or ``distill`` run: test metrics, cost, and
-    agreement with the teacher for a distillation. All ranks call it; rank 0 writes."""
+    agreement with the teacher for a distillation; ``size``: the training size
+    (``data.train_size``). All ranks call it; rank 0 writes."""
     teacher_logits = None
     if teacher is not None and result.test_logits is not None:
-        teacher_logits = predict(teacher, test_set(ds, next(teacher.parameters()).device))  # sharded over the ranks
+        device = next(teacher.parameters()).device
+        teacher_logits = predict(teacher, test_set(ds, device, size=size))  # sharded over the ranks
     if not distributed.is_main():
         return
     summary: dict[str, Any] = {
         "model": model_name,
         "test": result.metrics,
-        "profile": profile_model(result.model, ds.image_shape, max_seconds=profile_max_seconds),
+        "profile": profile_model(result.model, input_shape(ds, size), max_seconds=profile_max_seconds),
         "train_seconds": result.train_seconds,
         "images_per_second": result.images_per_second,
         "epochs": len(result.history),

@@ -35,6 +35,7 @@ from kdistill.runs import (
     budget_left,
     build_teacher,
     check_distillation,
+    input_shape,
     job,
     load_data,
     measure_phase_costs,
@@ -64,7 +65,7 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
         trained = time.perf_counter()
         # 4. evaluate them all on the test set, the same way; rank 0 profiles and reports
         models = {"teacher": teacher, **{name: r.model for name, r in phases.items() if name != "teacher"}}
-        test = test_set(ds, device)
+        test = test_set(ds, device, size=cfg.data.train_size)
         logits = {
             name: predict(m, test, desc=f"evaluate {name}") for name, m in models.items()
         }  # sharded over the ranks
@@ -370,7 +371,7 @@ def _evaluate(
         entry: dict[str, Any] = {
             "model": _teacher_name(cfg) if name == "teacher" else cfg.student.name,
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
-            "profile": profile_model(model, ds.image_shape, max_seconds=profile_seconds(cfg)),
+            "profile": profile_model(model, input_shape(ds, cfg.data.train_size), max_seconds=profile_seconds(cfg)),
         }
         if name != "teacher":
             entry["agreement"] = agreement(logits[name], logits["teacher"])

@@ -42,6 +42,7 @@ from kdistill.methods import METHODS, needs_features, set_option, taking
 from kdistill.models import MODELS, count_parameters
 from kdistill.progress import log, plain_progress_only
 from kdistill.report.leaderboard import write_leaderboard
+from kdistill.stats import pack_outcomes
 from kdistill.study import Phases
 from kdistill.teacher_cache import TeacherCache
 
@@ -158,7 +159,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
             cache = runs.cache_teacher(cfg, teacher, ds, device, cache_path)
             cache_seconds = time.perf_counter() - t0
 
-    teacher_logits = predict(teacher, runs.test_set(ds, device)).cpu()
+    teacher_logits = predict(teacher, runs.test_set(ds, device, size=cfg.data.train_size)).cpu()
     shared = _Shared(cfg, run_dir, resume, device, ds, teacher, teacher_spec, cache, teacher_logits)
     done: dict[int, dict] = {}
     pending: list[int] = []
@@ -224,10 +225,12 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
         "top5": r.metrics["top5"],
         "agreement": agreement(r.test_logits, shared.teacher_logits.to(r.test_logits.device))["agreement_top1"],
         "parameters": count_parameters(r.model),
-        "macs": count_macs(r.model, ds.image_shape),
+        "macs": count_macs(r.model, runs.input_shape(ds, cfg.data.train_size)),
         "epochs": len(r.history),
         "train_seconds": r.train_seconds,
         "images_per_second": r.images_per_second,
+        # which test images it got right: the leaderboard's paired tests against the best
+        "test_correct": pack_outcomes((r.test_logits.argmax(1).cpu() == ds.test_labels).numpy()),
     }
     # atomic: --resume skips a configuration by its summary, which must never be half-written
     atomic_write_text(out / "summary.json", json.dumps(row, indent=2), "summary")

@@ -2,8 +2,8 @@
 
 ``load_dataset("cifar10-mini" | "cifar10" | "cifar100" | path)`` returns an
 :class:`ImageDataset`. Decoding JPEGs is slow, so decoded arrays are cached on disk, keyed
-by the source's checksum and the image size: a second run on the same data loads them in
-well under a second.
+by the source's checksum, the image size and the resize policy: a second run on the same
+data loads them in well under a second.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kdistill.data.archive import sha256_file
 from kdistill.data.cifar import load_cifar
-from kdistill.data.imagefolder import is_archive, load_imagefolder
+from kdistill.data.imagefolder import RESIZE_POLICIES, is_archive, load_imagefolder
 from kdistill.errors import CheckpointError, DataError
 from kdistill.files import TMP_SUFFIX, atomic_write
 from kdistill.progress import log
@@ -96,8 +96,8 @@ def _folder_signature(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_path(data_dir: Path, checksum: str, image_size: int) -> Path:
-    return data_dir / "decoded" / f"{checksum[:32]}-{image_size}px-v{CACHE_VERSION}.npz"
+def _cache_path(data_dir: Path, checksum: str, image_size: int, resize: str = "crop") -> Path:
+    return data_dir / "decoded" / f"{checksum[:32]}-{image_size}px-{resize}-v{CACHE_VERSION}.npz"
 
 
 STALE_SECONDS = 3600  # a temporary file this old is a killed writer's leftover, not a live one's
@@ -130,8 +130,13 @@ def load_dataset(
     download: bool = True,
     val_size: int = 0,
     seed: int = 0,
+    resize: str = "crop",
 ) -> ImageDataset:
-    """Load a data set by name (cifar10-mini, cifar10, cifar100) or ImageFolder path."""
+    """Load a data set by name (cifar10-mini, cifar10, cifar100) or ImageFolder path, its
+    images at ``image_size`` x ``image_size`` (``resize``: ``crop``, the shorter side to the
+    size and a centre crop, or ``squash``; see :func:`kdistill.data.imagefolder._resized`)."""
+    if resize not in RESIZE_POLICIES:
+        raise DataError(f"data.resize={resize!r}: expected one of {', '.join(RESIZE_POLICIES)}")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     name = str(dataset)
     if name in DOWNLOADABLE:
@@ -163,13 +168,13 @@ def load_dataset(
     else:
         raise DataError(f"data set {name!r}: {source} is neither a folder nor a .tar/.tar.gz/.zip archive")
 
-    cache = _cache_path(data_dir, checksum, image_size)
+    cache = _cache_path(data_dir, checksum, image_size, resize)
     cached = _load_cache(cache) if cache.exists() else None
     if cached is not None:
         arrays, classes = cached
     else:
         log(f"decoding {source} (cached afterwards in {cache.parent})")
-        splits, classes = load_imagefolder(source, image_size)
+        splits, classes = load_imagefolder(source, image_size, resize)
         arrays = {f"{s}_{kind}": a for s, (x, y) in splits.items() for kind, a in (("images", x), ("labels", y))}
         try:
             _save_cache(cache, arrays, classes)

@@ -107,12 +107,29 @@ def _split_layout(source: Path, names: list[str], is_file: list[bool]) -> tuple[
     return prefix, layout
 
 
-def _decode(name: str, data: bytes, size: int) -> np.ndarray:
+RESIZE_POLICIES = ("crop", "squash")
+
+
+def _resized(img: Image.Image, size: int, resize: str) -> Image.Image:
+    """``img`` as ``size`` x ``size`` pixels. ``crop``: the shorter side scaled to ``size``
+    and the longer one centre-cropped to it (the aspect ratio is kept; torchvision's
+    ``Resize(size)`` + ``CenterCrop(size)``); ``squash``: both sides scaled to ``size``
+    (the whole image, stretched). Pillow's bilinear filter, antialiased when shrinking; an
+    image already ``size`` x ``size`` is untouched by either."""
+    if img.size == (size, size):
+        return img
+    if resize == "squash":
+        return img.resize((size, size), Image.BILINEAR)
+    width, height = img.size
+    side = min(width, height)  # the centred square, in source pixels (fractional edges allowed)
+    left, top = (width - side) / 2, (height - side) / 2
+    return img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+
+
+def _decode(name: str, data: bytes, size: int, resize: str = "crop") -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")  # grayscale, palette, RGBA -> RGB
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
+            img = _resized(img.convert("RGB"), size, resize)  # grayscale, palette, RGBA -> RGB
             # contiguous (3, H, W): a transposed view would make the stacked array channels-last
             # in memory, and reductions over it (the mean/std) round differently from the same
             # values loaded back from the cache: the first run would differ from later ones
@@ -127,8 +144,11 @@ def _decode(name: str, data: bytes, size: int) -> np.ndarray:
         ) from None
 
 
-def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Decode a folder tree or archive into {split: (images (N,3,S,S) uint8, labels (N,) int64)}."""
+def load_imagefolder(
+    source: Path, image_size: int, resize: str = "crop"
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
+    """Decode a folder tree or archive into {split: (images (N,3,S,S) uint8, labels (N,) int64)},
+    every image resized to S = ``image_size`` by the ``resize`` policy (see :func:`_resized`)."""
     if not source.exists():
         raise DataError(
             f"data set {str(source)!r} does not exist; expected a folder or a .tar/.tar.gz/.zip archive of root/{{train,test}}/<class>/<image>"
@@ -156,7 +176,9 @@ def load_imagefolder(source: Path, image_size: int) -> tuple[dict[str, tuple[np.
                 for label, cls in enumerate(classes)
                 for i in sorted(layout[split][cls], key=lambda i: names[i])
             ]
-            jobs = pool.map(lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size), items)
+            jobs = pool.map(
+                lambda item: _decode(f"{source}:{names[item[0]]}", members[item[0]][1], image_size, resize), items
+            )
             images = np.stack(list(progress(jobs, total=len(items), desc=f"decode {split}")))
             labels = np.array([label for _, label in items], dtype=np.int64)
             out[split] = (images, labels)
