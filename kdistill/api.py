@@ -21,6 +21,7 @@ process, so shard it yourself (e.g. a DataLoader with a DistributedSampler).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -324,9 +325,14 @@ def cache_teacher(
     prepared = prepare_data(train_data, None, cfg=cfg, device=device, data=data, seed=seed)
     loader = _replayable(prepared)
     _place_teacher(teacher, device, channels_last)
+    started = time.perf_counter()
     cache = build_teacher_cache(
         teacher, loader, epochs, batch_size=batch_size, autocast=autocast_for(device, amp), top_k=top_k, dtype=dtype
     )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    cache.build_seconds = time.perf_counter() - started  # paid once, by every run that reads the cache
+    log(f"teacher cache: built in {cache.build_seconds:.1f} s")
     if path is not None:
         distributed.on_main(lambda: cache.save(path))  # under torchrun every rank built the same cache: rank 0 writes
         cache.path = Path(path)
@@ -416,7 +422,7 @@ def distill(
         num_classes=prepared.num_classes,
         num_samples=prepared.num_samples,
         epochs=cfg.epochs,
-        epochs_fixed=not cfg.budget,
+        epochs_fixed=not (cfg.budget or cfg.max_steps),
     )
     with _borrowed(teacher):  # frozen for the run, given back as it came
         task = Distillation(
@@ -480,9 +486,19 @@ def _open_cache(
         cache = TeacherCache.load(cache)
     # a budget run may not outlast the cache; an epoch run must fit in it
     cache.check(fingerprint(_replayable(prepared), teacher), epochs=1 if cfg.budget else cfg.epochs)
-    info = {"path": str(cache.path) if cache.path else None, "epochs": cache.epochs, "fingerprint": cache.fingerprint}
+    info = {
+        "path": str(cache.path) if cache.path else None,
+        "epochs": cache.epochs,
+        "fingerprint": cache.fingerprint,
+        "build_seconds": cache.build_seconds,
+    }
+    built = (
+        f"; it cost {cache.build_seconds:.1f} s once, shared by every run with this teacher, data and seed, and not counted in this run's time"
+        if cache.build_seconds is not None
+        else ""
+    )
     log(
-        f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run"
+        f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run{built}"
     )
     return cache.to(device), info
 

@@ -172,6 +172,10 @@ class TrainConfig(StrictConfig):
     """Wall-clock budget of this phase in seconds (or 90s, 10m, 1.5h): replaces ``epochs``.
     The number of steps is planned from the throughput measured in the first steps (and
     re-planned as the run goes) and the learning-rate schedule is stretched over it."""
+    max_steps: int | None = Field(None, gt=0)
+    """Train at most this many optimizer steps (the schedule spans them); with ``budget``, the
+    budget can only stop the run sooner. A budgeted ``run`` gives the distilled student the
+    step count the student alone reached, so that the two differ only by distillation."""
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -324,7 +328,8 @@ class RunConfig(StrictConfig):
     output_dir: Path = Path("runs")
     budget: float | None = Field(None, gt=0)
     """Wall-clock budget of the whole command in seconds (or 90s, 10m, 1.5h); replaces the
-    epoch counts: train/distill give it to their one phase, run splits it over its phases."""
+    epoch counts: train/distill give it to their one phase; run plans its phases inside it
+    (the same steps for every phase: the distilled student trains for the student alone's)."""
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig()

@@ -106,6 +106,12 @@ def fit(
         return run.result()
 
 
+def _max_steps(cfg: TrainConfig, steps_per_epoch: int, max_epochs: int | None) -> int | None:
+    """A budget run's cap: ``train.max_steps`` and ``max_epochs`` (a teacher cache's epochs)."""
+    caps = [c for c in (cfg.max_steps, max_epochs * steps_per_epoch if max_epochs else None) if c]
+    return min(caps) if caps else None
+
+
 class StepPlan:
     """How many optimizer steps the run takes: ``total``, the one number the learning-rate
     schedule and the loop read. Fixed (epochs x steps per epoch), or as many as fit in a
@@ -130,14 +136,14 @@ class StepPlan:
                 steps_per_epoch,
                 eval_images=eval_images,
                 batch_size=cfg.eval_batch_size,
-                max_steps=max_epochs * steps_per_epoch if max_epochs else None,
+                max_steps=_max_steps(cfg, steps_per_epoch, max_epochs),
                 sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
                 desc=desc,
             )
             self.total = self.budget.total_steps
         else:
-            self.total = steps_per_epoch * cfg.epochs
-        self.epochs = cfg.epochs
+            self.total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
+        self.epochs = cfg.epochs if cfg.budget else -(-self.total // steps_per_epoch)
 
     def restore(self, state: dict | None) -> None:
         """A resumed budget run continues with the budget that is left."""
@@ -190,8 +196,9 @@ class StepPlan:
                 )
 
     def ends_at(self, steps_done: int) -> bool:
-        """Whether a budget run's plan ends after this step (an epoch run ends with its epochs)."""
-        return self.budget is not None and steps_done >= self.total
+        """Whether the plan ends after this step (a budget's plan or ``max_steps`` can end
+        it inside an epoch)."""
+        return steps_done >= self.total
 
     def after_epoch(self, overhead_seconds: float, steps_done: int) -> None:
         """The epoch's evaluation and checkpoint took ``overhead_seconds``: re-plan."""
@@ -358,10 +365,12 @@ class Training:
                 agreed = self.plan.after_step(step + 1, epoch.done, stop.requested)
                 if agreed:
                     raise KeyboardInterrupt
-                if self.plan.ends_at(step + 1):
-                    break
-                if refresh is not None and refresh.due(last=i + 1 == self.steps_per_epoch):  # the only host syncs
+                ends = self.plan.ends_at(step + 1)
+                last = ends or i + 1 == self.steps_per_epoch
+                if refresh is not None and refresh.due(last=last):  # the only host syncs
                     self._show_progress(bar, epoch, i)
+                if ends:
+                    break
         except KeyboardInterrupt:
             if self.world > 1 and not agreed:
                 raise  # a second Ctrl-C, at any moment: no collective can be trusted now
@@ -813,7 +822,7 @@ def _check_shares(loader, cfg: TrainConfig, world: int, desc: str) -> None:
 
 
 # the settings that define a run's trajectory: a resumed run must keep them
-RESUME_KEYS = ("epochs", "batch_size", "optimizer", "schedule", "label_smoothing", "grad_clip")
+RESUME_KEYS = ("epochs", "max_steps", "batch_size", "optimizer", "schedule", "label_smoothing", "grad_clip")
 
 
 def _changed_settings(saved: dict | None, cfg: TrainConfig) -> str:

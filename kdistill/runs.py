@@ -7,6 +7,7 @@ of a single-model run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib.metadata
 import json
@@ -21,12 +22,12 @@ from typing import Any
 import torch
 
 from kdistill import api, distributed
-from kdistill.budget import BudgetTooSmall, format_seconds
-from kdistill.checkpoint import load_model
+from kdistill.budget import BudgetTooSmall, PhaseCost, format_seconds
+from kdistill.checkpoint import load_checkpoint, load_model
 from kdistill.config import DataConfig, RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import BUNDLED, DOWNLOADABLE, ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
-from kdistill.engine import Result, predict, select_device
+from kdistill.engine import Result, autocast_for, predict, select_device
 from kdistill.errors import CheckpointError, ConfigError
 from kdistill.evaluate import agreement, profile_model
 from kdistill.files import atomic_write_text, remove_stale_temporaries
@@ -446,10 +447,88 @@ def whole_budget(cfg: RunConfig) -> Iterator[None]:
         ) from None
 
 
-def train_config(cfg: RunConfig, phase: str, budget: float | None = None) -> TrainConfig:
-    """The phase's train settings, with a time budget (seconds) when given."""
+def train_config(cfg: RunConfig, phase: str, budget: float | None = None, max_steps: int | None = None) -> TrainConfig:
+    """The phase's train settings, with a time budget (seconds) and a step cap when given."""
     tcfg = cfg.train_for(phase)
-    return tcfg.model_copy(update={"budget": budget}) if budget else tcfg
+    update = {k: v for k, v in (("budget", budget), ("max_steps", max_steps)) if v}
+    return tcfg.model_copy(update=update) if update else tcfg
+
+
+# timed steps per model when a budgeted study measures what its phases cost (after one warm-up step)
+MEASURE_STEPS = 3
+
+
+def measure_phase_costs(
+    cfg: RunConfig,
+    ds: ImageDataset,
+    device: torch.device,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    phases: list[str],
+    live_teacher: bool,
+) -> list[PhaseCost]:
+    """What a step of each of ``phases`` (teacher, baseline, distilled, generationN) costs,
+    timed on a few steps of copies of the models on a random batch of the phase's size (the
+    models themselves are left untouched): a training step of the model, plus for a
+    distillation phase the teacher's forward pass (``live_teacher``; a teacher cache costs
+    a lookup, next to nothing) or the previous generation's. An epoch-end evaluation is
+    taken to cost a third of a training step per batch (a forward pass without backward)."""
+    world = distributed.world_size()
+    eval_images = len(ds.test_labels) + (len(ds.val_labels) if ds.val_labels is not None else 0)
+    settings = {"teacher": "teacher", "baseline": "student"}
+    shape = input_shape(ds, cfg.data.train_size)  # what the models take: the training size
+    timings: dict[tuple, float] = {}
+
+    def timed(model: torch.nn.Module, tcfg: TrainConfig, train: bool) -> float:
+        key = (id(model), tcfg.batch_size, tcfg.channels_last, tcfg.amp, train)
+        if key not in timings:
+            timings[key] = _step_seconds(model, tcfg, shape, device, max(1, tcfg.batch_size // world), train)
+        return timings[key]
+
+    costs = []
+    for phase in phases:
+        tcfg = cfg.train_for(settings.get(phase, "distill"))
+        model = teacher if phase == "teacher" else student
+        step = timed(model, tcfg, train=True)
+        if phase == "distilled" and live_teacher:
+            step += timed(teacher, tcfg, train=False)
+        elif phase.startswith("generation"):
+            step += timed(student, tcfg, train=False)
+        steps_per_epoch = max(1, len(ds.train_labels) // tcfg.batch_size)
+        evaluation = -(-eval_images // tcfg.batch_size) * timed(model, tcfg, train=True) / 3
+        costs.append(PhaseCost(phase, step, evaluation, steps_per_epoch))
+    return costs
+
+
+def _step_seconds(
+    model: torch.nn.Module, tcfg: TrainConfig, shape: tuple, device: torch.device, batch: int, train: bool
+) -> float:
+    """Seconds of one training step (forward, cross-entropy, backward, SGD step) of a copy
+    of ``model`` on a random batch, or with ``train`` False of one forward pass in eval mode."""
+    model = copy.deepcopy(model).to(device)
+    memory = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory)
+    model.train(train)
+    x = torch.randn(batch, *shape, device=device).contiguous(memory_format=memory)  # (B, C, H, W)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        with torch.set_grad_enabled(train), autocast_for(device, tcfg.amp):
+            z = model(x)
+        if train:
+            torch.nn.functional.cross_entropy(z.float(), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocations, caches, kernel selection
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(MEASURE_STEPS):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / MEASURE_STEPS
 
 
 def load_data(cfg: RunConfig) -> ImageDataset:
@@ -580,9 +659,24 @@ def write_single_summary(
     }
     if result.budget:
         summary["budget"] = result.budget
+    cache = teacher_cache_record(result)
+    if cache:
+        summary["teacher_cache"] = cache
     if teacher_logits is not None:
         summary["agreement"] = agreement(result.test_logits, teacher_logits)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     log(
         f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}"
     )
+
+
+def teacher_cache_record(result: Result) -> dict[str, Any] | None:
+    """A distillation from a teacher cache: the cache's path, epochs and what building it
+    cost (once, for every run that reads it: not part of this run's training time or
+    budget), from the run's checkpoint. None without a cache."""
+    if result.checkpoint is None or not result.checkpoint.is_file():
+        return None
+    info = load_checkpoint(result.checkpoint).get("teacher_cache")
+    if not info:
+        return None
+    return {k: info.get(k) for k in ("path", "epochs", "build_seconds")}

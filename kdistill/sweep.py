@@ -153,6 +153,7 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
         cache_path = cfg.distill.teacher_cache or run_dir / "teacher_cache.pt"
         if cfg.distill.teacher_cache or cache_path.exists():
             cache = TeacherCache.load(cache_path)
+            cache_seconds = cache.build_seconds or 0.0  # built earlier (recorded by caches of this version)
         else:
             t0 = time.perf_counter()
             cache = runs.cache_teacher(cfg, teacher, ds, device, cache_path)

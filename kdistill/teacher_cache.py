@@ -124,6 +124,7 @@ class TeacherCache:
     classes: Tensor | None = None
     tail: Tensor | None = None
     path: Path | None = None
+    build_seconds: float | None = None  # what running the teacher over the views took, once for every run it serves
 
     @property
     def top_k(self) -> int:
@@ -145,7 +146,15 @@ class TeacherCache:
             for k in ("logits", "values", "classes", "tail")
             if getattr(self, k) is not None
         }
-        return TeacherCache(self.fingerprint, self.epochs, self.num_samples, self.num_classes, path=self.path, **move)
+        return TeacherCache(
+            self.fingerprint,
+            self.epochs,
+            self.num_samples,
+            self.num_classes,
+            path=self.path,
+            build_seconds=self.build_seconds,
+            **move,
+        )
 
     def lookup(self, epoch: int, indices: Tensor) -> Tensor:
         """Teacher logits (B, K), float32, of the samples ``indices`` as epoch ``epoch`` shows them."""
@@ -184,6 +193,7 @@ class TeacherCache:
             "epochs": self.epochs,
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
+            "build_seconds": self.build_seconds,
             **tensors,
         }
         try:  # the checkpoints' writer: temporary file, fsync, rename, fsync of the folder
@@ -221,6 +231,7 @@ class TeacherCache:
                 state.get("classes"),
                 state.get("tail"),
                 path,
+                state.get("build_seconds"),  # None in a cache written before it was recorded
             )
         except KeyError as e:
             raise CacheError(f"teacher cache {path} lacks the key {e.args[0]!r}") from None

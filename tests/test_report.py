@@ -419,7 +419,8 @@ def test_leaderboard_of_a_sweep(tmp_path: Path) -> None:
     assert md[0] == f"# Sweep leaderboard: {tmp_path.name}"
     assert md[2] == (
         "2 configurations, sorted by test top-1 (last epoch). Wall time of this invocation 20 s; the teacher cache "
-        "(2 epochs x 100 samples) took 3 s to build and served every 'cache' row."
+        "(2 epochs x 100 samples) took 3 s to build and served every 'cache' row (3.2 s per run over the 1 that read "
+        "it, not in their training time)."
     )
     assert md[4] == (
         "Intervals: 95% Wilson interval of each top-1 over the 400 test images; 'vs best' is the paired difference "

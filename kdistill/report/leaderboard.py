@@ -130,7 +130,12 @@ def _summary(rows: list[dict], cache_seconds: float, cache: str | None, wall_sec
     """How many configurations, the wall time and what the teacher cache cost."""
     text = f"{len(rows)} configurations, sorted by test top-1 (last epoch). Wall time of this invocation {wall_seconds:.0f} s"
     if cache is not None and cache_seconds:
+        served = sum(r["teacher"] == "cache" for r in rows)
         text += f"; the teacher cache ({cache}) took {cache_seconds:.0f} s to build and served every 'cache' row"
+        if served:  # its cost is paid once: amortised over the runs that share it
+            text += (
+                f" ({cache_seconds / served:.1f} s per run over the {served} that read it, not in their training time)"
+            )
     elif cache is not None:
         text += f"; teacher cache: {cache}"
     return text + "."
