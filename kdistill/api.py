@@ -113,7 +113,8 @@ def prepare_data(
     data = data or DataConfig()
     shard = shard or distributed.shard()
     if isinstance(train_data, (str, Path)):
-        train_data = load_dataset(train_data, data.image_size, data.data_dir, data.download, data.val_size, seed)
+        split = data.split.model_dump() if data.split else None
+        train_data = load_dataset(train_data, data.image_size, data.data_dir, data.download, data.val_size, seed, split)
     if isinstance(train_data, ImageDataset):
         return _prepare_dataset(train_data, cfg, device, data, seed, shard)
     pair = isinstance(train_data, (tuple, list)) and len(train_data) == 2
@@ -154,6 +155,7 @@ def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfi
         "std": std,
         "image_size": ds.image_shape[-1],
         "val_split": ds.val_split,  # a teacher trained here may be checked against a later run's split
+        "split": ds.split,  # the train/val/test split kdistill made: evaluate and later runs reuse it
     }
     return Prepared(loader, evals, ds.num_classes, ds.image_shape, len(ds.train_labels), info, ds.classes)
 

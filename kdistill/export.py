@@ -382,7 +382,8 @@ def export_checkpoint(
         raise ExportError(
             f"{checkpoint} was trained on in-memory data; pass --data with a data set of the same classes to verify the export on"
         )
-    ds = load_dataset(name, info.get("image_size", 32), data_dir)
+    own = dataset is None or Path(dataset).expanduser().resolve() == Path(str(info.get("dataset"))).resolve()
+    ds = load_dataset(name, info.get("image_size", 32), data_dir, split=info.get("split") if own else None)
     expected = (state.get("model_spec") or {}).get("kwargs", {}).get("num_classes")
     if expected is not None and expected != ds.num_classes:
         raise ExportError(f"{checkpoint} predicts {expected} classes but data set {name!r} has {ds.num_classes}")

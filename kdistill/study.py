@@ -305,6 +305,7 @@ def _summarise(
             "train_size": len(ds.train_labels),
             "test_size": len(ds.test_labels),
             "num_classes": ds.num_classes,
+            "split": ds.split,
         },
         "models": summary_models,
         "statistics": statistics,
