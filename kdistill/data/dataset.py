@@ -108,7 +108,8 @@ def source_key(checksum: str, split: tuple[float, float, int] | None) -> str:
     the source's own). Without a split it is the checksum itself."""
     if split is None:
         return checksum
-    return hashlib.sha256(f"{checksum}\0split={json.dumps(list(split))}".encode()).hexdigest()
+    val, test, seed = float(split[0]), float(split[1]), int(split[2])  # 0 and 0.0 are one split
+    return hashlib.sha256(f"{checksum}\0split={json.dumps([val, test, seed])}".encode()).hexdigest()
 
 
 def _cache_path(data_dir: Path, checksum: str, image_size: int) -> Path:

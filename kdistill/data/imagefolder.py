@@ -244,17 +244,9 @@ def read_imagefolder(
     record = None
     if how is not None:
         val, test, seed = how
-        made = splitting.assign(train, val, test, seed, str(source))
-        record = splitting.describe(
-            made,
-            {
-                "layout": "train/test folders" if has_test else "class folders",
-                "val": val,
-                "test": test or None,
-                "seed": seed,
-            },
-        )
-        assigned = {**made, **assigned}
+        assigned = {**splitting.assign(train, val, test, seed, str(source)), **assigned}
+        layout = "train/test folders" if has_test else "class folders"
+        record = splitting.describe(assigned, {"layout": layout, "val": val, "test": test or None, "seed": seed})
     else:
         assigned["train"] = train
     # each split's files, back to member names: train and val come from train/ in the first layout
