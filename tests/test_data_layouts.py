@@ -390,3 +390,41 @@ def test_a_failed_load_leaves_nothing_behind(tmp_path: Path) -> None:
     with pytest.raises(DataError):
         load_dataset(manifest, data_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.*"))
+
+
+# ------------------------------------------------------------------ end to end: recorded, reused
+
+
+@pytest.mark.slow
+def test_train_on_a_single_root_records_its_split_and_evaluate_reuses_it(
+    kdistill_cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from kdistill.checkpoint import load_checkpoint
+    from kdistill.cli import main
+    from kdistill.engine import select_device
+    from kdistill.runs import build_teacher, teacher_split_differs
+
+    source = _write("folder", tmp_path, _root_files({"cat": 12, "dog": 12, "emu": 12}))
+    args = ["train", "--model", "seed_student", "--data", str(source), "--epochs", "1", "--device", "cpu"]
+    args += ["--output-dir", str(tmp_path / "runs"), "--name", "tr", "--set", "data.split.seed=4"]
+    args += ["--set", "data.split.test=0.25", "--set", "train.batch_size=8"]
+    assert main(args) == 0
+    state = load_checkpoint(tmp_path / "runs" / "tr" / "checkpoint.pt")
+    record = state["data"]["split"]
+    assert (record["val"], record["test"], record["seed"]) == (0.1, 0.25, 4)
+    assert record["counts"] == {"train": 24, "val": 3, "test": 9}
+    run = json.loads((tmp_path / "runs" / "tr" / "run.json").read_text())
+    assert run["identity"]["data.split"] == {"val": None, "test": 0.25, "seed": 4}
+
+    capsys.readouterr()  # evaluate on the checkpoint's own data: the same 9 test images, no warning
+    assert main(["evaluate", str(tmp_path / "runs" / "tr" / "checkpoint.pt"), "--json", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["test"]["num_samples"] == 9 and "warning" not in err
+
+    # a teacher trained on another split of the same data has seen this run's test images
+    other = load_dataset(source, image_size=32, split={"test": 0.25, "seed": 5})
+    assert teacher_split_differs(state, other)
+    assert not teacher_split_differs(state, load_dataset(source, image_size=32, split={"test": 0.25, "seed": 4}))
+    cfg = load_config("quickstart", [f"teacher.checkpoint={tmp_path / 'runs' / 'tr' / 'checkpoint.pt'}"])
+    build_teacher(cfg, 3, select_device("cpu"), other)
+    assert "was trained on another split of this data set" in capsys.readouterr().err
