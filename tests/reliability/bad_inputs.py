@@ -475,8 +475,14 @@ CASES = [
     Case(
         D,
         "a plain file instead of a folder or archive",
+        lambda t: train(t, write_tree(t, {"data.txt": b"a,b\n"}) / "data.txt"),
+        ("data.txt", "neither a folder nor"),
+    ),
+    Case(
+        D,
+        "a CSV file that is not a manifest",
         lambda t: train(t, write_tree(t, {"data.csv": b"a,b\n"}) / "data.csv"),
-        ("data.csv", "neither a folder nor"),
+        ("data.csv:1: columns 'a', 'b'; expected path and label",),
     ),
     Case(
         D, "truncated .tar.gz archive", lambda t: train(t, truncated_tar_gz(t)), ("data.tar.gz", "cannot read archive")
