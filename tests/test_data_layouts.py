@@ -428,3 +428,17 @@ def test_train_on_a_single_root_records_its_split_and_evaluate_reuses_it(
     cfg = load_config("quickstart", [f"teacher.checkpoint={tmp_path / 'runs' / 'tr' / 'checkpoint.pt'}"])
     build_teacher(cfg, 3, select_device("cpu"), other)
     assert "was trained on another split of this data set" in capsys.readouterr().err
+
+
+def test_an_archives_layout_is_listed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _write("tar.gz", tmp_path, _root_files())
+    first = load_dataset(source, image_size=8, data_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "layouts").glob("*.json"))
+
+    def boom(*args, **kwargs):
+        raise AssertionError("listed the archive again")
+
+    monkeypatch.setattr(dataset_module, "own_splits", boom)
+    _forbid_decoding(monkeypatch)
+    again = load_dataset(source, image_size=8, data_dir=tmp_path / "cache")
+    assert again.split == first.split and torch.equal(again.test_images, first.test_images)
