@@ -162,8 +162,8 @@ def test_split_settings_and_cache_identity(tmp_path: Path, monkeypatch: pytest.M
         for other in ({"val": 0, "test": 0.3, "seed": 3}, {"val": 0, "test": 0.2, "seed": 2}):
             with pytest.raises(AssertionError, match="decoded again"):
                 load_dataset(source, image_size=8, data_dir=cache, split=other)
-    assert source_key("abc", None) == "abc"  # a source without a split keeps its old cache entry
-    assert len({source_key("abc", (0.1, 0.1, s)) for s in (0, 1)}) == 2
+    keys = {source_key("abc", None), source_key("abd", None), *(source_key("abc", (0.1, 0.1, s)) for s in (0, 1))}
+    assert len(keys) == 4 and source_key("abc", (0, 0.1, 0)) == source_key("abc", (0.0, 0.1, 0))
 
 
 def test_a_changed_folder_warns_against_the_recorded_split(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -442,3 +442,16 @@ def test_an_archives_layout_is_listed_once(tmp_path: Path, monkeypatch: pytest.M
     _forbid_decoding(monkeypatch)
     again = load_dataset(source, image_size=8, data_dir=tmp_path / "cache")
     assert again.split == first.split and torch.equal(again.test_images, first.test_images)
+
+
+def test_the_python_api_takes_a_single_root_and_its_split(tmp_path: Path, kdistill_cache: Path) -> None:
+    import kdistill
+
+    source = _write("folder", tmp_path, _root_files())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    result = kdistill.train(
+        model, str(source), split={"val": 0, "test": 0.3, "seed": 2}, image_size=8, epochs=1, batch_size=8, device="cpu"
+    )
+    assert result.metrics["num_samples"] == 12  # the 30 % test split: 3 + 7 + 2 images
+    with pytest.raises(ConfigError, match="split.val and val_size both"):
+        kdistill.train(model, str(source), split={"val": 0.1}, val_size=3, image_size=8, epochs=1, device="cpu")

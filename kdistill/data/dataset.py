@@ -25,7 +25,7 @@ from torch import Tensor
 from kdistill.data import split as splitting
 from kdistill.data.archive import sha256_file
 from kdistill.data.cifar import load_cifar
-from kdistill.data.imagefolder import decode, is_archive, own_splits, read_imagefolder
+from kdistill.data.imagefolder import LAYOUT_RULES, decode, is_archive, own_splits, read_imagefolder
 from kdistill.data.manifest import is_manifest, read_manifest
 from kdistill.errors import CheckpointError, DataError
 from kdistill.files import TMP_SUFFIX, atomic_write, atomic_write_text
@@ -104,12 +104,13 @@ def _folder_signature(root: Path) -> str:
 
 def source_key(checksum: str, split: tuple[float, float, int] | None) -> str:
     """What the decoded arrays of a source depend on besides the image size: the source's
-    checksum (its files) and the split made of them (fractions and seed; the layout is
-    the source's own). Without a split it is the checksum itself."""
-    if split is None:
-        return checksum
-    val, test, seed = float(split[0]), float(split[1]), int(split[2])  # 0 and 0.0 are one split
-    return hashlib.sha256(f"{checksum}\0split={json.dumps([val, test, seed])}".encode()).hexdigest()
+    checksum (its files), the rules that pick and group its images (``LAYOUT_RULES``), and
+    the split made of them (fractions and seed; the layout is the source's own)."""
+    key = f"{checksum}\0rules={LAYOUT_RULES}"
+    if split is not None:
+        val, test, seed = float(split[0]), float(split[1]), int(split[2])  # 0 and 0.0 are one split
+        key += f"\0split={json.dumps([val, test, seed])}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _own_splits(source: Path, checksum: str, data_dir: Path) -> tuple[str, ...]:

@@ -35,6 +35,9 @@ from kdistill.progress import log, progress
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: the files ImageFolder counts as images
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# the rules that choose and group a source's image files (extensions, sub-folders, splits):
+# a change changes the decoded arrays of the same files, so it is part of the cache key
+LAYOUT_RULES = 2
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 SPLITS = ("train", "test")
 
