@@ -39,6 +39,7 @@ def _root_files(sizes: dict[str, int] = SIZES) -> dict[str, bytes]:
 def _write(kind: str, tmp_path: Path, files: dict[str, bytes], name: str = "photos") -> Path:
     """A folder, or an archive whose members are in the reverse order of the folder's
     (file order must not matter), under one top folder as archives often are."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     if kind == "folder":
         for rel, data in files.items():
             (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -455,3 +456,20 @@ def test_the_python_api_takes_a_single_root_and_its_split(tmp_path: Path, kdisti
     assert result.metrics["num_samples"] == 12  # the 30 % test split: 3 + 7 + 2 images
     with pytest.raises(ConfigError, match="split.val and val_size both"):
         kdistill.train(model, str(source), split={"val": 0.1}, val_size=3, image_size=8, epochs=1, device="cpu")
+
+
+def test_a_val_folder_is_the_validation_split(tmp_path: Path) -> None:
+    files = _train_test_files()
+    files.update({f"val/{c}/v{i}.png": _png(70 + i) for c in ("cat", "dog") for i in range(3)})  # emu has none
+    for kind in ("folder", "zip"):
+        source = _write(kind, tmp_path / kind, files)
+        ds = load_dataset(source, image_size=8, data_dir=tmp_path / "cache")
+        assert len(ds.train_labels) == 40 and len(ds.test_labels) == 6 and ds.val_labels.tolist() == [0] * 3 + [1] * 3
+        assert ds.split is None  # the source's own split: nothing kdistill made
+    with pytest.raises(DataError, match=r"has its own val split \(its test/ and val/ folders\); remove data.split.val"):
+        load_dataset(source, image_size=8, data_dir=tmp_path / "cache", split={"val": 0.1})
+    with pytest.raises(DataError, match=r"data.val_size=4: .* has its own val split"):
+        load_dataset(source, image_size=8, data_dir=tmp_path / "cache", val_size=4)
+    files["val/owl/v.png"] = _png(1)
+    with pytest.raises(DataError, match=r"val/ has classes that train/ has not \(owl\)"):
+        load_dataset(_write("folder", tmp_path / "owl", files), image_size=8, data_dir=tmp_path / "cache")

@@ -25,7 +25,7 @@ from torch import Tensor
 from kdistill.data import split as splitting
 from kdistill.data.archive import sha256_file
 from kdistill.data.cifar import load_cifar
-from kdistill.data.imagefolder import LAYOUT_RULES, decode, is_archive, own_splits, read_imagefolder
+from kdistill.data.imagefolder import LAYOUT_RULES, decode, folders_of, is_archive, own_splits, read_imagefolder
 from kdistill.data.manifest import is_manifest, read_manifest
 from kdistill.errors import CheckpointError, DataError
 from kdistill.files import TMP_SUFFIX, atomic_write, atomic_write_text
@@ -119,7 +119,7 @@ def _own_splits(source: Path, checksum: str, data_dir: Path) -> tuple[str, ...]:
     .tar.gz reads all of it (6.8 s for the 60,000 CIFAR-10 JPEGs)."""
     if source.is_dir():
         return own_splits(source)
-    path = data_dir / "layouts" / f"{checksum[:32]}.json"
+    path = data_dir / "layouts" / f"{checksum[:32]}-r{LAYOUT_RULES}.json"
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         return tuple(json.loads(path.read_text())["own"])
     own = own_splits(source)
@@ -184,7 +184,7 @@ def load_dataset(
     if source.is_dir() or is_archive(source):
         checksum = "dir-" + _folder_signature(source) if source.is_dir() else sha256_file(source)
         own = _own_splits(source, checksum, data_dir)
-        how = splitting.resolve(split, own, val_size, str(source), "its test/ folder")
+        how = splitting.resolve(split, own, val_size, str(source), folders_of(own))
     elif is_manifest(source):
         listing, checksum = read_manifest(source, split, val_size)
         how = _how(listing.record)

@@ -1,7 +1,8 @@
 """ImageFolder trees and archives of them, as torchvision's ImageFolder reads them.
 
-Two layouts: ``root/{train,test}/<class>/<image>`` (the data set's own test split), or a
-single ``root/<class>/<image>`` that kdistill splits into train/validation/test
+Two layouts: ``root/{train,test}/<class>/<image>`` (the data set's own test split, and
+its validation split when there is a ``val/`` folder too), or a single
+``root/<class>/<image>`` that kdistill splits into train/validation/test
 (:mod:`kdistill.data.split`). Images may sit in sub-folders of their class folder. Which
 files are images follows torchvision (:data:`IMG_EXTENSIONS`, any case); other files are
 skipped and counted in the log, hidden files and folders (``.DS_Store``,
@@ -106,9 +107,18 @@ def _iter_names(source: Path) -> Iterator[tuple[str, bool]]:
 
 def own_splits(source: Path) -> tuple[str, ...]:
     """The splits a folder tree or archive brings itself: ("test",) for root/{train,test}/,
-    () for a single root of class folders (cheap: no image is read)."""
-    names = list(_iter_names(source))
-    return ("test",) if _find_layout([n for n, _ in names], [f for _, f in names])[1] else ()
+    ("test", "val") with a val/ folder too, () for a single root of class folders (cheap: no
+    image is read)."""
+    members = list(_iter_names(source))
+    names, is_file = [n for n, _ in members], [f for _, f in members]
+    prefix, has_test = _find_layout(names, is_file)
+    has_val = has_test and any(f and n.startswith(f"{prefix}val/") for n, f in members)
+    return ("test", "val") if has_val else ("test",) if has_test else ()
+
+
+def folders_of(own: tuple[str, ...]) -> str:
+    """How an error names the folders behind a tree's own splits."""
+    return "its test/ and val/ folders" if "val" in own else "its test/ folder"
 
 
 def _checked(archive: Path, name: str) -> str:
@@ -214,11 +224,12 @@ def read_imagefolder(
     names = list(members)
     is_file = [members[n] is not None for n in names]
     prefix, has_test = _find_layout(names, is_file)
-    bases = SPLITS if has_test else ("",)
+    has_val = has_test and any(f and n.startswith(f"{prefix}val/") for n, f in zip(names, is_file))
+    bases = (*SPLITS, "val") if has_val else SPLITS if has_test else ("",)
     groups, skipped, misplaced = _group(names, is_file, prefix, bases)
     log_skipped(skipped)
     if misplaced:
-        where = "the train/<class>/ and test/<class>/ folders" if has_test else "the <class>/ folders"
+        where = " and ".join(f"{b}/<class>/" for b in bases) + " folders" if has_test else "the <class>/ folders"
         log(f"skipped {len(misplaced)} image(s) outside {where} (e.g. {misplaced[0]!r})")
     for base in bases:
         if not groups[base]:
@@ -241,9 +252,12 @@ def read_imagefolder(
         raise DataError(f"{source}: train and test have different classes (differ in: {', '.join(missing)})")
     if len(classes) < 2:
         raise DataError(f"{source}: found a single class {classes}; a classifier needs at least 2")
-    own = ("test",) if has_test else ()
-    how = splitting.resolve(split, own, val_size, str(source), "its test/ folder")
-    assigned = {"test": groups["test"]} if has_test else {}
+    if has_val and set(groups["val"]) - set(classes):
+        extra = sorted(set(groups["val"]) - set(classes))
+        raise DataError(f"{source}: val/ has classes that train/ has not ({', '.join(extra)})")
+    own = tuple(b for b in bases if b in ("test", "val"))
+    how = splitting.resolve(split, own, val_size, str(source), folders_of(own))
+    assigned = {b: groups[b] for b in own}
     record = None
     if how is not None:
         val, test, seed = how
@@ -252,8 +266,8 @@ def read_imagefolder(
         record = splitting.describe(assigned, {"layout": layout, "val": val, "test": test or None, "seed": seed})
     else:
         assigned["train"] = train
-    # each split's files, back to member names: train and val come from train/ in the first layout
-    base_of = {s: (f"{prefix}{'test' if s == 'test' else 'train'}/" if has_test else prefix) for s in assigned}
+    # each split's files, back to member names: a split made by kdistill comes from train/
+    base_of = {s: (f"{prefix}{s if s in own else 'train'}/" if has_test else prefix) for s in assigned}
     label = {cls: i for i, cls in enumerate(classes)}
     splits = {
         s: [

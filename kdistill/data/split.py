@@ -109,6 +109,8 @@ def resolve(
         raise DataError(
             f"data.split.val={val} and data.val_size={val_size} both hold out validation images; use one of them"
         )
+    if val_size and "val" in own:
+        raise DataError(f"data.val_size={val_size}: {where} has its own val split ({origin}); remove data.val_size")
     for split, fraction in (("test", test), ("val", val)):
         if split in own and fraction:
             raise DataError(
