@@ -114,8 +114,16 @@ def prepare_data(
     data = data or DataConfig()
     shard = shard or distributed.shard()
     if isinstance(train_data, (str, Path)):
+        split = data.split.model_dump() if data.split else None
         train_data = load_dataset(
-            train_data, data.image_size, data.data_dir, data.download, data.val_size, seed, data.resize
+            train_data,
+            data.image_size,
+            data.data_dir,
+            data.download,
+            data.val_size,
+            seed,
+            resize=data.resize,
+            split=split,
         )
     if isinstance(train_data, ImageDataset):
         return _prepare_dataset(train_data, cfg, device, data, seed, shard)
@@ -190,6 +198,7 @@ def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfi
         "resize": data.resize,  # how the stored images were made from the files
         "train_size": size,  # what the model sees: evaluation centre-crops the stored images to it
         "val_split": ds.val_split,  # a teacher trained here may be checked against a later run's split
+        "split": ds.split,  # the train/val/test split kdistill made: evaluate and later runs reuse it
     }
     shape = (ds.image_shape[0], size, size) if size else ds.image_shape
     return Prepared(loader, evals, ds.num_classes, shape, len(ds.train_labels), info, ds.classes)

@@ -38,7 +38,7 @@ def _config_args(p: argparse.ArgumentParser, config_help: str = "(default: quick
     p.add_argument("--config", "-c", help=f"YAML config file or bundled config name {config_help}")
     set_help = "override a config key, e.g. --set train.epochs=5 (repeatable)"
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
-    data_help = "data set: cifar10-mini, cifar10, cifar100, or an ImageFolder folder/archive (data.dataset)"
+    data_help = "data set: cifar10-mini, cifar10, cifar100, an ImageFolder folder/archive or a .csv/.jsonl manifest (data.dataset)"
     p.add_argument("--data", help=data_help)
     p.add_argument("--data-dir", help="download and cache folder (data.data_dir)")
     p.add_argument("--seed", type=int, help="random seed (seed)")

@@ -52,10 +52,34 @@ def parse_duration(value: Any) -> float | None:
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
+class SplitConfig(StrictConfig):
+    """How kdistill splits a data set without a test split of its own (a single root of
+    class folders, a manifest without a split column): fractions of each class, drawn by a
+    hash of (seed, file name), so the same files and seed always give the same split."""
+
+    val: float | None = Field(None, ge=0, lt=1)
+    """Fraction of each class held out for validation (default 0.1; 0 for none, and 0 when
+    ``data.val_size`` is set). On a root/{train,test}/ tree: drawn from train/ (default 0)."""
+    test: float | None = Field(None, gt=0, lt=1)
+    """Fraction of each class held out for testing (default 0.1); refused for a data set
+    with its own test split."""
+    seed: int = Field(0, ge=0)
+    """The split's own seed, not the run's: runs with other seeds test on the same images."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if (self.val or 0) + (self.test or 0) >= 1:
+            raise ValueError(f"val + test = {(self.val or 0) + (self.test or 0)}; expected less than 1")
+        return self
+
+
 class DataConfig(StrictConfig):
     dataset: str = "cifar10-mini"
-    """cifar10-mini (bundled sample), cifar10, cifar100, or a path to an ImageFolder tree
-    (root/{train,test}/<class>/<image>) or an archive (.tar, .tar.gz, .zip) of one."""
+    """cifar10-mini (bundled sample), cifar10, cifar100, a path to an ImageFolder tree
+    (root/{train,test}/<class>/<image>, or root/<class>/<image> split by ``split``), an
+    archive (.tar, .tar.gz, .zip) of one, or a .csv/.jsonl manifest (path,label[,split])."""
+    split: SplitConfig | None = None
+    """How to split a data set without its own test split (default val 0.1, test 0.1, seed 0)."""
     data_dir: Path | None = None
     """Download and decoded-image cache folder (default: ~/.cache/kdistill)."""
     image_size: int = Field(32, gt=0, le=1024)
@@ -114,6 +138,12 @@ class DataConfig(StrictConfig):
                     f"train_size: {self.train_size} differs from image_size {self.image_size}, which needs "
                     "augmentation: random_resized_crop (pad_crop trains at the stored size)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _one_validation_split(self) -> DataConfig:
+        if self.val_size and self.split is not None and self.split.val:
+            raise ValueError("split.val and val_size both hold out validation images; use one of them")
         return self
 
 

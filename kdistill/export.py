@@ -384,8 +384,15 @@ def export_checkpoint(
             f"{checkpoint} was trained on in-memory data; pass --data with a data set of the same classes to verify the export on"
         )
     # the stored images as the checkpoint's run made them (squashed before data.resize existed),
-    # at its training size (evaluation's centre crop)
-    ds = load_dataset(name, info.get("image_size", 32), data_dir, resize=info.get("resize", "squash"))
+    # on its own data set with its split, at its training size (evaluation's centre crop)
+    own = dataset is None or Path(dataset).expanduser().resolve() == Path(str(info.get("dataset"))).resolve()
+    ds = load_dataset(
+        name,
+        info.get("image_size", 32),
+        data_dir,
+        resize=info.get("resize", "squash"),
+        split=info.get("split") if own else None,
+    )
     if info.get("train_size"):
         crop = {
             k: centre_crop(getattr(ds, k), info["train_size"]).contiguous() for k in ("train_images", "test_images")

@@ -231,6 +231,7 @@ def run_identity(cfg: RunConfig, kind: str) -> dict[str, Any]:
         "data.dataset": _dataset_identity(d.dataset),
         "data.image_size": d.image_size,
         "data.val_size": d.val_size,
+        "data.split": d.split.model_dump() if d.split else None,
         "data.augment": d.augment,
         "data.crop_padding": d.crop_padding,
         "data.flip": d.flip,
@@ -536,8 +537,14 @@ def load_data(cfg: RunConfig) -> ImageDataset:
     it first, the others then read its cache."""
     d = cfg.data
     return distributed.local_main_first(
-        lambda: load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed, d.resize)
+        lambda: load_dataset(
+            d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed, resize=d.resize, split=_split(d)
+        )
     )
+
+
+def _split(d) -> dict | None:
+    return d.split.model_dump() if d.split else None
 
 
 def model_spec(name: str, kwargs: dict, num_classes: int) -> dict[str, Any]:
@@ -592,11 +599,34 @@ def teacher_saw_validation(state: dict, ds: ImageDataset) -> bool:
     data = state.get("data") or {}
     if ds.val_split is None or data.get("checksum") != ds.checksum:
         return False
-    return data.get("val_split") != ds.val_split
+    return data.get("val_split") != ds.val_split or (data.get("split") or None) != ds.split
+
+
+def teacher_split_differs(state: dict, ds: ImageDataset) -> bool:
+    """Whether a teacher checkpoint was trained on another split kdistill made of this run's
+    source data (other fractions, seed or files): then it has seen some of this run's
+    validation and test images."""
+    data = state.get("data") or {}
+    if ds.split is None or data.get("checksum") != ds.checksum:
+        return False
+    return (data.get("split") or {}).get("fingerprint") != ds.split["fingerprint"]
+
+
+def _split_words(split: dict | None) -> str:
+    if not split:
+        return "no split"
+    return f"val {split.get('val')}, test {split.get('test')}, seed {split.get('seed')} ({split.get('fingerprint')})"
 
 
 def warn_if_teacher_saw_validation(path: Path, state: dict, ds: ImageDataset) -> None:
-    if teacher_saw_validation(state, ds):
+    if teacher_split_differs(state, ds):
+        log(
+            f"warning: teacher checkpoint {path} was trained on another split of this data set "
+            f"({_split_words((state.get('data') or {}).get('split'))}; this run: {_split_words(ds.split)}), so it has "
+            "seen some of this run's validation and test images: the student's accuracy on them will be optimistic. "
+            "Use the teacher's data.split."
+        )
+    elif teacher_saw_validation(state, ds):
         theirs = (state.get("data") or {}).get("val_split")
         held = (
             f"held out {theirs['size']} images with seed {theirs['seed']}"

@@ -425,6 +425,7 @@ def _summarise(
             "train_size": len(ds.train_labels),
             "test_size": len(ds.test_labels),
             "num_classes": ds.num_classes,
+            **({"split": ds.split} if ds.split else {}),  # the train/val/test split kdistill made
         },
         "models": summary_models,
         "statistics": statistics,

@@ -293,8 +293,8 @@ def _forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args, **kwargs):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(dataset_module, "load_imagefolder", boom)
-    monkeypatch.setattr(imagefolder_module, "load_imagefolder", boom)
+    monkeypatch.setattr(dataset_module, "decode", boom)
+    monkeypatch.setattr(imagefolder_module, "decode", boom)
 
 
 @pytest.mark.parametrize("kind", ["folder", "tar.gz", "zip"])
