@@ -33,7 +33,7 @@ from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.configbase import deep_merge, format_errors
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, IterableLoader, Normalize, TrainLoader
-from kdistill.engine import Result, autocast_for, fit, predict, select_device
+from kdistill.engine import Result, autocast_for, fit, predict_views, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
 from kdistill.methods import DEFAULT_METHOD, MethodContext, build_methods, set_option
@@ -189,8 +189,15 @@ def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> 
     if not name:
         return result
     data = prepared.eval_sets[name]
-    logits = predict(result.model, data, cfg.amp)
-    return replace(result, metrics=classification_metrics(logits, data.labels, prepared.classes), test_logits=logits)
+    logits, mirrored = predict_views(result.model, data, cfg.amp, flip=cfg.eval_tta == "flip")
+    metrics = classification_metrics(logits, data.labels, prepared.classes)
+    if mirrored is not None:  # flip TTA, beside the plain numbers (never instead of them)
+        tta = classification_metrics(mirrored, data.labels, prepared.classes)
+        metrics.update(top1_tta=tta["top1"], nll_tta=tta["nll"])
+    last = result.history[-1] if result.history else {}
+    if f"{name}_top1_raw" in last and f"{name}_subset" not in last:  # train.ema: the trained weights' own
+        metrics["top1_raw"] = last[f"{name}_top1_raw"]
+    return replace(result, metrics=metrics, test_logits=logits)
 
 
 def _device(device: str | torch.device) -> torch.device:
