@@ -18,6 +18,8 @@ from kdistill.config import EmaConfig, load_config
 from kdistill.data.loader import EvalData
 from kdistill.ema import WeightAverage
 from kdistill.errors import CheckpointError, ConfigError
+from kdistill.report.run_report import write_report
+from tests.test_report import fake_run
 
 TIMING = {"train_seconds", "images_per_second"}
 
@@ -280,3 +282,23 @@ def test_settings_parse() -> None:
     assert make_train_config().ema is None and make_train_config().eval_tta == "off"
     teacher = load_config("quickstart", ["train.ema.decay=0.99", "teacher.train.ema=null"]).train_for("teacher")
     assert teacher.ema is None
+
+
+# ------------------------------------------------------------------ report
+
+
+@pytest.mark.slow
+def test_report_shows_tta_and_raw_top1_beside_top1(tmp_path: Path) -> None:
+    plain = write_report(fake_run(tmp_path, "plain", 4.0)).read_text()
+    assert "flip TTA" not in plain and "without the weight average" not in plain
+    run = fake_run(tmp_path, "fast", 4.0)
+    summary = json.loads((run / "summary.json").read_text())
+    for i, phase in enumerate(("baseline", "distilled")):
+        summary["models"][phase]["test"].update(top1_tta=71.25 + i, top1_raw=60.5 + i)
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = write_report(run).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| model |"))
+    assert "| test top-1 | top-1 with flip TTA | top-1 without the weight average |" in header
+    assert "| 71.25% | 60.50% |" in text and "| 72.25% | 61.50% |" in text
+    rows = (run / "summary.csv").read_text().splitlines()
+    assert rows[0].startswith("run,phase,model,top1,top1_tta,top1_raw")
