@@ -19,6 +19,8 @@ from kdistill.data.loader import EvalData
 from kdistill.ema import WeightAverage
 from kdistill.errors import CheckpointError, ConfigError
 from kdistill.report.run_report import write_report
+from tests.test_distributed import _assert_close, _distill, _errors, _launch
+from tests.test_engine import _subset
 from tests.test_report import fake_run
 
 TIMING = {"train_seconds", "images_per_second"}
@@ -302,3 +304,32 @@ def test_report_shows_tta_and_raw_top1_beside_top1(tmp_path: Path) -> None:
     assert "| 71.25% | 60.50% |" in text and "| 72.25% | 61.50% |" in text
     rows = (run / "summary.csv").read_text().splitlines()
     assert rows[0].startswith("run,phase,model,top1,top1_tta,top1_raw")
+
+
+# ------------------------------------------------------------------ two ranks (torchrun)
+
+
+@pytest.fixture(scope="module")
+def small(mini) -> dict:
+    """256 training and 100 test images of the bundled sample (the engine tests' subset)."""
+    return _subset(mini)
+
+
+def _scenario_fast(rank: int, out: Path, small: dict) -> None:
+    result = _distill(small, out / "run", epochs=2, ema={"decay": 0.9}, eval_tta="flip", eval_subset=30)
+    torch.save({"weights": result.model.state_dict(), "metrics": result.metrics}, out / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_ranks_average_evaluate_and_subset_like_one_process(small: dict, tmp_path: Path) -> None:
+    reference = _distill(small, tmp_path / "single", epochs=2, ema={"decay": 0.9}, eval_tta="flip", eval_subset=30)
+    _launch(_scenario_fast, tmp_path, small)
+    assert not _errors(tmp_path), _errors(tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    _assert_close(r0["weights"], r1["weights"], exact=True)  # every rank ends with the same average
+    _assert_close(r0["weights"], reference.model.state_dict())
+    for key in ("top1", "top1_tta", "top1_raw"):
+        assert r0["metrics"][key] == pytest.approx(reference.metrics[key], abs=1.01), key  # one image of 100
+    single = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    multi = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("test_subset") for r in multi] == [r.get("test_subset") for r in single] == [30, None]
