@@ -183,8 +183,9 @@ def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: Data
     return Prepared(loader, evals, num_classes, tuple(inputs.shape[1:]), len(labels), info, probe=probe)
 
 
-def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> Result:
-    """``result`` with the metrics and logits of the last evaluation set ("test" if given)."""
+def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig, averaged: bool = True) -> Result:
+    """``result`` with the metrics and logits of the last evaluation set ("test" if given).
+    ``averaged``: the model is the one whose weights train.ema averaged (and the history measured)."""
     name = "test" if "test" in prepared.eval_sets else next(iter(prepared.eval_sets), None)
     if not name:
         return result
@@ -195,7 +196,7 @@ def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> 
         tta = classification_metrics(mirrored, data.labels, prepared.classes)
         metrics.update(top1_tta=tta["top1"], nll_tta=tta["nll"])
     last = result.history[-1] if result.history else {}
-    if f"{name}_top1_raw" in last and f"{name}_subset" not in last:  # train.ema: the trained weights' own
+    if averaged and f"{name}_top1_raw" in last and f"{name}_subset" not in last:  # train.ema: the trained weights' own
         metrics["top1_raw"] = last[f"{name}_top1_raw"]
     return replace(result, metrics=metrics, test_logits=logits)
 
@@ -487,6 +488,8 @@ def mutual(
         "seed": seed,
     }
     result = _fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc)
+    # each model, the run's history and budget; train.ema averages the first model only
     return [
-        _with_test_metrics(replace(result, model=m), prepared, cfg) for m in task.all_models
-    ]  # each model, the run's history and budget
+        _with_test_metrics(replace(result, model=m), prepared, cfg, averaged=i == 0)
+        for i, m in enumerate(task.all_models)
+    ]

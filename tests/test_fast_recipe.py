@@ -165,6 +165,14 @@ def test_distillation_averages_the_student_only(tmp_path: Path) -> None:
     assert all(torch.equal(result.model.state_dict()[k], v) for k, v in state["model"].items())
 
 
+def test_mutual_learning_averages_the_first_model() -> None:
+    x, y = _features()
+    first, peer = kdistill.mutual(
+        [_tiny(), _tiny()], (x, y), _features(40, seed=1), epochs=1, batch_size=16, device="cpu", num_classes=3, ema={}
+    )
+    assert "top1_raw" in first.metrics and "top1_raw" not in peer.metrics
+
+
 # ------------------------------------------------------------------ flip test-time augmentation
 
 
