@@ -34,7 +34,7 @@ from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.configbase import deep_merge, format_errors
 from kdistill.data.dataset import ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, IterableLoader, Normalize, ResizedCrop, TrainLoader
-from kdistill.engine import Result, autocast_for, fit, predict, select_device
+from kdistill.engine import Result, autocast_for, fit, predict_views, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
 from kdistill.methods import DEFAULT_METHOD, MethodContext, build_methods, set_option
@@ -233,14 +233,22 @@ def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: Data
     return Prepared(loader, evals, num_classes, shape, len(labels), info, probe=probe)
 
 
-def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> Result:
-    """``result`` with the metrics and logits of the last evaluation set ("test" if given)."""
+def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig, averaged: bool = True) -> Result:
+    """``result`` with the metrics and logits of the last evaluation set ("test" if given).
+    ``averaged``: the model is the one whose weights train.ema averaged (and the history measured)."""
     name = "test" if "test" in prepared.eval_sets else next(iter(prepared.eval_sets), None)
     if not name:
         return result
     data = prepared.eval_sets[name]
-    logits = predict(result.model, data, cfg.amp)
-    return replace(result, metrics=classification_metrics(logits, data.labels, prepared.classes), test_logits=logits)
+    logits, mirrored = predict_views(result.model, data, cfg.amp, flip=cfg.eval_tta == "flip")
+    metrics = classification_metrics(logits, data.labels, prepared.classes)
+    if mirrored is not None:  # flip TTA, beside the plain numbers (never instead of them)
+        tta = classification_metrics(mirrored, data.labels, prepared.classes)
+        metrics.update(top1_tta=tta["top1"], nll_tta=tta["nll"])
+    last = result.history[-1] if result.history else {}
+    if averaged and f"{name}_top1_raw" in last and f"{name}_subset" not in last:  # train.ema: the trained weights' own
+        metrics["top1_raw"] = last[f"{name}_top1_raw"]
+    return replace(result, metrics=metrics, test_logits=logits)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -545,6 +553,8 @@ def mutual(
         "seed": seed,
     }
     result = _fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc)
+    # each model, the run's history and budget; train.ema averages the first model only
     return [
-        _with_test_metrics(replace(result, model=m), prepared, cfg) for m in task.all_models
-    ]  # each model, the run's history and budget
+        _with_test_metrics(replace(result, model=m), prepared, cfg, averaged=i == 0)
+        for i, m in enumerate(task.all_models)
+    ]

@@ -171,6 +171,21 @@ class ScheduleConfig(StrictConfig):
     gamma: float = Field(0.1, gt=0, le=1)
 
 
+class EmaConfig(StrictConfig):
+    """An exponential moving average of the model's weights (Polyak averaging), updated on
+    the device after optimizer steps: avg <- decay * avg + (1 - decay) * weights, for the
+    parameters and the floating-point buffers alike (batch-norm running statistics are
+    averaged too, as timm's ModelEmaV2 does; integer buffers are copied)."""
+
+    decay: float = Field(0.999, gt=0, lt=1)
+    """The decay per update; the average spans about ``every / (1 - decay)`` optimizer steps."""
+    every: int = Field(1, gt=0, le=10_000)
+    """Update the average after every N-th optimizer step."""
+    warmup: bool = True
+    """Early updates use min(decay, (1 + n) / (10 + n)) after n updates, so that a short run's
+    average is not dominated by the random initial weights."""
+
+
 class TrainConfig(StrictConfig):
     epochs: int = Field(30, gt=0, le=100_000)
     batch_size: int = Field(128, gt=0)
@@ -197,6 +212,21 @@ class TrainConfig(StrictConfig):
     tensorboard: bool = False
     """Also log every epoch's metrics as TensorBoard scalars in <phase dir>/tensorboard
     (needs the optional extra: pip install 'kdistill[tensorboard]')."""
+
+    ema: EmaConfig | None = None
+    """An average of the weights (see :class:`EmaConfig`; ``{}`` for the defaults, None: off).
+    When on, evaluation during and after training uses the averaged model (``top1``; the
+    trained weights' own is ``top1_raw``), checkpoints store it as the model (the trained
+    weights under ``ema.raw``, so that a resume continues both) and the trained model ends
+    holding the averaged weights."""
+    eval_tta: Literal["off", "flip"] = "off"
+    """flip: also evaluate with flip test-time augmentation, the mean of the logits of each
+    image and of its horizontal mirror, reported separately (``top1_tta``) from the plain
+    evaluation, which it never replaces. Image inputs (N, C, H, W) only."""
+    eval_subset: int | None = Field(None, gt=0)
+    """Evaluate on a fixed random subset of this many samples of each evaluation set after
+    every epoch but the last (metrics say ``<set>_subset``); the last epoch and the final
+    metrics are always on the full sets."""
 
     budget: float | None = Field(None, gt=0)
     """Wall-clock budget of this phase in seconds (or 90s, 10m, 1.5h): replaces ``epochs``.

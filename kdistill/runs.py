@@ -695,8 +695,12 @@ def write_single_summary(
     if teacher_logits is not None:
         summary["agreement"] = agreement(result.test_logits, teacher_logits)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    m = result.metrics
+    beside = [f"{what} {m[k]:.2f}%" for k, what in (("top1_tta", "flip TTA"), ("top1_raw", "without EMA")) if k in m]
+    shown = f" ({', '.join(beside)})" if beside else ""
     log(
-        f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}"
+        f"{model_name}: test top-1 {m.get('top1', float('nan')):.2f}%{shown} "
+        f"after {len(result.history)} epochs; outputs in {run_dir}"
     )
 
 

@@ -377,6 +377,8 @@ def _evaluate(
             entry["agreement"] = agreement(logits[name], logits["teacher"])
         if name in phases:
             r = phases[name]
+            # flip TTA's and the raw weights' top-1 (train.eval_tta, train.ema), from the phase's own test evaluation
+            entry["test"].update({k: r.metrics[k] for k in ("top1_tta", "nll_tta", "top1_raw") if k in r.metrics})
             entry.update(train_seconds=r.train_seconds, images_per_second=r.images_per_second, epochs=len(r.history))
             if r.budget:
                 entry["budget"] = r.budget

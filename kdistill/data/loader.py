@@ -446,6 +446,12 @@ class EvalData:
             return len(self.source) if hasattr(self.source, "__len__") else 0
         return -(-len(self.labels) // self.batch_size)
 
+    def select(self, indices: Tensor) -> EvalData:
+        """The samples ``indices`` only (in-memory data), evaluated the same way."""
+        return EvalData(
+            self.inputs[indices], self.labels[indices], self.batch_size, self.device, self.normalize, size=self.size
+        )
+
     def subset(self, start: int, stop: int) -> EvalData:
         """Samples [start, stop) only (in-memory data): one rank's share of an evaluation."""
         return EvalData(

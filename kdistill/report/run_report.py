@@ -193,6 +193,8 @@ def model_rows(run: Run) -> list[dict[str, Any]]:
                 "phase": phase,
                 "model": m.get("model"),
                 "top1": t.get("top1"),
+                "top1_tta": t.get("top1_tta"),  # flip test-time augmentation (train.eval_tta)
+                "top1_raw": t.get("top1_raw"),  # the trained weights' own, when the model is their average (train.ema)
                 "top5": t.get("top5"),
                 "nll": t.get("nll"),
                 "ece": t.get("ece"),
@@ -385,13 +387,19 @@ def _maybe(value: Any, pattern: str) -> str:
     return "" if value is None else pattern.format(value)
 
 
+# optional top-1 columns of the models table, shown when a run measured them
+EXTRA_TOP1 = {"top1_tta": "top-1 with flip TTA", "top1_raw": "top-1 without the weight average"}
+
+
 def _models_table(run: Run) -> Table:
     """Accuracy, calibration, agreement and cost of every model (GPU columns if measured)."""
     gpu = any(r["gpu_latency_b1_ms"] is not None for r in model_rows(run))
+    extra = [k for k in ("top1_tta", "top1_raw") if any(r[k] is not None for r in model_rows(run))]
     headers = [
         "model",
         "architecture",
         "test top-1",
+        *[EXTRA_TOP1[k] for k in extra],
         "top-5",
         "NLL",
         "ECE",
@@ -412,6 +420,7 @@ def _models_table(run: Run) -> Table:
             label(r["phase"]),
             str(r["model"]),
             fmt_num(r["top1"], ".2f", "%"),
+            *[fmt_num(r[k], ".2f", "%") for k in extra],
             fmt_num(r["top5"], ".2f", "%"),
             fmt_num(r["nll"], ".3f"),
             fmt_num(r["ece"], ".3f"),
