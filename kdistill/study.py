@@ -36,10 +36,10 @@ from kdistill.runs import (
     check_distillation,
     job,
     load_data,
-    model_spec,
     new_model,
     open_run_dir,
     profile_seconds,
+    spec_for,
     test_set,
     train_config,
 )
@@ -165,7 +165,7 @@ class Phases:
 
 def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resume: bool, start: float):
     """The teacher (loaded or trained here), its spec, and every trained phase's result."""
-    sspec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+    sspec = spec_for(cfg.student, ds.num_classes)
 
     def student() -> torch.nn.Module:
         return new_model(sspec, cfg.seed)  # baseline and distilled student start from the same weights
@@ -179,7 +179,7 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
     if loaded:
         teacher, teacher_spec = loaded
     else:
-        teacher_spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+        teacher_spec = spec_for(cfg.teacher, ds.num_classes)
         teacher = new_model(teacher_spec, cfg.seed)
     budgets = _phase_budgets(cfg, start, teacher, student, ds.image_shape, train_teacher=not loaded)
     run = Phases(cfg, ds, device, resume)

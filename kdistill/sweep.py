@@ -32,14 +32,14 @@ from typing import Any
 import torch
 
 from kdistill import runs
-from kdistill.config import DistillConfig, RunConfig
+from kdistill.config import DistillConfig, RunConfig, trainable_name
 from kdistill.configbase import format_errors
 from kdistill.engine import GracefulInterrupt, predict, select_device
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.evaluate import agreement, count_macs
 from kdistill.files import atomic_write_text
 from kdistill.methods import METHODS, needs_features, set_option, taking
-from kdistill.models import MODELS, count_parameters
+from kdistill.models import check_name, count_parameters
 from kdistill.progress import log, plain_progress_only
 from kdistill.report.leaderboard import write_leaderboard
 from kdistill.study import Phases
@@ -73,8 +73,10 @@ def expand_grid(
 ) -> list[SweepPoint]:
     """Every combination, once: a method without a temperature does not multiply by T."""
     for name in students:
-        if name not in MODELS:
-            raise ConfigError(f"sweep: unknown student {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+        try:
+            trainable_name(check_name(name), "a student")
+        except ValueError as e:
+            raise ConfigError(f"sweep: student {e}") from None
     points: dict[str, SweepPoint] = {}
     for student, method, t, alpha in itertools.product(students, methods, temperatures, alphas):
         parts = [m.strip() for m in method.split("+")]
