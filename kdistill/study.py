@@ -86,7 +86,7 @@ def run_seeds(cfg: RunConfig, seeds: list[int], resume: bool = False, share_teac
     dirs = []
     for i, seed in enumerate(seeds):
         seed_cfg = cfg.model_copy(update={"seed": seed, "name": f"seed{seed}", "output_dir": root})
-        if share_teacher and i > 0 and not (cfg.teacher.checkpoint or cfg.teacher.checkpoints):
+        if share_teacher and i > 0 and not (cfg.teacher.checkpoint or cfg.teacher.checkpoints or cfg.teacher.trained):
             teacher = root / f"seed{seeds[0]}" / "teacher" / "checkpoint.pt"
             seed_cfg = seed_cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": teacher})})
         run_dir = root / seed_cfg.name

@@ -90,6 +90,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         )
     (root / "usermodels_for_kd.py").write_text(textwrap.dedent(FACTORY))
     import transformers  # after HF_HUB_OFFLINE is set
+
     config = transformers.ResNetConfig(
         num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=K
     )
@@ -318,7 +319,7 @@ def test_source_trains_resumes_evaluates_exports_and_is_distilled_into(
     assert main(_args("train", tree, out, "--model", name, "--name", "t", "--resume")) == 0
     capsys.readouterr()
     assert main(["evaluate", str(ckpt), "--device", "cpu", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["test"]["num_images"] == 6
+    assert sum(map(sum, json.loads(capsys.readouterr().out)["test"]["confusion"])) == 6  # every test image
     assert main(["export", str(ckpt), "--format", "onnx", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["onnx"]["top1_agreement"] == 100.0
     # as a student, distilled from the teacher's checkpoint
@@ -338,7 +339,8 @@ def test_onnx_teacher_distills_and_caches(in_root: Path, tree: Path, tmp_path: P
         == 0
     )
     cache = tmp_path / "t.cache"
-    assert main(_args("cache-teacher", tree, out, "--teacher", teacher, "--out", str(cache))) == 0
+    argv = ["cache-teacher", "--data", str(tree), "--epochs", "1", "--device", "cpu", "--set", "train.batch_size=4"]
+    assert main([*argv, "--teacher", teacher, "--out", str(cache)]) == 0
     args = _args("distill", tree, out, "--teacher", teacher, "--teacher-cache", str(cache), "--name", "c")
     assert main(args) == 0
 
@@ -353,7 +355,8 @@ def test_run_with_a_trained_source_teacher_from_a_config(in_root: Path, tree: Pa
     assert load_config(config).student.kwargs == {"width": 3}
     assert main(_args("run", tree, tmp_path / "runs", "--config", str(config), "--name", "r")) == 0
     run = tmp_path / "runs" / "r"
-    assert not (run / "teacher").exists() and (run / "distilled" / "checkpoint.pt").is_file()
+    assert not (run / "teacher" / "checkpoint.pt").exists() and (run / "distilled" / "checkpoint.pt").is_file()
+    assert json.loads((run / "summary.json").read_text())["models"]["teacher"]["model"] == "torchscript:tiny.pt"
 
 
 @pytest.mark.parametrize(
