@@ -89,6 +89,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             tiny().eval(), (torch.zeros(shape),), str(root / name), dynamo=False, input_names=["x"], dynamic_axes=axes
         )
     (root / "usermodels_for_kd.py").write_text(textwrap.dedent(FACTORY))
+    (root / "usermodels_that_fail.py").write_text('raise RuntimeError("no GPU found")\n')
     import transformers  # after HF_HUB_OFFLINE is set
 
     config = transformers.ResNetConfig(
@@ -105,6 +106,7 @@ def in_root(files: dict[str, Path], monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(files["root"]))])
     yield files["root"]
     sys.modules.pop("usermodels_for_kd", None)
+    sys.modules.pop("usermodels_that_fail", None)
 
 
 SOURCES = ["torchscript:tiny.pt", "onnx:tiny.onnx", "usermodels_for_kd:make", "hf:hf-resnet"]
@@ -176,6 +178,7 @@ def test_weights_file_with_code_in_it_is_refused(in_root: Path, tmp_path: Path) 
             "factory usermodels_for_kd:not_a_module returned int, not a torch.nn.Module",
         ),
         ("usermodels_for_kd:nope", "module usermodels_for_kd has no function 'nope'"),
+        ("usermodels_that_fail:make", "importing usermodels_that_fail raised RuntimeError: no GPU found"),
         ("torchscript:missing.pt", "model 'torchscript:missing.pt': file missing.pt does not exist"),
         ("torchscript:usermodels_for_kd.py", "is not a TorchScript archive"),
         ("hf:no-such-folder", "transformers cannot load 'no-such-folder' as an image classifier"),

@@ -287,10 +287,18 @@ def _factory(source: ModelSource, num_classes: int, kwargs: dict, pretrained: bo
         sys.path.insert(0, str(Path.cwd()))  # as python -m does: the user's own modules in the working folder
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name is not None and module_name != e.name and not module_name.startswith(e.name + "."):
+            raise ConfigError(
+                f"model {source.name!r}: importing {module_name} raised {e.__class__.__name__}: {e}"
+            ) from None
         raise ConfigError(
             f"model {source.name!r}: {module_name!r} is neither a known prefix ({', '.join(PREFIXES)}) nor an importable "
             f"Python module defining {func_name}() ({e.__class__.__name__}: {e})"
+        ) from None
+    except Exception as e:  # the user's module failed while importing: one line, naming it
+        raise ConfigError(
+            f"model {source.name!r}: importing {module_name} raised {e.__class__.__name__}: {str(e)[:200]}"
         ) from None
     factory = getattr(module, func_name, None)
     if not callable(factory):
