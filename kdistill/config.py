@@ -157,6 +157,14 @@ class ModelConfig(StrictConfig):
     def _known_model(cls, name: str) -> str:
         return check_name(name)
 
+    @model_validator(mode="after")
+    def _pretrained_needs_a_library(self) -> ModelConfig:
+        if self.pretrained and not source_of(self.name):
+            raise ValueError(
+                f"pretrained: kdistill's zoo ({self.name!r}) has no pretrained weights; use weights_file: FILE, or a library model (timm:<name>, ...)"
+            )
+        return self
+
 
 class TeacherConfig(ModelConfig):
     name: str = "seed_teacher"

@@ -233,6 +233,8 @@ def test_config_takes_sources_and_refuses_onnx_where_it_would_train() -> None:
         RunConfig.model_validate({"student": {"name": "onnx:t.onnx"}})
     with pytest.raises(Exception, match="unknown prefix 'x-y'"):
         RunConfig.model_validate({"student": {"name": "x-y:z"}})
+    with pytest.raises(Exception, match="pretrained: kdistill's zoo .'seed_student'. has no pretrained weights"):
+        RunConfig.model_validate({"student": {"name": "seed_student", "pretrained": True}})
     with pytest.raises(Exception, match="cannot be trained by mutual learning"):
         RunConfig.model_validate({"mutual": {"models": ["seed_student", "onnx:t.onnx"]}})
 
