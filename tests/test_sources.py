@@ -145,6 +145,14 @@ def test_weights_file_loads_a_state_dict(in_root: Path, tmp_path: Path) -> None:
     model, record = build("usermodels_for_kd:make", K, {}, weights=tmp_path / "w.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
     assert record["weights_file"] == str((tmp_path / "w.pt").resolve()) and len(record["weights_sha256"]) == 64
+    from safetensors.torch import save_file
+
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    again = create_model("usermodels_for_kd:make", num_classes=K, weights=tmp_path / "w.safetensors")
+    assert torch.equal(again[-1].weight, source[-1].weight)
+    torch.save({"format": "kdistill-checkpoint/1", "model": source.state_dict()}, tmp_path / "checkpoint.pt")
+    from_checkpoint = create_model("usermodels_for_kd:make", num_classes=K, weights=tmp_path / "checkpoint.pt")
+    assert torch.equal(from_checkpoint[-1].weight, source[-1].weight)  # a kdistill checkpoint's model weights
 
 
 def test_weights_file_that_does_not_fit_is_one_line(in_root: Path, tmp_path: Path) -> None:
@@ -382,3 +390,24 @@ def test_cli_bad_model_is_one_line(
     assert main(_args("train", tree, tmp_path / "runs", *argv)) != 0
     assert expected in _one_line_error(capsys)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_run_identity_holds_the_source_options(tmp_path: Path) -> None:
+    """A resume with another weights file, pretrained flag or trained teacher is another run."""
+    from kdistill.runs import run_identity
+
+    cfg = RunConfig.model_validate(
+        {
+            "teacher": {"name": "torchscript:t.pt", "trained": True, "weights_file": str(tmp_path / "w.pt")},
+            "student": {"name": "timm:resnet18", "pretrained": True},
+        }
+    )
+    identity = run_identity(cfg, "run")
+    assert identity["teacher.trained"] is True and identity["student.pretrained"] is True
+    assert identity["teacher.weights_file"] == str((tmp_path / "w.pt").resolve())
+    assert "student.pretrained" not in run_identity(RunConfig(), "run")  # runs from before sources read the same
+
+
+def test_models_command_names_the_sources(capsys: pytest.CaptureFixture) -> None:
+    assert main(["models"]) == 0
+    assert "timm:<name>" in capsys.readouterr().out
