@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ class SweepPoint:
     @property
     def name(self) -> str:
         t = f"-T{self.temperature:g}" if self.temperature is not None else ""
-        return f"{self.student}-{self.method}{t}-a{self.alpha:g}"
+        student = re.sub(r"[^\w.+-]+", "_", self.student)  # a folder name: torchscript:dir/m.pt -> torchscript_dir_m.pt
+        return f"{student}-{self.method}{t}-a{self.alpha:g}"
 
     @property
     def methods(self) -> dict[str, dict[str, Any]]:

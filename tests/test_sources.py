@@ -370,6 +370,22 @@ def test_run_with_a_trained_source_teacher_from_a_config(in_root: Path, tree: Pa
     run = tmp_path / "runs" / "r"
     assert not (run / "teacher" / "checkpoint.pt").exists() and (run / "distilled" / "checkpoint.pt").is_file()
     assert json.loads((run / "summary.json").read_text())["models"]["teacher"]["model"] == "torchscript:tiny.pt"
+    assert main(["report", str(run)]) == 0 and "torchscript:tiny.pt" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_and_mutual_take_sources(in_root: Path, tree: Path, tmp_path: Path) -> None:
+    """A sweep of source students from an ONNX teacher; deep mutual learning of two sources."""
+    argv = ["--students", "usermodels_for_kd:make", "torchscript:tiny.pt", "--methods", "kd", "--temperatures", "4"]
+    assert main(_args("sweep", tree, tmp_path, "--teacher", "onnx:tiny.onnx", *argv, "--name", "s")) == 0
+    board = (tmp_path / "s" / "leaderboard.csv").read_text()
+    assert "usermodels_for_kd:make" in board and "torchscript:tiny.pt" in board
+    assert (
+        tmp_path / "s" / "torchscript_tiny.pt-kd-T4-a0.5" / "checkpoint.pt"
+    ).is_file()  # a folder name without ':' or '/'
+    models = ["usermodels_for_kd:make", "hf:hf-resnet"]
+    assert main(_args("mutual", tree, tmp_path, "--models", *models, "--name", "m")) == 0
+    assert load_checkpoint(tmp_path / "m" / "checkpoint.pt")["model_spec"]["name"] == "usermodels_for_kd:make"
 
 
 @pytest.mark.parametrize(
