@@ -359,6 +359,7 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[Override]:
             # a trained model from a library or file (onnx:teacher.onnx), used as it is
             pre.append(Override(f"teacher.name={json.dumps(teachers[0])}", _said(args, "teacher")))
             pre.append(Override("teacher.trained=true", _said(args, "teacher")))
+            pre.append(Override("teacher.pretrained=true", _said(args, "teacher")))  # its own weights (hf, timm, ...)
             return pre
         key = (
             f"teacher.checkpoint={json.dumps(teachers[0])}"

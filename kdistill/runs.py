@@ -570,7 +570,13 @@ def build_teacher(
         return ensemble, {"checkpoints": [str(p) for p in cfg.teacher.checkpoints], "weights": cfg.teacher.weights}
     if cfg.teacher.trained:
         spec = spec_for(cfg.teacher, num_classes)
-        return new_model(spec, cfg.seed).to(device), spec
+        teacher = new_model(spec, cfg.seed)
+        if spec.get("source", {}).get("new_head") and not cfg.teacher.weights_file:
+            raise ConfigError(
+                f"teacher.trained: {cfg.teacher.name!r} was pretrained for other classes than the data's {num_classes}: its "
+                "new head is untrained; drop trained to fine-tune it in the teacher phase, or give weights_file"
+            )
+        return teacher.to(device), spec
     return None
 
 

@@ -135,8 +135,9 @@ def test_hf_pretrained_loads_the_folders_weights_and_a_new_head(in_root: Path) -
     saved = create_model("hf:hf-resnet", num_classes=K, pretrained=True).state_dict()
     again = create_model("hf:hf-resnet", num_classes=K, pretrained=True).state_dict()
     assert all(torch.equal(saved[k], again[k]) for k in saved)  # the folder's weights, not a random init
-    three = create_model("hf:hf-resnet", num_classes=3, pretrained=True)
-    assert three(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
+    three, record = build("hf:hf-resnet", 3, {}, pretrained=True)
+    assert three(torch.zeros(1, 3, 32, 32)).shape == (1, 3) and record["new_head"] is True
+    assert build("hf:hf-resnet", K, {}, pretrained=True)[1]["new_head"] is False
 
 
 def test_weights_file_loads_a_state_dict(in_root: Path, tmp_path: Path) -> None:
@@ -427,3 +428,26 @@ def test_run_identity_holds_the_source_options(tmp_path: Path) -> None:
 def test_models_command_names_the_sources(capsys: pytest.CaptureFixture) -> None:
     assert main(["models"]) == 0
     assert "timm:<name>" in capsys.readouterr().out
+
+
+def test_trained_teacher_pretrained_for_other_classes_is_refused(
+    in_root: Path, tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A model pretrained for 3 classes, used as it is on 2: its new head would be random."""
+    import transformers
+
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    transformers.ResNetForImageClassification(config).save_pretrained(tmp_path / "three")
+    argv = _args("distill", tree, tmp_path / "runs", "--teacher", f"hf:{tmp_path / 'three'}", "--name", "d")
+    assert main(argv) != 0
+    assert "was pretrained for other classes than the data's 2: its new head is untrained" in _one_line_error(capsys)
+
+
+@pytest.mark.slow
+def test_hf_folder_as_a_trained_teacher_uses_its_weights(in_root: Path, tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "runs"
+    assert (
+        main(_args("distill", tree, out, "--teacher", "hf:hf-resnet", "--student", "seed_student", "--name", "d")) == 0
+    )
+    spec = load_checkpoint(out / "d" / "checkpoint.pt")["teacher_spec"]
+    assert spec["source"]["pretrained"] is True and spec["source"]["new_head"] is False

@@ -57,9 +57,10 @@ def test_torchvision_pretrained_reads_the_hub_cache_and_gets_a_new_head(
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(imagenet.state_dict(), tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
-    model = create_model("torchvision:resnet18", num_classes=K, pretrained=True)
+    model, record = build("torchvision:resnet18", K, {}, pretrained=True)
     assert torch.equal(model.conv1.weight, imagenet.conv1.weight)
-    assert model.fc.out_features == K
+    assert model.fc.out_features == K and record["new_head"] is True
+    assert build("torchvision:resnet18", 1000, {}, pretrained=True)[1]["new_head"] is False
 
 
 def test_torchvision_pretrained_offline_without_cache_is_one_line(
@@ -80,9 +81,8 @@ def test_timm_pretrained_from_a_local_file_through_kwargs(tmp_path: Path) -> Non
     """timm's own way to name a local weights file (pretrained_cfg_overlay), given as kwargs."""
     source = create_model("timm:test_resnet", num_classes=1000)
     torch.save(source.state_dict(), tmp_path / "w.pth")
-    model = create_model(
-        "timm:test_resnet", num_classes=K, pretrained=True, pretrained_cfg_overlay={"file": str(tmp_path / "w.pth")}
-    )
+    model, record = build("timm:test_resnet", K, {"pretrained_cfg_overlay": {"file": str(tmp_path / "w.pth")}}, True)
+    assert record["new_head"] is True
     first = next(iter(source.state_dict()))  # the stem's weights: loaded from the file
     assert torch.equal(model.state_dict()[first], source.state_dict()[first])
     assert model.get_classifier().out_features == K

@@ -143,7 +143,10 @@ def _torchvision(source: ModelSource, num_classes: int, kwargs: dict, pretrained
         model = tv.models.get_model(source.target, weights="DEFAULT", **kwargs)
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         raise _offline_hint(source, e) from None
-    return _new_head(source, model, num_classes), {}
+    before = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    model = _new_head(source, model, num_classes)
+    after = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    return model, {"new_head": before != after}
 
 
 def _new_head(source: ModelSource, model: nn.Module, num_classes: int) -> nn.Module:
@@ -164,11 +167,15 @@ def _timm(source: ModelSource, num_classes: int, kwargs: dict, pretrained: bool,
     if source.target.split(".")[0] not in timm.list_models():
         raise _unknown(source, timm.list_models(), "timm.list_models()")
     try:
-        return timm.create_model(source.target, pretrained=pretrained, num_classes=num_classes, **kwargs), {}
+        model = timm.create_model(source.target, pretrained=pretrained, num_classes=num_classes, **kwargs)
     except (OSError, RuntimeError) as e:
         if pretrained:
             raise _offline_hint(source, e) from None
         raise
+    if not pretrained:
+        return model, {}
+    pretrained_classes = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    return model, {"new_head": pretrained_classes is not None and pretrained_classes != num_classes}
 
 
 class HFClassifier(nn.Module):
@@ -193,6 +200,7 @@ def _hf(source: ModelSource, num_classes: int, kwargs: dict, pretrained: bool, r
         return HFClassifier(auto.from_config(config)), record
     try:
         if pretrained:
+            saved = transformers.AutoConfig.from_pretrained(source.target).num_labels
             model = auto.from_pretrained(source.target, num_labels=num_classes, ignore_mismatched_sizes=True, **kwargs)
         else:
             config = transformers.AutoConfig.from_pretrained(source.target, num_labels=num_classes, **kwargs)
@@ -202,7 +210,10 @@ def _hf(source: ModelSource, num_classes: int, kwargs: dict, pretrained: bool, r
             f"model {source.name!r}: transformers cannot load {source.target!r} as an image classifier "
             f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})"
         ) from None
-    return HFClassifier(model), {"hf_config": model.config.to_diff_dict() | {"model_type": model.config.model_type}}
+    record = {"hf_config": model.config.to_diff_dict() | {"model_type": model.config.model_type}}
+    if pretrained:
+        record["new_head"] = saved != num_classes
+    return HFClassifier(model), record
 
 
 def sha256(path: Path) -> str:
