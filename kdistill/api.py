@@ -302,7 +302,7 @@ def cache_teacher(
     loader = _replayable(prepared)
     _place_teacher(teacher, device, channels_last)
     check_logits(
-        feature_shapes(teacher, prepared.example).logits, prepared.num_classes, model_label(teacher, "teacher")
+        feature_shapes(teacher, prepared.example).logits, prepared.known_classes, model_label(teacher, "teacher")
     )
     cache = build_teacher_cache(
         teacher, loader, epochs, batch_size=batch_size, autocast=autocast_for(device, amp), top_k=top_k, dtype=dtype

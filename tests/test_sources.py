@@ -120,10 +120,15 @@ def test_each_source_builds_a_classifier(in_root: Path, name: str) -> None:
     assert logits.shape == (3, K)
 
 
-def test_onnx_teacher_has_no_trainable_parameters_and_matches_pytorch(in_root: Path) -> None:
+def test_onnx_teacher_has_no_trainable_parameters_and_its_file_is_its_identity(in_root: Path) -> None:
+    from kdistill.teacher_cache import weights_digest
+
     model = create_model("onnx:tiny.onnx", num_classes=K)
     assert not any(p.requires_grad for p in model.parameters())
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, K)
+    # two ONNX files are two teachers to a teacher cache, though neither has weights in torch
+    assert weights_digest(model) != weights_digest(create_model("onnx:fixed.onnx", num_classes=K))
+    assert weights_digest(model.half()) == weights_digest(create_model("onnx:tiny.onnx", num_classes=K).half())
 
 
 def test_factory_gets_num_classes_and_kwargs(in_root: Path) -> None:

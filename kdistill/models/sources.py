@@ -254,12 +254,14 @@ class ONNXModel(nn.Module):
     """An ONNX classifier run by onnxruntime, for inference only (a teacher). Its one
     parameter is an empty tensor that records the device (no trainable weights)."""
 
-    def __init__(self, path: Path, name: str):
+    def __init__(self, path: Path, name: str, digest: str):
         super().__init__()
         import onnxruntime as ort  # lazy: an optional extra, checked by _import before
 
         self.name, self.path = name, path
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+        # the file's sha256 in the state dict: what identifies these weights (a teacher cache checks it)
+        self.register_buffer("file_sha256", torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8))
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
@@ -289,7 +291,7 @@ class ONNXModel(nn.Module):
 def _onnx(source: ModelSource, num_classes: int, kwargs: dict, pretrained: bool, record: dict):
     _import(source)
     path, new_record = _file(source, record)
-    return ONNXModel(path, source.name), new_record
+    return ONNXModel(path, source.name, new_record["sha256"]), new_record
 
 
 def _factory(source: ModelSource, num_classes: int, kwargs: dict, pretrained: bool, record: dict):
