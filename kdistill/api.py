@@ -38,7 +38,7 @@ from kdistill.engine import Result, autocast_for, fit, predict_views, select_dev
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
 from kdistill.methods import DEFAULT_METHOD, MethodContext, build_methods, set_option
-from kdistill.models.base import count_parameters, feature_shapes
+from kdistill.models.base import check_logits, count_parameters, feature_shapes, model_label
 from kdistill.progress import log
 from kdistill.tasks import Distillation, MutualLearning, Supervised
 from kdistill.teacher_cache import TeacherCache, build_teacher_cache, fingerprint
@@ -56,6 +56,12 @@ class Prepared:
     data_info: dict[str, Any]
     classes: list[str] | None = None
     probe: Tensor | None = None  # two training inputs as the model sees them (None: float images of input_shape)
+
+    @property
+    def known_classes(self) -> int | None:
+        """The number of classes when the data set says it (its class names), None when it
+        was inferred from the largest label (a model may then predict more)."""
+        return self.num_classes if self.classes is not None else None
 
     @property
     def example(self) -> Tensor | tuple[int, ...]:
@@ -307,6 +313,17 @@ def _borrowed(teacher: nn.Module):
         teacher.train(training)
 
 
+def _check_outputs(teacher_logits: Tensor, student_logits: Tensor, prepared: Prepared, teacher, student) -> None:
+    """Both models give (batch, classes) logits, for the data's classes and for the same classes."""
+    k_teacher = check_logits(teacher_logits, prepared.known_classes, model_label(teacher, "teacher"))
+    k_student = check_logits(student_logits, prepared.known_classes, model_label(student, "student"))
+    if k_teacher != k_student:
+        raise ConfigError(
+            f"{model_label(teacher, 'teacher')} predicts {k_teacher} classes but {model_label(student, 'student')} "
+            f"{k_student}; distillation needs both for the same classes"
+        )
+
+
 def _place_teacher(teacher: nn.Module, device: torch.device, channels_last: bool) -> None:
     teacher.to(device)
     if channels_last:
@@ -342,6 +359,9 @@ def cache_teacher(
     prepared = prepare_data(train_data, None, cfg=cfg, device=device, data=data, seed=seed)
     loader = _replayable(prepared)
     _place_teacher(teacher, device, channels_last)
+    check_logits(
+        feature_shapes(teacher, prepared.example).logits, prepared.known_classes, model_label(teacher, "teacher")
+    )
     started = time.perf_counter()
     cache = build_teacher_cache(
         teacher, loader, epochs, batch_size=batch_size, autocast=autocast_for(device, amp), top_k=top_k, dtype=dtype
@@ -382,6 +402,8 @@ def train(
     device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
+    model.to(device)
+    check_logits(feature_shapes(model, prepared.example).logits, prepared.known_classes, model_label(model, desc))
     task = Supervised(model, cfg.label_smoothing)
     extra = {
         "kind": "train",
@@ -433,9 +455,14 @@ def distill(
     _place_teacher(teacher, device, cfg.channels_last)
     student.to(device)
     cache, cache_info = _open_cache(teacher_cache, teacher, prepared, cfg, device, desc)
+    shapes = {
+        "student": feature_shapes(student, prepared.example),
+        "teacher": feature_shapes(teacher, prepared.example),
+    }
+    _check_outputs(shapes["teacher"].logits, shapes["student"].logits, prepared, teacher, student)
     context = MethodContext(
-        student=feature_shapes(student, prepared.example),
-        teacher=feature_shapes(teacher, prepared.example),
+        student=shapes["student"],
+        teacher=shapes["teacher"],
         num_classes=prepared.num_classes,
         num_samples=prepared.num_samples,
         epochs=cfg.epochs,

@@ -26,7 +26,7 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
     start = time.perf_counter()
     with runs.job(cfg), runs.open_run_dir(cfg, resume, kind="train") as run_dir:
         ds = runs.load_data(cfg)
-        spec = runs.model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+        spec = runs.spec_for(cfg.teacher, ds.num_classes)
         model = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
             run = Phases(cfg, ds, select_device(cfg.device), resume)
@@ -50,7 +50,7 @@ def distill_model(cfg: RunConfig, resume: bool) -> Path:
         ds = runs.load_data(cfg)
         device = select_device(cfg.device)
         teacher, teacher_spec = runs.build_teacher(cfg, ds.num_classes, device, ds)
-        spec = runs.model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+        spec = runs.spec_for(cfg.student, ds.num_classes)
         student = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
             run = Phases(cfg, ds, device, resume)

@@ -33,7 +33,7 @@ from kdistill.methods import (
     parse_methods,
     soft_target_temperature,
 )
-from kdistill.models import MODELS
+from kdistill.models import check_name, source_of
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -245,7 +245,18 @@ class TrainConfig(StrictConfig):
 
 class ModelConfig(StrictConfig):
     name: str
+    """A zoo name (``kdistill models``) or a source: torchvision:<name>, timm:<name>,
+    hf:<hub id or folder>, torchscript:<file>, onnx:<file> (teachers used as they are),
+    package.module:function (a function returning an nn.Module; the current folder is on
+    the import path)."""
     kwargs: dict[str, Any] = {}
+    """The constructor's keyword arguments (num_classes comes from the data)."""
+    pretrained: bool = False
+    """The library's own pretrained weights (torchvision, timm, Hugging Face; from their
+    cache when offline); a head for another number of classes starts random."""
+    weights_file: Path | None = None
+    """A state dict to load into the model (torch.load with weights_only=True, or a
+    .safetensors file; a kdistill checkpoint's model weights also do)."""
     checkpoint: Path | None = None
     """Start from (teacher: use as is) this checkpoint instead of training."""
     train: dict[str, Any] = {}
@@ -254,13 +265,23 @@ class ModelConfig(StrictConfig):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}")
-        return name
+        return check_name(name)
+
+    @model_validator(mode="after")
+    def _pretrained_needs_a_library(self) -> ModelConfig:
+        if self.pretrained and not source_of(self.name):
+            raise ValueError(
+                f"pretrained: kdistill's zoo ({self.name!r}) has no pretrained weights; use weights_file: FILE, or a library model (timm:<name>, ...)"
+            )
+        return self
 
 
 class TeacherConfig(ModelConfig):
     name: str = "seed_teacher"
+    trained: bool = False
+    """The model named by ``name`` is already trained for the data's classes (an ONNX or
+    TorchScript file, ``pretrained`` or ``weights_file`` weights): distill from it as it is,
+    with no teacher phase. Required for an onnx: teacher, which cannot be trained."""
     checkpoints: list[Path] = []
     """Multi-teacher distillation: several trained teachers whose softened outputs are
     averaged (weighted by ``weights``) into the target. Replaces ``checkpoint``."""
@@ -274,11 +295,33 @@ class TeacherConfig(ModelConfig):
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.checkpoints)} teacher checkpoints")
         if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
             raise ValueError("weights: must be non-negative with a positive sum")
+        if self.trained and (self.checkpoint or self.checkpoints):
+            raise ValueError("trained: a teacher checkpoint is trained already; set trained or checkpoint(s), not both")
+        source = source_of(self.name)
+        if source and not source.trainable and not (self.trained or self.checkpoint or self.checkpoints):
+            raise ValueError(
+                f"name: {self.name!r} runs in onnxruntime and cannot be trained; set teacher.trained: true to distill from it as it is"
+            )
         return self
 
 
 class StudentConfig(ModelConfig):
     name: str = "seed_student"
+
+    @field_validator("name")
+    @classmethod
+    def _trainable(cls, name: str) -> str:
+        return trainable_name(name, "a student")
+
+
+def trainable_name(name: str, role: str) -> str:
+    """``name``, if a model of that name can be trained (ONNX models cannot)."""
+    source = source_of(name)
+    if source and not source.trainable:
+        raise ValueError(
+            f"{name!r} runs in onnxruntime without gradients and cannot be {role}; use a torchscript: file"
+        )
+    return name
 
 
 class DistillConfig(StrictConfig):
@@ -348,8 +391,7 @@ class MutualConfig(StrictConfig):
         if len(models) < 2:
             raise ValueError("mutual learning needs at least two models")
         for name in models:
-            if name not in MODELS:
-                raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+            trainable_name(check_name(name), "trained by mutual learning")
         return models
 
 

@@ -98,16 +98,24 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, meta
         # The TorchScript-based exporter: exports a CNN in well under a second and needs only
         # the onnx package (the torch.export-based one takes ~10 s and needs onnxscript).
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        except Exception as e:  # the exporter fails in many ways on operators or code it does not know
+            path.unlink(missing_ok=True)
+            name = getattr(model, "kdistill_name", None) or type(model).__name__
+            raise ExportError(
+                f"{name} cannot be exported to ONNX by torch.onnx ({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                "try --format torchscript"
+            ) from None
     proto = onnx.load(str(path))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

@@ -24,7 +24,7 @@ import torch
 from kdistill import api, distributed
 from kdistill.budget import BudgetTooSmall, PhaseCost, format_seconds
 from kdistill.checkpoint import load_checkpoint, load_model
-from kdistill.config import DataConfig, RunConfig, TrainConfig, dump_config
+from kdistill.config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import BUNDLED, DOWNLOADABLE, ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
 from kdistill.engine import Result, autocast_for, predict, select_device
@@ -32,7 +32,7 @@ from kdistill.errors import CheckpointError, ConfigError
 from kdistill.evaluate import agreement, profile_model
 from kdistill.files import atomic_write_text, remove_stale_temporaries
 from kdistill.methods import check_run
-from kdistill.models import create_model
+from kdistill.models import build, source_of
 from kdistill.models.ensemble import TeacherEnsemble
 from kdistill.progress import log
 
@@ -245,10 +245,12 @@ def run_identity(cfg: RunConfig, kind: str) -> dict[str, Any]:
             identity[f"data.{key}"] = getattr(d, key)
     if kind == "train":
         identity.update({"teacher.name": cfg.teacher.name, "teacher.kwargs": cfg.teacher.kwargs})
+        identity.update(_source_identity(cfg.teacher, "teacher"))
     if kind in ("run", "distill", "sweep"):
         identity.update(_teacher_identity(cfg))
     if kind in ("run", "distill"):
         identity.update({"student.name": cfg.student.name, "student.kwargs": cfg.student.kwargs})
+        identity.update(_source_identity(cfg.student, "student"))
         identity.update(
             {
                 "distill.methods": {name: o.model_dump(mode="json") for name, o in cfg.distill.method_options.items()},
@@ -283,7 +285,19 @@ def _teacher_identity(cfg: RunConfig) -> dict[str, Any]:
         return {"teacher.checkpoints": [_absolute(p) for p in t.checkpoints], "teacher.weights": t.weights}
     if t.checkpoint:
         return {"teacher.checkpoint": _absolute(t.checkpoint)}
-    return {"teacher.name": t.name, "teacher.kwargs": t.kwargs}
+    return {"teacher.name": t.name, "teacher.kwargs": t.kwargs, **_source_identity(t, "teacher")}
+
+
+def _source_identity(model: ModelConfig, role: str) -> dict[str, Any]:
+    """The source options set (none: the identity of a run from before they existed)."""
+    found: dict[str, Any] = {}
+    if model.pretrained:
+        found[f"{role}.pretrained"] = True
+    if model.weights_file:
+        found[f"{role}.weights_file"] = _absolute(model.weights_file)
+    if getattr(model, "trained", False):
+        found[f"{role}.trained"] = True
+    return found
 
 
 def _check_record(run_dir: Path, kind: str, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -547,15 +561,35 @@ def _split(d) -> dict | None:
     return d.split.model_dump() if d.split else None
 
 
-def model_spec(name: str, kwargs: dict, num_classes: int) -> dict[str, Any]:
-    """What a checkpoint records to rebuild a registry model: its name and arguments."""
-    return {"name": name, "kwargs": {**kwargs, "num_classes": num_classes}}
+def model_spec(
+    name: str, kwargs: dict, num_classes: int, pretrained: bool = False, weights_file: Path | None = None
+) -> dict[str, Any]:
+    """What a checkpoint records to rebuild a model: its name and arguments, and for a
+    source (``timm:...``, ``hf:...``, a file, a factory) or loaded weights, where it came
+    from (``new_model`` adds what the source itself records: a file's sha256, a config)."""
+    spec: dict[str, Any] = {"name": name, "kwargs": {**kwargs, "num_classes": num_classes}}
+    if source_of(name) or pretrained or weights_file:
+        spec["source"] = {"pretrained": pretrained, "weights_file": str(weights_file) if weights_file else None}
+    return spec
+
+
+def spec_for(model: ModelConfig, num_classes: int) -> dict[str, Any]:
+    """The spec of the config's teacher or student."""
+    return model_spec(model.name, model.kwargs, num_classes, model.pretrained, model.weights_file)
 
 
 def new_model(spec: dict[str, Any], seed: int) -> torch.nn.Module:
-    """A freshly initialised registry model; the same ``seed`` gives the same weights."""
+    """A freshly built model (initialised from ``seed``: the same seed gives the same
+    weights, pretrained or loaded weights aside); the source's record joins the spec."""
     torch.manual_seed(seed)
-    return create_model(spec["name"], **spec["kwargs"])
+    kwargs = dict(spec["kwargs"])
+    source = spec.get("source") or {}
+    model, record = build(
+        spec["name"], kwargs.pop("num_classes"), kwargs, source.get("pretrained", False), source.get("weights_file")
+    )
+    if record:
+        spec["source"] = {**source, **record}
+    return model
 
 
 def test_set(
@@ -643,7 +677,8 @@ def warn_if_teacher_saw_validation(path: Path, state: dict, ds: ImageDataset) ->
 def build_teacher(
     cfg: RunConfig, num_classes: int, device: torch.device, ds: ImageDataset | None = None
 ) -> tuple[torch.nn.Module, dict] | None:
-    """The teacher from ``teacher.checkpoint`` or the ensemble of ``teacher.checkpoints``;
+    """The teacher from ``teacher.checkpoint``, the ensemble of ``teacher.checkpoints``, or
+    the model ``teacher.name`` names when ``teacher.trained`` says it is trained already;
     None when the teacher must be trained in this run. With ``ds``, warn when a teacher
     was trained on its validation images."""
     if cfg.teacher.checkpoint:
@@ -653,6 +688,15 @@ def build_teacher(
         members = [load_teacher(p, num_classes, device, ds)[0] for p in cfg.teacher.checkpoints]
         ensemble = TeacherEnsemble(members, cfg.teacher.weights, cfg.distill.temperature).to(device)
         return ensemble, {"checkpoints": [str(p) for p in cfg.teacher.checkpoints], "weights": cfg.teacher.weights}
+    if cfg.teacher.trained:
+        spec = spec_for(cfg.teacher, num_classes)
+        teacher = new_model(spec, cfg.seed)
+        if spec.get("source", {}).get("new_head") and not cfg.teacher.weights_file:
+            raise ConfigError(
+                f"teacher.trained: {cfg.teacher.name!r} was pretrained for other classes than the data's {num_classes}: its "
+                "new head is untrained; drop trained to fine-tune it in the teacher phase, or give weights_file"
+            )
+        return teacher.to(device), spec
     return None
 
 

@@ -39,10 +39,10 @@ from kdistill.runs import (
     job,
     load_data,
     measure_phase_costs,
-    model_spec,
     new_model,
     open_run_dir,
     profile_seconds,
+    spec_for,
     teacher_cache_record,
     test_set,
     train_config,
@@ -92,7 +92,7 @@ def run_seeds(cfg: RunConfig, seeds: list[int], resume: bool = False, share_teac
     dirs = []
     for i, seed in enumerate(seeds):
         seed_cfg = cfg.model_copy(update={"seed": seed, "name": f"seed{seed}", "output_dir": root})
-        if share_teacher and i > 0 and not (cfg.teacher.checkpoint or cfg.teacher.checkpoints):
+        if share_teacher and i > 0 and not (cfg.teacher.checkpoint or cfg.teacher.checkpoints or cfg.teacher.trained):
             teacher = root / f"seed{seeds[0]}" / "teacher" / "checkpoint.pt"
             seed_cfg = seed_cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": teacher})})
         run_dir = root / seed_cfg.name
@@ -174,7 +174,7 @@ class Phases:
 def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resume: bool, start: float):
     """The teacher (loaded or trained here), its spec, every trained phase's result and,
     with a budget, the :class:`StudyBudget` they were trained under (else None)."""
-    sspec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+    sspec = spec_for(cfg.student, ds.num_classes)
 
     def student() -> torch.nn.Module:
         return new_model(sspec, cfg.seed)  # baseline and distilled student start from the same weights
@@ -188,7 +188,7 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
     if loaded:
         teacher, teacher_spec = loaded
     else:
-        teacher_spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+        teacher_spec = spec_for(cfg.teacher, ds.num_classes)
         teacher = new_model(teacher_spec, cfg.seed)
     names = ["teacher"] * (not loaded) + ["baseline", "distilled"] + generation_names(cfg)
     budget = StudyBudget.plan(cfg, ds, device, start, teacher, student(), names) if cfg.budget else None

@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -32,14 +33,14 @@ from typing import Any
 import torch
 
 from kdistill import runs
-from kdistill.config import DistillConfig, RunConfig
+from kdistill.config import DistillConfig, RunConfig, trainable_name
 from kdistill.configbase import format_errors
 from kdistill.engine import GracefulInterrupt, predict, select_device
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.evaluate import agreement, count_macs
 from kdistill.files import atomic_write_text
 from kdistill.methods import METHODS, needs_features, set_option, taking
-from kdistill.models import MODELS, count_parameters
+from kdistill.models import check_name, count_parameters
 from kdistill.progress import log, plain_progress_only
 from kdistill.report.leaderboard import write_leaderboard
 from kdistill.stats import pack_outcomes
@@ -57,7 +58,8 @@ class SweepPoint:
     @property
     def name(self) -> str:
         t = f"-T{self.temperature:g}" if self.temperature is not None else ""
-        return f"{self.student}-{self.method}{t}-a{self.alpha:g}"
+        student = re.sub(r"[^\w.+-]+", "_", self.student)  # a folder name: torchscript:dir/m.pt -> torchscript_dir_m.pt
+        return f"{student}-{self.method}{t}-a{self.alpha:g}"
 
     @property
     def methods(self) -> dict[str, dict[str, Any]]:
@@ -74,8 +76,10 @@ def expand_grid(
 ) -> list[SweepPoint]:
     """Every combination, once: a method without a temperature does not multiply by T."""
     for name in students:
-        if name not in MODELS:
-            raise ConfigError(f"sweep: unknown student {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+        try:
+            trainable_name(check_name(name), "a student")
+        except ValueError as e:
+            raise ConfigError(f"sweep: student {e}") from None
     points: dict[str, SweepPoint] = {}
     for student, method, t, alpha in itertools.product(students, methods, temperatures, alphas):
         parts = [m.strip() for m in method.split("+")]
