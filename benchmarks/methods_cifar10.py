@@ -36,6 +36,7 @@ from kdistill.evaluate import agreement
 from kdistill.methods import parse_method_options
 from kdistill.methods.dkd import scaled_warmup_epochs
 from kdistill.runs import load_data
+from kdistill.stats import mcnemar, pack_outcomes, paired_bootstrap, t_interval, unpack_outcomes
 
 BASELINE = "baseline (CE only)"
 # the paper's recommended extra CE for feature methods: CE 1 + method (alpha = 1)
@@ -165,6 +166,8 @@ def main() -> None:
                 row = {
                     "seed": seed,
                     "top1": r.metrics["top1"],
+                    # which test images it got right: McNemar's test against the baseline of the seed
+                    "test_correct": pack_outcomes((r.test_logits.argmax(1).cpu() == ds.test_labels).numpy()),
                     "agreement": agree,
                     "seconds": time.perf_counter() - t0 + shared,
                 }
@@ -200,15 +203,7 @@ def main() -> None:
 def write_table(result: dict, out: Path) -> None:
     """The markdown table (and its data as JSON next to it)."""
     rows = result["rows"]
-
-    def fmt(values: list[float]) -> str:
-        return (
-            f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}"
-            if len(values) > 1
-            else f"{values[0]:.2f}"
-        )
-
-    base = {r["seed"]: r["top1"] for r in rows[BASELINE]}
+    base = {r["seed"]: r for r in rows[BASELINE]}
     lines = [
         "# Distillation methods on CIFAR-10, seed_teacher -> seed_student",
         "",
@@ -216,28 +211,56 @@ def write_table(result: dict, out: Path) -> None:
         "",
         *(f"Recipe: {r}" for r in dict.fromkeys(result["recipe"])),
         "",
-        f"Seeds: {sorted(set(result['seeds']))}. Last-epoch test top-1, mean ± spread (population std) "
-        "over seeds; gain: the mean of each seed's difference to the baseline student of the same seed.",
+        f"Seeds: {sorted(set(result['seeds']))}. Last-epoch test top-1: mean ± standard deviation (n - 1) over "
+        "seeds. Gain: each seed's difference to the baseline student of the same seed, their mean and its 95% "
+        "confidence interval (t-interval over seeds; with one seed a paired bootstrap over the test images). "
+        "McNemar: the exact p-value of each seed's paired test against that seed's baseline on the test images "
+        "(– where the run did not record its per-image results).",
         "",
-        "| method | test top-1 (%) | gain over baseline (points) | agreement with teacher (%) | wall time (s) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| method | test top-1 (%) | gain per seed | mean gain (95% CI) | McNemar p per seed "
+        "| agreement with teacher (%) | wall time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, rs in rows.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        seconds = f"{statistics.mean(r['seconds'] for r in rs):.0f}"
         failed = [f"seed {r['seed']}: {r['failed']}" for r in rs if r["top1"] is None]
         if failed:
-            lines.append(f"| {name} | {'; '.join(failed)} | | | {statistics.mean(r['seconds'] for r in rs):.0f} |")
+            lines.append(f"| {name} | {'; '.join(failed)} | | | | | {seconds} |")
             continue
-        gain = (
-            "" if name in ("teacher", BASELINE) else f"{statistics.mean(r['top1'] - base[r['seed']] for r in rs):+.2f}"
-        )
+        gains = "" if name in ("teacher", BASELINE) else _gain_cells(rs, base)
         lines.append(
-            f"| {name} | {fmt([r['top1'] for r in rs])} | {gain} | {fmt([r['agreement'] for r in rs])} | "
-            f"{statistics.mean(r['seconds'] for r in rs):.0f} |"
+            f"| {name} | {_spread([r['top1'] for r in rs])} | {gains or ' | | '} | "
+            f"{_spread([r['agreement'] for r in rs])} | {seconds} |"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     print("\n".join(lines))
+
+
+def _spread(values: list[float]) -> str:
+    """Mean ± sample standard deviation over seeds (one seed: its value)."""
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def _gain_cells(rs: list[dict], base: dict[int, dict]) -> str:
+    """Per-seed gains, their mean with its 95% interval and each seed's McNemar p, as three cells."""
+    gains = [r["top1"] - base[r["seed"]]["top1"] for r in rs]
+    outcomes = [
+        (unpack_outcomes(base[r["seed"]]["test_correct"]), unpack_outcomes(r["test_correct"]))
+        if r.get("test_correct") and base[r["seed"]].get("test_correct")
+        else None
+        for r in rs
+    ]
+    interval = t_interval(gains)
+    if len(gains) == 1 and outcomes[0] is not None:
+        interval = paired_bootstrap(*outcomes[0])
+    mean = f"{statistics.mean(gains):+.2f}"
+    if interval.get("low") is not None:
+        mean += f" ({interval['low']:+.2f} to {interval['high']:+.2f})"
+    p_values = ", ".join(f"{mcnemar(*o)['p_value']:.2g}" if o is not None else "–" for o in outcomes)
+    return f"{', '.join(f'{g:+.2f}' for g in gains)} | {mean} | {p_values}"
 
 
 def merge(paths: list[str], out: Path) -> None:

@@ -21,6 +21,7 @@ process, so shard it yourself (e.g. a DataLoader with a DistributedSampler).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,12 @@ from kdistill import distributed
 from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.configbase import deep_merge, format_errors
 from kdistill.data.dataset import ImageDataset, channel_mean_std, load_dataset
-from kdistill.data.loader import EvalData, IterableLoader, Normalize, TrainLoader
-from kdistill.engine import Result, autocast_for, fit, predict, select_device
+from kdistill.data.loader import EvalData, IterableLoader, Normalize, ResizedCrop, TrainLoader
+from kdistill.engine import Result, autocast_for, fit, predict_views, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
 from kdistill.methods import DEFAULT_METHOD, MethodContext, build_methods, set_option
-from kdistill.models.base import count_parameters, feature_shapes
+from kdistill.models.base import check_logits, count_parameters, feature_shapes, model_label
 from kdistill.progress import log
 from kdistill.tasks import Distillation, MutualLearning, Supervised
 from kdistill.teacher_cache import TeacherCache, build_teacher_cache, fingerprint
@@ -55,6 +56,12 @@ class Prepared:
     data_info: dict[str, Any]
     classes: list[str] | None = None
     probe: Tensor | None = None  # two training inputs as the model sees them (None: float images of input_shape)
+
+    @property
+    def known_classes(self) -> int | None:
+        """The number of classes when the data set says it (its class names), None when it
+        was inferred from the largest label (a model may then predict more)."""
+        return self.num_classes if self.classes is not None else None
 
     @property
     def example(self) -> Tensor | tuple[int, ...]:
@@ -113,7 +120,17 @@ def prepare_data(
     data = data or DataConfig()
     shard = shard or distributed.shard()
     if isinstance(train_data, (str, Path)):
-        train_data = load_dataset(train_data, data.image_size, data.data_dir, data.download, data.val_size, seed)
+        split = data.split.model_dump() if data.split else None
+        train_data = load_dataset(
+            train_data,
+            data.image_size,
+            data.data_dir,
+            data.download,
+            data.val_size,
+            seed,
+            resize=data.resize,
+            split=split,
+        )
     if isinstance(train_data, ImageDataset):
         return _prepare_dataset(train_data, cfg, device, data, seed, shard)
     pair = isinstance(train_data, (tuple, list)) and len(train_data) == 2
@@ -134,20 +151,59 @@ def prepare_data(
     )
 
 
+def augmentation(data: DataConfig, stored: tuple[int, ...], images: bool = True) -> dict[str, Any]:
+    """TrainLoader's augmentation arguments for images of ``stored`` (C, H, W) shape: the
+    crop-and-flip settings, the random-resized crop if chosen, and the training ``size``
+    (which evaluation centre-crops to as well)."""
+    if not images:
+        return {"augment": False}
+    resized = data.augmentation == "random_resized_crop"
+    side = min(stored[-2:])
+    size = data.train_size or (side if resized else None)  # None: the whole stored image
+    if size is not None and size > side:
+        raise DataError(
+            f"data.train_size={size} is larger than the stored images ({stored[-2]}x{stored[-1]}); evaluation "
+            "centre-crops train_size from them: raise data.image_size or lower data.train_size"
+        )
+    if not resized and size is not None and tuple(stored[-2:]) != (size, size):
+        raise DataError(
+            f"data.train_size={size} differs from the stored size {stored[-1]}: pad_crop trains at the stored size; "
+            "use augmentation: random_resized_crop"
+        )
+    return {
+        "augment": data.augment,
+        "padding": data.crop_padding,
+        "flip": data.flip,
+        "resized_crop": ResizedCrop(size, data.crop_scale, data.crop_ratio) if resized else None,
+        "size": size,
+    }
+
+
 def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfig, seed: int, shard) -> Prepared:
     """An ImageDataset: augmented batches of its training split, its validation and test splits."""
     if data.num_classes is not None and data.num_classes != ds.num_classes:
         raise DataError(f"num_classes={data.num_classes}, but data set {ds.name!r} has {ds.num_classes} classes")
     mean, std = ds.mean_std()
     normalize = Normalize(mean, std, device, cfg.channels_last)
-    augment = {"augment": data.augment, "padding": data.crop_padding, "flip": data.flip, "shard": shard}
+    augment = augmentation(data, ds.image_shape)
     loader = TrainLoader(
-        ds.train_images, ds.train_labels, cfg.batch_size, device, normalize, seed, rows=ds.train_rows, **augment
+        ds.train_images,
+        ds.train_labels,
+        cfg.batch_size,
+        device,
+        normalize,
+        seed,
+        shard=shard,
+        rows=ds.train_rows,
+        **augment,
     )
+    size = augment["size"]
     evals = {}
     if ds.val_images is not None:
-        evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize, rows=ds.val_rows)
-    evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize)
+        evals["val"] = EvalData(
+            ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize, rows=ds.val_rows, size=size
+        )
+    evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize, size=size)
     info = {
         "dataset": ds.source or ds.name,
         "checksum": ds.checksum,
@@ -155,9 +211,13 @@ def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfi
         "mean": mean,
         "std": std,
         "image_size": ds.image_shape[-1],
+        "resize": data.resize,  # how the stored images were made from the files
+        "train_size": size,  # what the model sees: evaluation centre-crops the stored images to it
         "val_split": ds.val_split,  # a teacher trained here may be checked against a later run's split
+        "split": ds.split,  # the train/val/test split kdistill made: evaluate and later runs reuse it
     }
-    return Prepared(loader, evals, ds.num_classes, ds.image_shape, len(ds.train_labels), info, ds.classes)
+    shape = (ds.image_shape[0], size, size) if size else ds.image_shape
+    return Prepared(loader, evals, ds.num_classes, shape, len(ds.train_labels), info, ds.classes)
 
 
 def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: DataConfig, seed: int, shard) -> Prepared:
@@ -173,25 +233,37 @@ def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: Data
         mean, std = channel_mean_std(inputs)
         normalize = Normalize(mean, std, device, cfg.channels_last)
         info.update(mean=mean, std=std, image_size=inputs.shape[-1])
-    augment = {"augment": data.augment and images, "padding": data.crop_padding, "flip": data.flip, "shard": shard}
-    loader = TrainLoader(inputs, labels, cfg.batch_size, device, normalize, seed, **augment)
+    augment = augmentation(data, tuple(inputs.shape[1:]), images)
+    loader = TrainLoader(inputs, labels, cfg.batch_size, device, normalize, seed, shard=shard, **augment)
+    size = augment.get("size")
     evals = {}
     if test_data is not None:
         tx, ty = test_data
-        evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize)
+        evals["test"] = EvalData(tx, ty, cfg.eval_batch_size, device, normalize, size=size if images else None)
     probe = None if images else inputs[:2]  # uint8 images reach the model normalised to float
     num_classes = _num_classes(labels, data, "train_data")
-    return Prepared(loader, evals, num_classes, tuple(inputs.shape[1:]), len(labels), info, probe=probe)
+    shape = (inputs.shape[1], size, size) if size else tuple(inputs.shape[1:])
+    if size:
+        info["train_size"] = size
+    return Prepared(loader, evals, num_classes, shape, len(labels), info, probe=probe)
 
 
-def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig) -> Result:
-    """``result`` with the metrics and logits of the last evaluation set ("test" if given)."""
+def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig, averaged: bool = True) -> Result:
+    """``result`` with the metrics and logits of the last evaluation set ("test" if given).
+    ``averaged``: the model is the one whose weights train.ema averaged (and the history measured)."""
     name = "test" if "test" in prepared.eval_sets else next(iter(prepared.eval_sets), None)
     if not name:
         return result
     data = prepared.eval_sets[name]
-    logits = predict(result.model, data, cfg.amp)
-    return replace(result, metrics=classification_metrics(logits, data.labels, prepared.classes), test_logits=logits)
+    logits, mirrored = predict_views(result.model, data, cfg.amp, flip=cfg.eval_tta == "flip")
+    metrics = classification_metrics(logits, data.labels, prepared.classes)
+    if mirrored is not None:  # flip TTA, beside the plain numbers (never instead of them)
+        tta = classification_metrics(mirrored, data.labels, prepared.classes)
+        metrics.update(top1_tta=tta["top1"], nll_tta=tta["nll"])
+    last = result.history[-1] if result.history else {}
+    if averaged and f"{name}_top1_raw" in last and f"{name}_subset" not in last:  # train.ema: the trained weights' own
+        metrics["top1_raw"] = last[f"{name}_top1_raw"]
+    return replace(result, metrics=metrics, test_logits=logits)
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -250,6 +322,17 @@ def _borrowed(teacher: nn.Module):
         teacher.train(training)
 
 
+def _check_outputs(teacher_logits: Tensor, student_logits: Tensor, prepared: Prepared, teacher, student) -> None:
+    """Both models give (batch, classes) logits, for the data's classes and for the same classes."""
+    k_teacher = check_logits(teacher_logits, prepared.known_classes, model_label(teacher, "teacher"))
+    k_student = check_logits(student_logits, prepared.known_classes, model_label(student, "student"))
+    if k_teacher != k_student:
+        raise ConfigError(
+            f"{model_label(teacher, 'teacher')} predicts {k_teacher} classes but {model_label(student, 'student')} "
+            f"{k_student}; distillation needs both for the same classes"
+        )
+
+
 def _place_teacher(teacher: nn.Module, device: torch.device, channels_last: bool) -> None:
     teacher.to(device)
     if channels_last:
@@ -285,9 +368,17 @@ def cache_teacher(
     prepared = prepare_data(train_data, None, cfg=cfg, device=device, data=data, seed=seed)
     loader = _replayable(prepared)
     _place_teacher(teacher, device, channels_last)
+    check_logits(
+        feature_shapes(teacher, prepared.example).logits, prepared.known_classes, model_label(teacher, "teacher")
+    )
+    started = time.perf_counter()
     cache = build_teacher_cache(
         teacher, loader, epochs, batch_size=batch_size, autocast=autocast_for(device, amp), top_k=top_k, dtype=dtype
     )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    cache.build_seconds = time.perf_counter() - started  # paid once, by every run that reads the cache
+    log(f"teacher cache: built in {cache.build_seconds:.1f} s")
     if path is not None:
         distributed.on_main(lambda: cache.save(path))  # under torchrun every rank built the same cache: rank 0 writes
         cache.path = Path(path)
@@ -320,6 +411,8 @@ def train(
     device = _device(device)
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
+    model.to(device)
+    check_logits(feature_shapes(model, prepared.example).logits, prepared.known_classes, model_label(model, desc))
     task = Supervised(model, cfg.label_smoothing)
     extra = {
         "kind": "train",
@@ -371,13 +464,18 @@ def distill(
     _place_teacher(teacher, device, cfg.channels_last)
     student.to(device)
     cache, cache_info = _open_cache(teacher_cache, teacher, prepared, cfg, device, desc)
+    shapes = {
+        "student": feature_shapes(student, prepared.example),
+        "teacher": feature_shapes(teacher, prepared.example),
+    }
+    _check_outputs(shapes["teacher"].logits, shapes["student"].logits, prepared, teacher, student)
     context = MethodContext(
-        student=feature_shapes(student, prepared.example),
-        teacher=feature_shapes(teacher, prepared.example),
+        student=shapes["student"],
+        teacher=shapes["teacher"],
         num_classes=prepared.num_classes,
         num_samples=prepared.num_samples,
         epochs=cfg.epochs,
-        epochs_fixed=not cfg.budget,
+        epochs_fixed=not (cfg.budget or cfg.max_steps),
     )
     with _borrowed(teacher):  # frozen for the run, given back as it came
         task = Distillation(
@@ -441,9 +539,19 @@ def _open_cache(
         cache = TeacherCache.load(cache)
     # a budget run may not outlast the cache; an epoch run must fit in it
     cache.check(fingerprint(_replayable(prepared), teacher), epochs=1 if cfg.budget else cfg.epochs)
-    info = {"path": str(cache.path) if cache.path else None, "epochs": cache.epochs, "fingerprint": cache.fingerprint}
+    info = {
+        "path": str(cache.path) if cache.path else None,
+        "epochs": cache.epochs,
+        "fingerprint": cache.fingerprint,
+        "build_seconds": cache.build_seconds,
+    }
+    built = (
+        f"; it cost {cache.build_seconds:.1f} s once, shared by every run with this teacher, data and seed, and not counted in this run's time"
+        if cache.build_seconds is not None
+        else ""
+    )
     log(
-        f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run"
+        f"{desc}: teacher logits from the cache{' ' + str(cache.path) if cache.path else ''} ({cache.describe()}); the teacher does not run{built}"
     )
     return cache.to(device), info
 
@@ -481,6 +589,8 @@ def mutual(
         "seed": seed,
     }
     result = _fit_prepared(task, prepared, cfg, device, run_dir, resume, extra, desc)
+    # each model, the run's history and budget; train.ema averages the first model only
     return [
-        _with_test_metrics(replace(result, model=m), prepared, cfg) for m in task.all_models
-    ]  # each model, the run's history and budget
+        _with_test_metrics(replace(result, model=m), prepared, cfg, averaged=i == 0)
+        for i, m in enumerate(task.all_models)
+    ]

@@ -27,8 +27,10 @@ first step if it alone outlasted the budget, else right after the second, whose 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kdistill.errors import ConfigError
@@ -232,3 +234,103 @@ class BudgetPlan:
             "epochs": steps / self.steps_per_epoch,
             "step_seconds": self.step_seconds,
         }
+
+
+# ------------------------------------------------------------------ the whole study's budget
+
+
+@dataclass(frozen=True)
+class PhaseCost:
+    """What one training phase of a study costs: ``step_seconds`` per optimizer step,
+    ``eval_seconds`` per epoch-end evaluation, ``steps_per_epoch`` steps per epoch."""
+
+    name: str
+    step_seconds: float
+    eval_seconds: float
+    steps_per_epoch: int
+
+    def seconds(self, steps: int) -> float:
+        """``steps`` optimizer steps and the evaluation at every epoch end (a last partial epoch's included)."""
+        return steps * self.step_seconds + -(-steps // self.steps_per_epoch) * self.eval_seconds
+
+
+@dataclass
+class StudyPlan:
+    """How a study spends ``budget`` seconds: ``spent`` before the plan (loading, measuring),
+    ``reserve`` for the final evaluation, profiling, export and report, and every trained
+    phase ``steps`` optimizer steps (the same for all: the two students differ only by
+    distillation) taking ``phases[name]`` seconds. ``note``: one line when the budget holds
+    less than one epoch of each phase (they train for a fraction of one)."""
+
+    budget: float
+    spent: float
+    reserve: float
+    steps: int
+    costs: dict[str, PhaseCost]
+    phases: dict[str, float]
+    note: str | None = None
+
+    def share(self, phase: str, left: float, remaining: list[str]) -> float:
+        """``phase``'s seconds of the ``left`` seconds of training time, shared with the
+        ``remaining`` phases (``phase`` among them) in proportion to their plan: a phase
+        that ran faster or slower than measured leaves the others their share."""
+        return left * self.phases[phase] / sum(self.phases[p] for p in remaining)
+
+    def record(self) -> dict[str, Any]:
+        """For summary.json: the plan (the study adds what each phase spent)."""
+        return {
+            "budget_seconds": self.budget,
+            "planning_seconds": self.spent,
+            "reserve_seconds": self.reserve,
+            "steps": self.steps,
+            "phases": {
+                name: {
+                    "planned_seconds": seconds,
+                    "planned_steps": self.steps,
+                    "step_seconds": self.costs[name].step_seconds,
+                    "steps_per_epoch": self.costs[name].steps_per_epoch,
+                }
+                for name, seconds in self.phases.items()
+            },
+            **({"note": self.note} if self.note else {}),
+        }
+
+
+def plan_study(budget: float, spent: float, costs: list[PhaseCost], reserve: float) -> StudyPlan:
+    """The most optimizer steps ``N`` that every phase of ``costs`` can take, one after the
+    other, in what is left of ``budget`` after ``spent`` seconds and the ``reserve``.
+
+    The same ``N`` for every phase: the student alone and the distilled student must see
+    the same batches for their difference to be distillation's; the teacher trains as long
+    (a teacher weaker than its student has little to teach). A budget too small for one
+    epoch of each phase trains each for a fraction of an epoch (``note`` says so); one too
+    small for a single step of each phase and its evaluation is refused with the budget
+    that would do."""
+    available = budget - spent - reserve
+    need = sum(c.seconds(1) for c in costs)
+    if available < need:
+        enough = math.ceil(spent + reserve + need)
+        detail = ", ".join(f"{c.name} {format_seconds(c.seconds(1))}" for c in costs)
+        raise ConfigError(
+            f"budget: --budget {format_seconds(budget)} cannot hold the study: {format_seconds(spent)} went to loading and "
+            f"measuring, {format_seconds(reserve)} are kept for the final evaluation and report, and one training step "
+            f"of each phase with its evaluation takes {detail}; give --budget {enough}s or more"
+        )
+    low, high = 1, 2
+    while sum(c.seconds(high) for c in costs) <= available:  # double, then bisect: the largest N that fits
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if sum(c.seconds(mid) for c in costs) <= available else (low, mid)
+    steps = low
+    note = None
+    epoch = max(c.steps_per_epoch for c in costs)
+    if steps < epoch:
+        full = math.ceil(spent + reserve + sum(c.seconds(c.steps_per_epoch) for c in costs))
+        note = (
+            f"budget: --budget {format_seconds(budget)} holds {steps} steps of each phase, {steps / epoch:.2f} of an epoch "
+            f"({epoch} steps): each phase trains for a fraction of an epoch; --budget {full}s would give each one epoch"
+        )
+    return StudyPlan(
+        budget, spent, reserve, steps, {c.name: c for c in costs}, {c.name: c.seconds(steps) for c in costs}, note
+    )

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.errors import CheckpointError
+from kdistill.errors import CheckpointError, KDistillError
 from kdistill.files import atomic_write
-from kdistill.models import create_model
+from kdistill.models import build
 from kdistill.progress import log
 
 FORMAT = "kdistill-checkpoint/1"
@@ -153,8 +153,14 @@ def state_dict_mismatch(error: RuntimeError) -> str:
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
+    """The architecture a checkpoint's spec names, without pretrained or loaded weights (the
+    checkpoint's weights replace them): a source rebuilds from its record (a Hugging Face
+    config, a TorchScript file checked against its sha256), not from the network."""
     try:
-        return create_model(spec["name"], **spec.get("kwargs", {}))
+        kwargs = dict(spec.get("kwargs", {}))
+        return build(spec["name"], kwargs.pop("num_classes", 10), kwargs, record=spec.get("source"))[0]
+    except KDistillError as e:
+        raise CheckpointError(f"cannot rebuild the checkpoint's model: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"cannot rebuild model from checkpoint spec {spec!r}: {e}") from None
 

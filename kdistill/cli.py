@@ -27,6 +27,7 @@ from kdistill.errors import ConfigError, ExportError, KDistillError
 from kdistill.export import export_checkpoint
 from kdistill.methods import METHODS, taking
 from kdistill.models import MODELS, count_parameters, create_model
+from kdistill.models.sources import SYNTAX, is_source
 from kdistill.report import write_comparison, write_report
 from kdistill.runs import KINDS, default_run_name
 from kdistill.study import run_seeds, run_study
@@ -38,7 +39,7 @@ def _config_args(p: argparse.ArgumentParser, config_help: str = "(default: quick
     p.add_argument("--config", "-c", help=f"YAML config file or bundled config name {config_help}")
     set_help = "override a config key, e.g. --set train.epochs=5 (repeatable)"
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
-    data_help = "data set: cifar10-mini, cifar10, cifar100, or an ImageFolder folder/archive (data.dataset)"
+    data_help = "data set: cifar10-mini, cifar10, cifar100, an ImageFolder folder/archive or a .csv/.jsonl manifest (data.dataset)"
     p.add_argument("--data", help=data_help)
     p.add_argument("--data-dir", help="download and cache folder (data.data_dir)")
     p.add_argument("--seed", type=int, help="random seed (seed)")
@@ -81,7 +82,13 @@ def _method_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _teacher_args(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
-    p.add_argument("--teacher", required=True, action="append", help=checkpoint_help)
+    p.add_argument(
+        "--teacher",
+        required=True,
+        action="append",
+        help=checkpoint_help
+        + ", or a trained model from a library or file used as it is (onnx:teacher.onnx, hf:<folder>, ...)",
+    )
     p.add_argument(
         "--teacher-weights", type=float, nargs="+", help="weights of the teachers' soft outputs (teacher.weights)"
     )
@@ -348,6 +355,12 @@ def _shortcut_overrides(args: argparse.Namespace) -> list[Override]:
             pre.append(Override("mutual.models=" + json.dumps(args.models), _said(args, "models")))
     if args.command in ("distill", "cache-teacher", "sweep"):
         teachers = args.teacher
+        if len(teachers) == 1 and is_source(teachers[0]) and not Path(teachers[0]).exists():
+            # a trained model from a library or file (onnx:teacher.onnx), used as it is
+            pre.append(Override(f"teacher.name={json.dumps(teachers[0])}", _said(args, "teacher")))
+            pre.append(Override("teacher.trained=true", _said(args, "teacher")))
+            pre.append(Override("teacher.pretrained=true", _said(args, "teacher")))  # its own weights (hf, timm, ...)
+            return pre
         key = (
             f"teacher.checkpoint={json.dumps(teachers[0])}"
             if len(teachers) == 1
@@ -522,6 +535,7 @@ def cmd_export(args) -> None:
 def cmd_models(args) -> None:
     for name in sorted(MODELS):
         print(f"{name:14s} {count_parameters(create_model(name, num_classes=10)) / 1e6:6.2f} M parameters (10 classes)")
+    print(f"and from other libraries and files: {SYNTAX}")
 
 
 def cmd_methods(args) -> None:

@@ -26,12 +26,19 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
     start = time.perf_counter()
     with runs.job(cfg), runs.open_run_dir(cfg, resume, kind="train") as run_dir:
         ds = runs.load_data(cfg)
-        spec = runs.model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+        spec = runs.spec_for(cfg.teacher, ds.num_classes)
         model = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
             run = Phases(cfg, ds, select_device(cfg.device), resume)
             result = run.train(model, spec, "teacher", run_dir, runs.budget_left(cfg, start), cfg.teacher.name)
-        runs.write_single_summary(run_dir, cfg.teacher.name, result, ds, profile_max_seconds=runs.profile_seconds(cfg))
+        runs.write_single_summary(
+            run_dir,
+            cfg.teacher.name,
+            result,
+            ds,
+            profile_max_seconds=runs.profile_seconds(cfg),
+            size=cfg.data.train_size,
+        )
         return run_dir
 
 
@@ -43,13 +50,19 @@ def distill_model(cfg: RunConfig, resume: bool) -> Path:
         ds = runs.load_data(cfg)
         device = select_device(cfg.device)
         teacher, teacher_spec = runs.build_teacher(cfg, ds.num_classes, device, ds)
-        spec = runs.model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+        spec = runs.spec_for(cfg.student, ds.num_classes)
         student = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
             run = Phases(cfg, ds, device, resume)
             result = run.distill(teacher, teacher_spec, student, spec, run_dir, runs.budget_left(cfg, start), "distill")
         runs.write_single_summary(
-            run_dir, cfg.student.name, result, ds, teacher=teacher, profile_max_seconds=runs.profile_seconds(cfg)
+            run_dir,
+            cfg.student.name,
+            result,
+            ds,
+            teacher=teacher,
+            profile_max_seconds=runs.profile_seconds(cfg),
+            size=cfg.data.train_size,
         )
         return run_dir
 
@@ -78,7 +91,7 @@ def mutual_models(cfg: RunConfig, resume: bool) -> Path:
                 model_specs=specs,
             )
         for i, (name, result) in enumerate(zip(cfg.mutual.models, results)):
-            runs.write_single_summary(run_dir / f"model{i}", name, result, ds)
+            runs.write_single_summary(run_dir / f"model{i}", name, result, ds, size=cfg.data.train_size)
         return run_dir
 
 
@@ -91,6 +104,10 @@ def cache_teacher(cfg: RunConfig, out: Path, top_k: int = 0, dtype: str = "float
         device = select_device(cfg.device)
         teacher, _ = runs.build_teacher(cfg, ds.num_classes, device, ds)
         return runs.cache_teacher(cfg, teacher, ds, device, out, top_k, dtype)
+
+
+def _same_path(a: str | Path, b: str | None) -> bool:
+    return b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def evaluate_checkpoint(
@@ -109,12 +126,22 @@ def evaluate_checkpoint(
             f"{path} holds a model trained through the Python API without a registry name; evaluate it from Python"
         )
     info = state.get("data", {})
+    own = dataset is None or _same_path(dataset, info.get("dataset"))
     dataset = dataset or info.get("dataset")
-    ds = load_dataset(dataset, info.get("image_size", 32), data_dir)
+    # the stored images as the checkpoint's run made them (squashed before data.resize existed),
+    # and on its own data set the checkpoint's split: the same test images as in training
+    ds = load_dataset(
+        dataset,
+        info.get("image_size", 32),
+        data_dir,
+        resize=info.get("resize", "squash"),
+        split=info.get("split") if own else None,
+    )
     expected = state["model_spec"]["kwargs"].get("num_classes")
     if expected is not None and expected != ds.num_classes:
         raise CheckpointError(f"{path} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
-    test = runs.test_set(ds, device, info.get("mean"), info.get("std"))  # the checkpoint's own normalisation
+    size = info.get("train_size")  # the checkpoint's own normalisation and training size
+    test = runs.test_set(ds, device, info.get("mean"), info.get("std"), size)
     logits = predict(model.to(device), test, desc="evaluate")
     metrics = {
         "checkpoint": str(path),
@@ -124,5 +151,5 @@ def evaluate_checkpoint(
     if teacher:
         teacher_model, _ = load_model(Path(teacher))
         metrics["agreement"] = agreement(logits, predict(teacher_model.to(device), test))
-    metrics["profile"] = profile_model(model, ds.image_shape)
+    metrics["profile"] = profile_model(model, runs.input_shape(ds, size))
     return metrics

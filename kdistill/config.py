@@ -33,7 +33,7 @@ from kdistill.methods import (
     parse_methods,
     soft_target_temperature,
 )
-from kdistill.models import MODELS
+from kdistill.models import check_name, source_of
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -52,23 +52,99 @@ def parse_duration(value: Any) -> float | None:
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
+class SplitConfig(StrictConfig):
+    """How kdistill splits a data set without a test split of its own (a single root of
+    class folders, a manifest without a split column): fractions of each class, drawn by a
+    hash of (seed, file name), so the same files and seed always give the same split."""
+
+    val: float | None = Field(None, ge=0, lt=1)
+    """Fraction of each class held out for validation (default 0.1; 0 for none, and 0 when
+    ``data.val_size`` is set). On a root/{train,test}/ tree: drawn from train/ (default 0)."""
+    test: float | None = Field(None, gt=0, lt=1)
+    """Fraction of each class held out for testing (default 0.1); refused for a data set
+    with its own test split."""
+    seed: int = Field(0, ge=0)
+    """The split's own seed, not the run's: runs with other seeds test on the same images."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if (self.val or 0) + (self.test or 0) >= 1:
+            raise ValueError(f"val + test = {(self.val or 0) + (self.test or 0)}; expected less than 1")
+        return self
+
+
 class DataConfig(StrictConfig):
     dataset: str = "cifar10-mini"
-    """cifar10-mini (bundled sample), cifar10, cifar100, or a path to an ImageFolder tree
-    (root/{train,test}/<class>/<image>) or an archive (.tar, .tar.gz, .zip) of one."""
+    """cifar10-mini (bundled sample), cifar10, cifar100, a path to an ImageFolder tree
+    (root/{train,test}/<class>/<image>, or root/<class>/<image> split by ``split``), an
+    archive (.tar, .tar.gz, .zip) of one, or a .csv/.jsonl manifest (path,label[,split])."""
+    split: SplitConfig | None = None
+    """How to split a data set without its own test split (default val 0.1, test 0.1, seed 0)."""
     data_dir: Path | None = None
-    """Download and decoded-image cache folder (default: ~/.cache/kdistill)."""
+    """Download and decoded data store folder (default: ~/.cache/kdistill)."""
     image_size: int = Field(32, gt=0, le=1024)
+    """The stored resolution: ImageFolder images are decoded once to ``image_size`` x
+    ``image_size`` uint8 (by ``resize``) and kept so; CIFAR is 32."""
+    resize: Literal["crop", "squash"] = "crop"
+    """How a decoded image becomes ``image_size`` square: ``crop`` scales its shorter side
+    to ``image_size`` and centre-crops the longer one (keeps the aspect ratio); ``squash``
+    scales both sides (keeps the whole image, stretched). Square images of that size are
+    untouched by either."""
     val_size: int = Field(0, ge=0)
     """Hold out this many training images as a validation split (tune on it, not on test)."""
     augment: bool = True
+    augmentation: Literal["pad_crop", "random_resized_crop"] = "pad_crop"
+    """``pad_crop``: zero padding (``crop_padding``) + random crop at the stored size + flip,
+    the CIFAR recipe, best for small (<= 64 px) images that are the whole object.
+    ``random_resized_crop``: a random box of ``crop_scale`` x the image's area and aspect
+    ratio in ``crop_ratio``, resized bilinearly to ``train_size`` + flip, the ImageNet
+    recipe for larger photos. Both run batched on the training device."""
     crop_padding: int = Field(4, ge=0, le=64)
     """Random crop with this many pixels of zero padding on each side (0 = no crop)."""
+    train_size: int | None = Field(None, gt=0, le=1024)
+    """The training resolution (default: ``image_size``); random_resized_crop only. At most
+    ``image_size``: evaluation sees the centred ``train_size`` window of the stored images
+    (torchvision's resize + centre crop, e.g. image_size 256, train_size 224)."""
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    """random_resized_crop: the box's area, as fractions of the image's (torchvision and
+    ImageNet use (0.08, 1); the default keeps more of small images and short runs)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """random_resized_crop: the box's aspect ratio (width / height), drawn log-uniformly."""
     flip: bool = True
     download: bool = True
     num_classes: int | None = Field(None, ge=2)
     """The number of classes of tensors or batches given to the Python API (default: the
     largest training label + 1, logged); a data set's own folders or files decide it there."""
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"expected [low, high] with 0 < low <= high <= 1 (got {list(value)})")
+        return value
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError(f"expected [low, high] with 0 < low <= high (got {list(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> DataConfig:
+        if self.train_size is not None and self.train_size != self.image_size:
+            if self.augmentation != "random_resized_crop":
+                raise ValueError(
+                    f"train_size: {self.train_size} differs from image_size {self.image_size}, which needs "
+                    "augmentation: random_resized_crop (pad_crop trains at the stored size)"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _one_validation_split(self) -> DataConfig:
+        if self.val_size and self.split is not None and self.split.val:
+            raise ValueError("split.val and val_size both hold out validation images; use one of them")
+        return self
 
 
 class OptimizerConfig(StrictConfig):
@@ -93,6 +169,21 @@ class ScheduleConfig(StrictConfig):
     milestones: list[float] = []
     """Step schedule: epochs at which the lr is multiplied by ``gamma``."""
     gamma: float = Field(0.1, gt=0, le=1)
+
+
+class EmaConfig(StrictConfig):
+    """An exponential moving average of the model's weights (Polyak averaging), updated on
+    the device after optimizer steps: avg <- decay * avg + (1 - decay) * weights, for the
+    parameters and the floating-point buffers alike (batch-norm running statistics are
+    averaged too, as timm's ModelEmaV2 does; integer buffers are copied)."""
+
+    decay: float = Field(0.999, gt=0, lt=1)
+    """The decay per update; the average spans about ``every / (1 - decay)`` optimizer steps."""
+    every: int = Field(1, gt=0, le=10_000)
+    """Update the average after every N-th optimizer step."""
+    warmup: bool = True
+    """Early updates use min(decay, (1 + n) / (10 + n)) after n updates, so that a short run's
+    average is not dominated by the random initial weights."""
 
 
 class TrainConfig(StrictConfig):
@@ -122,10 +213,29 @@ class TrainConfig(StrictConfig):
     """Also log every epoch's metrics as TensorBoard scalars in <phase dir>/tensorboard
     (needs the optional extra: pip install 'kdistill[tensorboard]')."""
 
+    ema: EmaConfig | None = None
+    """An average of the weights (see :class:`EmaConfig`; ``{}`` for the defaults, None: off).
+    When on, evaluation during and after training uses the averaged model (``top1``; the
+    trained weights' own is ``top1_raw``), checkpoints store it as the model (the trained
+    weights under ``ema.raw``, so that a resume continues both) and the trained model ends
+    holding the averaged weights."""
+    eval_tta: Literal["off", "flip"] = "off"
+    """flip: also evaluate with flip test-time augmentation, the mean of the logits of each
+    image and of its horizontal mirror, reported separately (``top1_tta``) from the plain
+    evaluation, which it never replaces. Image inputs (N, C, H, W) only."""
+    eval_subset: int | None = Field(None, gt=0)
+    """Evaluate on a fixed random subset of this many samples of each evaluation set after
+    every epoch but the last (metrics say ``<set>_subset``); the last epoch and the final
+    metrics are always on the full sets."""
+
     budget: float | None = Field(None, gt=0)
     """Wall-clock budget of this phase in seconds (or 90s, 10m, 1.5h): replaces ``epochs``.
     The number of steps is planned from the throughput measured in the first steps (and
     re-planned as the run goes) and the learning-rate schedule is stretched over it."""
+    max_steps: int | None = Field(None, gt=0)
+    """Train at most this many optimizer steps (the schedule spans them); with ``budget``, the
+    budget can only stop the run sooner. A budgeted ``run`` gives the distilled student the
+    step count the student alone reached, so that the two differ only by distillation."""
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -135,7 +245,18 @@ class TrainConfig(StrictConfig):
 
 class ModelConfig(StrictConfig):
     name: str
+    """A zoo name (``kdistill models``) or a source: torchvision:<name>, timm:<name>,
+    hf:<hub id or folder>, torchscript:<file>, onnx:<file> (teachers used as they are),
+    package.module:function (a function returning an nn.Module; the current folder is on
+    the import path)."""
     kwargs: dict[str, Any] = {}
+    """The constructor's keyword arguments (num_classes comes from the data)."""
+    pretrained: bool = False
+    """The library's own pretrained weights (torchvision, timm, Hugging Face; from their
+    cache when offline); a head for another number of classes starts random."""
+    weights_file: Path | None = None
+    """A state dict to load into the model (torch.load with weights_only=True, or a
+    .safetensors file; a kdistill checkpoint's model weights also do)."""
     checkpoint: Path | None = None
     """Start from (teacher: use as is) this checkpoint instead of training."""
     train: dict[str, Any] = {}
@@ -144,13 +265,23 @@ class ModelConfig(StrictConfig):
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}")
-        return name
+        return check_name(name)
+
+    @model_validator(mode="after")
+    def _pretrained_needs_a_library(self) -> ModelConfig:
+        if self.pretrained and not source_of(self.name):
+            raise ValueError(
+                f"pretrained: kdistill's zoo ({self.name!r}) has no pretrained weights; use weights_file: FILE, or a library model (timm:<name>, ...)"
+            )
+        return self
 
 
 class TeacherConfig(ModelConfig):
     name: str = "seed_teacher"
+    trained: bool = False
+    """The model named by ``name`` is already trained for the data's classes (an ONNX or
+    TorchScript file, ``pretrained`` or ``weights_file`` weights): distill from it as it is,
+    with no teacher phase. Required for an onnx: teacher, which cannot be trained."""
     checkpoints: list[Path] = []
     """Multi-teacher distillation: several trained teachers whose softened outputs are
     averaged (weighted by ``weights``) into the target. Replaces ``checkpoint``."""
@@ -164,11 +295,33 @@ class TeacherConfig(ModelConfig):
             raise ValueError(f"weights: {len(self.weights)} weights for {len(self.checkpoints)} teacher checkpoints")
         if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
             raise ValueError("weights: must be non-negative with a positive sum")
+        if self.trained and (self.checkpoint or self.checkpoints):
+            raise ValueError("trained: a teacher checkpoint is trained already; set trained or checkpoint(s), not both")
+        source = source_of(self.name)
+        if source and not source.trainable and not (self.trained or self.checkpoint or self.checkpoints):
+            raise ValueError(
+                f"name: {self.name!r} runs in onnxruntime and cannot be trained; set teacher.trained: true to distill from it as it is"
+            )
         return self
 
 
 class StudentConfig(ModelConfig):
     name: str = "seed_student"
+
+    @field_validator("name")
+    @classmethod
+    def _trainable(cls, name: str) -> str:
+        return trainable_name(name, "a student")
+
+
+def trainable_name(name: str, role: str) -> str:
+    """``name``, if a model of that name can be trained (ONNX models cannot)."""
+    source = source_of(name)
+    if source and not source.trainable:
+        raise ValueError(
+            f"{name!r} runs in onnxruntime without gradients and cannot be {role}; use a torchscript: file"
+        )
+    return name
 
 
 class DistillConfig(StrictConfig):
@@ -238,8 +391,7 @@ class MutualConfig(StrictConfig):
         if len(models) < 2:
             raise ValueError("mutual learning needs at least two models")
         for name in models:
-            if name not in MODELS:
-                raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+            trainable_name(check_name(name), "trained by mutual learning")
         return models
 
 
@@ -278,7 +430,8 @@ class RunConfig(StrictConfig):
     output_dir: Path = Path("runs")
     budget: float | None = Field(None, gt=0)
     """Wall-clock budget of the whole command in seconds (or 90s, 10m, 1.5h); replaces the
-    epoch counts: train/distill give it to their one phase, run splits it over its phases."""
+    epoch counts: train/distill give it to their one phase; run plans its phases inside it
+    (the same steps for every phase: the distilled student trains for the student alone's)."""
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     teacher: TeacherConfig = TeacherConfig()

@@ -42,10 +42,15 @@ from kdistill.checkpoint import (
 )
 from kdistill.config import ScheduleConfig, TrainConfig
 from kdistill.data.loader import Batch, EvalData
+from kdistill.ema import WeightAverage
 from kdistill.errors import CheckpointError, ConfigError, TrainingError
 from kdistill.logger import MetricsLog
 from kdistill.perf import tune_allocator
 from kdistill.progress import Refresh, interactive, log, progress
+
+# the fixed subset of an evaluation set (train.eval_subset) is drawn with this seed, the
+# same in every run, so that runs' curves compare on the same samples
+EVAL_SUBSET_SEED = 0
 
 # multi-process runs agree on a Ctrl-C and on a budget's step count every this many steps
 # (one tiny all-reduce); a budget run may so overrun its plan by up to this many steps - 1
@@ -106,6 +111,12 @@ def fit(
         return run.result()
 
 
+def _max_steps(cfg: TrainConfig, steps_per_epoch: int, max_epochs: int | None) -> int | None:
+    """A budget run's cap: ``train.max_steps`` and ``max_epochs`` (a teacher cache's epochs)."""
+    caps = [c for c in (cfg.max_steps, max_epochs * steps_per_epoch if max_epochs else None) if c]
+    return min(caps) if caps else None
+
+
 class StepPlan:
     """How many optimizer steps the run takes: ``total``, the one number the learning-rate
     schedule and the loop read. Fixed (epochs x steps per epoch), or as many as fit in a
@@ -130,14 +141,14 @@ class StepPlan:
                 steps_per_epoch,
                 eval_images=eval_images,
                 batch_size=cfg.eval_batch_size,
-                max_steps=max_epochs * steps_per_epoch if max_epochs else None,
+                max_steps=_max_steps(cfg, steps_per_epoch, max_epochs),
                 sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
                 desc=desc,
             )
             self.total = self.budget.total_steps
         else:
-            self.total = steps_per_epoch * cfg.epochs
-        self.epochs = cfg.epochs
+            self.total = min(steps_per_epoch * cfg.epochs, cfg.max_steps or steps_per_epoch * cfg.epochs)
+        self.epochs = cfg.epochs if cfg.budget else -(-self.total // steps_per_epoch)
 
     def restore(self, state: dict | None) -> None:
         """A resumed budget run continues with the budget that is left."""
@@ -190,8 +201,9 @@ class StepPlan:
                 )
 
     def ends_at(self, steps_done: int) -> bool:
-        """Whether a budget run's plan ends after this step (an epoch run ends with its epochs)."""
-        return self.budget is not None and steps_done >= self.total
+        """Whether the plan ends after this step (a budget's plan or ``max_steps`` can end
+        it inside an epoch)."""
+        return steps_done >= self.total
 
     def after_epoch(self, overhead_seconds: float, steps_done: int) -> None:
         """The epoch's evaluation and checkpoint took ``overhead_seconds``: re-plan."""
@@ -251,7 +263,12 @@ class Training:
         _check_shares(loader, cfg, self.world, desc)
         self.task, self.model, self.loader, self.cfg, self.device = task, task.model, loader, cfg, device
         self.eval_sets, self.extra, self.desc = eval_sets, extra, desc
-        eval_images = sum(len(d.labels) for d in eval_sets.values())
+        if cfg.eval_tta == "flip":
+            check_flip_inputs(eval_sets, desc)
+        self.eval_views = eval_subsets(eval_sets, cfg.eval_subset, desc)  # what every epoch but the last evaluates
+        # images through the model per evaluation: the average and the raw weights, plain and mirrored
+        passes = (2 if cfg.ema else 1) * (2 if cfg.eval_tta == "flip" else 1)
+        eval_images = passes * sum(len(d.labels) for d in self.eval_views.values())
         self.plan = StepPlan(cfg, self.steps_per_epoch, eval_images, max_epochs, device, desc)
         if not any(p.requires_grad for p in task.parameters()):
             raise TrainingError(
@@ -262,6 +279,8 @@ class Training:
         if cfg.channels_last:
             task.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(task.parameters(), cfg)
+        # the average of the evaluated model's weights (not a teacher's, nor a mutual run's peers')
+        self.ema = WeightAverage(self.model, cfg.ema) if cfg.ema else None
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.ckpt_path = run_dir / CHECKPOINT_NAME if run_dir else None
         self.run_dir = run_dir
@@ -293,7 +312,11 @@ class Training:
                 "so use the same settings, or start a new run (another --name)"
             )
         try:
-            self.task.load_state_dict({**{f"model.{k}": v for k, v in state["model"].items()}, **state["task_state"]})
+            # with train.ema the checkpoint's model is the average; the trained weights are under ema.raw
+            weights = state["ema"]["raw"] if self.ema is not None else state["model"]
+            self.task.load_state_dict({**{f"model.{k}": v for k, v in weights.items()}, **state["task_state"]})
+            if self.ema is not None:
+                self.ema.load(state["model"], state["ema"]["updates"])
             self.optimizer.load_state_dict(state["optimizer"])
             ranks = state.get("rng_ranks")
             self.own_rng = self.world == 1 or (
@@ -351,6 +374,8 @@ class Training:
             for i, batch in enumerate(bar, start=epoch.first):
                 step = epoch.index * self.steps_per_epoch + i
                 stats, names, grad_norm = self.train_step(batch, i, epoch.index)
+                if self.ema is not None:
+                    self.ema.after_step(step + 1)
                 epoch.add(step, stats, grad_norm, names)
                 epoch.done = i + 1
                 if self.world == 1 and stop.requested:  # Ctrl-C arrived during this step: stop at its boundary
@@ -358,10 +383,12 @@ class Training:
                 agreed = self.plan.after_step(step + 1, epoch.done, stop.requested)
                 if agreed:
                     raise KeyboardInterrupt
-                if self.plan.ends_at(step + 1):
-                    break
-                if refresh is not None and refresh.due(last=i + 1 == self.steps_per_epoch):  # the only host syncs
+                ends = self.plan.ends_at(step + 1)
+                last = ends or i + 1 == self.steps_per_epoch
+                if refresh is not None and refresh.due(last=last):  # the only host syncs
                     self._show_progress(bar, epoch, i)
+                if ends:
+                    break
         except KeyboardInterrupt:
             if self.world > 1 and not agreed:
                 raise  # a second Ctrl-C, at any moment: no collective can be trusted now
@@ -548,13 +575,18 @@ class Training:
         self.images_seen += int(s[-1])
         overhead_start = time.perf_counter()
         distributed.average_batchnorm_stats(self.task)  # every rank evaluates and saves the same model
-        for name, data in self.eval_sets.items():
-            for k, v in quick_metrics(predict(self.model, data, self.cfg.amp), data.labels).items():
-                record[f"{name}_{k}"] = v
+        if self.ema is not None and self.world > 1:
+            with self.ema.applied(keep_changes=True):
+                distributed.average_batchnorm_stats(self.model)
+        self._evaluate(record, final=position >= self.plan.total)
         self.history.append(record)
         log(
             f"{self.desc} epoch {epoch.index + 1}/{self.plan.epochs_label()}: loss {record['train_loss']:.3f} train {record['train_top1']:.1f}%"
-            + "".join(f" {name} {record[name + '_top1']:.1f}%" for name in self.eval_sets)
+            + "".join(
+                f" {name} {record[name + '_top1']:.1f}%"
+                + (f" (of {record[name + '_subset']})" if name + "_subset" in record else "")
+                for name in self.eval_sets
+            )
             + f" ({record['images_per_second']:.0f} img/s)"
         )
         self.metrics_log.append(record)
@@ -563,6 +595,24 @@ class Training:
         if self.ckpt_path and (position >= self.plan.total or (epoch.index + 1) % self.cfg.checkpoint_every == 0):
             self.write_checkpoint(epoch.index + 1)
         self.epoch += 1
+
+    def _evaluate(self, record: dict[str, Any], final: bool) -> None:
+        """Every evaluation set's top-1 and loss into ``record``: of the averaged weights with
+        train.ema (the trained weights' top-1 as ``<set>_top1_raw``), with flip TTA's top-1 as
+        ``<set>_top1_tta``, on the fixed subsets (``<set>_subset``: their size) unless ``final``."""
+        tta = self.cfg.eval_tta == "flip"
+        for name, full in self.eval_sets.items():
+            data = full if final else self.eval_views[name]
+            with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
+                logits, mirrored = predict_views(self.model, data, self.cfg.amp, flip=tta)
+            for k, v in quick_metrics(logits, data.labels).items():
+                record[f"{name}_{k}"] = v
+            if mirrored is not None:
+                record[f"{name}_top1_tta"] = quick_metrics(mirrored, data.labels)["top1"]
+            if self.ema is not None:
+                record[f"{name}_top1_raw"] = quick_metrics(predict(self.model, data, self.cfg.amp), data.labels)["top1"]
+            if data is not full:
+                record[f"{name}_subset"] = len(data.labels)
 
     def _check_collapse(self, record: dict[str, Any], index: int) -> None:
         """Stop a run whose watched accuracy fell back to chance after rising well above it."""
@@ -585,10 +635,13 @@ class Training:
         if not self.main:
             return
         budget = self.plan.budget
+        ema = self.ema
         save_checkpoint(
             {
                 **self.extra,
-                "model": self.model.state_dict(),
+                # the model a checkpoint's user loads: the average with train.ema
+                "model": ema.state_dict() if ema is not None else self.model.state_dict(),
+                "ema": {"raw": self.model.state_dict(), "updates": ema.updates} if ema is not None else None,
                 "task_state": {k: v for k, v in self.task.state_dict().items() if not k.startswith("model.")},
                 "optimizer": self.optimizer.state_dict(),
                 "epoch": epochs_done,
@@ -615,6 +668,8 @@ class Training:
                     f", {name} {self.history[-1][name + '_top1']:.1f}%" for name in self.eval_sets if self.history
                 )
             )
+        if self.ema is not None:
+            self.ema.copy_to()  # the trained model is the average (its checkpoint's model too)
         return Result(
             model=self.model,
             history=self.history,
@@ -752,7 +807,6 @@ def non_finite_terms(task: nn.Module, batch, epoch: float, amp: contextlib.Abstr
     return bad
 
 
-@torch.no_grad()
 def predict(model: nn.Module, data: EvalData, amp: str = "off", desc: str | None = None) -> torch.Tensor:
     """Logits (N, K) float32 on the CPU for every sample of ``data``, in eval mode. With
     ``desc``, shows the progress of this evaluation (a bar on a terminal).
@@ -760,18 +814,61 @@ def predict(model: nn.Module, data: EvalData, amp: str = "off", desc: str | None
     In a multi-process job every rank computes the logits of its contiguous share of the
     samples and gets everyone's (gathered in order): all ranks must call it together.
     """
+    return predict_views(model, data, amp, desc=desc)[0]
+
+
+@torch.no_grad()
+def predict_views(
+    model: nn.Module, data: EvalData, amp: str = "off", flip: bool = False, desc: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`predict`'s logits and, with ``flip``, those of flip test-time augmentation: the
+    mean of the logits of each image (N, C, H, W) and of its horizontal mirror (the mean of
+    logits, as airbench does, rather than of probabilities); else None."""
     was_training = model.training
     model.eval()
     sharded = distributed.enabled() and data.source is None and len(data.labels) >= distributed.world_size()
     part = data.subset(*distributed.shard_range(len(data.labels))) if sharded else data
-    out = []
+    out, out_tta = [], []
     batches = progress(part, total=len(part), desc=desc) if desc else part
     with autocast_for(data.device, amp):
         for batch in batches:
-            out.append(model(batch.images).float())
+            logits = model(batch.images).float()
+            out.append(logits)
+            if flip:
+                out_tta.append(0.5 * (logits + model(batch.images.flip(-1)).float()))
     model.train(was_training)
-    logits = torch.cat(out)
-    return (distributed.all_gather_rows(logits) if sharded else logits).cpu()
+    views = [torch.cat(out), torch.cat(out_tta) if flip else None]
+    return tuple(None if v is None else (distributed.all_gather_rows(v) if sharded else v).cpu() for v in views)
+
+
+def check_flip_inputs(eval_sets: dict[str, EvalData], desc: str) -> None:
+    """Flip test-time augmentation mirrors images (N, C, H, W); other inputs (tokens) are refused."""
+    for name, data in eval_sets.items():
+        x = data.inputs if data.source is None else next(iter(data.source))[0]
+        if x is None:
+            continue
+        if x.ndim != 4 or not (x.is_floating_point() or x.dtype == torch.uint8):
+            raise ConfigError(
+                f"{desc}: train.eval_tta=flip mirrors images (N, C, H, W), but the {name} set's inputs are "
+                f"{str(x.dtype).removeprefix('torch.')} of shape {tuple(x.shape)}; set train.eval_tta to off"
+            )
+
+
+def eval_subsets(eval_sets: dict[str, EvalData], size: int | None, desc: str) -> dict[str, EvalData]:
+    """Each evaluation set, or a fixed random subset of ``size`` of its samples (in their
+    order; the same in every run: EVAL_SUBSET_SEED). Batches from an iterable are evaluated whole."""
+    views = {}
+    for name, data in eval_sets.items():
+        if size is None or size >= len(data.labels):
+            views[name] = data
+        elif data.source is not None:
+            log(f"{desc}: train.eval_subset: the {name} set comes as batches, so every epoch evaluates all of it")
+            views[name] = data
+        else:
+            g = torch.Generator().manual_seed(EVAL_SUBSET_SEED)
+            keep = torch.randperm(len(data.labels), generator=g)[:size].sort().values
+            views[name] = data.select(keep)
+    return views
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -813,7 +910,7 @@ def _check_shares(loader, cfg: TrainConfig, world: int, desc: str) -> None:
 
 
 # the settings that define a run's trajectory: a resumed run must keep them
-RESUME_KEYS = ("epochs", "batch_size", "optimizer", "schedule", "label_smoothing", "grad_clip")
+RESUME_KEYS = ("epochs", "max_steps", "batch_size", "optimizer", "schedule", "label_smoothing", "grad_clip", "ema")
 
 
 def _changed_settings(saved: dict | None, cfg: TrainConfig) -> str:

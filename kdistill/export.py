@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import warnings
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from kdistill.checkpoint import load_model
 from kdistill.data.dataset import load_dataset
-from kdistill.data.loader import Normalize
+from kdistill.data.loader import Normalize, centre_crop
 from kdistill.errors import ExportError
 from kdistill.evaluate import time_calls
 from kdistill.progress import log, progress
@@ -97,16 +98,24 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, meta
         # The TorchScript-based exporter: exports a CNN in well under a second and needs only
         # the onnx package (the torch.export-based one takes ~10 s and needs onnxscript).
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        )
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        except Exception as e:  # the exporter fails in many ways on operators or code it does not know
+            path.unlink(missing_ok=True)
+            name = getattr(model, "kdistill_name", None) or type(model).__name__
+            raise ExportError(
+                f"{name} cannot be exported to ONNX by torch.onnx ({e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                "try --format torchscript"
+            ) from None
     proto = onnx.load(str(path))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -387,7 +396,24 @@ def export_checkpoint(
         raise ExportError(
             f"{checkpoint} was trained on in-memory data; pass --data with a data set of the same classes to verify the export on"
         )
-    ds = load_dataset(name, info.get("image_size", 32), data_dir)
+    # the stored images as the checkpoint's run made them (squashed before data.resize existed),
+    # on its own data set with its split, at its training size (evaluation's centre crop)
+    own = dataset is None or Path(dataset).expanduser().resolve() == Path(str(info.get("dataset"))).resolve()
+    ds = load_dataset(
+        name,
+        info.get("image_size", 32),
+        data_dir,
+        resize=info.get("resize", "squash"),
+        split=info.get("split") if own else None,
+    )
+    if info.get("train_size"):
+        # the training images stay a view (of the data store): calibration gathers a few of them
+        size = info["train_size"]
+        ds = dataclasses.replace(
+            ds,
+            train_images=centre_crop(ds.train_images, size),
+            test_images=centre_crop(ds.test_images, size).contiguous(),
+        )
     expected = (state.get("model_spec") or {}).get("kwargs", {}).get("num_classes")
     if expected is not None and expected != ds.num_classes:
         raise ExportError(f"{checkpoint} predicts {expected} classes but data set {name!r} has {ds.num_classes}")
@@ -411,6 +437,7 @@ def export_checkpoint(
                 test_images=ds.test_images,
                 test_labels=ds.test_labels,
                 train_images=ds.train_images,
+                train_rows=ds.train_rows,
                 mean=mean,
                 std=std,
                 classes=classes,

@@ -7,6 +7,7 @@ of a single-model run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib.metadata
 import json
@@ -21,17 +22,17 @@ from typing import Any
 import torch
 
 from kdistill import api, distributed
-from kdistill.budget import BudgetTooSmall, format_seconds
-from kdistill.checkpoint import load_model
-from kdistill.config import RunConfig, TrainConfig, dump_config
+from kdistill.budget import BudgetTooSmall, PhaseCost, format_seconds
+from kdistill.checkpoint import load_checkpoint, load_model
+from kdistill.config import DataConfig, ModelConfig, RunConfig, TrainConfig, dump_config
 from kdistill.data.dataset import BUNDLED, DOWNLOADABLE, ImageDataset, load_dataset
 from kdistill.data.loader import EvalData, Normalize
-from kdistill.engine import Result, predict, select_device
+from kdistill.engine import Result, autocast_for, predict, select_device
 from kdistill.errors import CheckpointError, ConfigError
 from kdistill.evaluate import agreement, profile_model
 from kdistill.files import atomic_write_text, remove_stale_temporaries
 from kdistill.methods import check_run
-from kdistill.models import create_model
+from kdistill.models import build, source_of
 from kdistill.models.ensemble import TeacherEnsemble
 from kdistill.progress import log
 
@@ -230,17 +231,26 @@ def run_identity(cfg: RunConfig, kind: str) -> dict[str, Any]:
         "data.dataset": _dataset_identity(d.dataset),
         "data.image_size": d.image_size,
         "data.val_size": d.val_size,
+        "data.split": d.split.model_dump() if d.split else None,
         "data.augment": d.augment,
         "data.crop_padding": d.crop_padding,
         "data.flip": d.flip,
         "seed": cfg.seed,
     }
+    # the image-size settings, where not their defaults (a run directory made before they
+    # existed resumes as it was)
+    defaults = DataConfig()
+    for key in ("resize", "augmentation", "train_size", "crop_scale", "crop_ratio"):
+        if getattr(d, key) != getattr(defaults, key):
+            identity[f"data.{key}"] = getattr(d, key)
     if kind == "train":
         identity.update({"teacher.name": cfg.teacher.name, "teacher.kwargs": cfg.teacher.kwargs})
+        identity.update(_source_identity(cfg.teacher, "teacher"))
     if kind in ("run", "distill", "sweep"):
         identity.update(_teacher_identity(cfg))
     if kind in ("run", "distill"):
         identity.update({"student.name": cfg.student.name, "student.kwargs": cfg.student.kwargs})
+        identity.update(_source_identity(cfg.student, "student"))
         identity.update(
             {
                 "distill.methods": {name: o.model_dump(mode="json") for name, o in cfg.distill.method_options.items()},
@@ -275,7 +285,19 @@ def _teacher_identity(cfg: RunConfig) -> dict[str, Any]:
         return {"teacher.checkpoints": [_absolute(p) for p in t.checkpoints], "teacher.weights": t.weights}
     if t.checkpoint:
         return {"teacher.checkpoint": _absolute(t.checkpoint)}
-    return {"teacher.name": t.name, "teacher.kwargs": t.kwargs}
+    return {"teacher.name": t.name, "teacher.kwargs": t.kwargs, **_source_identity(t, "teacher")}
+
+
+def _source_identity(model: ModelConfig, role: str) -> dict[str, Any]:
+    """The source options set (none: the identity of a run from before they existed)."""
+    found: dict[str, Any] = {}
+    if model.pretrained:
+        found[f"{role}.pretrained"] = True
+    if model.weights_file:
+        found[f"{role}.weights_file"] = _absolute(model.weights_file)
+    if getattr(model, "trained", False):
+        found[f"{role}.trained"] = True
+    return found
 
 
 def _check_record(run_dir: Path, kind: str, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -440,10 +462,88 @@ def whole_budget(cfg: RunConfig) -> Iterator[None]:
         ) from None
 
 
-def train_config(cfg: RunConfig, phase: str, budget: float | None = None) -> TrainConfig:
-    """The phase's train settings, with a time budget (seconds) when given."""
+def train_config(cfg: RunConfig, phase: str, budget: float | None = None, max_steps: int | None = None) -> TrainConfig:
+    """The phase's train settings, with a time budget (seconds) and a step cap when given."""
     tcfg = cfg.train_for(phase)
-    return tcfg.model_copy(update={"budget": budget}) if budget else tcfg
+    update = {k: v for k, v in (("budget", budget), ("max_steps", max_steps)) if v}
+    return tcfg.model_copy(update=update) if update else tcfg
+
+
+# timed steps per model when a budgeted study measures what its phases cost (after one warm-up step)
+MEASURE_STEPS = 3
+
+
+def measure_phase_costs(
+    cfg: RunConfig,
+    ds: ImageDataset,
+    device: torch.device,
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    phases: list[str],
+    live_teacher: bool,
+) -> list[PhaseCost]:
+    """What a step of each of ``phases`` (teacher, baseline, distilled, generationN) costs,
+    timed on a few steps of copies of the models on a random batch of the phase's size (the
+    models themselves are left untouched): a training step of the model, plus for a
+    distillation phase the teacher's forward pass (``live_teacher``; a teacher cache costs
+    a lookup, next to nothing) or the previous generation's. An epoch-end evaluation is
+    taken to cost a third of a training step per batch (a forward pass without backward)."""
+    world = distributed.world_size()
+    eval_images = len(ds.test_labels) + (len(ds.val_labels) if ds.val_labels is not None else 0)
+    settings = {"teacher": "teacher", "baseline": "student"}
+    shape = input_shape(ds, cfg.data.train_size)  # what the models take: the training size
+    timings: dict[tuple, float] = {}
+
+    def timed(model: torch.nn.Module, tcfg: TrainConfig, train: bool) -> float:
+        key = (id(model), tcfg.batch_size, tcfg.channels_last, tcfg.amp, train)
+        if key not in timings:
+            timings[key] = _step_seconds(model, tcfg, shape, device, max(1, tcfg.batch_size // world), train)
+        return timings[key]
+
+    costs = []
+    for phase in phases:
+        tcfg = cfg.train_for(settings.get(phase, "distill"))
+        model = teacher if phase == "teacher" else student
+        step = timed(model, tcfg, train=True)
+        if phase == "distilled" and live_teacher:
+            step += timed(teacher, tcfg, train=False)
+        elif phase.startswith("generation"):
+            step += timed(student, tcfg, train=False)
+        steps_per_epoch = max(1, len(ds.train_labels) // tcfg.batch_size)
+        evaluation = -(-eval_images // tcfg.batch_size) * timed(model, tcfg, train=True) / 3
+        costs.append(PhaseCost(phase, step, evaluation, steps_per_epoch))
+    return costs
+
+
+def _step_seconds(
+    model: torch.nn.Module, tcfg: TrainConfig, shape: tuple, device: torch.device, batch: int, train: bool
+) -> float:
+    """Seconds of one training step (forward, cross-entropy, backward, SGD step) of a copy
+    of ``model`` on a random batch, or with ``train`` False of one forward pass in eval mode."""
+    model = copy.deepcopy(model).to(device)
+    memory = torch.channels_last if tcfg.channels_last else torch.contiguous_format
+    model.to(memory_format=memory)
+    model.train(train)
+    x = torch.randn(batch, *shape, device=device).contiguous(memory_format=memory)  # (B, C, H, W)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0, momentum=0.9)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step() -> None:
+        with torch.set_grad_enabled(train), autocast_for(device, tcfg.amp):
+            z = model(x)
+        if train:
+            torch.nn.functional.cross_entropy(z.float(), y).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocations, caches, kernel selection
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(MEASURE_STEPS):
+        step()
+    sync()
+    return (time.perf_counter() - t0) / MEASURE_STEPS
 
 
 def load_data(cfg: RunConfig) -> ImageDataset:
@@ -451,28 +551,59 @@ def load_data(cfg: RunConfig) -> ImageDataset:
     it first, the others then read its cache."""
     d = cfg.data
     return distributed.local_main_first(
-        lambda: load_dataset(d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed)
+        lambda: load_dataset(
+            d.dataset, d.image_size, d.data_dir, d.download, d.val_size, cfg.seed, resize=d.resize, split=_split(d)
+        )
     )
 
 
-def model_spec(name: str, kwargs: dict, num_classes: int) -> dict[str, Any]:
-    """What a checkpoint records to rebuild a registry model: its name and arguments."""
-    return {"name": name, "kwargs": {**kwargs, "num_classes": num_classes}}
+def _split(d) -> dict | None:
+    return d.split.model_dump() if d.split else None
+
+
+def model_spec(
+    name: str, kwargs: dict, num_classes: int, pretrained: bool = False, weights_file: Path | None = None
+) -> dict[str, Any]:
+    """What a checkpoint records to rebuild a model: its name and arguments, and for a
+    source (``timm:...``, ``hf:...``, a file, a factory) or loaded weights, where it came
+    from (``new_model`` adds what the source itself records: a file's sha256, a config)."""
+    spec: dict[str, Any] = {"name": name, "kwargs": {**kwargs, "num_classes": num_classes}}
+    if source_of(name) or pretrained or weights_file:
+        spec["source"] = {"pretrained": pretrained, "weights_file": str(weights_file) if weights_file else None}
+    return spec
+
+
+def spec_for(model: ModelConfig, num_classes: int) -> dict[str, Any]:
+    """The spec of the config's teacher or student."""
+    return model_spec(model.name, model.kwargs, num_classes, model.pretrained, model.weights_file)
 
 
 def new_model(spec: dict[str, Any], seed: int) -> torch.nn.Module:
-    """A freshly initialised registry model; the same ``seed`` gives the same weights."""
+    """A freshly built model (initialised from ``seed``: the same seed gives the same
+    weights, pretrained or loaded weights aside); the source's record joins the spec."""
     torch.manual_seed(seed)
-    return create_model(spec["name"], **spec["kwargs"])
+    kwargs = dict(spec["kwargs"])
+    source = spec.get("source") or {}
+    model, record = build(
+        spec["name"], kwargs.pop("num_classes"), kwargs, source.get("pretrained", False), source.get("weights_file")
+    )
+    if record:
+        spec["source"] = {**source, **record}
+    return model
 
 
 def test_set(
-    ds: ImageDataset, device: torch.device, mean: list[float] | None = None, std: list[float] | None = None
+    ds: ImageDataset,
+    device: torch.device,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    size: int | None = None,
 ) -> EvalData:
     """The data set's test split, batched for evaluation on ``device``, normalised with
-    ``mean`` and ``std`` (default: the data set's own)."""
+    ``mean`` and ``std`` (default: the data set's own), centre-cropped to ``size`` (the
+    training size, ``data.train_size``; default: the whole image)."""
     mean, std = mean or ds.mean_std()[0], std or ds.mean_std()[1]
-    return EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False))
+    return EvalData(ds.test_images, ds.test_labels, 500, device, Normalize(mean, std, device, False), size=size)
 
 
 def load_teacher(
@@ -502,11 +633,34 @@ def teacher_saw_validation(state: dict, ds: ImageDataset) -> bool:
     data = state.get("data") or {}
     if ds.val_split is None or data.get("checksum") != ds.checksum:
         return False
-    return data.get("val_split") != ds.val_split
+    return data.get("val_split") != ds.val_split or (data.get("split") or None) != ds.split
+
+
+def teacher_split_differs(state: dict, ds: ImageDataset) -> bool:
+    """Whether a teacher checkpoint was trained on another split kdistill made of this run's
+    source data (other fractions, seed or files): then it has seen some of this run's
+    validation and test images."""
+    data = state.get("data") or {}
+    if ds.split is None or data.get("checksum") != ds.checksum:
+        return False
+    return (data.get("split") or {}).get("fingerprint") != ds.split["fingerprint"]
+
+
+def _split_words(split: dict | None) -> str:
+    if not split:
+        return "no split"
+    return f"val {split.get('val')}, test {split.get('test')}, seed {split.get('seed')} ({split.get('fingerprint')})"
 
 
 def warn_if_teacher_saw_validation(path: Path, state: dict, ds: ImageDataset) -> None:
-    if teacher_saw_validation(state, ds):
+    if teacher_split_differs(state, ds):
+        log(
+            f"warning: teacher checkpoint {path} was trained on another split of this data set "
+            f"({_split_words((state.get('data') or {}).get('split'))}; this run: {_split_words(ds.split)}), so it has "
+            "seen some of this run's validation and test images: the student's accuracy on them will be optimistic. "
+            "Use the teacher's data.split."
+        )
+    elif teacher_saw_validation(state, ds):
         theirs = (state.get("data") or {}).get("val_split")
         held = (
             f"held out {theirs['size']} images with seed {theirs['seed']}"
@@ -523,7 +677,8 @@ def warn_if_teacher_saw_validation(path: Path, state: dict, ds: ImageDataset) ->
 def build_teacher(
     cfg: RunConfig, num_classes: int, device: torch.device, ds: ImageDataset | None = None
 ) -> tuple[torch.nn.Module, dict] | None:
-    """The teacher from ``teacher.checkpoint`` or the ensemble of ``teacher.checkpoints``;
+    """The teacher from ``teacher.checkpoint``, the ensemble of ``teacher.checkpoints``, or
+    the model ``teacher.name`` names when ``teacher.trained`` says it is trained already;
     None when the teacher must be trained in this run. With ``ds``, warn when a teacher
     was trained on its validation images."""
     if cfg.teacher.checkpoint:
@@ -533,32 +688,73 @@ def build_teacher(
         members = [load_teacher(p, num_classes, device, ds)[0] for p in cfg.teacher.checkpoints]
         ensemble = TeacherEnsemble(members, cfg.teacher.weights, cfg.distill.temperature).to(device)
         return ensemble, {"checkpoints": [str(p) for p in cfg.teacher.checkpoints], "weights": cfg.teacher.weights}
+    if cfg.teacher.trained:
+        spec = spec_for(cfg.teacher, num_classes)
+        teacher = new_model(spec, cfg.seed)
+        if spec.get("source", {}).get("new_head") and not cfg.teacher.weights_file:
+            raise ConfigError(
+                f"teacher.trained: {cfg.teacher.name!r} was pretrained for other classes than the data's {num_classes}: its "
+                "new head is untrained; drop trained to fine-tune it in the teacher phase, or give weights_file"
+            )
+        return teacher.to(device), spec
     return None
 
 
+def input_shape(ds: ImageDataset, size: int | None = None) -> tuple[int, ...]:
+    """What a model trained on ``ds`` at training size ``size`` (``data.train_size``) takes."""
+    return (ds.image_shape[0], size, size) if size else ds.image_shape
+
+
 def write_single_summary(
-    run_dir: Path, model_name: str, result: Result, ds: ImageDataset, teacher=None, profile_max_seconds: float = 5.0
+    run_dir: Path,
+    model_name: str,
+    result: Result,
+    ds: ImageDataset,
+    teacher=None,
+    profile_max_seconds: float = 5.0,
+    size: int | None = None,
 ) -> None:
     """summary.json of a ``kdistill train`` or ``distill`` run: test metrics, cost, and
-    agreement with the teacher for a distillation. All ranks call it; rank 0 writes."""
+    agreement with the teacher for a distillation; ``size``: the training size
+    (``data.train_size``). All ranks call it; rank 0 writes."""
     teacher_logits = None
     if teacher is not None and result.test_logits is not None:
-        teacher_logits = predict(teacher, test_set(ds, next(teacher.parameters()).device))  # sharded over the ranks
+        device = next(teacher.parameters()).device
+        teacher_logits = predict(teacher, test_set(ds, device, size=size))  # sharded over the ranks
     if not distributed.is_main():
         return
     summary: dict[str, Any] = {
         "model": model_name,
         "test": result.metrics,
-        "profile": profile_model(result.model, ds.image_shape, max_seconds=profile_max_seconds),
+        "profile": profile_model(result.model, input_shape(ds, size), max_seconds=profile_max_seconds),
         "train_seconds": result.train_seconds,
         "images_per_second": result.images_per_second,
         "epochs": len(result.history),
     }
     if result.budget:
         summary["budget"] = result.budget
+    cache = teacher_cache_record(result)
+    if cache:
+        summary["teacher_cache"] = cache
     if teacher_logits is not None:
         summary["agreement"] = agreement(result.test_logits, teacher_logits)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    m = result.metrics
+    beside = [f"{what} {m[k]:.2f}%" for k, what in (("top1_tta", "flip TTA"), ("top1_raw", "without EMA")) if k in m]
+    shown = f" ({', '.join(beside)})" if beside else ""
     log(
-        f"{model_name}: test top-1 {result.metrics.get('top1', float('nan')):.2f}% after {len(result.history)} epochs; outputs in {run_dir}"
+        f"{model_name}: test top-1 {m.get('top1', float('nan')):.2f}%{shown} "
+        f"after {len(result.history)} epochs; outputs in {run_dir}"
     )
+
+
+def teacher_cache_record(result: Result) -> dict[str, Any] | None:
+    """A distillation from a teacher cache: the cache's path, epochs and what building it
+    cost (once, for every run that reads it: not part of this run's training time or
+    budget), from the run's checkpoint. None without a cache."""
+    if result.checkpoint is None or not result.checkpoint.is_file():
+        return None
+    info = load_checkpoint(result.checkpoint).get("teacher_cache")
+    if not info:
+        return None
+    return {k: info.get(k) for k in ("path", "epochs", "build_seconds")}

@@ -6,7 +6,10 @@
   two models on the same test images, resampling the images (percentile bootstrap);
 - :func:`mcnemar`: McNemar's exact test on the images one model gets right and the other
   wrong (a two-sided binomial test of the discordant pairs at p = 1/2);
-- :func:`describe_gain`: the headline's words for a gain and its interval.
+- :func:`describe_gain`: the headline's words for a gain and its interval;
+- :func:`wilson_interval`: a 95% interval of one model's accuracy on n test images;
+- :func:`pack_outcomes` / :func:`unpack_outcomes`: which test images a model got right, as a
+  compact JSON value, so that paired tests can be made later from a run's files alone.
 
 Self-contained (no scipy): Student's t quantile comes from the regularised incomplete beta
 function (Numerical Recipes' continued fraction) by bisection; the tests check every number
@@ -15,7 +18,9 @@ against scipy and textbook values.
 
 from __future__ import annotations
 
+import base64
 import math
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -133,3 +138,31 @@ def describe_gain(gain: dict[str, Any], basis: str) -> str:
     if low > 0 or high < 0:
         return f"{mean:+.2f} points ({interval})"
     return f"{mean:+.2f} points, not distinguishable from zero ({interval})"
+
+
+def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Wilson's score interval of a proportion (an accuracy of ``successes`` right out of
+    ``n`` test images), in points (0-100): unlike the normal approximation it stays inside
+    [0, 100] and is sound near 0% and 100%."""
+    if n <= 0:
+        return {"n": n, "low": None, "high": None, "confidence": confidence}
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # at 0% and 100% the bound is exactly 0 / 1 (the formula leaves a rounding error of 1e-17)
+    low = 0.0 if successes == 0 else centre - half
+    high = 1.0 if successes == n else centre + half
+    return {"n": n, "low": 100.0 * low, "high": 100.0 * high, "confidence": confidence}
+
+
+def pack_outcomes(correct: np.ndarray) -> dict[str, Any]:
+    """Per-image right/wrong as ``{"n": N, "bits": base64}`` (one bit per test image)."""
+    correct = np.asarray(correct, dtype=bool)
+    return {"n": int(correct.size), "bits": base64.b64encode(np.packbits(correct)).decode("ascii")}
+
+
+def unpack_outcomes(packed: dict[str, Any]) -> np.ndarray:
+    """The inverse of :func:`pack_outcomes`."""
+    bits = np.frombuffer(base64.b64decode(packed["bits"]), dtype=np.uint8)
+    return np.unpackbits(bits, count=int(packed["n"])).astype(bool)

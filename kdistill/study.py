@@ -20,11 +20,12 @@ from typing import Any
 import torch
 
 from kdistill import api, distributed
+from kdistill.budget import StudyPlan, format_seconds, plan_study
 from kdistill.config import RunConfig
 from kdistill.data.dataset import ImageDataset
 from kdistill.engine import Result, predict, select_device
 from kdistill.errors import ConfigError
-from kdistill.evaluate import agreement, classification_metrics, count_macs, profile_model
+from kdistill.evaluate import agreement, classification_metrics, profile_model
 from kdistill.export import EXPORT_HINT, deploy, onnx_available
 from kdistill.files import atomic_write, atomic_write_text
 from kdistill.progress import log, progress
@@ -34,12 +35,15 @@ from kdistill.runs import (
     budget_left,
     build_teacher,
     check_distillation,
+    input_shape,
     job,
     load_data,
-    model_spec,
+    measure_phase_costs,
     new_model,
     open_run_dir,
     profile_seconds,
+    spec_for,
+    teacher_cache_record,
     test_set,
     train_config,
 )
@@ -57,17 +61,19 @@ def run_study(cfg: RunConfig, resume: bool = False, run_dir: Path | None = None)
             f"data: {ds.name}: {len(ds.train_labels)} train, {len(ds.test_labels)} test, {ds.num_classes} classes; device {device}"
         )
         # 1-3. train the teacher (unless given), the student alone and the distilled student
-        teacher, teacher_spec, phases = _train_phases(cfg, ds, device, run_dir, resume, start)
+        teacher, teacher_spec, phases, budget = _train_phases(cfg, ds, device, run_dir, resume, start)
+        trained = time.perf_counter()
         # 4. evaluate them all on the test set, the same way; rank 0 profiles and reports
         models = {"teacher": teacher, **{name: r.model for name, r in phases.items() if name != "teacher"}}
-        test = test_set(ds, device)
+        test = test_set(ds, device, size=cfg.data.train_size)
         logits = {
             name: predict(m, test, desc=f"evaluate {name}") for name, m in models.items()
         }  # sharded over the ranks
         if distributed.is_main():
             summary_models = _evaluate(cfg, ds, device, run_dir, models, logits, phases, teacher_spec)
             statistics = gain_statistics(logits["baseline"], logits["distilled"], ds.test_labels, cfg.seed)
-            _summarise(cfg, ds, device, run_dir, summary_models, statistics, phases["distilled"].model, start)
+            spending = (lambda: budget.record(trained)) if budget else None  # after the export, which it counts
+            _summarise(cfg, ds, device, run_dir, summary_models, statistics, phases["distilled"].model, start, spending)
         return run_dir
 
 
@@ -86,7 +92,7 @@ def run_seeds(cfg: RunConfig, seeds: list[int], resume: bool = False, share_teac
     dirs = []
     for i, seed in enumerate(seeds):
         seed_cfg = cfg.model_copy(update={"seed": seed, "name": f"seed{seed}", "output_dir": root})
-        if share_teacher and i > 0 and not (cfg.teacher.checkpoint or cfg.teacher.checkpoints):
+        if share_teacher and i > 0 and not (cfg.teacher.checkpoint or cfg.teacher.checkpoints or cfg.teacher.trained):
             teacher = root / f"seed{seeds[0]}" / "teacher" / "checkpoint.pt"
             seed_cfg = seed_cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"checkpoint": teacher})})
         run_dir = root / seed_cfg.name
@@ -133,9 +139,11 @@ class Phases:
         teacher_cache=FROM_CONFIG,
         methods: dict | None = None,
         alpha: float | None = None,
+        max_steps: int | None = None,
     ) -> Result:
         """Distill ``student`` from ``teacher`` with the config's distillation settings (a
-        sweep gives each point its own ``methods`` and ``alpha``)."""
+        sweep gives each point its own ``methods`` and ``alpha``), for at most ``max_steps``
+        optimizer steps when given."""
         d = self.cfg.distill
         return api.distill(
             teacher,
@@ -144,7 +152,7 @@ class Phases:
             methods=methods or d.methods,
             alpha=d.alpha if alpha is None else alpha,
             ce_weight=d.ce_weight,
-            config=train_config(self.cfg, "distill", budget),
+            config=train_config(self.cfg, "distill", budget, max_steps),
             teacher_spec=teacher_spec,
             teacher_cache=d.teacher_cache if teacher_cache is FROM_CONFIG else teacher_cache,
             **self._where(spec, run_dir, desc),
@@ -164,8 +172,9 @@ class Phases:
 
 
 def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resume: bool, start: float):
-    """The teacher (loaded or trained here), its spec, and every trained phase's result."""
-    sspec = model_spec(cfg.student.name, cfg.student.kwargs, ds.num_classes)
+    """The teacher (loaded or trained here), its spec, every trained phase's result and,
+    with a budget, the :class:`StudyBudget` they were trained under (else None)."""
+    sspec = spec_for(cfg.student, ds.num_classes)
 
     def student() -> torch.nn.Module:
         return new_model(sspec, cfg.seed)  # baseline and distilled student start from the same weights
@@ -179,53 +188,162 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
     if loaded:
         teacher, teacher_spec = loaded
     else:
-        teacher_spec = model_spec(cfg.teacher.name, cfg.teacher.kwargs, ds.num_classes)
+        teacher_spec = spec_for(cfg.teacher, ds.num_classes)
         teacher = new_model(teacher_spec, cfg.seed)
-    budgets = _phase_budgets(cfg, start, teacher, student, ds.image_shape, train_teacher=not loaded)
+    names = ["teacher"] * (not loaded) + ["baseline", "distilled"] + generation_names(cfg)
+    budget = StudyBudget.plan(cfg, ds, device, start, teacher, student(), names) if cfg.budget else None
     run = Phases(cfg, ds, device, resume)
     if not loaded:  # 1. the teacher
         phases["teacher"] = run.train(
-            teacher, teacher_spec, "teacher", run_dir / "teacher", budgets("teacher"), "teacher"
+            teacher, teacher_spec, "teacher", run_dir / "teacher", _seconds(budget, "teacher"), "teacher"
         )
+        _spent(budget, "teacher", phases["teacher"])
     # 2. the student alone
-    phases["baseline"] = run.train(student(), sspec, "student", run_dir / "baseline", budgets("baseline"), "baseline")
-    # 3. the student distilled from the teacher
-    distilled = run_dir / "distilled"
-    phases["distilled"] = run.distill(
-        teacher, teacher_spec, student(), sspec, distilled, budgets("distilled"), "distill"
+    phases["baseline"] = run.train(
+        student(), sspec, "student", run_dir / "baseline", _seconds(budget, "baseline"), "baseline"
     )
+    _spent(budget, "baseline", phases["baseline"])
+    # 3. the student distilled from the teacher: with a budget, for the student alone's steps
+    steps = budget.student_steps(phases["baseline"]) if budget else None
+    phases["distilled"] = run.distill(
+        teacher,
+        teacher_spec,
+        student(),
+        sspec,
+        run_dir / "distilled",
+        _seconds(budget, "distilled"),
+        "distill",
+        max_steps=steps,
+    )
+    _spent(budget, "distilled", phases["distilled"])
     # 3b. born-again generations: each student distilled from the previous generation, live
     for g in range(2, cfg.born_again + 2):
         previous = phases["distilled" if g == 2 else f"generation{g - 1}"].model
-        spec, folder, budget = {"generation": g - 1, **sspec}, run_dir / f"generation{g}", budgets(f"generation{g}")
-        phases[f"generation{g}"] = run.distill(
-            previous, spec, student(), sspec, folder, budget, f"generation {g}", teacher_cache=None
+        spec, name = {"generation": g - 1, **sspec}, f"generation{g}"
+        phases[name] = run.distill(
+            previous,
+            spec,
+            student(),
+            sspec,
+            run_dir / name,
+            _seconds(budget, name),
+            f"generation {g}",
+            teacher_cache=None,
+            max_steps=steps,
         )
-    return teacher, teacher_spec, phases
+        _spent(budget, name, phases[name])
+    return teacher, teacher_spec, phases, budget
 
 
-def _phase_budgets(cfg: RunConfig, start: float, teacher, student, image_shape, train_teacher: bool):
-    """With ``cfg.budget``: a function phase -> seconds. The time left (less a reserve for
-    the final evaluation and profiling) is split over the phases still to train in
-    proportion to their compute per step, estimated from MACs (a training step costs about
-    three forward passes; distillation adds one teacher forward), so that every phase
-    trains for about the same number of steps. Without a budget: phase -> None."""
-    if not cfg.budget:
-        return lambda phase: None
-    mt, ms = count_macs(teacher, image_shape), count_macs(student(), image_shape)
-    costs = {"teacher": 3 * mt} if train_teacher else {}
-    costs.update(baseline=3 * ms, distilled=mt + 3 * ms)
-    costs.update({f"generation{g}": 4 * ms for g in range(2, cfg.born_again + 2)})
-    reserve = min(0.15 * cfg.budget, 30.0)  # evaluation, profiling and report of 3+ models
-    remaining = list(costs)
+def generation_names(cfg: RunConfig) -> list[str]:
+    return [f"generation{g}" for g in range(2, cfg.born_again + 2)]
 
-    def budget(phase: str) -> float:
-        left = budget_left(cfg, start, reserve)
-        share = costs[phase] / sum(costs[p] for p in remaining)
-        remaining.remove(phase)
-        return left * share
 
-    return budget
+def _seconds(budget: StudyBudget | None, phase: str) -> float | None:
+    return budget.seconds(phase) if budget else None
+
+
+def _spent(budget: StudyBudget | None, phase: str, result: Result) -> None:
+    if budget:
+        budget.spent(phase, result)
+
+
+# the time kept for what follows training (evaluation of every model, profiling, export,
+# report): this fraction of the budget, at least STUDY_RESERVE_MIN and at most STUDY_RESERVE_MAX
+# seconds, and never less than the evaluation is estimated to take
+STUDY_RESERVE_FRACTION = 0.15
+STUDY_RESERVE_MIN, STUDY_RESERVE_MAX = 2.0, 30.0
+
+
+class StudyBudget:
+    """How a study with ``--budget`` spends it (see :func:`kdistill.budget.plan_study`): the
+    plan made after loading and a short measurement of every phase's step, each phase's
+    share of the time left when it starts, and what each one spent.
+
+    Fairness: the student alone trains within its share; the distilled student (and any
+    born-again generation) then trains for the same number of optimizer steps on the same
+    batches, so that the gain is distillation's, not extra training. Its share of the time
+    is a safety net only (up to one of its epochs and an evaluation past the budget): the
+    teacher's forward passes make its steps dearer, and that cost, distillation's own, is
+    reported next to the gain, not traded for fewer steps."""
+
+    def __init__(self, cfg: RunConfig, plan: StudyPlan, start: float):
+        self.cfg, self.plan, self.start = cfg, plan, start
+        self.remaining = list(plan.phases)
+        self.results: dict[str, dict[str, Any]] = {}
+        self.steps: int | None = None  # the student alone's steps, every later student's
+        self.cache: dict[str, Any] | None = None  # the teacher cache the distilled student read
+        # how far past the budget the students after the first may go to reach its steps: one
+        # epoch and its evaluation of the dearest of them (as measured), for all of them together
+        self.allowance = max(
+            c.seconds(c.steps_per_epoch) for name, c in plan.costs.items() if name not in ("teacher", "baseline")
+        )
+
+    @classmethod
+    def plan(cls, cfg: RunConfig, ds: ImageDataset, device, start: float, teacher, student, names) -> StudyBudget:
+        live = not cfg.distill.teacher_cache
+        costs = measure_phase_costs(cfg, ds, device, teacher, student, names, live)
+        evaluation = sum(c.eval_seconds for c in costs) + profile_seconds(cfg) * (len(names) + 1) * 2
+        reserve = min(max(STUDY_RESERVE_FRACTION * cfg.budget, STUDY_RESERVE_MIN), STUDY_RESERVE_MAX)
+        reserve = max(reserve, evaluation)
+
+        def make() -> StudyPlan:
+            return plan_study(cfg.budget, time.perf_counter() - start, costs, reserve)
+
+        plan = distributed.on_main(make, share=True)  # rank 0's clock and costs decide, for every rank
+        parts = ", ".join(f"{n} {format_seconds(s)}" for n, s in plan.phases.items())
+        log(
+            f"budget {format_seconds(cfg.budget)}: {plan.steps} steps for every phase ({parts}); "
+            f"{format_seconds(plan.spent)} spent loading and measuring, {format_seconds(plan.reserve)} kept for evaluation and report"
+        )
+        if plan.note:
+            log(plan.note)
+        return cls(cfg, plan, start)
+
+    def seconds(self, phase: str) -> float:
+        """``phase``'s time: its share of what is left. The phases after the student alone
+        train for its steps (``max_steps``): for them this is a safety net only, all that is
+        left but the planned time of the phases after them, plus :attr:`allowance` (a
+        machine slower than measured may take them that far past the budget, no further)."""
+        if self.steps is None:
+            left = budget_left(self.cfg, self.start, self.plan.reserve)
+            seconds = self.plan.share(phase, left, self.remaining)
+        else:
+            left = budget_left(self.cfg, self.start, self.plan.reserve - self.allowance)
+            later = self.remaining[self.remaining.index(phase) + 1 :]
+            seconds = max(left - sum(self.plan.phases[p] for p in later), self.plan.share(phase, left, self.remaining))
+        self.remaining.remove(phase)
+        return seconds
+
+    def student_steps(self, baseline: Result) -> int:
+        """The distilled student's steps: as many images as the student alone saw (its
+        steps, when the two phases have the same batch size)."""
+        images = baseline.budget["steps"] * self.cfg.train_for("student").batch_size
+        self.steps = -(-images // self.cfg.train_for("distill").batch_size)
+        return self.steps
+
+    def spent(self, phase: str, result: Result) -> None:
+        b = result.budget or {}
+        self.results[phase] = {"spent_seconds": b.get("wall_seconds"), "steps": b.get("steps")}
+        if phase == "distilled" and self.cfg.distill.teacher_cache:
+            self.cache = distributed.on_main(lambda: teacher_cache_record(result))
+        if self.steps is not None and b.get("steps") is not None and b["steps"] < self.steps:
+            log(
+                f"warning: {phase}: the budget ran out after {b['steps']} of the student alone's {self.steps} steps "
+                "(the machine ran slower than measured): the gain mixes distillation with less training"
+            )
+
+    def record(self, trained: float) -> dict[str, Any]:
+        """For summary.json: the plan and what each phase spent (``trained``: when the last
+        phase ended, perf_counter; the evaluation's time is counted from there)."""
+        record = self.plan.record()
+        for phase, spent in self.results.items():
+            record["phases"][phase].update(spent)
+        record["evaluation"] = {"planned_seconds": self.plan.reserve, "spent_seconds": time.perf_counter() - trained}
+        record["student_steps"] = self.steps
+        if self.cache:  # built before the study, once for every run that reads it: not in this budget
+            record["teacher_cache"] = self.cache
+        return record
 
 
 def _teacher_name(cfg: RunConfig) -> str:
@@ -253,12 +371,14 @@ def _evaluate(
         entry: dict[str, Any] = {
             "model": _teacher_name(cfg) if name == "teacher" else cfg.student.name,
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
-            "profile": profile_model(model, ds.image_shape, max_seconds=profile_seconds(cfg)),
+            "profile": profile_model(model, input_shape(ds, cfg.data.train_size), max_seconds=profile_seconds(cfg)),
         }
         if name != "teacher":
             entry["agreement"] = agreement(logits[name], logits["teacher"])
         if name in phases:
             r = phases[name]
+            # flip TTA's and the raw weights' top-1 (train.eval_tta, train.ema), from the phase's own test evaluation
+            entry["test"].update({k: r.metrics[k] for k in ("top1_tta", "nll_tta", "top1_raw") if k in r.metrics})
             entry.update(train_seconds=r.train_seconds, images_per_second=r.images_per_second, epochs=len(r.history))
             if r.budget:
                 entry["budget"] = r.budget
@@ -292,8 +412,10 @@ def _summarise(
     statistics: dict,
     student,
     start: float,
+    spending=None,
 ) -> None:
-    """summary.json (with the deployed student's measurements) and the report."""
+    """summary.json (with the deployed student's measurements and, with a budget, how the
+    study spent it: ``spending()``) and the report."""
     summary = {
         "name": cfg.name,
         "seed": cfg.seed,
@@ -305,6 +427,7 @@ def _summarise(
             "train_size": len(ds.train_labels),
             "test_size": len(ds.test_labels),
             "num_classes": ds.num_classes,
+            **({"split": ds.split} if ds.split else {}),  # the train/val/test split kdistill made
         },
         "models": summary_models,
         "statistics": statistics,
@@ -315,6 +438,8 @@ def _summarise(
     deployment = deploy_student(cfg, student, ds, run_dir / "distilled")
     if deployment:
         summary["deployment"] = deployment
+    if spending is not None:
+        summary["budget_plan"] = spending()
     summary["headline"] = headline(summary)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     report = write_report(run_dir)

@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -32,16 +33,17 @@ from typing import Any
 import torch
 
 from kdistill import runs
-from kdistill.config import DistillConfig, RunConfig
+from kdistill.config import DistillConfig, RunConfig, trainable_name
 from kdistill.configbase import format_errors
 from kdistill.engine import GracefulInterrupt, predict, select_device
 from kdistill.errors import ConfigError, KDistillError
 from kdistill.evaluate import agreement, count_macs
 from kdistill.files import atomic_write_text
 from kdistill.methods import METHODS, needs_features, set_option, taking
-from kdistill.models import MODELS, count_parameters
+from kdistill.models import check_name, count_parameters
 from kdistill.progress import log, plain_progress_only
 from kdistill.report.leaderboard import write_leaderboard
+from kdistill.stats import pack_outcomes
 from kdistill.study import Phases
 from kdistill.teacher_cache import TeacherCache
 
@@ -56,7 +58,8 @@ class SweepPoint:
     @property
     def name(self) -> str:
         t = f"-T{self.temperature:g}" if self.temperature is not None else ""
-        return f"{self.student}-{self.method}{t}-a{self.alpha:g}"
+        student = re.sub(r"[^\w.+-]+", "_", self.student)  # a folder name: torchscript:dir/m.pt -> torchscript_dir_m.pt
+        return f"{student}-{self.method}{t}-a{self.alpha:g}"
 
     @property
     def methods(self) -> dict[str, dict[str, Any]]:
@@ -73,8 +76,10 @@ def expand_grid(
 ) -> list[SweepPoint]:
     """Every combination, once: a method without a temperature does not multiply by T."""
     for name in students:
-        if name not in MODELS:
-            raise ConfigError(f"sweep: unknown student {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+        try:
+            trainable_name(check_name(name), "a student")
+        except ValueError as e:
+            raise ConfigError(f"sweep: student {e}") from None
     points: dict[str, SweepPoint] = {}
     for student, method, t, alpha in itertools.product(students, methods, temperatures, alphas):
         parts = [m.strip() for m in method.split("+")]
@@ -152,12 +157,13 @@ def _run_sweep(cfg: RunConfig, points: list[SweepPoint], resume: bool, run_dir: 
         cache_path = cfg.distill.teacher_cache or run_dir / "teacher_cache.pt"
         if cfg.distill.teacher_cache or cache_path.exists():
             cache = TeacherCache.load(cache_path)
+            cache_seconds = cache.build_seconds or 0.0  # built earlier (recorded by caches of this version)
         else:
             t0 = time.perf_counter()
             cache = runs.cache_teacher(cfg, teacher, ds, device, cache_path)
             cache_seconds = time.perf_counter() - t0
 
-    teacher_logits = predict(teacher, runs.test_set(ds, device)).cpu()
+    teacher_logits = predict(teacher, runs.test_set(ds, device, size=cfg.data.train_size)).cpu()
     shared = _Shared(cfg, run_dir, resume, device, ds, teacher, teacher_spec, cache, teacher_logits)
     done: dict[int, dict] = {}
     pending: list[int] = []
@@ -223,10 +229,12 @@ def _train_point(shared: _Shared, point: SweepPoint, i: int, total: int, budget:
         "top5": r.metrics["top5"],
         "agreement": agreement(r.test_logits, shared.teacher_logits.to(r.test_logits.device))["agreement_top1"],
         "parameters": count_parameters(r.model),
-        "macs": count_macs(r.model, ds.image_shape),
+        "macs": count_macs(r.model, runs.input_shape(ds, cfg.data.train_size)),
         "epochs": len(r.history),
         "train_seconds": r.train_seconds,
         "images_per_second": r.images_per_second,
+        # which test images it got right: the leaderboard's paired tests against the best
+        "test_correct": pack_outcomes((r.test_logits.argmax(1).cpu() == ds.test_labels).numpy()),
     }
     # atomic: --resume skips a configuration by its summary, which must never be half-written
     atomic_write_text(out / "summary.json", json.dumps(row, indent=2), "summary")

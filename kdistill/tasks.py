@@ -58,7 +58,8 @@ class Distillation(nn.Module):
         self.alpha = alpha
         self.ce_weight = ce_weight
         self.label_smoothing = label_smoothing
-        teacher.eval().requires_grad_(False)
+        for p in teacher.eval().parameters():  # not Module.requires_grad_: a TorchScript module lacks it
+            p.requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see the module docstring
         # teacher logits read by (epoch, sample index) instead of running the teacher
         self.teacher_cache = teacher_cache

@@ -3,8 +3,8 @@
 Distillation pays a teacher forward pass for every student step, and users train many
 students against one teacher. Caching the teacher's logits per *image* would be wrong as
 soon as the images are augmented: the student sees a different crop and flip every epoch.
-But kdistill's augmentation is replayable: the crop offsets and flips of every sample in
-every epoch are a pure function of (seed, epoch, sample index)
+But kdistill's augmentation is replayable: the crop offsets (or random-resized-crop
+boxes) and flips of every sample in every epoch are a pure function of (seed, epoch, sample index)
 (:func:`kdistill.data.loader.epoch_views`). So the cache runs the teacher once over E
 epochs of augmented views and stores its logits by (epoch, sample index); a distillation
 run with the same seed and augmentation then replays the very same views and reads the
@@ -51,6 +51,8 @@ FINGERPRINT_KEYS = {
     "augment": "data.augment",
     "crop_padding": "data.crop_padding",
     "flip": "data.flip",
+    "resized_crop": "data.augmentation: random_resized_crop (train_size, crop_scale, crop_ratio)",
+    "train_size": "data.train_size",
     "seed": "seed",
     "teacher": "teacher weights",
     "teacher_temperature": "ensemble temperature (the teachers' soft outputs are averaged at the method's T)",
@@ -103,6 +105,9 @@ def fingerprint(loader, teacher: nn.Module) -> dict[str, Any]:
         "augment": loader.augment,
         "crop_padding": loader.padding,
         "flip": loader.flip,
+        # None without them, as in caches made before they existed
+        "resized_crop": _plain(loader.resized_crop),
+        "train_size": loader.size,
         "seed": loader.seed,
         "teacher": weights_digest(teacher),
         # an ensemble's combined logits depend on the temperature of its averaging
@@ -117,6 +122,11 @@ def _data_digest(loader) -> str:
     _digest_rows(digest, loader.inputs, getattr(loader, "rows", None))
     _digest_rows(digest, loader.labels)
     return digest.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as a saved and loaded fingerprint holds them."""
+    return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def _short(value: Any) -> str:
@@ -140,6 +150,7 @@ class TeacherCache:
     classes: Tensor | None = None
     tail: Tensor | None = None
     path: Path | None = None
+    build_seconds: float | None = None  # what running the teacher over the views took, once for every run it serves
 
     @property
     def top_k(self) -> int:
@@ -161,7 +172,15 @@ class TeacherCache:
             for k in ("logits", "values", "classes", "tail")
             if getattr(self, k) is not None
         }
-        return TeacherCache(self.fingerprint, self.epochs, self.num_samples, self.num_classes, path=self.path, **move)
+        return TeacherCache(
+            self.fingerprint,
+            self.epochs,
+            self.num_samples,
+            self.num_classes,
+            path=self.path,
+            build_seconds=self.build_seconds,
+            **move,
+        )
 
     def lookup(self, epoch: int, indices: Tensor) -> Tensor:
         """Teacher logits (B, K), float32, of the samples ``indices`` as epoch ``epoch`` shows them."""
@@ -200,6 +219,7 @@ class TeacherCache:
             "epochs": self.epochs,
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
+            "build_seconds": self.build_seconds,
             **tensors,
         }
         try:  # the checkpoints' writer: temporary file, fsync, rename, fsync of the folder
@@ -237,6 +257,7 @@ class TeacherCache:
                 state.get("classes"),
                 state.get("tail"),
                 path,
+                state.get("build_seconds"),  # None in a cache written before it was recorded
             )
         except KeyError as e:
             raise CacheError(f"teacher cache {path} lacks the key {e.args[0]!r}") from None

@@ -11,6 +11,40 @@ import kdistill
 from kdistill.data.dataset import ImageDataset
 
 
+def _vision_libraries_missing() -> str | None:
+    """Why torchvision or timm cannot be used here, None when both import."""
+    try:
+        import timm  # noqa: F401
+        import torchvision  # noqa: F401
+    except Exception as e:  # ImportError, or a torchvision built for another torch build
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``vision`` need torchvision and timm. Where they do not import, they are
+    deselected, and the run says so at its end: ``scripts/test`` (the README's test command,
+    which CI runs) runs them in a second environment where they do."""
+    vision = [item for item in items if item.get_closest_marker("vision")]
+    why = _vision_libraries_missing() if vision else None
+    if why is None:
+        return
+    config.hook.pytest_deselected(items=vision)
+    items[:] = [item for item in items if not item.get_closest_marker("vision")]
+    config.stash[_VISION_NOTE] = (
+        f"{len(vision)} tests marked 'vision' were deselected: torchvision/timm do not import here ({why}); "
+        "scripts/test runs them in a second environment (.venv-vision)"
+    )
+
+
+_VISION_NOTE = pytest.StashKey[str]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _VISION_NOTE in config.stash:
+        terminalreporter.write_line(config.stash[_VISION_NOTE])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def kdistill_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every test (and every subprocess it starts) caches decoded images in a temporary

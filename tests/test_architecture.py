@@ -65,6 +65,7 @@ LAYER_ORDER: tuple[tuple[str, ...], ...] = (
         "kdistill.checkpoint",
         "kdistill.budget",
         "kdistill.evaluate",
+        "kdistill.ema",
         "kdistill.teacher_cache",
         "kdistill.tasks",
         "kdistill.export",

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from kdistill.data.loader import Normalize, TrainLoader
+from kdistill.stats import pack_outcomes, paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +66,44 @@ def test_the_table_gives_each_method_its_mean_gain_over_the_same_seeds_baseline(
     out = tmp_path / "t.md"
     methods_cifar10.write_table(result, out)
     table = out.read_text()
-    assert "| dkd:beta=2 | 70.00 ± 0.50 | +1.00 | 80.00 ± 0.00 | 10 |" in table
+    # mean ± sample standard deviation; gains +0.5 (seed 0) and +1.5, their t-interval over the 2 seeds
+    half = scipy_stats.t.ppf(0.975, 1) * statistics.stdev([1.5, 0.5]) / math.sqrt(2)
+    assert (
+        f"| dkd:beta=2 | 70.00 ± 0.71 | +0.50, +1.50 | +1.00 ({1 - half:+.2f} to {1 + half:+.2f}) | –, – "
+        "| 80.00 ± 0.00 | 10 |"
+    ) in table
     assert "| fitnets | seed 0: training collapsed |" in table
     assert json.loads(out.with_suffix(".json").read_text()) == result
+
+
+def test_the_table_gives_mcnemar_per_seed_and_a_bootstrap_interval_for_one_seed(tmp_path):
+    """With per-image outcomes recorded, each seed's McNemar p against its own baseline; one seed's
+    interval is the paired bootstrap over the test images."""
+    base_right = np.zeros(1000, dtype=bool)
+    base_right[:600] = True
+    kd_right = base_right.copy()
+    kd_right[600:640] = True  # right on 40 more images, wrong on 10 the baseline got right
+    kd_right[:10] = False
+    row = lambda right: {  # noqa: E731
+        "seed": 0,
+        "top1": right.mean() * 100,
+        "agreement": 80.0,
+        "seconds": 1.0,
+        "test_correct": pack_outcomes(right),
+    }
+    result = {
+        "commands": ["c"],
+        "recipe": ["r"],
+        "seeds": [0],
+        "rows": {methods_cifar10.BASELINE: [row(base_right)], "kd": [row(kd_right)]},
+    }
+    out = tmp_path / "t.md"
+    methods_cifar10.write_table(result, out)
+    line = next(line for line in out.read_text().splitlines() if line.startswith("| kd |"))
+    gain = paired_bootstrap(base_right, kd_right)
+    p = scipy_stats.binomtest(10, 50, 0.5).pvalue
+    assert line == f"| kd | 63.00 | +3.00 | +3.00 ({gain['low']:+.2f} to {gain['high']:+.2f}) | {p:.2g} | 80.00 | 1 |"
+    assert gain["low"] > 0
 
 
 @pytest.mark.slow

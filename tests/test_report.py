@@ -13,8 +13,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from kdistill.cli import build_parser, main
 from kdistill.errors import ConfigError, ReportError
@@ -30,6 +32,7 @@ from kdistill.models import create_model
 from kdistill.progress import PlainProgress, progress
 from kdistill.report import headline, pareto_front, write_report
 from kdistill.report.leaderboard import write_leaderboard
+from kdistill.stats import pack_outcomes, wilson_interval
 from tests.html_check import check_html
 
 CLASSES = ["cat", "dog", "ship"]
@@ -370,6 +373,14 @@ def test_leaderboard_of_a_sweep(tmp_path: Path) -> None:
             "images_per_second": 1216.0,
         },
     ]
+    # per-image outcomes on 400 test images: the best gets 165 right, the second 160; they
+    # disagree on 30 images (the best alone right on 17, the second alone on 12)
+    best = np.zeros(400, dtype=bool)
+    best[:165] = True
+    second = best.copy()
+    second[148:165] = False
+    second[165:177] = True
+    rows[0]["test_correct"], rows[1]["test_correct"] = pack_outcomes(best), pack_outcomes(second)
     cache = "2 epochs x 100 samples"  # the teacher cache, described
     write_leaderboard(tmp_path, rows, cache_seconds=3.2, cache=cache, wall_seconds=20.4)
     table = list(csv.DictReader((tmp_path / "leaderboard.csv").open()))
@@ -389,7 +400,17 @@ def test_leaderboard_of_a_sweep(tmp_path: Path) -> None:
         "epochs",
         "train_seconds",
         "images_per_second",
+        "top1_low",
+        "top1_high",
+        "vs_best",
+        "vs_best_low",
+        "vs_best_high",
+        "vs_best_p",
     ]
+    p = scipy_stats.binomtest(12, 29, 0.5).pvalue
+    assert float(table[1]["vs_best"]) == pytest.approx(-1.25) and float(table[1]["vs_best_p"]) == pytest.approx(p)
+    assert float(table[0]["top1_low"]) == pytest.approx(wilson_interval(165, 400)["low"])
+    assert table[0]["vs_best"] == "" and float(table[1]["vs_best_low"]) < -1.25 < float(table[1]["vs_best_high"])
     assert [(r["rank"], r["name"], r["temperature"], r["top1"]) for r in table] == [
         ("1", "seed_student-at-a0.5", "", "41.25"),
         ("2", "seed_student-kd-T4-a0.9", "4.0", "40.0"),
@@ -398,12 +419,22 @@ def test_leaderboard_of_a_sweep(tmp_path: Path) -> None:
     assert md[0] == f"# Sweep leaderboard: {tmp_path.name}"
     assert md[2] == (
         "2 configurations, sorted by test top-1 (last epoch). Wall time of this invocation 20 s; the teacher cache "
-        "(2 epochs x 100 samples) took 3 s to build and served every 'cache' row."
+        "(2 epochs x 100 samples) took 3 s to build and served every 'cache' row (3.2 s per run over the 1 that read "
+        "it, not in their training time)."
     )
-    assert md[5:8] == [
-        "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        "| 1 | seed_student | at | – | 0.5 | live | 41.25% | 90.00% | 60.50% | 0.27 M | 1.9 M | 2 | 9 s | 539 |",
-        "| 2 | seed_student | kd | 4 | 0.9 | cache | 40.00% | 90.00% | 58.00% | 0.27 M | 1.9 M | 2 | 4 s | 1216 |",
+    assert md[4] == (
+        "Intervals: 95% Wilson interval of each top-1 over the 400 test images; 'vs best' is the paired difference "
+        "to the best configuration on the same images (percentile bootstrap 95% CI) and McNemar's exact p. 1 of the "
+        "other 1 configurations are not distinguishable from the best (p >= 0.05): seed_student-kd-T4-a0.9."
+    )
+    low, high = (float(table[1][k]) for k in ("vs_best_low", "vs_best_high"))
+    ci, ci2 = wilson_interval(165, 400), wilson_interval(160, 400)
+    assert md[7:10] == [
+        "| ---: | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| 1 | seed_student | at | – | 0.5 | live | 41.25% | {ci['low']:.1f}–{ci['high']:.1f} | – | – | 90.00% | 60.50% | "
+        "0.27 M | 1.9 M | 2 | 9 s | 539 |",
+        f"| 2 | seed_student | kd | 4 | 0.9 | cache | 40.00% | {ci2['low']:.1f}–{ci2['high']:.1f} | -1.25 ({low:+.2f} to {high:+.2f}) | {p:.3g} | "
+        "90.00% | 58.00% | 0.27 M | 1.9 M | 2 | 4 s | 1216 |",
     ]
     assert md[-1] == "![accuracy vs cost](accuracy_vs_cost.png)"
     assert check_html((tmp_path / "leaderboard.html").read_text()) == {"tables": 1, "rows": 3, "images": 1}

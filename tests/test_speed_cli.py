@@ -108,6 +108,10 @@ def test_sweep_writes_leaderboard_csv_and_plot(teacher_ckpt: Path, tmp_path: Pat
     assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4]
     top1 = [float(r["top1"]) for r in rows]
     assert top1 == sorted(top1, reverse=True)
+    # every row's interval, and each row's paired test against the best (from its summary's outcomes)
+    assert all(float(r["top1_low"]) <= float(r["top1"]) <= float(r["top1_high"]) for r in rows)
+    assert rows[0]["vs_best_p"] == "" and all(0 < float(r["vs_best_p"]) <= 1 for r in rows[1:])
+    assert all(float(r["vs_best"]) == pytest.approx(float(r["top1"]) - top1[0], abs=1e-4) for r in rows[1:])
     assert {r["teacher"] for r in rows} == {"cache"}
     assert (run / "teacher_cache.pt").is_file()
     md = (run / "leaderboard.md").read_text()

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from kdistill.stats import describe_gain, mcnemar, paired_bootstrap, t_interval, t_quantile
+from kdistill.stats import (
+    describe_gain,
+    mcnemar,
+    pack_outcomes,
+    paired_bootstrap,
+    t_interval,
+    t_quantile,
+    unpack_outcomes,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize("df, textbook", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (29, 2.045), (120, 1.980)])
@@ -72,3 +81,21 @@ def test_paired_bootstrap_covers_a_known_difference() -> None:
 )
 def test_gain_wording_on_both_sides_of_zero(gain: dict, says: str) -> None:
     assert describe_gain(gain, "3 seeds") == says
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (10, 10), (623, 1000), (7912, 10000)])
+def test_wilson_interval_matches_scipy(k: int, n: int) -> None:
+    r = wilson_interval(k, n)
+    ci = scipy_stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert (r["low"], r["high"]) == (pytest.approx(100 * ci.low, abs=1e-9), pytest.approx(100 * ci.high, abs=1e-9))
+    assert 0.0 <= r["low"] <= 100.0 * k / n <= r["high"] <= 100.0
+
+
+def test_outcomes_round_trip_through_json() -> None:
+    import json
+
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 1000, 10001):
+        correct = rng.random(n) < 0.5
+        packed = json.loads(json.dumps(pack_outcomes(correct)))
+        assert np.array_equal(unpack_outcomes(packed), correct)

@@ -16,7 +16,16 @@ import torch
 import kdistill.data.dataset as dataset_module
 import kdistill.data.store as store_module
 from kdistill.data.dataset import ImageDataset, channel_mean_std, load_dataset
-from kdistill.data.loader import EvalData, Normalize, TrainLoader, crop_flip_packed, pack_pixels
+from kdistill.data.loader import (
+    EvalData,
+    Normalize,
+    ResizedCrop,
+    TrainLoader,
+    centre_crop,
+    crop_flip_packed,
+    pack_pixels,
+    resized_crop_flip_packed,
+)
 from kdistill.data.store import open_or_build, read_store, write_store
 from kdistill.errors import DataError
 from kdistill.teacher_cache import fingerprint, tensor_digest
@@ -82,13 +91,13 @@ def test_images_are_read_through_a_memory_map(tmp_path: Path) -> None:
 def test_second_load_does_not_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _make_source("zip", tmp_path)
     calls = []
-    decode = dataset_module.load_imagefolder
+    decode = dataset_module.decode
 
     def counting(*args, **kwargs):
         calls.append(args)
         return decode(*args, **kwargs)
 
-    monkeypatch.setattr(dataset_module, "load_imagefolder", counting)
+    monkeypatch.setattr(dataset_module, "decode", counting)
     first = load_dataset(source, image_size=8, data_dir=tmp_path / "cache")
     second = load_dataset(source, image_size=8, data_dir=tmp_path / "cache", val_size=2)
     assert len(calls) == 1
@@ -153,12 +162,13 @@ def test_store_of_another_data_set_is_refused_and_rebuilt(tmp_path: Path, capsys
     a = load_dataset(_make_source("tar", tmp_path / "a"), image_size=8, data_dir=cache)
     (store_a,) = (cache / "decoded").glob("*.kdstore")
     source_b = _make_source("zip", tmp_path / "b")
-    b_path = dataset_module._cache_path(cache, dataset_module.sha256_file(source_b), 8)
+    key_b = dataset_module.source_key(dataset_module.sha256_file(source_b), None)
+    b_path = dataset_module._cache_path(cache, key_b, 8)
     shutil.copy(store_a, b_path)
     capsys.readouterr()
     b = load_dataset(source_b, image_size=8, data_dir=cache)
     assert "data store of another data set" in capsys.readouterr().err
-    assert b.checksum != a.checksum and read_store(b_path).header["checksum"] == b.checksum
+    assert b.checksum != a.checksum and read_store(b_path).header["checksum"] == key_b
 
 
 @pytest.mark.parametrize("where", ["reserve", "header"])
@@ -192,7 +202,11 @@ def test_header_records_what_the_store_holds(tmp_path: Path) -> None:
     raw = path.read_bytes()
     assert raw[:8] == store_module.MAGIC
     header = json.loads(raw[16 : 16 + int.from_bytes(raw[8:16], "little")])
-    assert header["checksum"] == ds.checksum and header["classes"] == ds.classes and header["image_size"] == 8
+    # the store is keyed as the decoded data depend on it: the source's files, the layout
+    # rules and the split made of them (dataset.source_key), the size and the resize policy
+    assert header["checksum"] == dataset_module.source_key(ds.checksum, None)
+    assert header["classes"] == ds.classes and header["image_size"] == 8 and header["resize"] == "crop"
+    assert header["split_record"] is None  # the folder's own split (kdistill made none)
     assert header["arrays"]["train_images"]["shape"] == [len(ds.train_labels), 3, 8, 8]
     assert header["arrays"]["train_images"]["dtype"] == "|u1" and header["arrays"]["train_labels"]["dtype"] == "<i8"
 
@@ -236,6 +250,65 @@ def test_store_batches_equal_in_memory_batches_bit_for_bit(mini: ImageDataset, s
     assert all(torch.equal(a.images, b.images) for a, b in zip(tail, list(from_memory.epoch(1))[70:]))
 
 
+def _reference_resized(images: torch.Tensor, labels: torch.Tensor, loader: TrainLoader, epoch: int) -> list:
+    """The random-resized-crop batches of the previous in-memory loader: the whole set
+    packed up front (on the device), each batch resampled from it."""
+    pixels = pack_pixels(images)
+    views = loader.views(epoch)
+    out = []
+    for step in range(len(loader)):
+        idx = views.order[step * loader.batch_size : (step + 1) * loader.batch_size][loader.rank :: loader.world]
+        x = resized_crop_flip_packed(pixels, idx, views.boxes[idx], views.flips[idx], loader.size)[:, :3]
+        x = loader.normalize(x) if loader.normalize is not None else x.round_().to(torch.uint8)
+        out.append((x, labels[idx], idx))
+    return out
+
+
+@pytest.mark.parametrize("shard", [(0, 1), (1, 2)])
+@pytest.mark.parametrize("normalized", [True, False])
+def test_store_random_resized_crops_equal_in_memory_ones_bit_for_bit(
+    mini: ImageDataset, shard, normalized: bool
+) -> None:
+    """Random-resized-crop from each batch's rows of the store: the same boxes and the same
+    outputs, bit for bit, as from the whole set packed in memory."""
+    ds = mini.with_validation(300, seed=2)
+    norm = Normalize(*ds.mean_std(), CPU, channels_last=normalized) if normalized else None
+    kw = {"normalize": norm, "seed": 7, "shard": shard, "resized_crop": ResizedCrop(24, (0.2, 1.0))}
+    from_store = TrainLoader(ds.train_images, ds.train_labels, 256, CPU, rows=ds.train_rows, **kw)
+    in_memory = ds.images("train").clone()
+    from_memory = TrainLoader(in_memory, ds.train_labels, 256, CPU, **kw)
+    for epoch in (0, 2):
+        assert torch.equal(from_store.views(epoch).boxes, from_memory.views(epoch).boxes)
+        reference = _reference_resized(in_memory, ds.train_labels, from_memory, epoch)
+        for a, (x, y, idx) in zip(from_store.epoch(epoch), reference, strict=True):
+            assert a.images.shape[-2:] == (24, 24) and torch.equal(a.images, x)
+            assert torch.equal(a.labels, y) and torch.equal(a.indices, idx)
+
+
+def test_centre_crop_and_select_read_rows(mini: ImageDataset) -> None:
+    """Evaluation's centre crop (``size``) and its subset (``select``) on a split held as
+    rows of the store: the batches of the split copied into memory."""
+    ds = mini.with_validation(300, seed=2)
+    norm = Normalize(*ds.mean_std(), CPU, channels_last=False)
+    val = EvalData(ds.val_images, ds.val_labels, 64, CPU, norm, rows=ds.val_rows, size=24)
+    copy = EvalData(ds.images("val").clone(), ds.val_labels, 64, CPU, norm, size=24)
+    keep = torch.randperm(300, generator=torch.Generator().manual_seed(0))[:90].sort().values
+    cases = ((val, copy), (val.select(keep), copy.select(keep)), (val.select(keep).subset(10, 70), None))
+    for got, want in cases:
+        got = list(got)
+        want = list(want) if want is not None else None
+        assert all(b.images.shape[-2:] == (24, 24) for b in got)
+        if want is not None:
+            assert len(got) == len(want) > 1
+            assert all(torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) for a, b in zip(got, want))
+    # by hand: the centred 24 x 24 window of the selected validation images
+    images = torch.cat([b.images for b in val.select(keep)])
+    assert torch.equal(images, norm(centre_crop(ds.images("val")[keep], 24)))
+    sub = torch.cat([b.images for b in val.select(keep).subset(10, 70)])
+    assert torch.equal(sub, images[10:70])
+    assert torch.equal(val.select(keep).labels, ds.val_labels[keep])
+
+
 def test_evaluation_and_fingerprints_read_rows(mini: ImageDataset) -> None:
     ds = mini.with_validation(300, seed=2)
     norm = Normalize(*ds.mean_std(), CPU, channels_last=False)
@@ -272,13 +345,13 @@ def test_channel_mean_std_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 def _scenario_two_ranks_one_store(rank: int, out: Path, source: Path, cache: Path) -> None:
     from kdistill import distributed
 
-    decode = dataset_module.load_imagefolder
+    decode = dataset_module.decode
 
     def counting(*args, **kwargs):  # this forked rank's own module: the test's is untouched
         (out / f"decoded{rank}").write_text("")
         return decode(*args, **kwargs)
 
-    dataset_module.load_imagefolder = counting
+    dataset_module.decode = counting
     distributed.ensure(CPU)
     ds = distributed.local_main_first(lambda: load_dataset(source, image_size=8, data_dir=cache, val_size=2))
     mapped = sorted({line.split()[-1] for line in _mapped_files().splitlines() if line.endswith(".kdstore")})

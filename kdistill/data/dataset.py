@@ -1,19 +1,24 @@
 """Data sets as uint8 tensors, whatever their source.
 
 ``load_dataset("cifar10-mini" | "cifar10" | "cifar100" | path)`` returns an
-:class:`ImageDataset`. Decoding JPEGs is slow and decoded images can be larger than
-memory, so they are decoded once into a data store on disk (:mod:`kdistill.data.store`),
-keyed by the source's checksum and the image size, and read back through a memory map: a
-second run on the same data opens it in well under a second, and every process on the
-machine shares its pages through the page cache instead of holding a copy.
+:class:`ImageDataset`; a path is an ImageFolder folder or archive (``imagefolder.py``) or a
+CSV/JSONL manifest (``manifest.py``), split into train/validation/test when it has no test
+split of its own (``split.py``). Decoding JPEGs is slow and decoded images can be larger
+than memory, so they are decoded once into a data store on disk (:mod:`kdistill.data.store`),
+keyed by the source's checksum and the split made of it (:func:`source_key`), the image
+size and the resize policy, and read back through a memory map: a second run on the same
+data opens it in well under a second, and every process on the machine shares its pages
+through the page cache instead of holding a copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,12 +26,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdistill.data import split as splitting
 from kdistill.data.archive import sha256_file
 from kdistill.data.cifar import load_cifar
-from kdistill.data.imagefolder import is_archive, load_imagefolder
+from kdistill.data.imagefolder import (
+    LAYOUT_RULES,
+    RESIZE_POLICIES,
+    Listing,
+    decode,
+    folders_of,
+    is_archive,
+    own_splits,
+    read_imagefolder,
+)
+from kdistill.data.manifest import is_manifest, read_manifest
 from kdistill.data.store import Allocate, Build, StoreUnwritable, open_or_build
-from kdistill.errors import DataError
-from kdistill.files import TMP_SUFFIX
+from kdistill.errors import CheckpointError, DataError
+from kdistill.files import TMP_SUFFIX, atomic_write_text
 from kdistill.progress import log
 
 BUNDLED = {"cifar10-mini": Path(__file__).parent / "bundled" / "cifar10-mini.tar.gz"}
@@ -63,6 +79,7 @@ class ImageDataset:
     val_images: Tensor | None = None
     val_labels: Tensor | None = None
     val_split: dict | None = None  # {"size": N, "seed": S}: how the validation images were drawn
+    split: dict | None = None  # the split kdistill made of the source's files (kdistill.data.split.describe)
     train_rows: Tensor | None = None  # int64 (N,): rows of train_images in the training split
     val_rows: Tensor | None = None  # int64 (N_val,): rows of val_images in the validation split
 
@@ -144,8 +161,34 @@ def _folder_signature(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _cache_path(data_dir: Path, checksum: str, image_size: int) -> Path:
-    return data_dir / "decoded" / f"{checksum[:32]}-{image_size}px-v{CACHE_VERSION}.kdstore"
+def source_key(checksum: str, split: tuple[float, float, int] | None) -> str:
+    """What the decoded arrays of a source depend on besides the image size: the source's
+    checksum (its files), the rules that pick and group its images (``LAYOUT_RULES``), and
+    the split made of them (fractions and seed; the layout is the source's own)."""
+    key = f"{checksum}\0rules={LAYOUT_RULES}"
+    if split is not None:
+        val, test, seed = float(split[0]), float(split[1]), int(split[2])  # 0 and 0.0 are one split
+        key += f"\0split={json.dumps([val, test, seed])}"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _own_splits(source: Path, checksum: str, data_dir: Path) -> tuple[str, ...]:
+    """The splits a folder or archive brings itself (``imagefolder.own_splits``); an
+    archive's are remembered by its checksum in ``data_dir/layouts/``, since listing a
+    .tar.gz reads all of it (6.8 s for the 60,000 CIFAR-10 JPEGs)."""
+    if source.is_dir():
+        return own_splits(source)
+    path = data_dir / "layouts" / f"{checksum[:32]}-r{LAYOUT_RULES}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return tuple(json.loads(path.read_text())["own"])
+    own = own_splits(source)
+    with contextlib.suppress(CheckpointError):  # only a speed-up
+        atomic_write_text(path, json.dumps({"own": list(own)}), "data set layout")
+    return own
+
+
+def _cache_path(data_dir: Path, key: str, image_size: int, resize: str = "crop") -> Path:
+    return data_dir / "decoded" / f"{key[:32]}-{image_size}px-{resize}-v{CACHE_VERSION}.kdstore"
 
 
 STALE_SECONDS = 3600  # a temporary file this old is a killed writer's leftover, not a live one's
@@ -160,23 +203,25 @@ def _remove_stale_temporaries(folder: Path) -> None:
                 tmp.unlink()
 
 
-def _imagefolder_build(source: Path, image_size: int) -> Build:
-    """A store build that decodes the folder or archive ``source`` straight into the
-    store's memory maps (never the whole decoded set in the process's own memory)."""
+def _listing_build(listing: Callable[[], Listing], image_size: int, resize: str) -> Build:
+    """A store build that lists the source (``listing()``, only when the store is built) and
+    decodes it straight into the store's memory maps (never the whole decoded set in the
+    process's own memory); the split record goes into the store's header."""
 
     def build(allocate: Allocate) -> None:
         maps: dict[str, np.ndarray] = {}
+        listed = listing()
 
         def into(counts: dict[str, int], classes: list[str]) -> dict[str, np.ndarray]:
             specs = {}
             for split, n in counts.items():
                 specs[f"{split}_images"] = ((n, 3, image_size, image_size), "uint8")
                 specs[f"{split}_labels"] = ((n,), "int64")
-            maps.update(allocate(specs, {"classes": list(classes), "image_size": image_size}))
+            meta = {"classes": list(classes), "image_size": image_size, "resize": resize, "split_record": listed.record}
+            maps.update(allocate(specs, meta))
             return {split: maps[f"{split}_images"] for split in counts}
 
-        splits, _ = load_imagefolder(source, image_size, into)
-        for split, (_, labels) in splits.items():
+        for split, (_, labels) in decode(listed, image_size, resize, into).items():
             maps[f"{split}_labels"][:] = labels
 
     return build
@@ -193,10 +238,10 @@ def _arrays_build(arrays: dict[str, np.ndarray], classes: list[str]) -> Build:
     return build
 
 
-def _stored(path: Path, checksum: str, build: Build, what: str) -> tuple[dict[str, Tensor], list[str]] | None:
-    """The arrays of the store ``path`` (built if needed) as memory-mapped tensors, and the
-    class names; None if the store's folder cannot hold files (the caller decodes into
-    memory instead)."""
+def _stored(path: Path, checksum: str, build: Build, what: str) -> tuple[dict[str, Tensor], list[str], dict] | None:
+    """The arrays of the store ``path`` (built if needed) as memory-mapped tensors, the
+    class names and the store's header; None if the store's folder cannot hold files (the
+    caller decodes into memory instead)."""
     if path.parent.is_dir():
         _remove_stale_temporaries(path.parent)
 
@@ -210,7 +255,7 @@ def _stored(path: Path, checksum: str, build: Build, what: str) -> tuple[dict[st
     except StoreUnwritable as e:  # only a speed-up for data that fits in memory: go on without it
         log(f"warning: {e}")
         return None
-    return {name: store.tensor(name) for name in store.arrays}, store.classes
+    return {name: store.tensor(name) for name in store.arrays}, store.classes, store.header
 
 
 def load_dataset(
@@ -220,52 +265,63 @@ def load_dataset(
     download: bool = True,
     val_size: int = 0,
     seed: int = 0,
+    resize: str = "crop",
+    split: dict | None = None,
 ) -> ImageDataset:
-    """Load a data set by name (cifar10-mini, cifar10, cifar100) or ImageFolder path."""
+    """Load a data set by name (cifar10-mini, cifar10, cifar100), ImageFolder folder or
+    archive, or CSV/JSONL manifest, its images at ``image_size`` x ``image_size``
+    (``resize``: ``crop``, the shorter side to the size and a centre crop, or ``squash``;
+    see :func:`kdistill.data.imagefolder._resized`). ``split`` is ``data.split`` ({"val",
+    "test", "seed"}) or a checkpoint's record of its split (then a split that came out
+    otherwise is warned of); ``val_size`` images are drawn from the training images with
+    ``seed`` afterwards."""
+    if resize not in RESIZE_POLICIES:
+        raise DataError(f"data.resize={resize!r}: expected one of {', '.join(RESIZE_POLICIES)}")
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     name = str(dataset)
     if name in DOWNLOADABLE:
-        if image_size != 32:
-            raise DataError(f"data.image_size={image_size}: {name} images are 32x32; use image_size: 32")
-        checksum = f"{name}-official"
-
-        def download_and_build(allocate: Allocate) -> None:
-            arrays = load_cifar(name, data_dir / name, download=download)
-            fields = ("train_images", "train_labels", "test_images", "test_labels")
-            _arrays_build({k: getattr(arrays, k) for k in fields}, list(arrays.classes))(allocate)
-
-        stored = _stored(_cache_path(data_dir, checksum, image_size), checksum, download_and_build, name)
-        if stored is None:
-            cifar = load_cifar(name, data_dir / name, download=download)
-            fields = ("train_images", "train_labels", "test_images", "test_labels")
-            stored = {k: torch.from_numpy(getattr(cifar, k)) for k in fields}, list(cifar.classes)
-        tensors, classes = stored
-        return ImageDataset(name=name, classes=classes, checksum=checksum, source=name, **tensors).with_validation(
-            val_size, seed
-        )
+        return _load_downloadable(name, image_size, data_dir, download, split, val_size).with_validation(val_size, seed)
 
     source = BUNDLED.get(name, Path(name).expanduser())
     if not source.exists():
         known = ", ".join([*BUNDLED, *DOWNLOADABLE])
         raise DataError(
-            f"data set {name!r} not found: expected one of {known}, or a path to an ImageFolder folder or archive"
+            f"data set {name!r} not found: expected one of {known}, a path to an ImageFolder folder or archive, "
+            "or a .csv/.jsonl manifest"
         )
-    if source.is_dir():
-        checksum = "dir-" + _folder_signature(source)
-    elif is_archive(source):
-        checksum = sha256_file(source)
+    listing = None
+    if source.is_dir() or is_archive(source):
+        checksum = "dir-" + _folder_signature(source) if source.is_dir() else sha256_file(source)
+        own = _own_splits(source, checksum, data_dir)
+        how = splitting.resolve(split, own, val_size, str(source), folders_of(own))
+    elif is_manifest(source):
+        listing, checksum = read_manifest(source, split, val_size)
+        how = _how(listing.record)
     else:
-        raise DataError(f"data set {name!r}: {source} is neither a folder nor a .tar/.tar.gz/.zip archive")
+        raise DataError(
+            f"data set {name!r}: {source} is neither a folder nor an archive (.tar, .tar.gz, .zip) or manifest (.csv, .jsonl)"
+        )
+    key = source_key(checksum, how)
 
-    cache = _cache_path(data_dir, checksum, image_size)
-    stored = _stored(cache, checksum, _imagefolder_build(source, image_size), str(source))
+    def listed() -> Listing:
+        request = None if how is None else {"val": how[0], "test": how[1] or None, "seed": how[2]}
+        return listing or read_imagefolder(source, request, val_size)
+
+    stored = _stored(
+        _cache_path(data_dir, key, image_size, resize), key, _listing_build(listed, image_size, resize), str(source)
+    )
     if stored is None:
-        splits, classes = load_imagefolder(source, image_size)
+        listed_now = listed()
+        splits, classes, record = decode(listed_now, image_size, resize), listed_now.classes, listed_now.record
         tensors = {
-            f"{s}_{kind}": torch.from_numpy(a) for s, xy in splits.items() for kind, a in zip(("images", "labels"), xy)
+            f"{s}_{kind}": torch.from_numpy(a)
+            for s, (x, y) in splits.items()
+            for kind, a in (("images", x), ("labels", y))
         }
     else:
-        tensors, classes = stored
+        tensors, classes, header = stored
+        record = header.get("split_record")
+    _check_recorded(split, record, source)
     ds = ImageDataset(
         name=source.name.split(".")[0] if name not in BUNDLED else name,
         classes=classes,
@@ -275,5 +331,50 @@ def load_dataset(
         test_labels=tensors["test_labels"],
         checksum=checksum,
         source=name if name in BUNDLED else str(source.resolve()),
+        val_images=tensors.get("val_images"),
+        val_labels=tensors.get("val_labels"),
+        split=record,
     )
     return ds.with_validation(val_size, seed)
+
+
+def _load_downloadable(
+    name: str, image_size: int, data_dir: Path, download: bool, split: dict | None, val_size: int
+) -> ImageDataset:
+    """A CIFAR download, kept as a data store like a folder's decoded images."""
+    if splitting.resolve(split, ("test",), val_size, name, "its official test set"):
+        raise DataError(f"data.split.val: {name} comes as arrays; hold out validation images with data.val_size")
+    if image_size != 32:
+        raise DataError(f"data.image_size={image_size}: {name} images are 32x32; use image_size: 32")
+    checksum = f"{name}-official"
+    fields = ("train_images", "train_labels", "test_images", "test_labels")
+
+    def download_and_build(allocate: Allocate) -> None:
+        arrays = load_cifar(name, data_dir / name, download=download)
+        _arrays_build({k: getattr(arrays, k) for k in fields}, list(arrays.classes))(allocate)
+
+    stored = _stored(_cache_path(data_dir, checksum, image_size), checksum, download_and_build, name)
+    if stored is None:
+        cifar = load_cifar(name, data_dir / name, download=download)
+        tensors, classes = {k: torch.from_numpy(getattr(cifar, k)) for k in fields}, list(cifar.classes)
+    else:
+        tensors, classes, _ = stored
+    return ImageDataset(name=name, classes=classes, checksum=checksum, source=name, **tensors)
+
+
+def _how(record: dict | None) -> tuple[float, float, int] | None:
+    """The (val, test, seed) a split record was made with; None when the source split itself."""
+    if record is None or record.get("seed") is None:
+        return None
+    return record["val"], record["test"] or 0.0, record["seed"]
+
+
+def _check_recorded(split: dict | None, record: dict | None, source: Path) -> None:
+    """A checkpoint's record of its split, given back as ``split``: warn when the same
+    fractions and seed now assign the files otherwise (the files changed since)."""
+    theirs = (split or {}).get("fingerprint")
+    if theirs and record and theirs != record["fingerprint"]:
+        log(
+            f"warning: {source}: the recorded split (fingerprint {theirs}, {split.get('counts')}) is not this one "
+            f"({record['fingerprint']}, {record['counts']}): its files changed since, so the test images are not the same"
+        )

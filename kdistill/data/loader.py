@@ -2,13 +2,19 @@
 
 Every batch carries the sample indices (into the training set) of its images, so index-
 based methods and caches can use them. Augmentation is replayable: the shuffling order and
-the crop offsets and flips of every sample in every epoch are a pure function of
-(seed, epoch, sample index), computed with a dedicated generator, so a resumed run sees
-exactly the batches an uninterrupted one would, and a teacher cache can replay the views.
+the crop offsets (or random-resized-crop boxes) and flips of every sample in every epoch
+are a pure function of (seed, epoch, sample index), computed with a dedicated generator, so
+a resumed run sees exactly the batches an uninterrupted one would, and a teacher cache can
+replay the views.
+
+Two augmentations: ``pad_crop`` (zero padding + random crop at the stored size + flip, the
+CIFAR recipe) and ``random_resized_crop`` (a random box of the stored image, resized to the
+training size with bilinear interpolation + flip, the ImageNet recipe), both batched.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -30,15 +36,74 @@ class Views(NamedTuple):
     order: Tensor  # (N,) the epoch's shuffled sample indices
     offsets: Tensor  # (N, 2) crop offsets (dy, dx) in [0, 2 * padding]
     flips: Tensor  # (N,) bool
+    boxes: Tensor | None = None  # (N, 4) int64 (top, left, height, width) in stored pixels: random-resized-crop
 
 
-def epoch_views(num_samples: int, seed: int, epoch: int, padding: int, flip: bool) -> Views:
-    """Shuffle order, crop offsets and flips of one epoch: a pure function of its arguments."""
+class ResizedCrop(NamedTuple):
+    """Random-resized-crop settings (torchvision's ``RandomResizedCrop``): a box of
+    ``scale`` x the stored image's area and aspect ratio (width / height) in ``ratio``,
+    resized to ``size`` x ``size``."""
+
+    size: int  # output side in pixels: the training resolution
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+def sample_boxes(
+    n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], g: torch.Generator
+) -> Tensor:
+    """``n`` random-resized-crop boxes (top, left, height, width), int64 (n, 4), of an image
+    of ``height`` x ``width`` pixels, by torchvision's rule: up to 10 attempts of an area
+    drawn uniformly in ``scale`` x the image's area and an aspect ratio drawn log-uniformly
+    in ``ratio``; the first attempt that fits in the image is taken, at a uniformly drawn
+    position; if none fits, the largest centred box whose ratio is clamped into ``ratio``.
+    The attempts of all samples are drawn at once (a fixed number of draws, so the boxes
+    are a pure function of the generator's state)."""
+    attempts = 10
+    area = height * width * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)
+    log_ratio = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt().round().long()  # (n, attempts)
+    h = (area / aspect).sqrt().round().long()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(1, keepdim=True)  # the first attempt that fits (0 if none does)
+    h, w, found = h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], fits.any(1)
+    # the fallback: the whole image, narrowed to the nearest allowed aspect ratio
+    if width / height < min(ratio):
+        fall_w, fall_h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        fall_w, fall_h = round(height * max(ratio)), height
+    else:
+        fall_w, fall_h = width, height
+    h = torch.where(found, h, fall_h)
+    w = torch.where(found, w, fall_w)
+    u = torch.rand(n, 2, generator=g)  # a uniform integer position in [0, room]
+    top = torch.where(found, (u[:, 0] * (height - h + 1)).long().clamp_max(height - h), (height - h) // 2)
+    left = torch.where(found, (u[:, 1] * (width - w + 1)).long().clamp_max(width - w), (width - w) // 2)
+    return torch.stack([top, left, h, w], 1)
+
+
+def epoch_views(
+    num_samples: int,
+    seed: int,
+    epoch: int,
+    padding: int,
+    flip: bool,
+    resized_crop: ResizedCrop | None = None,
+    image_hw: tuple[int, int] | None = None,
+) -> Views:
+    """Shuffle order, crop offsets (or, with ``resized_crop``, the boxes of images of
+    ``image_hw`` pixels) and flips of one epoch: a pure function of its arguments."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
     order = torch.randperm(num_samples, generator=g)
-    offsets = torch.randint(0, 2 * padding + 1, (num_samples, 2), generator=g)
+    boxes = None
+    if resized_crop is None:
+        offsets = torch.randint(0, 2 * padding + 1, (num_samples, 2), generator=g)
+    else:
+        offsets = torch.zeros(num_samples, 2, dtype=torch.int64)
+        boxes = sample_boxes(num_samples, *image_hw, resized_crop.scale, resized_crop.ratio, g)
     flips = torch.rand(num_samples, generator=g) < 0.5 if flip else torch.zeros(num_samples, dtype=torch.bool)
-    return Views(order, offsets, flips)
+    return Views(order, offsets, flips, boxes)
 
 
 # a pixel of C uint8 channels, padded to a power of two, read as one wider integer
@@ -100,6 +165,78 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> T
     return out.permute(0, 3, 1, 2)
 
 
+def _taps(start: Tensor, length: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear resampling of the pixels [start, start + length) of one axis to ``size``
+    pixels, per sample, as ``F.interpolate(mode="bilinear", align_corners=False)`` does it:
+    output pixel j reads source position (j + 0.5) * length / size - 0.5, clamped into the
+    box. Returns the two source indices (B, size) int64 and the weight of the second (B, size)."""
+    step = length.float()[:, None] / size  # (B, 1) source pixels per output pixel
+    src = ((torch.arange(size, device=start.device) + 0.5) * step - 0.5).clamp_min(0)  # (B, size)
+    lo = src.long()  # floor: src >= 0
+    frac = src - lo
+    last = (length - 1)[:, None]
+    lo = torch.minimum(lo, last)
+    hi = torch.minimum(lo + 1, last)
+    return start[:, None] + lo, start[:, None] + hi, frac
+
+
+def _resample(read_rows, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
+    """The bilinear resampling of ``boxes`` (B, 4) to ``size`` x ``size``, flipped where
+    ``flips``, one axis after the other: ``read_rows(rows (B, S))`` gives those rows of the
+    batch's images as uint8 (B, S, W, P); the two rows of every output row are blended
+    (float, (B, S, W, P)), then the two columns of every output pixel. Returns float
+    (B, S, S, P) in [0, 255]."""
+    r0, r1, fy = _taps(boxes[:, 0], boxes[:, 2], size)  # (B, S)
+    c0, c1, fx = _taps(boxes[:, 1], boxes[:, 3], size)
+    # a flip reverses the output columns
+    c0, c1, fx = (torch.where(flips[:, None], t.flip(1), t) for t in (c0, c1, fx))
+    rows = read_rows(r0).float().lerp_(read_rows(r1).float(), fy[:, :, None, None])  # (B, S, W, P)
+    B, S, _, P = rows.shape
+
+    def columns(cols: Tensor) -> Tensor:  # (B, S) -> (B, S, S, P), the index expanded without a copy
+        return rows.gather(2, cols[:, None, :, None].expand(B, S, S, P))
+
+    return columns(c0).lerp_(columns(c1), fx[:, None, :, None])
+
+
+def resized_crop_flip_packed(pixels: Tensor, idx: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
+    """Random-resized-crop and horizontal flip of the images ``idx`` of ``pixels`` (from
+    :func:`pack_pixels`): each box (top, left, height, width) of ``boxes`` (B, 4) resampled
+    bilinearly to ``size`` x ``size``; the rows are gathered as whole pixels.
+
+    Returns float (B, P, size, size) in [0, 255], channels_last in memory, P >= C the packed
+    channels (the first C are the image's)."""
+    P = pixels.element_size()
+
+    def read_rows(rows: Tensor) -> Tensor:
+        out = pixels[idx[:, None], rows]  # (B, S, W + 1) packed pixels (the last column is never read)
+        return out.view(torch.uint8).view(*out.shape, P)
+
+    return _resample(read_rows, boxes, flips, size).permute(0, 3, 1, 2)
+
+
+def resized_crop_flip(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> Tensor:
+    """Random-resized-crop and horizontal flip of a whole batch: images (B, C, H, W) uint8,
+    boxes (B, 4) int64 (top, left, height, width), flips (B,) bool. Returns float
+    (B, C, size, size) in [0, 255], channels_last in memory."""
+    B, C = images.shape[:2]
+    pixels = pack_pixels(images)
+    if pixels is not None:
+        return resized_crop_flip_packed(pixels, torch.arange(B, device=images.device), boxes, flips, size)[:, :C]
+    hwc = images.permute(0, 2, 3, 1)  # (B, H, W, C): more than 8 channels, a gather of every value
+    b = torch.arange(B, device=images.device)[:, None]
+    return _resample(lambda rows: hwc[b, rows], boxes, flips, size).permute(0, 3, 1, 2)
+
+
+def centre_crop(images: Tensor, size: int) -> Tensor:
+    """The centred ``size`` x ``size`` window of (B, C, H, W) images (a view; the identity
+    when they are that size): what evaluation sees of images trained on random-resized
+    crops at ``size`` (torchvision's resize-then-centre-crop at a stored size >= ``size``)."""
+    H, W = images.shape[-2:]
+    top, left = (H - size) // 2, (W - size) // 2
+    return images[..., top : top + size, left : left + size]
+
+
 class Normalize:
     """uint8 (B, C, H, W) -> float, (x/255 - mean) / std, as one fused multiply-add, in the
     model's memory format. A single mean/std value applies to every channel."""
@@ -130,6 +267,11 @@ class TrainLoader:
     tensor (N, ...) of model inputs, used as they are. ``rows``: the rows of ``inputs`` that
     form the training set (a split held out by index; default all, in order).
 
+    Images are augmented by zero padding + random crop + flip (``padding``, ``flip``), or,
+    given ``resized_crop``, by random-resized-crop + flip at ``resized_crop.size``.
+    ``size``: the training resolution of images that are not augmented (their centred
+    window; default: the stored size); with ``resized_crop`` it must be its size or None.
+
     Images stay where they are (in memory, or memory-mapped from a data store on disk):
     each batch gathers its B images, and only those are moved to the device, packed and
     augmented, so the process never holds a second copy of the set. For CUDA the gather
@@ -150,6 +292,8 @@ class TrainLoader:
         drop_last: bool = True,
         shard: tuple[int, int] = (0, 1),
         rows: Tensor | None = None,
+        resized_crop: ResizedCrop | None = None,
+        size: int | None = None,
     ):
         if rows is not None and len(rows) != len(labels):
             raise ValueError(f"TrainLoader: {len(rows)} rows but {len(labels)} labels")
@@ -164,12 +308,34 @@ class TrainLoader:
         self.flip = flip and self.augment
         self.drop_last = drop_last and len(labels) >= batch_size
         self.rank, self.world = shard
+        self.resized_crop, self.size = self._geometry(inputs, images, resized_crop, size)
         # images are read per batch from where they are; other inputs (tokens, features)
         # are the user's in-memory tensors and move to the device whole, as given
         self.inputs = inputs if images else inputs.to(device)
         self.rows = rows.to(self.inputs.device) if rows is not None else None
         self.pinned = self.inputs.device.type == "cpu" and device.type == "cuda"
         self.pack_buffer: Tensor | None = None
+
+    def _geometry(
+        self, inputs: Tensor, images: bool, resized_crop: ResizedCrop | None, size: int | None
+    ) -> tuple[ResizedCrop | None, int | None]:
+        """The random-resized-crop settings (None unless augmenting) and the training size
+        (None: the whole stored image)."""
+        if not images:
+            return None, None
+        if resized_crop is not None:
+            if size not in (None, resized_crop.size):
+                raise ValueError(f"size={size} differs from resized_crop.size={resized_crop.size}")
+            return (resized_crop if self.augment else None), resized_crop.size
+        if size is None or tuple(inputs.shape[-2:]) == (size, size):
+            return None, None
+        if self.augment:
+            raise ValueError(
+                f"pad-and-crop augmentation trains at the stored size {tuple(inputs.shape[-2:])}, not {size}"
+            )
+        if size > min(inputs.shape[-2:]):
+            raise ValueError(f"size={size} is larger than the stored images ({tuple(inputs.shape[-2:])})")
+        return None, size
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -180,7 +346,8 @@ class TrainLoader:
         return min(self.batch_size, len(self.labels) - step * self.batch_size)
 
     def views(self, epoch: int) -> Views:
-        return epoch_views(len(self.labels), self.seed, epoch, self.padding, self.flip)
+        hw = tuple(self.inputs.shape[-2:])
+        return epoch_views(len(self.labels), self.seed, epoch, self.padding, self.flip, self.resized_crop, hw)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from step ``start_step`` on (a resumed, interrupted epoch)."""
@@ -194,8 +361,7 @@ class TrainLoader:
 
     def device_views(self, epoch: int) -> Views:
         """The views of ``epoch`` on the training device."""
-        v = self.views(epoch)
-        return Views(v.order.to(self.device), v.offsets.to(self.device), v.flips.to(self.device))
+        return Views(*(t.to(self.device) if t is not None else None for t in self.views(epoch)))
 
     def gather(self, idx: Tensor) -> Tensor:
         """The inputs of the samples ``idx`` (any device), on the training device."""
@@ -235,7 +401,9 @@ class TrainLoader:
         x = self.gather(idx)  # (B, C, H, W)
         idx = idx.to(self.device, non_blocking=True)
         channels = None  # packed pixels carry padding channels: the image's come first
-        if self.augment:
+        if self.resized_crop is not None:
+            x = self._resized_batch(x, idx, views)
+        elif self.augment:
             pixels = self.pack(x)  # (B, H+1, W+1): this batch only
             if pixels is not None:
                 channels = x.shape[1]
@@ -245,9 +413,24 @@ class TrainLoader:
                     x = x[:, :channels]
             else:
                 x = crop_flip(x, views.offsets[idx], views.flips[idx], self.padding)
+        elif self.size is not None:
+            x = centre_crop(x, self.size)
         if self.normalize is not None:
             x = self.normalize(x, channels)
         return Batch(x, self.labels[idx], idx)
+
+    def _resized_batch(self, x: Tensor, idx: Tensor, views: Views) -> Tensor:
+        """The random-resized crops of the gathered images ``x`` (B, C, H, W) of the samples
+        ``idx``: float in [0, 255] (B, C, S, S) for the normalisation, or rounded to uint8
+        without one (as pad-and-crop gives them)."""
+        boxes, flips = views.boxes[idx], views.flips[idx]
+        pixels = self.pack(x)  # (B, H+1, W+1): this batch only
+        if pixels is not None:
+            here = torch.arange(len(idx), device=x.device)
+            x = resized_crop_flip_packed(pixels, here, boxes, flips, self.size)[:, : x.shape[1]]
+        else:
+            x = resized_crop_flip(x, boxes, flips, self.size)
+        return x if self.normalize is not None else x.round_().to(torch.uint8)
 
 
 class IterableLoader:
@@ -281,7 +464,9 @@ class IterableLoader:
 
 class EvalData:
     """Fixed-order evaluation batches; ``labels`` holds all labels on the CPU. ``rows``: the
-    rows of ``inputs`` that form the set (a split held out by index; default all)."""
+    rows of ``inputs`` that form the set (a split held out by index; default all). ``size``:
+    evaluate uint8 images on their centred ``size`` x ``size`` window (the training size of
+    random-resized crops; default: the whole image)."""
 
     def __init__(
         self,
@@ -292,7 +477,9 @@ class EvalData:
         normalize: Normalize | None = None,
         source=None,
         rows: Tensor | None = None,
+        size: int | None = None,
     ):
+        self.size = size
         self.inputs, self.batch_size, self.device, self.normalize, self.source = (
             inputs,
             batch_size,
@@ -311,18 +498,21 @@ class EvalData:
             return len(self.source) if hasattr(self.source, "__len__") else 0
         return -(-len(self.labels) // self.batch_size)
 
+    def select(self, indices: Tensor) -> EvalData:
+        """The samples ``indices`` only (in-memory or memory-mapped data), evaluated the same
+        way: rows of the same inputs, no copy of them."""
+        return self._rows(indices.cpu(), self.labels[indices.cpu()])
+
     def subset(self, start: int, stop: int) -> EvalData:
-        """Samples [start, stop) only (in-memory data): one rank's share of an evaluation."""
-        if self.rows is not None:
-            return EvalData(
-                self.inputs,
-                self.labels[start:stop],
-                self.batch_size,
-                self.device,
-                self.normalize,
-                rows=self.rows[start:stop],
-            )
-        return EvalData(self.inputs[start:stop], self.labels[start:stop], self.batch_size, self.device, self.normalize)
+        """Samples [start, stop) only (in-memory or memory-mapped data): one rank's share of
+        an evaluation."""
+        return self._rows(torch.arange(start, min(stop, len(self.labels))), self.labels[start:stop])
+
+    def _rows(self, positions: Tensor, labels: Tensor) -> EvalData:
+        """The samples at ``positions`` (of this set) as rows of the same inputs."""
+        rows = self.rows[positions.to(self.rows.device)] if self.rows is not None else positions
+        rows = rows.to(self.inputs.device)
+        return EvalData(self.inputs, labels, self.batch_size, self.device, self.normalize, rows=rows, size=self.size)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.source is not None:
@@ -337,6 +527,8 @@ class EvalData:
             # one batch read at a time (from memory or a memory-mapped store)
             x = self.inputs[start:stop] if self.rows is None else self.inputs[self.rows[start:stop]]
             x = x.to(self.device, non_blocking=True)
+            if self.size is not None:
+                x = centre_crop(x, self.size)
             if self.normalize is not None:
                 x = self.normalize(x)
             yield Batch(x, self.labels[start:stop].to(self.device), torch.arange(start, start + len(x)))

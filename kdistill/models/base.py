@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from kdistill.errors import ConfigError
+
 
 class ModelOutput(NamedTuple):
     logits: Tensor  # (B, K)
@@ -59,7 +61,28 @@ def forward_all(model: nn.Module, x: Tensor) -> ModelOutput:
     if isinstance(model, KDModel):
         return model.forward_all(x)
     logits = model(x)
+    logits = getattr(logits, "logits", logits)  # a transformers model returns an output object
     return ModelOutput(logits, [], logits)
+
+
+def check_logits(logits, num_classes: int | None, who: str) -> int:
+    """The number of classes a model's output gives; ConfigError (one line) when the output
+    is not a (batch, classes) tensor of logits, or has not ``num_classes`` columns."""
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ConfigError(f"{who} gives {shape}; expected (batch, classes) logits")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ConfigError(
+            f"{who} gives logits for {logits.shape[1]} classes but the data set has {num_classes}; "
+            "build it for the data's classes (num_classes) or give it a new head"
+        )
+    return logits.shape[1]
+
+
+def model_label(model: nn.Module, role: str) -> str:
+    """How errors name a model: its role and its source name (or class)."""
+    name = getattr(model, "kdistill_name", None) or type(model).__name__
+    return f"{role} {name!r}" if role else repr(name)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -74,7 +97,7 @@ def feature_shapes(model: nn.Module, example: Tensor | tuple[int, ...]) -> Model
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
+        device = next(iter([*model.parameters(), *model.buffers()]), torch.zeros(0)).device
         x = example.to(device) if isinstance(example, Tensor) else torch.zeros(2, *example, device=device)
         out = forward_all(model, x)
     finally:

@@ -48,13 +48,19 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], out: Path, names: di
             0
         ]
         color = line.get_color()
+        subset = f", subset of {rows[0]['test_subset']}" if "test_subset" in rows[0] else ""  # train.eval_subset
         axes[1].plot(
-            epochs, [r.get("test_top1", float("nan")) for r in rows], marker=marker, color=color, label=f"{name} (test)"
+            epochs,
+            [r.get("test_top1", float("nan")) for r in rows],
+            marker=marker,
+            color=color,
+            label=f"{name} (test{subset})",
         )
         if "train_top1" in rows[0]:
             axes[1].plot(epochs, [r["train_top1"] for r in rows], ":", color=color, label=f"{name} (train)")
         if "val_top1" in rows[0]:
-            axes[1].plot(epochs, [r["val_top1"] for r in rows], "--", color=color, label=f"{name} (val)")
+            subset = f", subset of {rows[0]['val_subset']}" if "val_subset" in rows[0] else ""
+            axes[1].plot(epochs, [r["val_top1"] for r in rows], "--", color=color, label=f"{name} (val{subset})")
         axes[2].plot(epochs, [r["lr"] for r in rows], marker=marker, color=color, label=name)
     for ax, title in zip(axes, ("training loss", "top-1 accuracy (%)", "learning rate (end of epoch)")):
         ax.set_title(title)

@@ -63,6 +63,9 @@ def headline_sentence(summary: dict[str, Any]) -> str:
         what += f" ({h['gap_closed'] * 100:.0f}% of the teacher–student gap closed)"
     elif gain < 0:
         what += f" (the teacher–student gap widened from {t - b:.2f} to {t - d:.2f} points)"
+    steps = (summary.get("budget_plan") or {}).get("student_steps")
+    if steps:  # a budgeted study: what the comparison was made at
+        what += f", both students trained for {steps} steps"
     return (
         f"{what}, **at {h['params_fraction'] * 100:.1f}% of the teacher's parameters and {h['macs_fraction'] * 100:.1f}% of its MACs** "
         f"({h['latency_fraction'] * 100:.0f}% of its batch-1 CPU latency)."
@@ -190,6 +193,8 @@ def model_rows(run: Run) -> list[dict[str, Any]]:
                 "phase": phase,
                 "model": m.get("model"),
                 "top1": t.get("top1"),
+                "top1_tta": t.get("top1_tta"),  # flip test-time augmentation (train.eval_tta)
+                "top1_raw": t.get("top1_raw"),  # the trained weights' own, when the model is their average (train.ema)
                 "top5": t.get("top5"),
                 "nll": t.get("nll"),
                 "ece": t.get("ece"),
@@ -302,16 +307,99 @@ def _overview_blocks(run: Run) -> list[Block]:
                 f"({100 * summary['wall_seconds'] / summary['budget_seconds']:.0f}%). Reached: {reached}."
             )
         )
+        blocks += budget_blocks(summary)
     return blocks
+
+
+def budget_blocks(summary: dict[str, Any]) -> list[Block]:
+    """How a budgeted study spent its budget: planned against spent, phase by phase, and
+    what the two students were given (nothing for a study written before plans were kept)."""
+    plan = summary.get("budget_plan")
+    if not plan:
+        return []
+    models = summary["models"]
+    steps = {p: (models.get(p, {}).get("budget") or {}).get("steps") for p in ("baseline", "distilled")}
+    if steps["baseline"] is not None and steps["baseline"] == steps["distilled"]:
+        fair = (
+            f"**Both students: {steps['baseline']} steps** (the same batches, from the same initial weights), so the gain "
+            f"is distillation's alone. Their training times, {models['baseline']['train_seconds']:.1f} s alone and "
+            f"{models['distilled']['train_seconds']:.1f} s distilled, differ by what distillation costs (the teacher's "
+            "forward passes, or the cache's lookups) and by the machine's load."
+        )
+    else:
+        fair = (
+            f"**Warning: the students did not get the same steps** (student alone {steps['baseline']}, distilled "
+            f"{steps['distilled']}: the budget ran out), so the gain mixes distillation with the difference in training."
+        )
+    rows = [
+        [
+            label(phase),
+            f"{p['planned_seconds']:.1f} s",
+            _maybe(p.get("spent_seconds"), "{:.1f} s"),
+            str(p["planned_steps"]),
+            _maybe(p.get("steps"), "{}"),
+            f"{p['step_seconds'] * 1000:.0f} ms",
+        ]
+        for phase, p in plan["phases"].items()
+    ]
+    e = plan["evaluation"]
+    rows.append(
+        [
+            "evaluation, profiling, export, report",
+            f"{e['planned_seconds']:.1f} s",
+            f"{e['spent_seconds']:.1f} s",
+            "",
+            "",
+            "",
+        ]
+    )
+    rows.insert(
+        0,
+        ["loading and measuring", f"{plan['planning_seconds']:.1f} s", f"{plan['planning_seconds']:.1f} s", "", "", ""],
+    )
+    cache = plan.get("teacher_cache")
+    if cache and cache.get("build_seconds") is not None:
+        rows.append(
+            [
+                "teacher cache (built before, for every run that reads it)",
+                "",
+                f"{cache['build_seconds']:.1f} s",
+                "",
+                "",
+                "",
+            ]
+        )
+    return [
+        Heading("How the budget was spent", 2),
+        Paragraph(fair),
+        Table(["phase", "planned", "spent", "planned steps", "steps", "measured step"], rows, right={1, 2, 3, 4, 5}),
+        Note(
+            "The plan: every phase's step was timed on a few steps before training, and the budget left after loading "
+            "and measuring (less what the evaluation and report keep) was split so that every phase takes the same "
+            "number of steps. Each phase then gets its share of the time left when it starts and plans its own steps "
+            "from its measured speed; the distilled student trains for the student alone's steps."
+            + (f" {plan['note']}." if plan.get("note") else "")
+        ),
+    ]
+
+
+def _maybe(value: Any, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+# optional top-1 columns of the models table, shown when a run measured them
+EXTRA_TOP1 = {"top1_tta": "top-1 with flip TTA", "top1_raw": "top-1 without the weight average"}
 
 
 def _models_table(run: Run) -> Table:
     """Accuracy, calibration, agreement and cost of every model (GPU columns if measured)."""
     gpu = any(r["gpu_latency_b1_ms"] is not None for r in model_rows(run))
+    extra = [k for k in ("top1_tta", "top1_raw") if any(r[k] is not None for r in model_rows(run))]
     headers = [
         "model",
         "architecture",
         "test top-1",
+        *[EXTRA_TOP1[k] for k in extra],
         "top-5",
         "NLL",
         "ECE",
@@ -332,6 +420,7 @@ def _models_table(run: Run) -> Table:
             label(r["phase"]),
             str(r["model"]),
             fmt_num(r["top1"], ".2f", "%"),
+            *[fmt_num(r[k], ".2f", "%") for k in extra],
             fmt_num(r["top5"], ".2f", "%"),
             fmt_num(r["nll"], ".3f"),
             fmt_num(r["ece"], ".3f"),

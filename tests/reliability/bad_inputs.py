@@ -342,6 +342,13 @@ def no_run_dir(tmp: Path) -> None:
     assert not (tmp / "runs").exists(), "a run that failed before its work left its directory behind"
 
 
+def manifest(tmp: Path, text: str) -> Path:
+    """A CSV manifest beside the good tree's files."""
+    path = tree(tmp) / "train.csv"
+    path.write_text(text)
+    return path
+
+
 def empty_class_folder(tmp: Path) -> Path:
     root = tree(tmp, {"test/cat/0.png": tiny_png()})
     (root / "train" / "cat").mkdir()
@@ -392,9 +399,58 @@ CASES = [
     ),
     Case(
         D,
-        "non-image file in a class folder",
-        lambda t: train(t, tree(t, {"train/ant/notes.txt": b"labels: ant\n"})),
-        ("notes.txt", "expected a JPEG/PNG"),
+        "a text file with an image extension (.txt files are skipped and counted, not refused)",
+        lambda t: train(t, tree(t, {"train/ant/notes.txt": b"x", "train/ant/notes.jpg": b"labels: ant\n"})),
+        ("notes.jpg", "expected a JPEG/PNG"),
+    ),
+    Case(
+        D,
+        "a class too small to split (a single root of class folders)",
+        lambda t: train(
+            t, write_tree(t / "root", {k.removeprefix("train/"): v for k, v in GOOD.items() if "train/" in k})
+        ),
+        ("class 'ant' has 2 images", "needs at least 3"),
+    ),
+    Case(
+        D,
+        "data.split.test on a data set with its own test/ folder",
+        lambda t: train(t, tree(t), "--set", "data.split.test=0.2"),
+        ("data.split.test=0.2", "has its own test split"),
+    ),
+    Case(
+        D,
+        "manifest row naming a missing file",
+        lambda t: train(t, manifest(t, "path,label\ntrain/ant/0.png,ant\nimg/x.jpg,bee\n")),
+        ("train.csv:3: path 'img/x.jpg' does not exist",),
+    ),
+    Case(
+        D,
+        "manifest row with a missing column",
+        lambda t: train(t, manifest(t, "path,label\ntrain/ant/0.png\n")),
+        ("train.csv:2: 1 column; expected 2 (path,label)",),
+    ),
+    Case(
+        D,
+        "manifest path escaping its folder",
+        lambda t: train(t, manifest(t, "path,label\n../secret.png,ant\n")),
+        ("train.csv:2: path '../secret.png' is absolute or contains '..'",),
+    ),
+    Case(
+        D,
+        "manifest test label that is not a class of the training rows",
+        lambda t: train(
+            t,
+            manifest(
+                t, "path,label,split\ntrain/ant/0.png,ant,train\ntrain/bee/0.png,bee,train\ntest/ant/0.png,cow,test\n"
+            ),
+        ),
+        ("train.csv:4: label 'cow' (test row) is not a class of the training rows (ant, bee)",),
+    ),
+    Case(
+        D,
+        "manifest split column without test rows (an empty split)",
+        lambda t: train(t, manifest(t, "path,label,split\ntrain/ant/0.png,ant,train\ntrain/bee/0.png,bee,train\n")),
+        ("train.csv: the test split is empty",),
     ),
     Case(
         D,
@@ -419,8 +475,14 @@ CASES = [
     Case(
         D,
         "a plain file instead of a folder or archive",
+        lambda t: train(t, write_tree(t, {"data.txt": b"a,b\n"}) / "data.txt"),
+        ("data.txt", "neither a folder nor"),
+    ),
+    Case(
+        D,
+        "a CSV file that is not a manifest",
         lambda t: train(t, write_tree(t, {"data.csv": b"a,b\n"}) / "data.csv"),
-        ("data.csv", "neither a folder nor"),
+        ("data.csv:1: columns 'a', 'b'; expected path and label",),
     ),
     Case(
         D, "truncated .tar.gz archive", lambda t: train(t, truncated_tar_gz(t)), ("data.tar.gz", "cannot read archive")
