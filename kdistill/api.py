@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from kdistill import distributed
 from kdistill.config import DataConfig, DistillConfig, TrainConfig
 from kdistill.configbase import deep_merge, format_errors
-from kdistill.data.dataset import ImageDataset, load_dataset
+from kdistill.data.dataset import ImageDataset, channel_mean_std, load_dataset
 from kdistill.data.loader import EvalData, IterableLoader, Normalize, ResizedCrop, TrainLoader
 from kdistill.engine import Result, autocast_for, fit, predict_views, select_device
 from kdistill.errors import ConfigError, DataError
@@ -187,12 +187,22 @@ def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfi
     normalize = Normalize(mean, std, device, cfg.channels_last)
     augment = augmentation(data, ds.image_shape)
     loader = TrainLoader(
-        ds.train_images, ds.train_labels, cfg.batch_size, device, normalize, seed, shard=shard, **augment
+        ds.train_images,
+        ds.train_labels,
+        cfg.batch_size,
+        device,
+        normalize,
+        seed,
+        shard=shard,
+        rows=ds.train_rows,
+        **augment,
     )
     size = augment["size"]
     evals = {}
     if ds.val_images is not None:
-        evals["val"] = EvalData(ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize, size=size)
+        evals["val"] = EvalData(
+            ds.val_images, ds.val_labels, cfg.eval_batch_size, device, normalize, rows=ds.val_rows, size=size
+        )
     evals["test"] = EvalData(ds.test_images, ds.test_labels, cfg.eval_batch_size, device, normalize, size=size)
     info = {
         "dataset": ds.source or ds.name,
@@ -220,8 +230,7 @@ def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: Data
     normalize = None
     info: dict[str, Any] = {"dataset": "tensors"}
     if images:
-        x = inputs.float().div_(255)
-        mean, std = x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        mean, std = channel_mean_std(inputs)
         normalize = Normalize(mean, std, device, cfg.channels_last)
         info.update(mean=mean, std=std, image_size=inputs.shape[-1])
     augment = augmentation(data, tuple(inputs.shape[1:]), images)

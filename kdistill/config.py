@@ -81,7 +81,7 @@ class DataConfig(StrictConfig):
     split: SplitConfig | None = None
     """How to split a data set without its own test split (default val 0.1, test 0.1, seed 0)."""
     data_dir: Path | None = None
-    """Download and decoded-image cache folder (default: ~/.cache/kdistill)."""
+    """Download and decoded data store folder (default: ~/.cache/kdistill)."""
     image_size: int = Field(32, gt=0, le=1024)
     """The stored resolution: ImageFolder images are decoded once to ``image_size`` x
     ``image_size`` uint8 (by ``resize``) and kept so; CIFAR is 32."""

@@ -287,11 +287,13 @@ def quantize_onnx(
     return target
 
 
-def calibration_images(train_images: Tensor, count: int, seed: int = 0) -> Tensor:
-    """A seeded random subset of ``count`` training images for int8 calibration."""
-    count = min(count, len(train_images))
-    index = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))[:count]
-    return train_images[index.sort().values]
+def calibration_images(train_images: Tensor, count: int, seed: int = 0, rows: Tensor | None = None) -> Tensor:
+    """A seeded random subset of ``count`` training images for int8 calibration (of the
+    ``rows`` of ``train_images`` that form the training split, if given)."""
+    n = len(rows) if rows is not None else len(train_images)
+    count = min(count, n)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    return train_images[rows[index] if rows is not None else index]
 
 
 def deploy(
@@ -301,6 +303,7 @@ def deploy(
     test_images: Tensor,
     test_labels: Tensor,
     train_images: Tensor,
+    train_rows: Tensor | None = None,
     mean: list[float],
     std: list[float],
     classes: list[str] | None,
@@ -337,7 +340,9 @@ def deploy(
         },
     }
     if quantization:
-        calib = calibration_images(train_images, calibration_count, seed) if quantization == "static" else None
+        calib = (
+            calibration_images(train_images, calibration_count, seed, train_rows) if quantization == "static" else None
+        )
         int8_path = quantize_onnx(
             fp32_path, path.with_name(path.name.removesuffix(".onnx") + ".int8.onnx"), quantization, calib, normalize
         )
@@ -402,10 +407,13 @@ def export_checkpoint(
         split=info.get("split") if own else None,
     )
     if info.get("train_size"):
-        crop = {
-            k: centre_crop(getattr(ds, k), info["train_size"]).contiguous() for k in ("train_images", "test_images")
-        }
-        ds = dataclasses.replace(ds, **crop)
+        # the training images stay a view (of the data store): calibration gathers a few of them
+        size = info["train_size"]
+        ds = dataclasses.replace(
+            ds,
+            train_images=centre_crop(ds.train_images, size),
+            test_images=centre_crop(ds.test_images, size).contiguous(),
+        )
     expected = (state.get("model_spec") or {}).get("kwargs", {}).get("num_classes")
     if expected is not None and expected != ds.num_classes:
         raise ExportError(f"{checkpoint} predicts {expected} classes but data set {name!r} has {ds.num_classes}")
@@ -429,6 +437,7 @@ def export_checkpoint(
                 test_images=ds.test_images,
                 test_labels=ds.test_labels,
                 train_images=ds.train_images,
+                train_rows=ds.train_rows,
                 mean=mean,
                 std=std,
                 classes=classes,

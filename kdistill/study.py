@@ -482,6 +482,7 @@ def deploy_student(cfg: RunConfig, student: torch.nn.Module, ds: ImageDataset, o
             test_images=ds.test_images,
             test_labels=ds.test_labels,
             train_images=ds.train_images,
+            train_rows=ds.train_rows,
             mean=mean,
             std=std,
             classes=ds.classes,

@@ -59,14 +59,31 @@ FINGERPRINT_KEYS = {
 }
 
 
+DIGEST_CHUNK_BYTES = 64 << 20  # a large tensor is hashed in slices of about this size
+
+
 def tensor_digest(*tensors: Tensor) -> str:
     """sha256 of the tensors' shapes, dtypes and bytes (any dtype, any device, any layout)."""
     digest = hashlib.sha256()
     for t in tensors:
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _digest_rows(digest, t)
     return digest.hexdigest()
+
+
+def _digest_rows(digest, t: Tensor, rows: Tensor | None = None) -> None:
+    """Feed ``t[rows]`` (default all of ``t``) to ``digest`` as :func:`tensor_digest` does,
+    a slice of rows at a time: a memory-mapped data set is never copied whole."""
+    t = t.detach()
+    if t.dim() == 0:
+        digest.update(f"{()}{t.dtype}".encode())
+        digest.update(t.reshape(1).cpu().view(torch.uint8).numpy())
+        return
+    n = len(rows) if rows is not None else len(t)
+    digest.update(f"{(n, *t.shape[1:])}{t.dtype}".encode())
+    step = max(1, DIGEST_CHUNK_BYTES // max(1, t[:1].numel() * t.element_size()))
+    for start in range(0, n, step):
+        part = t[rows[start : start + step]] if rows is not None else t[start : start + step]
+        digest.update(part.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -82,7 +99,7 @@ def fingerprint(loader, teacher: nn.Module) -> dict[str, Any]:
     """What the cached logits depend on, for a :class:`~kdistill.data.loader.TrainLoader`."""
     norm = loader.normalize
     return {
-        "data": tensor_digest(loader.inputs, loader.labels),
+        "data": _data_digest(loader),
         "num_samples": len(loader.labels),
         "normalize": tensor_digest(norm.scale, norm.shift) if norm is not None else None,
         "augment": loader.augment,
@@ -96,6 +113,15 @@ def fingerprint(loader, teacher: nn.Module) -> dict[str, Any]:
         # an ensemble's combined logits depend on the temperature of its averaging
         "teacher_temperature": getattr(teacher, "temperature", None),
     }
+
+
+def _data_digest(loader) -> str:
+    """The digest of the training inputs and labels, as :func:`tensor_digest` of the
+    training set's own tensors would give (read a slice at a time)."""
+    digest = hashlib.sha256()
+    _digest_rows(digest, loader.inputs, getattr(loader, "rows", None))
+    _digest_rows(digest, loader.labels)
+    return digest.hexdigest()
 
 
 def _plain(value: Any) -> Any:

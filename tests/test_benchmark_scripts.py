@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
+from kdistill.data.loader import Normalize, TrainLoader
 from kdistill.stats import pack_outcomes, paired_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,3 +145,31 @@ def test_throughput_ratios_are_the_median_of_each_rounds_ratio(capsys) -> None:
     assert ratio(result, "pipeline", "reference") is None
     assert throughput.main(["--rounds", "0"]) == 2
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_data_scale_compares_the_store_with_the_packed_in_memory_path(mini, tmp_path):
+    """The benchmark's in-memory path (kdistill's path before the store: the set packed
+    whole) yields the very batches of the store-backed loader it is compared with."""
+    data_scale = _script("data_scale")
+    ds = mini.with_validation(1000, seed=1)
+    norm = Normalize(*ds.mean_std(), torch.device("cpu"), channels_last=True)
+    loader = TrainLoader(ds.train_images, ds.train_labels, 128, torch.device("cpu"), norm, rows=ds.train_rows)
+    memory = data_scale.PackedInMemory(loader)
+    for (x, y), b in zip(memory.epoch(2), loader.epoch(2)):
+        assert torch.equal(x, b.images) and torch.equal(y, b.labels)
+    assert data_scale.rss_anon_mib() > 0
+    row = {
+        "size": 32,
+        "build": {"seconds": 20.0, "peak_anon_mib": 300.0, "bytes": 2**30, "train": 50000},
+        "speed": {
+            **{f"{k}_{p}": 1000.0 for k in ("pipeline", "train") for p in ("store", "memory")},
+            "ratio_pipeline": 1.0,
+            "ratio_train": 1.0,
+            "compared_images": 50000,
+        },
+        "rss": {"store": {"peak_mib": 200.0}, "memory": {"peak_mib": 900.0}},
+        "ddp": [{"peak_mib": 210.0}, {"peak_mib": 220.0}],
+    }
+    args = data_scale.parse(["--data", "x.tar.gz"])
+    table = data_scale.write_table([row], args, "python benchmarks/data_scale.py --data x.tar.gz")
+    assert "| 32 px | 1.00 | 20 | 300 | 1,000 / 1,000 (1.00) | 1,000 / 1,000 (1.00) | 200 / 900 | 210 / 220 |" in table

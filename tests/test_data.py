@@ -302,7 +302,7 @@ def test_decoded_cache(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     source = _make_source(kind, tmp_path)
     cache = tmp_path / "cache"
     first = load_dataset(source, image_size=16, data_dir=cache)
-    assert list((cache / "decoded").glob("*.npz")), "no cache file written"
+    assert list((cache / "decoded").glob("*.kdstore")), "no cache file written"
     with monkeypatch.context() as m:
         _forbid_decoding(m)
         second = load_dataset(source, image_size=16, data_dir=cache)
@@ -322,7 +322,7 @@ def test_decoded_cache(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_cache_uses_kdistill_cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "envcache"))
     load_dataset(_make_source("zip", tmp_path), image_size=8)
-    assert list((tmp_path / "envcache" / "decoded").glob("*.npz"))
+    assert list((tmp_path / "envcache" / "decoded").glob("*.kdstore"))
 
 
 def test_changed_folder_is_decoded_again(tmp_path: Path) -> None:
@@ -335,20 +335,22 @@ def test_changed_folder_is_decoded_again(tmp_path: Path) -> None:
     assert after.train_labels.tolist() == [0, 0, 1, 1, 2, 2, 2]
 
 
-def test_corrupt_cache_is_ignored(tmp_path: Path) -> None:
+def test_corrupt_cache_is_ignored(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     source = _make_source("tar", tmp_path)
     cache = tmp_path / "cache"
-    first = load_dataset(source, image_size=8, data_dir=cache)
-    for path in (cache / "decoded").glob("*.npz"):
+    # a copy: overwriting a mapped file in place would crash a process reading it (SIGBUS)
+    expected = load_dataset(source, image_size=8, data_dir=cache).images("train").clone()
+    for path in (cache / "decoded").glob("*.kdstore"):
         path.write_bytes(b"garbage")
     again = load_dataset(source, image_size=8, data_dir=cache)
-    assert torch.equal(again.train_images, first.train_images)
+    assert torch.equal(again.train_images, expected)
+    assert "not a kdistill data store" in capsys.readouterr().err  # one warning line, then rebuilt
 
 
 def test_killed_writers_temporaries_are_removed(tmp_path: Path) -> None:
     cache = tmp_path / "cache" / "decoded"
     cache.mkdir(parents=True)
-    stale, live = cache / ".x.npz.abc.tmp", cache / ".y.npz.def.tmp"
+    stale, live = cache / ".x.kdstore.abc.tmp", cache / ".y.kdstore.def.tmp"
     stale.write_bytes(b"half")
     live.write_bytes(b"half")
     old = time.time() - 2 * dataset_module.STALE_SECONDS
@@ -356,7 +358,7 @@ def test_killed_writers_temporaries_are_removed(tmp_path: Path) -> None:
     load_dataset(_make_source("tar", tmp_path), image_size=8, data_dir=tmp_path / "cache")
     assert not stale.exists(), "a killed writer's leftover stayed"
     assert live.exists(), "a live writer's temporary file was removed"
-    assert sorted(p.suffix for p in cache.iterdir()) == [".npz", ".tmp"]
+    assert sorted(p.suffix for p in cache.iterdir()) == [".kdstore", ".tmp"]
 
 
 def test_unwritable_cache_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -364,7 +366,7 @@ def test_unwritable_cache_is_a_warning(tmp_path: Path, capsys: pytest.CaptureFix
     blocker.write_text("a file where the cache folder should be")
     ds = load_dataset(_make_source("tar", tmp_path), image_size=8, data_dir=blocker)
     assert len(ds.train_labels) > 0  # the run goes on without the cache
-    assert "warning: cannot write decoded-image cache" in capsys.readouterr().err
+    assert "warning: cannot write data store" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ the bundled sample
@@ -393,25 +395,32 @@ def _image_counter(images: torch.Tensor, labels: torch.Tensor) -> Counter:
 
 def test_validation_split(mini: ImageDataset) -> None:
     ds = load_dataset("cifar10-mini", val_size=500, seed=0)
-    assert ds.train_images.shape == (4500, 3, 32, 32)
-    assert ds.val_images.shape == (500, 3, 32, 32)
+    train, val = ds.images("train"), ds.images("val")
+    assert train.shape == (4500, 3, 32, 32)
+    assert val.shape == (500, 3, 32, 32)
     assert len(ds.train_labels) == 4500 and len(ds.val_labels) == 500
     assert torch.equal(ds.test_images, mini.test_images)  # the test split is untouched
+    # index arrays into the same (memory-mapped) images, not copies of them
+    assert ds.train_images.data_ptr() == ds.val_images.data_ptr()
+    assert len(ds.train_rows) == 4500 and len(ds.val_rows) == 500
 
     # train + val is exactly the original training set, as a multiset of (image, label)
-    union = _image_counter(ds.train_images, ds.train_labels) + _image_counter(ds.val_images, ds.val_labels)
+    union = _image_counter(train, ds.train_labels) + _image_counter(val, ds.val_labels)
     assert union == _image_counter(mini.train_images, mini.train_labels)
     assert Counter(ds.train_labels.tolist()) + Counter(ds.val_labels.tolist()) == Counter(mini.train_labels.tolist())
     # disjoint (the sample holds no duplicate images, so sets suffice)
     assert len(_image_counter(mini.train_images, mini.train_labels)) == 5000
-    assert not set(_image_counter(ds.val_images, ds.val_labels)) & set(_image_counter(ds.train_images, ds.train_labels))
+    assert not set(_image_counter(val, ds.val_labels)) & set(_image_counter(train, ds.train_labels))
 
     again = load_dataset("cifar10-mini", val_size=500, seed=0)
-    assert torch.equal(again.val_images, ds.val_images) and torch.equal(again.train_labels, ds.train_labels)
+    assert torch.equal(again.images("val"), val) and torch.equal(again.train_labels, ds.train_labels)
     other = load_dataset("cifar10-mini", val_size=500, seed=1)
-    assert not torch.equal(other.val_images, ds.val_images)
+    assert not torch.equal(other.images("val"), val)
     # the same as the in-memory method
-    assert torch.equal(mini.with_validation(500, seed=0).val_images, ds.val_images)
+    assert torch.equal(mini.with_validation(500, seed=0).images("val"), val)
+    # the mean and std are those of the training split's images alone
+    in_memory = ImageDataset(**{**ds.__dict__, "train_images": train.clone(), "train_rows": None})
+    assert in_memory.mean_std() == ds.mean_std() != mini.mean_std()
 
 
 def test_validation_split_too_large(mini: ImageDataset) -> None:

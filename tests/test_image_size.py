@@ -280,7 +280,7 @@ def test_load_dataset_resize_policy_and_its_cache(tmp_path: Path) -> None:
     squash = load_dataset(root, 32, tmp_path / "cache", resize="squash")
     assert crop.image_shape == squash.image_shape == (3, 32, 32)
     assert not torch.equal(crop.train_images, squash.train_images)
-    assert len(list((tmp_path / "cache" / "decoded").glob("*.npz"))) == 2  # one cache per policy
+    assert len(list((tmp_path / "cache" / "decoded").glob("*.kdstore"))) == 2  # one cache per policy
     assert torch.equal(load_dataset(root, 32, tmp_path / "cache").train_images, crop.train_images)
     with pytest.raises(DataError, match="data.resize='stretch'"):
         load_dataset(root, 32, tmp_path / "cache", resize="stretch")

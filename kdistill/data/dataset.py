@@ -1,11 +1,14 @@
-"""Data sets as in-memory uint8 tensors, whatever their source.
+"""Data sets as uint8 tensors, whatever their source.
 
 ``load_dataset("cifar10-mini" | "cifar10" | "cifar100" | path)`` returns an
 :class:`ImageDataset`; a path is an ImageFolder folder or archive (``imagefolder.py``) or a
 CSV/JSONL manifest (``manifest.py``), split into train/validation/test when it has no test
-split of its own (``split.py``). Decoding JPEGs is slow, so decoded arrays are cached on
-disk, keyed by the source's checksum, the split made of it (:func:`source_key`) the
-image size and the resize policy: a second run on the same data loads them in well under a second.
+split of its own (``split.py``). Decoding JPEGs is slow and decoded images can be larger
+than memory, so they are decoded once into a data store on disk (:mod:`kdistill.data.store`),
+keyed by the source's checksum and the split made of it (:func:`source_key`), the image
+size and the resize policy, and read back through a memory map: a second run on the same
+data opens it in well under a second, and every process on the machine shares its pages
+through the page cache instead of holding a copy.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from kdistill.data.cifar import load_cifar
 from kdistill.data.imagefolder import (
     LAYOUT_RULES,
     RESIZE_POLICIES,
+    Listing,
     decode,
     folders_of,
     is_archive,
@@ -35,13 +40,14 @@ from kdistill.data.imagefolder import (
     read_imagefolder,
 )
 from kdistill.data.manifest import is_manifest, read_manifest
+from kdistill.data.store import Allocate, Build, StoreUnwritable, open_or_build
 from kdistill.errors import CheckpointError, DataError
-from kdistill.files import TMP_SUFFIX, atomic_write, atomic_write_text
+from kdistill.files import TMP_SUFFIX, atomic_write_text
 from kdistill.progress import log
 
 BUNDLED = {"cifar10-mini": Path(__file__).parent / "bundled" / "cifar10-mini.tar.gz"}
 DOWNLOADABLE = ("cifar10", "cifar100")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 1: .npz files; 2: data stores (kdistill.data.store)
 
 
 def default_data_dir() -> Path:
@@ -53,12 +59,19 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """A classification data set held in memory. Images are uint8 (N, 3, H, W)."""
+    """A classification data set. Images are uint8 (N, 3, H, W), in memory or memory-mapped
+    from a data store.
+
+    A validation split held out of the training images (:meth:`with_validation`) keeps
+    index arrays instead of copies: ``train_rows`` / ``val_rows`` are then the rows of
+    ``train_images`` / ``val_images`` that form the split (None: every row, in order), so a
+    memory-mapped set is never gathered whole. :meth:`images` gives a split as one tensor.
+    """
 
     name: str
     classes: list[str]
     train_images: Tensor
-    train_labels: Tensor  # int64 (N,)
+    train_labels: Tensor  # int64 (N,): the labels of the split (of train_images[train_rows])
     test_images: Tensor
     test_labels: Tensor
     checksum: str  # identifies the source data (and the decoding), for caches and fingerprints
@@ -67,6 +80,8 @@ class ImageDataset:
     val_labels: Tensor | None = None
     val_split: dict | None = None  # {"size": N, "seed": S}: how the validation images were drawn
     split: dict | None = None  # the split kdistill made of the source's files (kdistill.data.split.describe)
+    train_rows: Tensor | None = None  # int64 (N,): rows of train_images in the training split
+    val_rows: Tensor | None = None  # int64 (N_val,): rows of val_images in the validation split
 
     @property
     def num_classes(self) -> int:
@@ -76,13 +91,23 @@ class ImageDataset:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_images.shape[1:])
 
+    def images(self, split: str) -> Tensor:
+        """The images of ``split`` ("train", "val", "test") as one tensor: a copy when the
+        split is a subset of rows, which reads every image (mind the memory)."""
+        images, rows = {
+            "train": (self.train_images, self.train_rows),
+            "val": (self.val_images, self.val_rows),
+            "test": (self.test_images, None),
+        }[split]
+        return images if rows is None or images is None else images[rows]
+
     def mean_std(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of the training images, in [0, 1] units."""
-        x = self.train_images.float().div_(255)
-        return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+        return channel_mean_std(self.train_images, self.train_rows)
 
     def with_validation(self, val_size: int, seed: int = 0) -> ImageDataset:
-        """Hold out ``val_size`` training images (a seeded random subset) as a validation split."""
+        """Hold out ``val_size`` training images (a seeded random subset) as a validation
+        split: index arrays into the same images, no copy of them."""
         if val_size == 0:
             return self
         n = len(self.train_labels)
@@ -90,14 +115,40 @@ class ImageDataset:
             raise DataError(f"data.val_size={val_size} must be smaller than the {n} training images of {self.name}")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         keep, val = perm[val_size:].sort().values, perm[:val_size].sort().values
+        rows = self.train_rows if self.train_rows is not None else torch.arange(n)
         return replace(
             self,
-            train_images=self.train_images[keep],
             train_labels=self.train_labels[keep],
-            val_images=self.train_images[val],
+            train_rows=rows[keep],
+            val_images=self.train_images,
             val_labels=self.train_labels[val],
+            val_rows=rows[val],
             val_split={"size": val_size, "seed": seed},
         )
+
+
+CHUNK_VALUES = 1 << 20  # values per chunk of a whole-set reduction (4 MB as int32), whatever the set's size
+
+
+def channel_mean_std(images: Tensor, rows: Tensor | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (unbiased) std of uint8 images (N, C, H, W) (their ``rows``
+    only, if given), in [0, 1] units, read in chunks of about ``CHUNK_VALUES`` values: the
+    sums are exact integers, so the result depends neither on the chunking nor on the
+    memory layout, and a memory-mapped set is never read whole into memory."""
+    n = len(rows) if rows is not None else len(images)
+    C, H, W = images.shape[1:]
+    step = max(1, CHUNK_VALUES // (C * H * W))
+    total = torch.zeros(C, dtype=torch.float64)
+    squares = torch.zeros(C, dtype=torch.float64)
+    for start in range(0, n, step):
+        chunk = images[rows[start : start + step]] if rows is not None else images[start : start + step]
+        x = chunk.to(torch.int32)  # exact: a square is at most 255^2; sums accumulate in int64
+        total += x.sum(dim=(0, 2, 3), dtype=torch.int64).cpu().double()
+        squares += (x * x).sum(dim=(0, 2, 3), dtype=torch.int64).cpu().double()
+    count = n * H * W
+    mean = total / count
+    var = (squares - count * mean * mean) / max(count - 1, 1)
+    return (mean / 255).tolist(), (var.clamp_min(0).sqrt() / 255).tolist()
 
 
 def _folder_signature(root: Path) -> str:
@@ -136,31 +187,75 @@ def _own_splits(source: Path, checksum: str, data_dir: Path) -> tuple[str, ...]:
     return own
 
 
-def _cache_path(data_dir: Path, checksum: str, image_size: int, resize: str = "crop") -> Path:
-    return data_dir / "decoded" / f"{checksum[:32]}-{image_size}px-{resize}-v{CACHE_VERSION}.npz"
+def _cache_path(data_dir: Path, key: str, image_size: int, resize: str = "crop") -> Path:
+    return data_dir / "decoded" / f"{key[:32]}-{image_size}px-{resize}-v{CACHE_VERSION}.kdstore"
 
 
 STALE_SECONDS = 3600  # a temporary file this old is a killed writer's leftover, not a live one's
 
 
-def _save_cache(path: Path, arrays: dict[str, np.ndarray], classes: list[str]) -> None:
-    """Write atomically (a killed run never leaves a half-written cache) and remove the
-    temporaries that killed writers left behind earlier."""
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporaries that killed writers of other stores left behind long ago."""
     now = time.time()
-    for tmp in path.parent.glob(f".*{TMP_SUFFIX}"):
+    for tmp in folder.glob(f".*{TMP_SUFFIX}"):
         with contextlib.suppress(OSError):
             if now - tmp.stat().st_mtime > STALE_SECONDS:
                 tmp.unlink()
-    atomic_write(path, lambda f: np.savez(f, classes=np.array(classes), **arrays), "decoded-image cache")
 
 
-def _load_cache(path: Path) -> tuple[dict[str, np.ndarray], list[str]] | None:
+def _listing_build(listing: Callable[[], Listing], image_size: int, resize: str) -> Build:
+    """A store build that lists the source (``listing()``, only when the store is built) and
+    decodes it straight into the store's memory maps (never the whole decoded set in the
+    process's own memory); the split record goes into the store's header."""
+
+    def build(allocate: Allocate) -> None:
+        maps: dict[str, np.ndarray] = {}
+        listed = listing()
+
+        def into(counts: dict[str, int], classes: list[str]) -> dict[str, np.ndarray]:
+            specs = {}
+            for split, n in counts.items():
+                specs[f"{split}_images"] = ((n, 3, image_size, image_size), "uint8")
+                specs[f"{split}_labels"] = ((n,), "int64")
+            meta = {"classes": list(classes), "image_size": image_size, "resize": resize, "split_record": listed.record}
+            maps.update(allocate(specs, meta))
+            return {split: maps[f"{split}_images"] for split in counts}
+
+        for split, (_, labels) in decode(listed, image_size, resize, into).items():
+            maps[f"{split}_labels"][:] = labels
+
+    return build
+
+
+def _arrays_build(arrays: dict[str, np.ndarray], classes: list[str]) -> Build:
+    """A store build of arrays already in memory (a CIFAR download's)."""
+
+    def build(allocate: Allocate) -> None:
+        maps = allocate({k: (a.shape, a.dtype.str) for k, a in arrays.items()}, {"classes": list(classes)})
+        for k, a in arrays.items():
+            maps[k][:] = a
+
+    return build
+
+
+def _stored(path: Path, checksum: str, build: Build, what: str) -> tuple[dict[str, Tensor], list[str], dict] | None:
+    """The arrays of the store ``path`` (built if needed) as memory-mapped tensors, the
+    class names and the store's header; None if the store's folder cannot hold files (the
+    caller decodes into memory instead)."""
+    if path.parent.is_dir():
+        _remove_stale_temporaries(path.parent)
+
+    def invalid(message: str) -> None:
+        log(f"warning: {message}; rebuilding it")
+
+    if not path.exists():
+        log(f"decoding {what} (stored afterwards in {path.parent})")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != "classes"}
-            return arrays, [str(c) for c in z["classes"]]
-    except (OSError, ValueError, KeyError):
-        return None  # missing or corrupt: decode again
+        store = open_or_build(path, checksum, build, invalid)
+    except StoreUnwritable as e:  # only a speed-up for data that fits in memory: go on without it
+        log(f"warning: {e}")
+        return None
+    return {name: store.tensor(name) for name in store.arrays}, store.classes, store.header
 
 
 def load_dataset(
@@ -206,35 +301,38 @@ def load_dataset(
         raise DataError(
             f"data set {name!r}: {source} is neither a folder nor an archive (.tar, .tar.gz, .zip) or manifest (.csv, .jsonl)"
         )
-    cache = _cache_path(data_dir, source_key(checksum, how), image_size, resize)
-    cached = _load_cache(cache) if cache.exists() else None
-    if cached is not None:
-        arrays, classes = cached
-    else:
-        log(f"decoding {source} (cached afterwards in {cache.parent})")
+    key = source_key(checksum, how)
+
+    def listed() -> Listing:
         request = None if how is None else {"val": how[0], "test": how[1] or None, "seed": how[2]}
-        listing = listing or read_imagefolder(source, request, val_size)
-        splits = decode(listing, image_size, resize)
-        classes = listing.classes
-        arrays = {f"{s}_{kind}": a for s, (x, y) in splits.items() for kind, a in (("images", x), ("labels", y))}
-        arrays["split_record"] = np.array(json.dumps(listing.record))  # a string, kept with the arrays it describes
-        try:
-            _save_cache(cache, arrays, classes)
-        except CheckpointError as e:  # only a speed-up: the run goes on without it
-            log(f"warning: {e}")
-    record = json.loads(str(arrays["split_record"])) if "split_record" in arrays else None
+        return listing or read_imagefolder(source, request, val_size)
+
+    stored = _stored(
+        _cache_path(data_dir, key, image_size, resize), key, _listing_build(listed, image_size, resize), str(source)
+    )
+    if stored is None:
+        listed_now = listed()
+        splits, classes, record = decode(listed_now, image_size, resize), listed_now.classes, listed_now.record
+        tensors = {
+            f"{s}_{kind}": torch.from_numpy(a)
+            for s, (x, y) in splits.items()
+            for kind, a in (("images", x), ("labels", y))
+        }
+    else:
+        tensors, classes, header = stored
+        record = header.get("split_record")
     _check_recorded(split, record, source)
     ds = ImageDataset(
         name=source.name.split(".")[0] if name not in BUNDLED else name,
         classes=classes,
-        train_images=torch.from_numpy(arrays["train_images"]),
-        train_labels=torch.from_numpy(arrays["train_labels"]),
-        test_images=torch.from_numpy(arrays["test_images"]),
-        test_labels=torch.from_numpy(arrays["test_labels"]),
+        train_images=tensors["train_images"],
+        train_labels=tensors["train_labels"],
+        test_images=tensors["test_images"],
+        test_labels=tensors["test_labels"],
         checksum=checksum,
         source=name if name in BUNDLED else str(source.resolve()),
-        val_images=torch.from_numpy(arrays["val_images"]) if "val_images" in arrays else None,
-        val_labels=torch.from_numpy(arrays["val_labels"]) if "val_labels" in arrays else None,
+        val_images=tensors.get("val_images"),
+        val_labels=tensors.get("val_labels"),
         split=record,
     )
     return ds.with_validation(val_size, seed)
@@ -243,21 +341,25 @@ def load_dataset(
 def _load_downloadable(
     name: str, image_size: int, data_dir: Path, download: bool, split: dict | None, val_size: int
 ) -> ImageDataset:
+    """A CIFAR download, kept as a data store like a folder's decoded images."""
     if splitting.resolve(split, ("test",), val_size, name, "its official test set"):
         raise DataError(f"data.split.val: {name} comes as arrays; hold out validation images with data.val_size")
-    arrays = load_cifar(name, data_dir / name, download=download)
     if image_size != 32:
         raise DataError(f"data.image_size={image_size}: {name} images are 32x32; use image_size: 32")
-    return ImageDataset(
-        name=name,
-        classes=list(arrays.classes),
-        train_images=torch.from_numpy(arrays.train_images),
-        train_labels=torch.from_numpy(arrays.train_labels),
-        test_images=torch.from_numpy(arrays.test_images),
-        test_labels=torch.from_numpy(arrays.test_labels),
-        checksum=f"{name}-official",
-        source=name,
-    )
+    checksum = f"{name}-official"
+    fields = ("train_images", "train_labels", "test_images", "test_labels")
+
+    def download_and_build(allocate: Allocate) -> None:
+        arrays = load_cifar(name, data_dir / name, download=download)
+        _arrays_build({k: getattr(arrays, k) for k in fields}, list(arrays.classes))(allocate)
+
+    stored = _stored(_cache_path(data_dir, checksum, image_size), checksum, download_and_build, name)
+    if stored is None:
+        cifar = load_cifar(name, data_dir / name, download=download)
+        tensors, classes = {k: torch.from_numpy(getattr(cifar, k)) for k in fields}, list(cifar.classes)
+    else:
+        tensors, classes, _ = stored
+    return ImageDataset(name=name, classes=classes, checksum=checksum, source=name, **tensors)
 
 
 def _how(record: dict | None) -> tuple[float, float, int] | None:

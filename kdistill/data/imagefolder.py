@@ -41,6 +41,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 LAYOUT_RULES = 2
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 SPLITS = ("train", "test")
+Allocate = Callable[[dict[str, int], list[str]], dict[str, np.ndarray]]
 
 
 def is_archive(path: Path) -> bool:
@@ -318,14 +319,39 @@ def _decode(name: str, data: bytes, size: int, resize: str = "crop") -> np.ndarr
         ) from None
 
 
-def decode(listing: Listing, image_size: int, resize: str = "crop") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+DECODE_WINDOW = 512  # images decoded ahead of the one being stored: bounded memory, whatever the set's size
+
+
+def _windows(pool: ThreadPoolExecutor, fn: Callable, items: list) -> Iterator:
+    """``pool.map(fn, items)`` a window at a time (a plain map would hold every decoded
+    image that the consumer has not stored yet)."""
+    for start in range(0, len(items), DECODE_WINDOW):
+        yield from pool.map(fn, items[start : start + DECODE_WINDOW])
+
+
+def decode(
+    listing: Listing, image_size: int, resize: str = "crop", allocate: Allocate | None = None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Decode every split of ``listing``: {split: (images (N,3,S,S) uint8, labels (N,) int64)},
-    every image resized to S = ``image_size`` by the ``resize`` policy (see :func:`_resized`)."""
+    every image resized to S = ``image_size`` by the ``resize`` policy (see :func:`_resized`).
+
+    ``allocate(counts, classes)`` ({split: N}), if given, returns the arrays to decode each
+    split into ({split: (N,3,S,S) uint8}, e.g. memory maps of a file), before any image is
+    decoded."""
     out = {}
+    shape = (3, image_size, image_size)
+    counts = {split: len(items) for split, items in listing.splits.items()}
+    arrays = (
+        allocate(counts, listing.classes)
+        if allocate
+        else {s: np.empty((n, *shape), np.uint8) for s, n in counts.items()}
+    )
     with ThreadPoolExecutor() as pool:  # PIL releases the GIL while decoding
         for split, items in listing.splits.items():
-            jobs = pool.map(lambda item: _decode(item[2], listing.read(item[0]), image_size, resize), items)
-            images = np.stack(list(progress(jobs, total=len(items), desc=f"decode {split}")))
+            jobs = _windows(pool, lambda item: _decode(item[2], listing.read(item[0]), image_size, resize), items)
+            images = arrays[split]
+            for k, image in enumerate(progress(jobs, total=len(items), desc=f"decode {split}")):
+                images[k] = image  # one at a time into place: never a second copy of the split
             labels = np.array([label for _, label, _ in items], dtype=np.int64)
             out[split] = (images, labels)
     return out

@@ -1,4 +1,4 @@
-"""Batches from in-memory uint8 tensors, augmented on the training device.
+"""Batches from uint8 tensors (in memory or memory-mapped), augmented on the training device.
 
 Every batch carries the sample indices (into the training set) of its images, so index-
 based methods and caches can use them. Augmentation is replayable: the shuffling order and
@@ -15,6 +15,7 @@ training size with bilinear interpolation + flip, the ImageNet recipe), both bat
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -259,16 +260,22 @@ class Normalize:
 
 
 class TrainLoader:
-    """Shuffled (and, for images, augmented) training batches from in-memory tensors.
+    """Shuffled (and, for images, augmented) training batches from tensors.
 
     ``epoch(e)`` yields the batches of epoch ``e``. ``inputs`` are uint8 images
     (N, C, H, W), which are cropped/flipped and normalised on the device, or any other
-    tensor (N, ...) of model inputs, used as they are.
+    tensor (N, ...) of model inputs, used as they are. ``rows``: the rows of ``inputs`` that
+    form the training set (a split held out by index; default all, in order).
 
     Images are augmented by zero padding + random crop + flip (``padding``, ``flip``), or,
     given ``resized_crop``, by random-resized-crop + flip at ``resized_crop.size``.
     ``size``: the training resolution of images that are not augmented (their centred
     window; default: the stored size); with ``resized_crop`` it must be its size or None.
+
+    Images stay where they are (in memory, or memory-mapped from a data store on disk):
+    each batch gathers its B images, and only those are moved to the device, packed and
+    augmented, so the process never holds a second copy of the set. For CUDA the gather
+    goes into pinned host memory and the copy overlaps the GPU's work.
     """
 
     def __init__(
@@ -284,9 +291,12 @@ class TrainLoader:
         flip: bool = True,
         drop_last: bool = True,
         shard: tuple[int, int] = (0, 1),
+        rows: Tensor | None = None,
         resized_crop: ResizedCrop | None = None,
         size: int | None = None,
     ):
+        if rows is not None and len(rows) != len(labels):
+            raise ValueError(f"TrainLoader: {len(rows)} rows but {len(labels)} labels")
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.normalize = normalize
@@ -299,11 +309,12 @@ class TrainLoader:
         self.drop_last = drop_last and len(labels) >= batch_size
         self.rank, self.world = shard
         self.resized_crop, self.size = self._geometry(inputs, images, resized_crop, size)
-        # what stays on the device for the whole run: images packed a pixel per element for
-        # the crop/flip gather (the uint8 originals stay where they were, for fingerprints)
-        pixels = pack_pixels(inputs) if self.augment else None  # packed on the host, then moved
-        self.pixels = pixels.to(device) if pixels is not None else None
-        self.inputs = inputs if self.pixels is not None else inputs.to(device)
+        # images are read per batch from where they are; other inputs (tokens, features)
+        # are the user's in-memory tensors and move to the device whole, as given
+        self.inputs = inputs if images else inputs.to(device)
+        self.rows = rows.to(self.inputs.device) if rows is not None else None
+        self.pinned = self.inputs.device.type == "cpu" and device.type == "cuda"
+        self.pack_buffer: Tensor | None = None
 
     def _geometry(
         self, inputs: Tensor, images: bool, resized_crop: ResizedCrop | None, size: int | None
@@ -340,9 +351,10 @@ class TrainLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from step ``start_step`` on (a resumed, interrupted epoch)."""
+        order = self.views(epoch).order  # on the host: the gathers read it without a device sync
         views = self.device_views(epoch)
         for step in range(start_step, len(self)):
-            idx = views.order[step * self.batch_size : (step + 1) * self.batch_size]
+            idx = order[step * self.batch_size : (step + 1) * self.batch_size]
             # each rank takes its own slice of the global batch (DDP); one rank takes it all
             idx = idx[self.rank :: self.world]
             yield self.batch(idx, views)
@@ -351,36 +363,73 @@ class TrainLoader:
         """The views of ``epoch`` on the training device."""
         return Views(*(t.to(self.device) if t is not None else None for t in self.views(epoch)))
 
+    def gather(self, idx: Tensor) -> Tensor:
+        """The inputs of the samples ``idx`` (any device), on the training device."""
+        rows = idx.to(self.inputs.device)
+        if self.rows is not None:
+            rows = self.rows[rows]
+        if not self.pinned:  # index_select: a row copy each, many times faster than indexing
+            return torch.index_select(self.inputs, 0, rows).to(self.device)
+        x = torch.empty((len(rows), *self.inputs.shape[1:]), dtype=self.inputs.dtype, pin_memory=True)
+        torch.index_select(self.inputs, 0, rows, out=x)
+        return x.to(self.device, non_blocking=True)
+
+    def pack(self, images: Tensor) -> Tensor | None:
+        """:func:`pack_pixels` of a batch, into a buffer kept from batch to batch (its zero
+        padding channels, last row and last column are written once, when it is made)."""
+        B, C, H, W = images.shape
+        width = next((w for w in _PIXEL_DTYPES if w >= C), None)
+        if width is None:
+            return None
+        buf = self.pack_buffer
+        if buf is None or len(buf) < B or buf.shape[1:] != (H + 1, W + 1, width) or buf.device != images.device:
+            buf = self.pack_buffer = torch.zeros((B, H + 1, W + 1, width), dtype=torch.uint8, device=images.device)
+        pixels = buf[:B].view(_PIXEL_DTYPES[width]).view(B, H + 1, W + 1)
+        if C == 3 and sys.byteorder == "little":
+            # RGB as the int32 r | g << 8 | b << 16 (little endian: the bytes r, g, b, 0):
+            # three element-wise passes, about 3x faster than the transposing copy below
+            inner = pixels[:, :H, :W]
+            inner.copy_(images[:, 2]).bitwise_left_shift_(8).bitwise_or_(images[:, 1])
+            inner.bitwise_left_shift_(8).bitwise_or_(images[:, 0])
+        else:
+            buf[:B, :H, :W, :C].copy_(images.permute(0, 2, 3, 1))  # (B, H, W, C) into each pixel's first bytes
+        return pixels
+
     def batch(self, idx: Tensor, views: Views) -> Batch:
-        """The samples ``idx`` (on the device) as the given epoch's views present them: the
+        """The samples ``idx`` as the given epoch's views (on the device) present them: the
         one place where a training input is made, shared with the teacher cache."""
+        x = self.gather(idx)  # (B, C, H, W)
+        idx = idx.to(self.device, non_blocking=True)
         channels = None  # packed pixels carry padding channels: the image's come first
         if self.resized_crop is not None:
-            x = self._resized_batch(idx, views)
-        elif self.pixels is not None:
-            channels = self.inputs.shape[1]
-            x = crop_flip_packed(self.pixels, idx, views.offsets[idx], views.flips[idx], self.padding)
-            if self.normalize is None:
-                x = x[:, :channels]
+            x = self._resized_batch(x, idx, views)
         elif self.augment:
-            x = crop_flip(self.inputs[idx], views.offsets[idx], views.flips[idx], self.padding)
+            pixels = self.pack(x)  # (B, H+1, W+1): this batch only
+            if pixels is not None:
+                channels = x.shape[1]
+                here = torch.arange(len(idx), device=x.device)
+                x = crop_flip_packed(pixels, here, views.offsets[idx], views.flips[idx], self.padding)
+                if self.normalize is None:
+                    x = x[:, :channels]
+            else:
+                x = crop_flip(x, views.offsets[idx], views.flips[idx], self.padding)
         elif self.size is not None:
-            x = centre_crop(self.inputs[idx], self.size)
-        else:
-            x = self.inputs[idx]
+            x = centre_crop(x, self.size)
         if self.normalize is not None:
             x = self.normalize(x, channels)
         return Batch(x, self.labels[idx], idx)
 
-    def _resized_batch(self, idx: Tensor, views: Views) -> Tensor:
-        """The random-resized crops of the samples ``idx``: float in [0, 255] (B, C, S, S) for
-        the normalisation, or rounded to uint8 without one (as pad-and-crop gives them)."""
+    def _resized_batch(self, x: Tensor, idx: Tensor, views: Views) -> Tensor:
+        """The random-resized crops of the gathered images ``x`` (B, C, H, W) of the samples
+        ``idx``: float in [0, 255] (B, C, S, S) for the normalisation, or rounded to uint8
+        without one (as pad-and-crop gives them)."""
         boxes, flips = views.boxes[idx], views.flips[idx]
-        if self.pixels is not None:
-            x = resized_crop_flip_packed(self.pixels, idx, boxes, flips, self.size)
+        pixels = self.pack(x)  # (B, H+1, W+1): this batch only
+        if pixels is not None:
+            here = torch.arange(len(idx), device=x.device)
+            x = resized_crop_flip_packed(pixels, here, boxes, flips, self.size)[:, : x.shape[1]]
         else:
-            x = resized_crop_flip(self.inputs[idx], boxes, flips, self.size)
-        x = x[:, : self.inputs.shape[1]]  # packed pixels carry padding channels: the image's come first
+            x = resized_crop_flip(x, boxes, flips, self.size)
         return x if self.normalize is not None else x.round_().to(torch.uint8)
 
 
@@ -414,7 +463,8 @@ class IterableLoader:
 
 
 class EvalData:
-    """Fixed-order evaluation batches; ``labels`` holds all labels on the CPU. ``size``:
+    """Fixed-order evaluation batches; ``labels`` holds all labels on the CPU. ``rows``: the
+    rows of ``inputs`` that form the set (a split held out by index; default all). ``size``:
     evaluate uint8 images on their centred ``size`` x ``size`` window (the training size of
     random-resized crops; default: the whole image)."""
 
@@ -426,6 +476,7 @@ class EvalData:
         device: torch.device,
         normalize: Normalize | None = None,
         source=None,
+        rows: Tensor | None = None,
         size: int | None = None,
     ):
         self.size = size
@@ -436,6 +487,7 @@ class EvalData:
             normalize,
             source,
         )
+        self.rows = rows
         if source is not None:
             labels = torch.cat([item[1] for item in source])
         self.labels = labels.cpu()
@@ -447,21 +499,20 @@ class EvalData:
         return -(-len(self.labels) // self.batch_size)
 
     def select(self, indices: Tensor) -> EvalData:
-        """The samples ``indices`` only (in-memory data), evaluated the same way."""
-        return EvalData(
-            self.inputs[indices], self.labels[indices], self.batch_size, self.device, self.normalize, size=self.size
-        )
+        """The samples ``indices`` only (in-memory or memory-mapped data), evaluated the same
+        way: rows of the same inputs, no copy of them."""
+        return self._rows(indices.cpu(), self.labels[indices.cpu()])
 
     def subset(self, start: int, stop: int) -> EvalData:
-        """Samples [start, stop) only (in-memory data): one rank's share of an evaluation."""
-        return EvalData(
-            self.inputs[start:stop],
-            self.labels[start:stop],
-            self.batch_size,
-            self.device,
-            self.normalize,
-            size=self.size,
-        )
+        """Samples [start, stop) only (in-memory or memory-mapped data): one rank's share of
+        an evaluation."""
+        return self._rows(torch.arange(start, min(stop, len(self.labels))), self.labels[start:stop])
+
+    def _rows(self, positions: Tensor, labels: Tensor) -> EvalData:
+        """The samples at ``positions`` (of this set) as rows of the same inputs."""
+        rows = self.rows[positions.to(self.rows.device)] if self.rows is not None else positions
+        rows = rows.to(self.inputs.device)
+        return EvalData(self.inputs, labels, self.batch_size, self.device, self.normalize, rows=rows, size=self.size)
 
     def __iter__(self) -> Iterator[Batch]:
         if self.source is not None:
@@ -472,11 +523,12 @@ class EvalData:
                 seen += len(y)
             return
         for start in range(0, len(self.labels), self.batch_size):
-            x = self.inputs[start : start + self.batch_size].to(self.device, non_blocking=True)
+            stop = start + self.batch_size
+            # one batch read at a time (from memory or a memory-mapped store)
+            x = self.inputs[start:stop] if self.rows is None else self.inputs[self.rows[start:stop]]
+            x = x.to(self.device, non_blocking=True)
             if self.size is not None:
                 x = centre_crop(x, self.size)
             if self.normalize is not None:
                 x = self.normalize(x)
-            yield Batch(
-                x, self.labels[start : start + self.batch_size].to(self.device), torch.arange(start, start + len(x))
-            )
+            yield Batch(x, self.labels[start:stop].to(self.device), torch.arange(start, start + len(x)))
