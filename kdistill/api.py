@@ -370,7 +370,9 @@ def cache_teacher(
     loader = _replayable(prepared)
     _place_teacher(teacher, device, channels_last)
     check_logits(
-        feature_shapes(teacher, prepared.example).logits, prepared.known_classes, model_label(teacher, "teacher")
+        feature_shapes(teacher, prepared.example, model_label(teacher, "teacher")).logits,
+        prepared.known_classes,
+        model_label(teacher, "teacher"),
     )
     started = time.perf_counter()
     cache = build_teacher_cache(
@@ -413,7 +415,8 @@ def train(
     _seed_everything(seed)
     prepared = prepare_data(train_data, test_data, cfg=cfg, device=device, data=data, seed=seed, shard=shard)
     model.to(device)
-    check_logits(feature_shapes(model, prepared.example).logits, prepared.known_classes, model_label(model, desc))
+    who = model_label(model, desc)
+    check_logits(feature_shapes(model, prepared.example, who).logits, prepared.known_classes, who)
     task = Supervised(model, cfg.label_smoothing)
     extra = {
         "kind": "train",
@@ -466,8 +469,8 @@ def distill(
     student.to(device)
     cache, cache_info = _open_cache(teacher_cache, teacher, prepared, cfg, device, desc)
     shapes = {
-        "student": feature_shapes(student, prepared.example),
-        "teacher": feature_shapes(teacher, prepared.example),
+        "student": feature_shapes(student, prepared.example, model_label(student, "student")),
+        "teacher": feature_shapes(teacher, prepared.example, model_label(teacher, "teacher")),
     }
     _check_outputs(shapes["teacher"].logits, shapes["student"].logits, prepared, teacher, student)
     context = MethodContext(

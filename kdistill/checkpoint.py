@@ -156,6 +156,11 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     """The architecture a checkpoint's spec names, without pretrained or loaded weights (the
     checkpoint's weights replace them): a source rebuilds from its record (a Hugging Face
     config, a TorchScript file checked against its sha256), not from the network."""
+    if not isinstance(spec, dict):
+        raise CheckpointError(
+            "the checkpoint names no model (model_spec is empty): it holds the weights of a model built "
+            "outside kdistill (e.g. given to the Python API); build that model and load checkpoint['model'] into it"
+        )
     try:
         kwargs = dict(spec.get("kwargs", {}))
         return build(spec["name"], kwargs.pop("num_classes", 10), kwargs, record=spec.get("source"))[0]

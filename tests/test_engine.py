@@ -490,7 +490,7 @@ def test_load_model_rebuilds_the_model(uninterrupted) -> None:
 @pytest.mark.slow
 def test_load_model_without_spec(mini: ImageDataset, tmp_path: Path) -> None:
     kdistill.train(_student(), **_subset(mini), run_dir=tmp_path, **{**SETTINGS, "epochs": 1})
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="names no model"):
         load_model(tmp_path / "checkpoint.pt")
 
 

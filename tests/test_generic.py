@@ -84,3 +84,16 @@ def test_distill_sequence_classifiers_from_tensors_and_iterables():
         teacher, ConvSeq(16), loader, test_loader, epochs=8, lr=0.05, channels_last=False, device="cpu"
     )
     assert r2.metrics["top1"] > 50, r2.metrics
+
+
+def test_a_model_built_for_other_inputs_is_one_line_before_training() -> None:
+    """seed_student built for 32 px images, given 64 px images: the probe says so, naming the
+    model and the inputs, instead of a raw shape error from inside its classifier."""
+    images = torch.randint(0, 256, (16, 3, 64, 64), dtype=torch.uint8)
+    labels = torch.arange(16) % 2
+    model = kdistill.create_model("seed_student", num_classes=2)
+    with pytest.raises(kdistill.KDistillError, match=r"cannot take the training inputs \(batch of shape \(3, 64, 64\)"):
+        kdistill.train(model, (images, labels), epochs=1)
+    teacher = kdistill.create_model("seed_teacher", num_classes=2)
+    with pytest.raises(kdistill.KDistillError, match=r"cannot take the training inputs"):
+        kdistill.distill(teacher, kdistill.create_model("seed_student", num_classes=2), (images, labels), epochs=1)

@@ -90,16 +90,26 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def feature_shapes(model: nn.Module, example: Tensor | tuple[int, ...]) -> ModelOutput:
+def feature_shapes(model: nn.Module, example: Tensor | tuple[int, ...], who: str = "") -> ModelOutput:
     """Run ``example`` (a small batch of real inputs, of the dtype and shape the model trains
     on: token ids for a text model) through the model to learn its output and feature shapes,
-    in eval mode. A shape instead of a batch means two float zero images of that shape."""
+    in eval mode. A shape instead of a batch means two float zero images of that shape.
+
+    A model that cannot take the inputs (built for another image size, say) is a ConfigError
+    naming it (``who``), the inputs and the model's own error, before any training starts."""
     was_training = model.training
     model.eval()
     try:
         device = next(iter([*model.parameters(), *model.buffers()]), torch.zeros(0)).device
         x = example.to(device) if isinstance(example, Tensor) else torch.zeros(2, *example, device=device)
         out = forward_all(model, x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        reason = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"{who or model_label(model, 'model')} cannot take the training inputs (batch of shape "
+            f"{tuple(x.shape[1:])}, {str(x.dtype).removeprefix('torch.')}): {type(e).__name__}: {reason}; "
+            "build it for these inputs (kdistill's seed models take image_size=...)"
+        ) from None
     finally:
         model.train(was_training)
     return out
