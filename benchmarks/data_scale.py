@@ -105,36 +105,44 @@ def _timed(batches, steps: int, model: nn.Module | None, opt) -> float:
     return done / (time.perf_counter() - start)
 
 
-def _loader(ds, args, limit: int | None) -> TrainLoader:
+def _loader(ds, args, limit: int | None, packed: bool = True) -> TrainLoader:
+    """kdistill's loader of the store (``packed``: its crops read the store's packed training
+    pixels in place; else each batch is gathered from the store and packed, as before)."""
     norm = Normalize(*ds.mean_std(), CPU, channels_last=True)
     rows = torch.arange(min(limit, len(ds.train_labels))) if limit else None
     labels = ds.train_labels[rows] if rows is not None else ds.train_labels
-    return TrainLoader(ds.train_images, labels, args.batch, CPU, norm, seed=0, rows=rows)
+    pixels = ds.train_pixels if packed else None
+    return TrainLoader(ds.train_images, labels, args.batch, CPU, norm, seed=0, rows=rows, pixels=pixels)
 
 
 def worker_speed(args) -> dict:
     """(i) pipeline and (ii) training images/s of both paths, alternating, in this process."""
     ds = load_dataset(args.data, args.size, args.work)
     store = _loader(ds, args, args.compare)
+    per_batch = _loader(ds, args, args.compare, packed=False)
     memory = PackedInMemory(store)
 
     def batches(path: str, epoch: int):
         if path == "memory":
             return memory.epoch(epoch)
-        return ((b.images, b.labels) for b in store.epoch(epoch))
+        return ((b.images, b.labels) for b in (store if path == "store" else per_batch).epoch(epoch))
 
     ratios: dict[str, list[float]] = {"pipeline": [], "train": []}
     rates: dict[str, list[float]] = {f"{k}_{p}": [] for k in ratios for p in ("store", "memory")}
+    rates["pipeline_per_batch"], ratios["per_batch"] = [], []
     for r in range(args.rounds):
-        for kind in ratios:
+        for kind in ("pipeline", "train"):
             got = {}
-            for path in ("store", "memory") if r % 2 == 0 else ("memory", "store"):
+            paths = ("store", "memory", "per_batch") if kind == "pipeline" else ("store", "memory")
+            for path in paths if r % 2 == 0 else paths[::-1]:
                 model = student(ds.num_classes, args.size) if kind == "train" else None
                 opt = torch.optim.SGD(model.parameters(), lr=0.01) if model is not None else None
                 steps = args.steps if kind == "pipeline" else args.train_steps
                 got[path] = _timed(batches(path, r), steps, model, opt)
                 rates[f"{kind}_{path}"].append(got[path])
             ratios[kind].append(got["store"] / got["memory"])
+            if kind == "pipeline":
+                ratios["per_batch"].append(got["per_batch"] / got["memory"])
     return {
         **{k: statistics.median(v) for k, v in rates.items()},
         **{f"ratio_{k}": statistics.median(v) for k, v in ratios.items()},
@@ -151,7 +159,9 @@ def worker_rss(args) -> dict:
     base = rss_anon_mib()
     ds = distributed.local_main_first(lambda: load_dataset(args.data, args.size, args.work))
     norm = Normalize(*ds.mean_std(), CPU, channels_last=True)
-    loader = TrainLoader(ds.train_images, ds.train_labels, args.batch, CPU, norm, shard=distributed.shard())
+    loader = TrainLoader(
+        ds.train_images, ds.train_labels, args.batch, CPU, norm, shard=distributed.shard(), pixels=ds.train_pixels
+    )
     batches = ((b.images, b.labels) for e in range(10**6) for b in loader.epoch(e))
     if args.path == "memory":
         memory = PackedInMemory(loader)
@@ -226,8 +236,9 @@ def _warm(work: Path, size: int) -> None:
 def write_table(rows: list[dict], args, command: str) -> str:
     lines = [
         "| size | store (GiB) | build (s) | build peak RssAnon (MiB) | pipeline img/s store / memory (ratio) "
+        "| pipeline img/s, store gathered and packed per batch (ratio to memory) "
         "| train img/s store / memory (ratio) | peak RssAnon MiB: store / memory | two DDP ranks (store) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         s, b = r["speed"], r["build"]
@@ -235,6 +246,7 @@ def write_table(rows: list[dict], args, command: str) -> str:
         lines.append(
             f"| {r['size']} px | {b['bytes'] / 2**30:.2f} | {b['seconds']:.0f} | {b.get('peak_anon_mib', float('nan')):.0f} "
             f"| {s['pipeline_store']:,.0f} / {s['pipeline_memory']:,.0f} ({s['ratio_pipeline']:.2f}) "
+            f"| {s['pipeline_per_batch']:,.0f} ({s['ratio_per_batch']:.2f}) "
             f"| {s['train_store']:,.0f} / {s['train_memory']:,.0f} ({s['ratio_train']:.2f}) "
             f"| {r['rss']['store']['peak_mib']:.0f} / {r['rss']['memory']['peak_mib']:.0f} | {ddp} |"
         )

@@ -195,6 +195,7 @@ def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfi
         seed,
         shard=shard,
         rows=ds.train_rows,
+        pixels=ds.train_pixels,  # the store's packed training split: crops read it in place
         **augment,
     )
     size = augment["size"]

@@ -153,17 +153,21 @@ def test_data_scale_compares_the_store_with_the_packed_in_memory_path(mini, tmp_
     data_scale = _script("data_scale")
     ds = mini.with_validation(1000, seed=1)
     norm = Normalize(*ds.mean_std(), torch.device("cpu"), channels_last=True)
-    loader = TrainLoader(ds.train_images, ds.train_labels, 128, torch.device("cpu"), norm, rows=ds.train_rows)
+    cpu = torch.device("cpu")
+    loader = TrainLoader(ds.train_images, ds.train_labels, 128, cpu, norm, rows=ds.train_rows, pixels=ds.train_pixels)
+    per_batch = TrainLoader(ds.train_images, ds.train_labels, 128, cpu, norm, rows=ds.train_rows)
     memory = data_scale.PackedInMemory(loader)
-    for (x, y), b in zip(memory.epoch(2), loader.epoch(2)):
-        assert torch.equal(x, b.images) and torch.equal(y, b.labels)
+    for (x, y), b, c in zip(memory.epoch(2), loader.epoch(2), per_batch.epoch(2), strict=True):
+        assert torch.equal(x, b.images) and torch.equal(y, b.labels) and torch.equal(x, c.images)
     assert data_scale.rss_anon_mib() > 0
     row = {
         "size": 32,
         "build": {"seconds": 20.0, "peak_anon_mib": 300.0, "bytes": 2**30, "train": 50000},
         "speed": {
             **{f"{k}_{p}": 1000.0 for k in ("pipeline", "train") for p in ("store", "memory")},
+            "pipeline_per_batch": 500.0,
             "ratio_pipeline": 1.0,
+            "ratio_per_batch": 0.5,
             "ratio_train": 1.0,
             "compared_images": 50000,
         },
@@ -172,4 +176,7 @@ def test_data_scale_compares_the_store_with_the_packed_in_memory_path(mini, tmp_
     }
     args = data_scale.parse(["--data", "x.tar.gz"])
     table = data_scale.write_table([row], args, "python benchmarks/data_scale.py --data x.tar.gz")
-    assert "| 32 px | 1.00 | 20 | 300 | 1,000 / 1,000 (1.00) | 1,000 / 1,000 (1.00) | 200 / 900 | 210 / 220 |" in table
+    assert (
+        "| 32 px | 1.00 | 20 | 300 | 1,000 / 1,000 (1.00) | 500 (0.50) | 1,000 / 1,000 (1.00) | 200 / 900 | 210 / 220 |"
+        in table
+    )

@@ -3,6 +3,7 @@ shared by processes, and read batch by batch with the same results as in-memory 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -207,8 +208,17 @@ def test_header_records_what_the_store_holds(tmp_path: Path) -> None:
     assert header["checksum"] == dataset_module.source_key(ds.checksum, None)
     assert header["classes"] == ds.classes and header["image_size"] == 8 and header["resize"] == "crop"
     assert header["split_record"] is None  # the folder's own split (kdistill made none)
-    assert header["arrays"]["train_images"]["shape"] == [len(ds.train_labels), 3, 8, 8]
-    assert header["arrays"]["train_images"]["dtype"] == "|u1" and header["arrays"]["train_labels"]["dtype"] == "<i8"
+    # the training split packed a pixel per int32 (RGB and a zero byte, a zero last row and
+    # column), as loader.pack_pixels makes it: train_images is a view of it
+    assert header["arrays"]["train_pixels"]["shape"] == [len(ds.train_labels), 9, 9, 4]
+    assert header["arrays"]["test_images"]["shape"] == [len(ds.test_labels), 3, 8, 8]
+    assert header["arrays"]["train_pixels"]["dtype"] == "|u1" and header["arrays"]["train_labels"]["dtype"] == "<i8"
+    assert torch.equal(ds.train_pixels, pack_pixels(ds.train_images.contiguous()))
+    assert ds.train_images.untyped_storage().data_ptr() == ds.train_pixels.untyped_storage().data_ptr()
+    assert ds.with_validation(2).train_pixels is ds.train_pixels  # a split held as rows: the same pixels
+    # images replaced (a subset): their pixels no longer match and are dropped (packed per batch)
+    subset = dataclasses.replace(ds, train_images=ds.train_images[:3], train_labels=ds.train_labels[:3])
+    assert subset.train_pixels is None
 
 
 # ------------------------------------------------------------------ batches from the store
@@ -234,15 +244,19 @@ def test_store_batches_equal_in_memory_batches_bit_for_bit(mini: ImageDataset, s
     ds = mini.with_validation(300, seed=2)  # the training split is rows of the store
     norm = Normalize(*ds.mean_std(), CPU, channels_last=normalized) if normalized else None
     kw = {"normalize": norm, "seed": 5, "shard": shard}
-    from_store = TrainLoader(ds.train_images, ds.train_labels, 64, CPU, rows=ds.train_rows, **kw)
+    # the store's packed pixels, read in place by the crops
+    from_store = TrainLoader(
+        ds.train_images, ds.train_labels, 64, CPU, rows=ds.train_rows, pixels=ds.train_pixels, **kw
+    )
+    unpacked = TrainLoader(ds.train_images, ds.train_labels, 64, CPU, rows=ds.train_rows, **kw)  # packed per batch
     in_memory = ds.images("train").clone()  # the split as one ordinary tensor
     from_memory = TrainLoader(in_memory, ds.train_labels, 64, CPU, **kw)
     for epoch in (0, 3):
         reference = _reference_batches(in_memory, ds.train_labels, from_memory, epoch)
-        batches = list(zip(from_store.epoch(epoch), from_memory.epoch(epoch), reference))
+        batches = list(zip(from_store.epoch(epoch), from_memory.epoch(epoch), unpacked.epoch(epoch), reference))
         assert len(batches) == len(from_store) == 4700 // 64
-        for a, b, (x, y, idx) in batches:
-            assert torch.equal(a.images, b.images) and torch.equal(a.images, x)
+        for a, b, c, (x, y, idx) in batches:
+            assert torch.equal(a.images, b.images) and torch.equal(a.images, x) and torch.equal(c.images, x)
             assert a.images.dtype == (torch.float32 if normalized else torch.uint8)
             assert torch.equal(a.labels, y) and torch.equal(a.indices, idx) and torch.equal(b.indices, idx)
     # resumed mid-epoch: the same batches from there on
@@ -274,14 +288,16 @@ def test_store_random_resized_crops_equal_in_memory_ones_bit_for_bit(
     ds = mini.with_validation(300, seed=2)
     norm = Normalize(*ds.mean_std(), CPU, channels_last=normalized) if normalized else None
     kw = {"normalize": norm, "seed": 7, "shard": shard, "resized_crop": ResizedCrop(24, (0.2, 1.0))}
-    from_store = TrainLoader(ds.train_images, ds.train_labels, 256, CPU, rows=ds.train_rows, **kw)
+    from_store = TrainLoader(
+        ds.train_images, ds.train_labels, 256, CPU, rows=ds.train_rows, pixels=ds.train_pixels, **kw
+    )
     in_memory = ds.images("train").clone()
-    from_memory = TrainLoader(in_memory, ds.train_labels, 256, CPU, **kw)
+    from_memory = TrainLoader(in_memory, ds.train_labels, 256, CPU, **kw)  # gathered and packed per batch
     for epoch in (0, 2):
         assert torch.equal(from_store.views(epoch).boxes, from_memory.views(epoch).boxes)
         reference = _reference_resized(in_memory, ds.train_labels, from_memory, epoch)
-        for a, (x, y, idx) in zip(from_store.epoch(epoch), reference, strict=True):
-            assert a.images.shape[-2:] == (24, 24) and torch.equal(a.images, x)
+        for a, b, (x, y, idx) in zip(from_store.epoch(epoch), from_memory.epoch(epoch), reference, strict=True):
+            assert a.images.shape[-2:] == (24, 24) and torch.equal(a.images, x) and torch.equal(b.images, x)
             assert torch.equal(a.labels, y) and torch.equal(a.indices, idx)
 
 

@@ -47,7 +47,7 @@ from kdistill.progress import log
 
 BUNDLED = {"cifar10-mini": Path(__file__).parent / "bundled" / "cifar10-mini.tar.gz"}
 DOWNLOADABLE = ("cifar10", "cifar100")
-CACHE_VERSION = 2  # 1: .npz files; 2: data stores (kdistill.data.store)
+CACHE_VERSION = 3  # 1: .npz files; 2: data stores (kdistill.data.store); 3: the training split packed
 
 
 def default_data_dir() -> Path:
@@ -82,6 +82,16 @@ class ImageDataset:
     split: dict | None = None  # the split kdistill made of the source's files (kdistill.data.split.describe)
     train_rows: Tensor | None = None  # int64 (N,): rows of train_images in the training split
     val_rows: Tensor | None = None  # int64 (N_val,): rows of val_images in the validation split
+    # the training images packed a pixel per int32, (N, H+1, W+1) (loader.pack_pixels's layout),
+    # when a data store keeps them so: train_images is then a view of them, and TrainLoader's
+    # crops read them in place (TrainLoader(pixels=...))
+    train_pixels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # pixels that are not what train_images views (a dataclasses.replace of the images,
+        # e.g. a subset) are dropped: the loader then packs each batch from the images
+        if self.train_pixels is not None and not _views_pixels(self.train_images, self.train_pixels):
+            object.__setattr__(self, "train_pixels", None)
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +135,20 @@ class ImageDataset:
             val_rows=rows[val],
             val_split={"size": val_size, "seed": seed},
         )
+
+
+def _views_pixels(images: Tensor, pixels: Tensor) -> bool:
+    """Whether ``images`` (N, C, H, W) is exactly the view of the packed ``pixels``
+    (N, H+1, W+1) that :func:`_unpacked` makes (same memory, same rows, same strides)."""
+    N, C, H, W = images.shape
+    P = pixels.element_size()
+    return (
+        tuple(pixels.shape) == (N, H + 1, W + 1)
+        and C <= P
+        and images.dtype == torch.uint8
+        and images.data_ptr() == pixels.data_ptr()
+        and images.stride() == ((H + 1) * (W + 1) * P, 1, (W + 1) * P, P)
+    )
 
 
 CHUNK_VALUES = 1 << 20  # values per chunk of a whole-set reduction (4 MB as int32), whatever the set's size
@@ -203,6 +227,38 @@ def _remove_stale_temporaries(folder: Path) -> None:
                 tmp.unlink()
 
 
+PIXEL_BYTES = 4  # a stored training pixel: its RGB bytes and a zero byte, read as one int32
+
+
+def _image_spec(split: str, n: int, shape: tuple[int, int, int]) -> tuple[str, tuple[tuple[int, ...], str]]:
+    """The store array that holds a split's images (name, (shape, dtype)): the training split
+    packed a pixel per int32, (N, H+1, W+1, 4) bytes with a zero 4th byte, last row and last
+    column (:func:`kdistill.data.loader.pack_pixels`'s layout, so the crops read it straight
+    from the map: 1.33-1.45x the bytes); the other splits as (N, C, H, W)."""
+    C, H, W = shape
+    if split == "train" and C <= PIXEL_BYTES:
+        return "train_pixels", ((n, H + 1, W + 1, PIXEL_BYTES), "uint8")
+    return f"{split}_images", ((n, C, H, W), "uint8")
+
+
+def _images_view(name: str, array: np.ndarray, channels: int) -> np.ndarray:
+    """The (N, C, H, W) images of the store array ``name`` (a view: written through, no copy)."""
+    if name != "train_pixels":
+        return array
+    return array[:, :-1, :-1, :channels].transpose(0, 3, 1, 2)
+
+
+def _unpacked(tensors: dict[str, Tensor], channels: int) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The store's tensors with ``train_images`` as the (N, C, H, W) view of the packed
+    ``train_pixels``, and those pixels as int32 (N, H+1, W+1) (None when not packed)."""
+    if "train_pixels" not in tensors:
+        return tensors, None
+    tensors = dict(tensors)
+    packed = tensors.pop("train_pixels")
+    tensors["train_images"] = packed[:, :-1, :-1, :channels].permute(0, 3, 1, 2)
+    return tensors, packed.view(torch.int32).view(packed.shape[:3])
+
+
 def _listing_build(listing: Callable[[], Listing], image_size: int, resize: str) -> Build:
     """A store build that lists the source (``listing()``, only when the store is built) and
     decodes it straight into the store's memory maps (never the whole decoded set in the
@@ -214,12 +270,13 @@ def _listing_build(listing: Callable[[], Listing], image_size: int, resize: str)
 
         def into(counts: dict[str, int], classes: list[str]) -> dict[str, np.ndarray]:
             specs = {}
+            names = {}
             for split, n in counts.items():
-                specs[f"{split}_images"] = ((n, 3, image_size, image_size), "uint8")
+                names[split], specs[names[split]] = _image_spec(split, n, (3, image_size, image_size))
                 specs[f"{split}_labels"] = ((n,), "int64")
             meta = {"classes": list(classes), "image_size": image_size, "resize": resize, "split_record": listed.record}
-            maps.update(allocate(specs, meta))
-            return {split: maps[f"{split}_images"] for split in counts}
+            maps.update(allocate(specs, {**meta, "channels": 3}))
+            return {split: _images_view(names[split], maps[names[split]], 3) for split in counts}
 
         for split, (_, labels) in decode(listed, image_size, resize, into).items():
             maps[f"{split}_labels"][:] = labels
@@ -231,9 +288,16 @@ def _arrays_build(arrays: dict[str, np.ndarray], classes: list[str]) -> Build:
     """A store build of arrays already in memory (a CIFAR download's)."""
 
     def build(allocate: Allocate) -> None:
-        maps = allocate({k: (a.shape, a.dtype.str) for k, a in arrays.items()}, {"classes": list(classes)})
+        specs, names = {}, {}
         for k, a in arrays.items():
-            maps[k][:] = a
+            split, kind = k.rsplit("_", 1)
+            names[k], specs[names[k]] = (
+                _image_spec(split, len(a), a.shape[1:]) if kind == "images" else (k, (a.shape, a.dtype.str))
+            )
+        channels = arrays["train_images"].shape[1]
+        maps = allocate(specs, {"classes": list(classes), "channels": channels})
+        for k, a in arrays.items():
+            _images_view(names[k], maps[names[k]], channels)[:] = a
 
     return build
 
@@ -256,6 +320,14 @@ def _stored(path: Path, checksum: str, build: Build, what: str) -> tuple[dict[st
         log(f"warning: {e}")
         return None
     return {name: store.tensor(name) for name in store.arrays}, store.classes, store.header
+
+
+def _dataset_tensors(stored: tuple[dict[str, Tensor], list[str], dict]) -> tuple[dict[str, Tensor], list[str], dict]:
+    """:func:`_stored`'s tensors as ImageDataset fields (``train_images`` a view of the
+    packed ``train_pixels``), its classes and header."""
+    tensors, classes, header = stored
+    tensors, pixels = _unpacked(tensors, header.get("channels", 3))
+    return {**tensors, "train_pixels": pixels}, classes, header
 
 
 def load_dataset(
@@ -319,7 +391,7 @@ def load_dataset(
             for kind, a in (("images", x), ("labels", y))
         }
     else:
-        tensors, classes, header = stored
+        tensors, classes, header = _dataset_tensors(stored)
         record = header.get("split_record")
     _check_recorded(split, record, source)
     ds = ImageDataset(
@@ -334,6 +406,7 @@ def load_dataset(
         val_images=tensors.get("val_images"),
         val_labels=tensors.get("val_labels"),
         split=record,
+        train_pixels=tensors.get("train_pixels"),
     )
     return ds.with_validation(val_size, seed)
 
@@ -358,7 +431,7 @@ def _load_downloadable(
         cifar = load_cifar(name, data_dir / name, download=download)
         tensors, classes = {k: torch.from_numpy(getattr(cifar, k)) for k in fields}, list(cifar.classes)
     else:
-        tensors, classes, _ = stored
+        tensors, classes, _ = _dataset_tensors(stored)
     return ImageDataset(name=name, classes=classes, checksum=checksum, source=name, **tensors)
 
 

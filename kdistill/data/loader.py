@@ -276,6 +276,9 @@ class TrainLoader:
     each batch gathers its B images, and only those are moved to the device, packed and
     augmented, so the process never holds a second copy of the set. For CUDA the gather
     goes into pinned host memory and the copy overlaps the GPU's work.
+    ``pixels``: the same images already packed a pixel per element (:func:`pack_pixels`'s
+    layout, same rows; a data store keeps its training split so): the crops then read them
+    in place (on the CPU) or gather their rows (for another device), with no per-batch pack.
     """
 
     def __init__(
@@ -294,9 +297,17 @@ class TrainLoader:
         rows: Tensor | None = None,
         resized_crop: ResizedCrop | None = None,
         size: int | None = None,
+        pixels: Tensor | None = None,
     ):
         if rows is not None and len(rows) != len(labels):
             raise ValueError(f"TrainLoader: {len(rows)} rows but {len(labels)} labels")
+        if pixels is not None and (
+            tuple(pixels.shape) != (len(inputs), inputs.shape[-2] + 1, inputs.shape[-1] + 1)
+            or pixels.element_size() < inputs.shape[1]
+        ):
+            raise ValueError(
+                f"TrainLoader: pixels {tuple(pixels.shape)} are not the packed form of {tuple(inputs.shape)}"
+            )
         self.labels = labels.to(device)
         self.batch_size = batch_size
         self.normalize = normalize
@@ -315,6 +326,9 @@ class TrainLoader:
         self.rows = rows.to(self.inputs.device) if rows is not None else None
         self.pinned = self.inputs.device.type == "cpu" and device.type == "cuda"
         self.pack_buffer: Tensor | None = None
+        # the images already packed (a data store keeps its training split so): the crops
+        # read them where they are, with no per-batch pack
+        self.pixels = pixels if self.augment else None
 
     def _geometry(
         self, inputs: Tensor, images: bool, resized_crop: ResizedCrop | None, size: int | None
@@ -363,16 +377,38 @@ class TrainLoader:
         """The views of ``epoch`` on the training device."""
         return Views(*(t.to(self.device) if t is not None else None for t in self.views(epoch)))
 
+    def _rows(self, idx: Tensor) -> Tensor:
+        """The rows of ``inputs`` (and ``pixels``) that hold the samples ``idx`` (any device)."""
+        rows = idx.to(self.inputs.device)
+        return self.rows[rows] if self.rows is not None else rows
+
+    def _take(self, source: Tensor, rows: Tensor) -> Tensor:
+        """``source[rows]`` on the training device (through pinned memory for CUDA)."""
+        if not self.pinned:  # index_select: a row copy each, many times faster than indexing
+            return torch.index_select(source, 0, rows).to(self.device)
+        x = torch.empty((len(rows), *source.shape[1:]), dtype=source.dtype, pin_memory=True)
+        torch.index_select(source, 0, rows, out=x)
+        return x.to(self.device, non_blocking=True)
+
     def gather(self, idx: Tensor) -> Tensor:
         """The inputs of the samples ``idx`` (any device), on the training device."""
-        rows = idx.to(self.inputs.device)
-        if self.rows is not None:
-            rows = self.rows[rows]
-        if not self.pinned:  # index_select: a row copy each, many times faster than indexing
-            return torch.index_select(self.inputs, 0, rows).to(self.device)
-        x = torch.empty((len(rows), *self.inputs.shape[1:]), dtype=self.inputs.dtype, pin_memory=True)
-        torch.index_select(self.inputs, 0, rows, out=x)
-        return x.to(self.device, non_blocking=True)
+        return self._take(self.inputs, self._rows(idx))
+
+    def packed(self, idx: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The samples ``idx`` as packed pixels on the training device and their positions
+        in them: the kept ``pixels`` themselves when they are on the device (the crops read
+        them in place), else those rows gathered, else the gathered batch packed; None for
+        images of more than 8 channels."""
+        if self.pixels is not None:
+            rows = self._rows(idx)
+            if self.pixels.device == self.device:
+                return self.pixels, rows.to(self.pixels.device)
+            pixels = self._take(self.pixels, rows)
+        else:
+            pixels = self.pack(self.gather(idx))
+            if pixels is None:
+                return None
+        return pixels, torch.arange(len(idx), device=pixels.device)
 
     def pack(self, images: Tensor) -> Tensor | None:
         """:func:`pack_pixels` of a batch, into a buffer kept from batch to batch (its zero
@@ -398,39 +434,31 @@ class TrainLoader:
     def batch(self, idx: Tensor, views: Views) -> Batch:
         """The samples ``idx`` as the given epoch's views (on the device) present them: the
         one place where a training input is made, shared with the teacher cache."""
-        x = self.gather(idx)  # (B, C, H, W)
+        packed = self.packed(idx) if self.augment else None  # (pixels, positions of the samples in them)
+        x = self.gather(idx) if packed is None else None  # (B, C, H, W)
         idx = idx.to(self.device, non_blocking=True)
+        C = self.inputs.shape[1]
         channels = None  # packed pixels carry padding channels: the image's come first
         if self.resized_crop is not None:
-            x = self._resized_batch(x, idx, views)
-        elif self.augment:
-            pixels = self.pack(x)  # (B, H+1, W+1): this batch only
-            if pixels is not None:
-                channels = x.shape[1]
-                here = torch.arange(len(idx), device=x.device)
-                x = crop_flip_packed(pixels, here, views.offsets[idx], views.flips[idx], self.padding)
-                if self.normalize is None:
-                    x = x[:, :channels]
+            boxes, flips = views.boxes[idx], views.flips[idx]
+            if packed is not None:
+                x = resized_crop_flip_packed(*packed, boxes, flips, self.size)[:, :C]
             else:
-                x = crop_flip(x, views.offsets[idx], views.flips[idx], self.padding)
+                x = resized_crop_flip(x, boxes, flips, self.size)
+            if self.normalize is None:  # rounded to uint8, as pad-and-crop gives them
+                x = x.round_().to(torch.uint8)
+        elif packed is not None:
+            x = crop_flip_packed(*packed, views.offsets[idx], views.flips[idx], self.padding)
+            channels = C
+            if self.normalize is None:
+                x = x[:, :C]
+        elif self.augment:
+            x = crop_flip(x, views.offsets[idx], views.flips[idx], self.padding)
         elif self.size is not None:
             x = centre_crop(x, self.size)
         if self.normalize is not None:
             x = self.normalize(x, channels)
         return Batch(x, self.labels[idx], idx)
-
-    def _resized_batch(self, x: Tensor, idx: Tensor, views: Views) -> Tensor:
-        """The random-resized crops of the gathered images ``x`` (B, C, H, W) of the samples
-        ``idx``: float in [0, 255] (B, C, S, S) for the normalisation, or rounded to uint8
-        without one (as pad-and-crop gives them)."""
-        boxes, flips = views.boxes[idx], views.flips[idx]
-        pixels = self.pack(x)  # (B, H+1, W+1): this batch only
-        if pixels is not None:
-            here = torch.arange(len(idx), device=x.device)
-            x = resized_crop_flip_packed(pixels, here, boxes, flips, self.size)[:, : x.shape[1]]
-        else:
-            x = resized_crop_flip(x, boxes, flips, self.size)
-        return x if self.normalize is not None else x.round_().to(torch.uint8)
 
 
 class IterableLoader:
