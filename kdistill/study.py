@@ -23,6 +23,7 @@ from kdistill import api, distributed
 from kdistill.budget import StudyPlan, format_seconds, plan_study
 from kdistill.config import RunConfig
 from kdistill.data.dataset import ImageDataset
+from kdistill.data.loader import centre_crop
 from kdistill.engine import Result, predict, select_device
 from kdistill.errors import ConfigError
 from kdistill.evaluate import agreement, classification_metrics, profile_model
@@ -475,13 +476,15 @@ def deploy_student(cfg: RunConfig, student: torch.nn.Module, ds: ImageDataset, o
     )
     mean, std = ds.mean_std()
     device = next(student.parameters()).device
+    # the student's own input: evaluation's centred train_size window of the stored images
+    size = cfg.data.train_size or ds.image_shape[-1]
     try:
         return deploy(
             student,
             out_dir / "model.onnx",
-            test_images=ds.test_images,
+            test_images=centre_crop(ds.test_images, size).contiguous(),
             test_labels=ds.test_labels,
-            train_images=ds.train_images,
+            train_images=centre_crop(ds.train_images, size),
             train_rows=ds.train_rows,
             mean=mean,
             std=std,

@@ -394,3 +394,27 @@ def test_cli_train_then_evaluate_at_the_training_size(tmp_path: Path, capsys: py
     assert metrics["test"]["num_samples"] == 16
     assert metrics["test"]["top1"] == pytest.approx(summary["test"]["top1"], abs=0.01)
     assert metrics["profile"]["macs"] == summary["profile"]["macs"]
+
+
+@pytest.mark.slow
+def test_study_exports_the_student_at_its_training_size(tmp_path: Path) -> None:
+    """`kdistill run` with random-resized-crop at train_size 40 of 48 px images: the ONNX
+    export and int8 model take the student's 40 px input (evaluation's centre crop), not
+    the stored 48 px images."""
+    root = _folder(tmp_path / "photos", side=(60, 48), per_class=16)
+    args = ["run", "--data", str(root), "--epochs", "1", "--device", "cpu"]
+    args += ["--output-dir", str(tmp_path / "runs"), "--name", "r"]
+    for setting in (
+        "data.image_size=48",
+        "data.augmentation=random_resized_crop",
+        "data.train_size=40",
+        "student.kwargs.image_size=40",
+        "teacher.kwargs.image_size=40",
+        "deploy.onnx=true",
+    ):
+        args += ["--set", setting]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    deployed = summary["deployment"]
+    assert deployed["onnx"]["top1"] == pytest.approx(deployed["pytorch_top1"])
+    assert deployed["pytorch_top1"] == pytest.approx(summary["models"]["distilled"]["test"]["top1"], abs=0.01)
