@@ -22,6 +22,7 @@ from torch import nn
 from kdistill.errors import CheckpointError, KDistillError
 from kdistill.files import atomic_write
 from kdistill.models import build
+from kdistill.models.inputs import adapter_from, attach
 from kdistill.progress import log
 
 FORMAT = "kdistill-checkpoint/1"
@@ -158,7 +159,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     config, a TorchScript file checked against its sha256), not from the network."""
     try:
         kwargs = dict(spec.get("kwargs", {}))
-        return build(spec["name"], kwargs.pop("num_classes", 10), kwargs, record=spec.get("source"))[0]
+        model = build(spec["name"], kwargs.pop("num_classes", 10), kwargs, record=spec.get("source"))[0]
+        return attach(model, adapter_from(spec.get("input")), f"model {spec['name']!r}")
     except KDistillError as e:
         raise CheckpointError(f"cannot rebuild the checkpoint's model: {e}") from None
     except (KeyError, TypeError, ValueError) as e:

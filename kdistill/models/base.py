@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError
+from kdistill.models.inputs import adapt_input
 
 
 class ModelOutput(NamedTuple):
@@ -59,7 +60,7 @@ def forward_all(model: nn.Module, x: Tensor) -> ModelOutput:
     their logits only; a method that needs features then fails with a clear message.
     """
     if isinstance(model, KDModel):
-        return model.forward_all(x)
+        return model.forward_all(adapt_input(model, x))  # model(x) adapts through its hook
     logits = model(x)
     logits = getattr(logits, "logits", logits)  # a transformers model returns an output object
     return ModelOutput(logits, [], logits)
@@ -99,7 +100,16 @@ def feature_shapes(model: nn.Module, example: Tensor | tuple[int, ...]) -> Model
     try:
         device = next(iter([*model.parameters(), *model.buffers()]), torch.zeros(0)).device
         x = example.to(device) if isinstance(example, Tensor) else torch.zeros(2, *example, device=device)
-        out = forward_all(model, x)
+        try:
+            out = forward_all(model, x)
+        except RuntimeError as e:  # a shape the model cannot take (its linear layer is built for another size)
+            adapter = getattr(model, "kdistill_input", None)
+            seen = tuple(adapter.adapt(x).shape) if adapter is not None else tuple(x.shape)
+            raise ConfigError(
+                f"{model_label(model, 'model')} cannot take inputs of shape {seen} "
+                f"({e.__class__.__name__}: {str(e).splitlines()[0][:160]}); set its input_size to one it takes, "
+                "or build it for this size (kwargs)"
+            ) from None
     finally:
         model.train(was_training)
     return out
