@@ -272,6 +272,11 @@ class ModelConfig(StrictConfig):
     with ``pretrained: true``; else the data set's own). Give ``std`` with it."""
     std: list[float] | None = None
     """The per-channel standard deviation, with ``mean``."""
+    features: list[str] | None = None
+    """The modules whose outputs are this model's stage features, shallow to deep, for the
+    feature methods (e.g. ``[layer2, layer3, layer4]``; read with forward hooks). Default:
+    a kdistill model's own stages; timm's ``feature_info``; a Hugging Face model's hidden
+    states; else the last block before each drop in resolution."""
 
     @field_validator("name")
     @classmethod

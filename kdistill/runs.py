@@ -35,6 +35,7 @@ from kdistill.files import atomic_write_text, remove_stale_temporaries
 from kdistill.methods import check_run
 from kdistill.models import MODELS, build, source_of
 from kdistill.models.ensemble import TeacherEnsemble
+from kdistill.models.features import attach_stages
 from kdistill.models.inputs import adapter_from, attach
 from kdistill.models.transfer import freeze_backbone
 from kdistill.progress import log
@@ -300,7 +301,7 @@ def _source_identity(model: ModelConfig, role: str) -> dict[str, Any]:
         found[f"{role}.weights_file"] = _absolute(model.weights_file)
     if getattr(model, "trained", False):
         found[f"{role}.trained"] = True
-    for key in ("input_size", "mean", "std"):
+    for key in ("input_size", "mean", "std", "features"):
         if getattr(model, key) is not None:
             found[f"{role}.{key}"] = getattr(model, key)
     if getattr(model, "finetune", None) is not None:
@@ -602,6 +603,8 @@ def spec_for(
     spec = model_spec(model.name, kwargs, num_classes, model.pretrained, model.weights_file)
     if getattr(model, "finetune", None) is not None and "source" in spec:
         spec["source"]["finetune"] = True
+    if model.features is not None:
+        spec["features"] = list(model.features)
     if ds is not None:
         mean, std = ds.mean_std()
         spec["input_request"] = {
@@ -674,7 +677,7 @@ def new_model(spec: dict[str, Any], seed: int) -> torch.nn.Module:
     adapter = adapter_from(spec.get("input"))
     if adapter is not None:
         log(f"{spec['name']}: takes {adapter.describe()}, adapted from the data's view on the device")
-    return attach(model, adapter, f"model {spec['name']!r}")
+    return attach_stages(attach(model, adapter, f"model {spec['name']!r}"), spec)
 
 
 def test_set(

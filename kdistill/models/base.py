@@ -56,11 +56,14 @@ class KDModel(nn.Module, ABC):
 def forward_all(model: nn.Module, x: Tensor) -> ModelOutput:
     """Logits, stage features and pre-logits of any model.
 
-    kdistill models answer directly. Other classifiers (a user's own ``nn.Module``) give
-    their logits only; a method that needs features then fails with a clear message.
+    kdistill models answer directly; other models through the feature reader attached to
+    them (:mod:`kdistill.models.features`), else with their logits only.
     """
     if isinstance(model, KDModel):
         return model.forward_all(adapt_input(model, x))  # model(x) adapts through its hook
+    reader = getattr(model, "kdistill_features", None)  # a foreign model's stages (models/features.py)
+    if reader is not None:
+        return ModelOutput(*reader.read(model, x))
     logits = model(x)
     logits = getattr(logits, "logits", logits)  # a transformers model returns an output object
     return ModelOutput(logits, [], logits)
