@@ -374,6 +374,12 @@ def _evaluate(
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
             "profile": profile_model(model, input_shape(ds, cfg.data.train_size), max_seconds=profile_seconds(cfg)),
         }
+        adapter = getattr(model, "kdistill_input", None)  # a model at its own input (teacher.input_size, ...)
+        entry["input_size"] = (adapter.size if adapter and adapter.size else None) or input_shape(
+            ds, cfg.data.train_size
+        )[-1]
+        if name == "teacher" and name in phases and cfg.teacher.finetune is not None:
+            entry["finetuned"] = True  # its training time is what fine-tuning cost
         if name != "teacher":
             entry["agreement"] = agreement(logits[name], logits["teacher"])
         if name in phases:
