@@ -116,3 +116,30 @@ def test_feature_methods_run_with_a_hugging_face_teacher(tmp_path, method: str) 
     teacher = create_model(_hf_vit(tmp_path), num_classes=4, pretrained=True)
     result = kdistill.distill(teacher, make(4), tiny_data(), methods=method, epochs=1, batch_size=8, device="cpu")
     assert math.isfinite(result.history[-1]["train_loss"])
+
+
+def test_hugging_face_processor_config_gives_the_input(tmp_path) -> None:
+    """A pretrained Hugging Face model takes what its image processor config says."""
+    import transformers
+
+    name = _hf_vit(tmp_path)
+    transformers.ViTImageProcessor(
+        size={"height": 48, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(tmp_path / "vit")
+    cfg = load_config(overrides=[f"teacher.name={name}", "teacher.pretrained=true"])
+    small = _FakeData()
+    spec = spec_for(cfg.teacher, 4, small, cfg.data)
+    new_model(spec, 0)
+    assert spec["input"] == {
+        "size": 48, "mean": [0.5] * 3, "std": [0.5] * 3, "from_mean": [0.4] * 3, "from_std": [0.2] * 3,
+    }  # fmt: skip
+
+
+class _FakeData:
+    """What spec_for reads of a data set: its image shape and statistics."""
+
+    image_shape = (3, 32, 32)
+
+    @staticmethod
+    def mean_std():
+        return [0.4] * 3, [0.2] * 3

@@ -94,8 +94,28 @@ class ModelSource:
             return {"input_size": (3, size, size), "mean": tuple(preset.mean), "std": tuple(preset.std)}
         if self.library == "hf":
             size = getattr(getattr(model, "config", None), "image_size", None)
-            return {"input_size": (3, size, size)} if isinstance(size, int) else {}
+            said = {"input_size": (3, size, size)} if isinstance(size, int) else {}
+            return said | self._hf_processor()
         return {}
+
+    def _hf_processor(self) -> dict[str, Any]:
+        """What a Hugging Face model's image processor config (``preprocessor_config.json``,
+        in its folder or the hub cache) says: its mean, std and size; ``{}`` without one."""
+        transformers = _import(self)
+        try:
+            processor = transformers.AutoImageProcessor.from_pretrained(self.target)
+        except (OSError, ValueError, KeyError, TypeError):  # none saved, offline and not cached
+            return {}
+        said: dict[str, Any] = {}
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None:
+            said.update(mean=tuple(mean), std=tuple(std))
+        size = getattr(processor, "crop_size", None) or getattr(processor, "size", None)  # a dict or a SizeDict
+        get = getattr(size, "get", None)
+        side = (get("height") or get("shortest_edge")) if get is not None else None
+        if isinstance(side, int):
+            said["input_size"] = (3, side, side)
+        return said
 
 
 def is_source(name: str) -> bool:
