@@ -15,6 +15,9 @@ For each teacher/student pair it measures steady-state training images/s of
     torch: a per-sample ``Dataset`` doing per-image crop/flip/normalise, a ``DataLoader``
     with 2 worker processes, NCHW models, ``loss.item()`` every step;
 
+The teacher of a pair may be a trained kdistill checkpoint (``--pair runs/t/checkpoint.pt:seed_student``),
+which runs at the input it was trained at (``teacher.input_size``: e.g. 64 px while the
+student takes the data's 32 px);
 and, unless ``--no-cache``, (a) and (b) again with a teacher cache (the student alone
 reads the teacher's logits). Same models, batch size, optimizer (SGD, Nesterov, weight
 decay) and loss ((1 - alpha) CE + alpha T^2 KL, alpha 0.9, T 4) everywhere. Each number
@@ -76,10 +79,15 @@ def _subset(ds: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
 def _models(
     teacher_name: str, student_name: str, num_classes: int, seed: int = 0
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from kdistill.checkpoint import load_model
     from kdistill.models import create_model
 
     torch.manual_seed(seed)
-    return create_model(teacher_name, num_classes=num_classes), create_model(student_name, num_classes=num_classes)
+    if Path(teacher_name).suffix == ".pt":  # a trained teacher's checkpoint, at its own input (teacher.input_size)
+        teacher = load_model(Path(teacher_name))[0]
+    else:
+        teacher = create_model(teacher_name, num_classes=num_classes)
+    return teacher, create_model(student_name, num_classes=num_classes)
 
 
 def _train_config(batch_size: int, epochs: int, channels_last: bool, compile: bool):
@@ -406,8 +414,10 @@ def run_benchmark(args: argparse.Namespace, argv: list[str]) -> str:
     from kdistill.models import MODELS
 
     for name in {n for p in pairs for n in p}:
-        if name not in MODELS:
-            raise ConfigError(f"--pair: unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}")
+        if name not in MODELS and not (Path(name).suffix == ".pt" and Path(name).is_file()):
+            raise ConfigError(
+                f"--pair: unknown model {name!r}; expected one of: {', '.join(sorted(MODELS))}, or a teacher checkpoint (.pt file)"
+            )
     device = select_device(args.device)
     ds = load_dataset(args.data, data_dir=Path(args.data_dir) if args.data_dir else None)
     needed = (WARMUP_STEPS + args.steps) * args.batch_size
@@ -466,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pair",
         action="append",
         metavar="TEACHER:STUDENT",
-        help="models to measure (repeatable; default seed_teacher:seed_student)",
+        help="models to measure (repeatable; default seed_teacher:seed_student); TEACHER may be a kdistill checkpoint "
+        "(.pt), e.g. a teacher trained at its own input size",
     )
     p.add_argument(
         "--data", default="cifar10-mini", help="data set (default cifar10-mini; cifar10 for the published numbers)"

@@ -37,8 +37,9 @@ from kdistill.data.loader import EvalData, IterableLoader, Normalize, ResizedCro
 from kdistill.engine import Result, autocast_for, fit, predict_views, select_device
 from kdistill.errors import ConfigError, DataError
 from kdistill.evaluate import classification_metrics
-from kdistill.methods import DEFAULT_METHOD, MethodContext, build_methods, set_option
+from kdistill.methods import DEFAULT_METHOD, MethodContext, build_methods, needs_features, set_option
 from kdistill.models.base import check_logits, count_parameters, feature_shapes, model_label
+from kdistill.models.features import ensure_features
 from kdistill.progress import log
 from kdistill.tasks import Distillation, MutualLearning, Supervised
 from kdistill.teacher_cache import TeacherCache, build_teacher_cache, fingerprint
@@ -468,6 +469,9 @@ def distill(
     _place_teacher(teacher, device, cfg.channels_last)
     student.to(device)
     cache, cache_info = _open_cache(teacher_cache, teacher, prepared, cfg, device, desc)
+    if needs_features(dcfg.method_options) and cache is None:  # stage features of models from other libraries
+        ensure_features(student, prepared.example, model_label(student, "student"))
+        ensure_features(teacher, prepared.example, model_label(teacher, "teacher"))
     shapes = {
         "student": feature_shapes(student, prepared.example, model_label(student, "student")),
         "teacher": feature_shapes(teacher, prepared.example, model_label(teacher, "teacher")),

@@ -22,6 +22,8 @@ from torch import nn
 from kdistill.errors import CheckpointError, KDistillError
 from kdistill.files import atomic_write
 from kdistill.models import build
+from kdistill.models.features import attach_stages
+from kdistill.models.inputs import adapter_from, attach
 from kdistill.progress import log
 
 FORMAT = "kdistill-checkpoint/1"
@@ -163,7 +165,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         )
     try:
         kwargs = dict(spec.get("kwargs", {}))
-        return build(spec["name"], kwargs.pop("num_classes", 10), kwargs, record=spec.get("source"))[0]
+        model = build(spec["name"], kwargs.pop("num_classes", 10), kwargs, record=spec.get("source"))[0]
+        return attach_stages(attach(model, adapter_from(spec.get("input")), f"model {spec['name']!r}"), spec)
     except KDistillError as e:
         raise CheckpointError(f"cannot rebuild the checkpoint's model: {e}") from None
     except (KeyError, TypeError, ValueError) as e:

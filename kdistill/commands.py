@@ -26,8 +26,8 @@ def train_model(cfg: RunConfig, resume: bool) -> Path:
     start = time.perf_counter()
     with runs.job(cfg), runs.open_run_dir(cfg, resume, kind="train") as run_dir:
         ds = runs.load_data(cfg)
-        spec = runs.spec_for(cfg.teacher, ds.num_classes)
-        model = runs.new_model(spec, cfg.seed)
+        spec = runs.spec_for(cfg.teacher, ds.num_classes, ds, cfg.data)
+        model = runs.teacher_to_train(cfg, spec)
         with runs.whole_budget(cfg):
             run = Phases(cfg, ds, select_device(cfg.device), resume)
             result = run.train(model, spec, "teacher", run_dir, runs.budget_left(cfg, start), cfg.teacher.name)
@@ -50,7 +50,7 @@ def distill_model(cfg: RunConfig, resume: bool) -> Path:
         ds = runs.load_data(cfg)
         device = select_device(cfg.device)
         teacher, teacher_spec = runs.build_teacher(cfg, ds.num_classes, device, ds)
-        spec = runs.spec_for(cfg.student, ds.num_classes)
+        spec = runs.spec_for(cfg.student, ds.num_classes, ds, cfg.data)
         student = runs.new_model(spec, cfg.seed)
         with runs.whole_budget(cfg):
             run = Phases(cfg, ds, device, resume)

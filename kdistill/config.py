@@ -261,11 +261,37 @@ class ModelConfig(StrictConfig):
     """Start from (teacher: use as is) this checkpoint instead of training."""
     train: dict[str, Any] = {}
     """Overrides of the top-level ``train`` keys for this model's phase."""
+    input_size: int | None = Field(None, gt=0, le=1024)
+    """The side in pixels of the images this model takes (default: what its library says
+    its pretrained weights expect, with ``pretrained: true``; else the data's training
+    size). The data's augmented view is resized to it on the device, as a batch (bilinear,
+    antialiased when shrinking): a teacher at 224 or 64 px and a student at 32 px see the
+    same view."""
+    mean: list[float] | None = None
+    """The per-channel mean this model's inputs are normalised with (default: its library's,
+    with ``pretrained: true``; else the data set's own). Give ``std`` with it."""
+    std: list[float] | None = None
+    """The per-channel standard deviation, with ``mean``."""
+    features: list[str] | None = None
+    """The modules whose outputs are this model's stage features, shallow to deep, for the
+    feature methods (e.g. ``[layer2, layer3, layer4]``; read with forward hooks). Default:
+    a kdistill model's own stages; timm's ``feature_info``; a Hugging Face model's hidden
+    states; else the last block before each drop in resolution."""
 
     @field_validator("name")
     @classmethod
     def _known_model(cls, name: str) -> str:
         return check_name(name)
+
+    @model_validator(mode="after")
+    def _normalisation(self) -> ModelConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean, std: give both (the model's input normalisation) or neither")
+        if self.mean is not None and (len(self.mean) != len(self.std) or any(s <= 0 for s in self.std)):
+            raise ValueError(
+                f"std: expected {len(self.mean)} positive values, one per channel of mean (got {self.std})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pretrained_needs_a_library(self) -> ModelConfig:
@@ -276,8 +302,26 @@ class ModelConfig(StrictConfig):
         return self
 
 
+class FinetuneConfig(StrictConfig):
+    """Transfer: the teacher phase fine-tunes a teacher pretrained on another label set
+    (``pretrained: true`` or a ``weights_file`` with another head: ImageNet's 1,000 classes)
+    on the run's classes, with a new, randomly initialised head. ``epochs`` and ``lr``
+    override ``teacher.train`` (itself over ``train``) for that phase."""
+
+    epochs: int | None = Field(None, gt=0, le=100_000)
+    """The teacher phase's epochs (default: ``teacher.train.epochs``, else ``train.epochs``)."""
+    lr: float | None = Field(None, gt=0, le=10)
+    """The teacher phase's peak learning rate (default: that of its ``train`` settings)."""
+    freeze_backbone: bool = False
+    """Train the new head only (a linear probe): every other parameter keeps its pretrained
+    value (batch-norm statistics still follow the run's data)."""
+
+
 class TeacherConfig(ModelConfig):
     name: str = "seed_teacher"
+    finetune: FinetuneConfig | None = None
+    """Fine-tune a pretrained teacher on the run's classes (see :class:`FinetuneConfig`;
+    ``{}`` for its defaults). A teacher for other classes gets a new head either way."""
     trained: bool = False
     """The model named by ``name`` is already trained for the data's classes (an ONNX or
     TorchScript file, ``pretrained`` or ``weights_file`` weights): distill from it as it is,
@@ -463,6 +507,10 @@ class RunConfig(StrictConfig):
         """The top-level ``train`` settings with the phase's own overrides applied."""
         overrides = getattr(self, phase).train
         merged = deep_merge(self.train.model_dump(), overrides)
+        finetune = self.teacher.finetune if phase == "teacher" else None
+        if finetune is not None:
+            given = {"epochs": finetune.epochs, "optimizer": {"lr": finetune.lr} if finetune.lr else None}
+            merged = deep_merge(merged, {k: v for k, v in given.items() if v is not None})
         try:
             return TrainConfig.model_validate(merged)
         except ValidationError as e:

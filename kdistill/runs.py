@@ -10,6 +10,7 @@ import contextlib
 import copy
 import fcntl
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -32,8 +33,11 @@ from kdistill.errors import CheckpointError, ConfigError
 from kdistill.evaluate import agreement, profile_model
 from kdistill.files import atomic_write_text, remove_stale_temporaries
 from kdistill.methods import check_run
-from kdistill.models import build, source_of
+from kdistill.models import MODELS, build, source_of
 from kdistill.models.ensemble import TeacherEnsemble
+from kdistill.models.features import attach_stages
+from kdistill.models.inputs import adapter_from, attach
+from kdistill.models.transfer import freeze_backbone
 from kdistill.progress import log
 
 LOCK_NAME = ".lock"
@@ -297,6 +301,11 @@ def _source_identity(model: ModelConfig, role: str) -> dict[str, Any]:
         found[f"{role}.weights_file"] = _absolute(model.weights_file)
     if getattr(model, "trained", False):
         found[f"{role}.trained"] = True
+    for key in ("input_size", "mean", "std", "features"):
+        if getattr(model, key) is not None:
+            found[f"{role}.{key}"] = getattr(model, key)
+    if getattr(model, "finetune", None) is not None:
+        found[f"{role}.finetune"] = model.finetune.model_dump()
     return found
 
 
@@ -573,9 +582,75 @@ def model_spec(
     return spec
 
 
-def spec_for(model: ModelConfig, num_classes: int) -> dict[str, Any]:
-    """The spec of the config's teacher or student."""
-    return model_spec(model.name, model.kwargs, num_classes, model.pretrained, model.weights_file)
+def spec_for(
+    model: ModelConfig, num_classes: int, ds: ImageDataset | None = None, data: DataConfig | None = None
+) -> dict[str, Any]:
+    """The spec of the config's teacher or student (a teacher to fine-tune takes weights
+    for another label set with a new head). With the data set ``ds`` (and its
+    ``data`` settings), the model's own input too: :func:`new_model` resolves it (what the
+    library says of pretrained weights) and attaches it (:mod:`kdistill.models.inputs`).
+    A zoo model built for a fixed size (``image_size``: the seed CNNs' linear layer) is
+    built for the size it will see."""
+    kwargs = dict(model.kwargs)
+    if ds is not None:
+        data = data or DataConfig()
+        view = data.train_size or ds.image_shape[-1]
+        size = model.input_size or view
+        if model.name in MODELS and "image_size" not in kwargs:
+            default = inspect.signature(MODELS[model.name]).parameters.get("image_size")
+            if default is not None and default.default != size:
+                kwargs["image_size"] = size
+    spec = model_spec(model.name, kwargs, num_classes, model.pretrained, model.weights_file)
+    if getattr(model, "finetune", None) is not None and "source" in spec:
+        spec["source"]["finetune"] = True
+    if model.features is not None:
+        spec["features"] = list(model.features)
+    if ds is not None:
+        mean, std = ds.mean_std()
+        spec["input_request"] = {
+            "size": model.input_size,
+            "mean": model.mean,
+            "std": model.std,
+            "library": model.pretrained,  # what the library says its pretrained weights expect
+            "from_size": view,
+            "from_mean": list(mean),
+            "from_std": list(std),
+        }
+    return spec
+
+
+def teacher_to_train(cfg: RunConfig, spec: dict[str, Any]) -> torch.nn.Module:
+    """The teacher the teacher phase trains: built from ``spec``; with ``teacher.finetune``
+    its backbone frozen when asked (a new head for the run's classes it has already)."""
+    teacher = new_model(spec, cfg.seed)
+    finetune = cfg.teacher.finetune
+    if finetune is not None and finetune.freeze_backbone:
+        freeze_backbone(teacher, f"teacher {cfg.teacher.name!r}")
+    return teacher
+
+
+def resolve_input(request: dict[str, Any], model: torch.nn.Module, name: str) -> dict[str, Any] | None:
+    """The input record of a model (size, mean, std and the data's view it is adapted from),
+    from its config and, with pretrained weights, its library; None when it takes the view."""
+    size, mean, std = request["size"], request["mean"], request["std"]
+    source = source_of(name)
+    if request.get("library") and source is not None:
+        said = source.input_config(model)
+        if size is None and said.get("input_size"):
+            size = int(said["input_size"][-1])
+        if mean is None and said.get("mean") is not None and said.get("std") is not None:
+            mean, std = list(said["mean"]), list(said["std"])
+    same_size = size is None or size == request["from_size"]
+    same_norm = mean is None or (list(mean), list(std)) == (request["from_mean"], request["from_std"])
+    if same_size and same_norm:
+        return None
+    return {
+        "size": None if same_size else size,
+        "mean": None if same_norm else list(mean),
+        "std": None if same_norm else list(std),
+        "from_mean": request["from_mean"],
+        "from_std": request["from_std"],
+    }
 
 
 def new_model(spec: dict[str, Any], seed: int) -> torch.nn.Module:
@@ -585,11 +660,24 @@ def new_model(spec: dict[str, Any], seed: int) -> torch.nn.Module:
     kwargs = dict(spec["kwargs"])
     source = spec.get("source") or {}
     model, record = build(
-        spec["name"], kwargs.pop("num_classes"), kwargs, source.get("pretrained", False), source.get("weights_file")
+        spec["name"],
+        kwargs.pop("num_classes"),
+        kwargs,
+        source.get("pretrained", False),
+        source.get("weights_file"),
+        new_head=source.get("finetune", False),
     )
     if record:
         spec["source"] = {**source, **record}
-    return model
+    request = spec.pop("input_request", None)
+    if request is not None:
+        spec["input"] = resolve_input(request, model, spec["name"])
+        if spec["input"] is None:
+            del spec["input"]
+    adapter = adapter_from(spec.get("input"))
+    if adapter is not None:
+        log(f"{spec['name']}: takes {adapter.describe()}, adapted from the data's view on the device")
+    return attach_stages(attach(model, adapter, f"model {spec['name']!r}"), spec)
 
 
 def test_set(
@@ -689,7 +777,7 @@ def build_teacher(
         ensemble = TeacherEnsemble(members, cfg.teacher.weights, cfg.distill.temperature).to(device)
         return ensemble, {"checkpoints": [str(p) for p in cfg.teacher.checkpoints], "weights": cfg.teacher.weights}
     if cfg.teacher.trained:
-        spec = spec_for(cfg.teacher, num_classes)
+        spec = spec_for(cfg.teacher, num_classes, ds, cfg.data)
         teacher = new_model(spec, cfg.seed)
         if spec.get("source", {}).get("new_head") and not cfg.teacher.weights_file:
             raise ConfigError(

@@ -45,6 +45,7 @@ from kdistill.runs import (
     profile_seconds,
     spec_for,
     teacher_cache_record,
+    teacher_to_train,
     test_set,
     train_config,
 )
@@ -175,7 +176,7 @@ class Phases:
 def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resume: bool, start: float):
     """The teacher (loaded or trained here), its spec, every trained phase's result and,
     with a budget, the :class:`StudyBudget` they were trained under (else None)."""
-    sspec = spec_for(cfg.student, ds.num_classes)
+    sspec = spec_for(cfg.student, ds.num_classes, ds, cfg.data)
 
     def student() -> torch.nn.Module:
         return new_model(sspec, cfg.seed)  # baseline and distilled student start from the same weights
@@ -189,8 +190,8 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
     if loaded:
         teacher, teacher_spec = loaded
     else:
-        teacher_spec = spec_for(cfg.teacher, ds.num_classes)
-        teacher = new_model(teacher_spec, cfg.seed)
+        teacher_spec = spec_for(cfg.teacher, ds.num_classes, ds, cfg.data)
+        teacher = teacher_to_train(cfg, teacher_spec)
     names = ["teacher"] * (not loaded) + ["baseline", "distilled"] + generation_names(cfg)
     budget = StudyBudget.plan(cfg, ds, device, start, teacher, student(), names) if cfg.budget else None
     run = Phases(cfg, ds, device, resume)
@@ -374,6 +375,12 @@ def _evaluate(
             "test": classification_metrics(logits[name], ds.test_labels, ds.classes),
             "profile": profile_model(model, input_shape(ds, cfg.data.train_size), max_seconds=profile_seconds(cfg)),
         }
+        adapter = getattr(model, "kdistill_input", None)  # a model at its own input (teacher.input_size, ...)
+        entry["input_size"] = (adapter.size if adapter and adapter.size else None) or input_shape(
+            ds, cfg.data.train_size
+        )[-1]
+        if name == "teacher" and name in phases and cfg.teacher.finetune is not None:
+            entry["finetuned"] = True  # its training time is what fine-tuning cost
         if name != "teacher":
             entry["agreement"] = agreement(logits[name], logits["teacher"])
         if name in phases:

@@ -72,10 +72,11 @@ class Distillation(nn.Module):
                     "distill without a teacher cache, or use logit methods (kd, dkd, ls, dist)"
                 )
             for role, model in (("teacher", teacher), ("student", student)):
-                if not isinstance(model, KDModel):
+                if not isinstance(model, KDModel) and getattr(model, "kdistill_features", None) is None:
                     raise ConfigError(
                         f"method(s) {names} need stage features, but the {role} ({type(model).__name__}) has no "
-                        "forward_features/forward_head; use a kdistill model or subclass kdistill.models.KDModel"
+                        "forward_features/forward_head; subclass kdistill.models.KDModel, or attach its stages with "
+                        "kdistill.models.features.attach_features (a config's features: [module, ...])"
                     )
 
     def train(self, mode: bool = True) -> Distillation:

@@ -56,6 +56,7 @@ FINGERPRINT_KEYS = {
     "seed": "seed",
     "teacher": "teacher weights",
     "teacher_temperature": "ensemble temperature (the teachers' soft outputs are averaged at the method's T)",
+    "teacher_input": "the teacher's input (teacher.input_size, mean, std)",
 }
 
 
@@ -112,6 +113,8 @@ def fingerprint(loader, teacher: nn.Module) -> dict[str, Any]:
         "teacher": weights_digest(teacher),
         # an ensemble's combined logits depend on the temperature of its averaging
         "teacher_temperature": getattr(teacher, "temperature", None),
+        # a teacher at its own resolution or normalisation (None: the data's view, as before)
+        "teacher_input": _teacher_input(teacher),
     }
 
 
@@ -122,6 +125,11 @@ def _data_digest(loader) -> str:
     _digest_rows(digest, loader.inputs, getattr(loader, "rows", None))
     _digest_rows(digest, loader.labels)
     return digest.hexdigest()
+
+
+def _teacher_input(teacher: nn.Module) -> dict[str, Any] | None:
+    adapter = getattr(teacher, "kdistill_input", None)
+    return adapter.record() if adapter is not None else None
 
 
 def _plain(value: Any) -> Any:

@@ -21,7 +21,7 @@ from kdistill.config import (
 )
 from kdistill.errors import ConfigError
 from kdistill.methods import METHODS
-from kdistill.models import MODELS
+from kdistill.models import MODELS, source_of
 
 BUNDLED = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -34,7 +34,7 @@ def test_quickstart_is_bundled() -> None:
 def test_bundled_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    assert cfg.teacher.name in MODELS and cfg.student.name in MODELS
+    assert all(name in MODELS or source_of(name) for name in (cfg.teacher.name, cfg.student.name))
     assert set(cfg.distill.methods) <= set(METHODS)
     # the bundled name resolves to the same file
     assert load_config(path.stem) == cfg

@@ -64,10 +64,12 @@ def build(
     pretrained: bool = False,
     weights: str | Path | None = None,
     record: dict[str, Any] | None = None,
+    new_head: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model and what a checkpoint records of its source (its file's sha256, a Hugging
     Face config, the weights file loaded). ``record``: that of an earlier build, from a
-    checkpoint, to rebuild the same architecture (its weights then come from the checkpoint)."""
+    checkpoint, to rebuild the same architecture (its weights then come from the checkpoint).
+    ``new_head``: weights for another number of classes load all but the head (transfer)."""
     try:
         source = source_of(check_name(name))
     except ValueError as e:
@@ -78,13 +80,13 @@ def build(
         model, new_record = MODELS[name](num_classes=num_classes, **kwargs), {}
     else:
         model, new_record = source.build(num_classes, kwargs, pretrained, record)
-        try:
-            model.kdistill_name = name  # how errors about its output name it
-        except (AttributeError, RuntimeError):  # a TorchScript module takes no new attributes
-            pass
+    try:
+        model.kdistill_name = name  # how errors about its output name it
+    except (AttributeError, RuntimeError):  # a TorchScript module takes no new attributes
+        pass
     if weights is not None:
         new_record = {**new_record, "weights_file": str(Path(weights).expanduser().resolve())}
-        new_record["weights_sha256"] = load_weights(model, Path(weights), name)
+        new_record["weights_sha256"] = load_weights(model, Path(weights), name, new_head)
     return model, new_record
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError
+from kdistill.models.inputs import adapt_input
 
 
 class ModelOutput(NamedTuple):
@@ -55,11 +56,14 @@ class KDModel(nn.Module, ABC):
 def forward_all(model: nn.Module, x: Tensor) -> ModelOutput:
     """Logits, stage features and pre-logits of any model.
 
-    kdistill models answer directly. Other classifiers (a user's own ``nn.Module``) give
-    their logits only; a method that needs features then fails with a clear message.
+    kdistill models answer directly; other models through the feature reader attached to
+    them (:mod:`kdistill.models.features`), else with their logits only.
     """
     if isinstance(model, KDModel):
-        return model.forward_all(x)
+        return model.forward_all(adapt_input(model, x))  # model(x) adapts through its hook
+    reader = getattr(model, "kdistill_features", None)  # a foreign model's stages (models/features.py)
+    if reader is not None:
+        return ModelOutput(*reader.read(model, x))
     logits = model(x)
     logits = getattr(logits, "logits", logits)  # a transformers model returns an output object
     return ModelOutput(logits, [], logits)
@@ -85,6 +89,25 @@ def model_label(model: nn.Module, role: str) -> str:
     return f"{role} {name!r}" if role else repr(name)
 
 
+def _cannot_take(model: nn.Module, x: Tensor, error: Exception, who: str) -> str:
+    """One line: the model, the inputs as it sees them (after its own input size, if it has
+    one) and its own error."""
+    adapter = getattr(model, "kdistill_input", None)
+    shape = tuple(x.shape[1:])
+    if adapter is not None:
+        try:
+            shape = tuple(adapter.adapt(x).shape[1:])
+        except Exception:  # noqa: BLE001 - the shape as given is still worth naming
+            pass
+    reason = (str(error).strip().splitlines() or [""])[0][:300]
+    return (
+        f"{who or model_label(model, 'model')} cannot take the training inputs (batch of shape {shape}, "
+        f"{str(x.dtype).removeprefix('torch.')}{', at its input_size' if adapter is not None else ''}): "
+        f"{type(error).__name__}: {reason}; build it for these inputs (kdistill's seed models take "
+        "kwargs image_size) or set its input_size to one it takes"
+    )
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -104,12 +127,7 @@ def feature_shapes(model: nn.Module, example: Tensor | tuple[int, ...], who: str
         x = example.to(device) if isinstance(example, Tensor) else torch.zeros(2, *example, device=device)
         out = forward_all(model, x)
     except (RuntimeError, ValueError, TypeError, IndexError) as e:
-        reason = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(
-            f"{who or model_label(model, 'model')} cannot take the training inputs (batch of shape "
-            f"{tuple(x.shape[1:])}, {str(x.dtype).removeprefix('torch.')}): {type(e).__name__}: {reason}; "
-            "build it for these inputs (kdistill's seed models take image_size=...)"
-        ) from None
+        raise ConfigError(_cannot_take(model, x, e, who)) from None
     finally:
         model.train(was_training)
     return out

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ConfigError
+from kdistill.models.transfer import head_path
 from kdistill.progress import log
 
 # prefix -> (the module to import, the pip extra that installs it)
@@ -78,14 +79,43 @@ class ModelSource:
 
     def input_config(self, model: nn.Module) -> dict[str, Any]:
         """The input size and normalisation the library says the model expects, where it says
-        (timm's pretrained_cfg, a Hugging Face model's image size); ``{}`` when it does not."""
+        (timm's pretrained_cfg, torchvision's weights' transforms, a Hugging Face model's image
+        size); ``{}`` when it does not."""
         if self.library == "timm":
             cfg = getattr(model, "pretrained_cfg", None) or {}
             return {k: cfg[k] for k in ("input_size", "mean", "std") if k in cfg}
+        if self.library == "torchvision":  # its weights' preprocessing (no download: the enum's metadata)
+            tv = _import(self)
+            try:
+                preset = tv.models.get_model_weights(self.target).DEFAULT.transforms()
+            except (ValueError, KeyError, AttributeError, TypeError):  # no weights for this model
+                return {}
+            size = preset.crop_size[0] if isinstance(preset.crop_size, (list, tuple)) else preset.crop_size
+            return {"input_size": (3, size, size), "mean": tuple(preset.mean), "std": tuple(preset.std)}
         if self.library == "hf":
             size = getattr(getattr(model, "config", None), "image_size", None)
-            return {"input_size": (3, size, size)} if isinstance(size, int) else {}
+            said = {"input_size": (3, size, size)} if isinstance(size, int) else {}
+            return said | self._hf_processor()
         return {}
+
+    def _hf_processor(self) -> dict[str, Any]:
+        """What a Hugging Face model's image processor config (``preprocessor_config.json``,
+        in its folder or the hub cache) says: its mean, std and size; ``{}`` without one."""
+        transformers = _import(self)
+        try:
+            processor = transformers.AutoImageProcessor.from_pretrained(self.target)
+        except (OSError, ValueError, KeyError, TypeError):  # none saved, offline and not cached
+            return {}
+        said: dict[str, Any] = {}
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is not None and std is not None:
+            said.update(mean=tuple(mean), std=tuple(std))
+        size = getattr(processor, "crop_size", None) or getattr(processor, "size", None)  # a dict or a SizeDict
+        get = getattr(size, "get", None)
+        side = (get("height") or get("shortest_edge")) if get is not None else None
+        if isinstance(side, int):
+            said["input_size"] = (3, side, side)
+        return said
 
 
 def is_source(name: str) -> bool:
@@ -347,7 +377,7 @@ _BUILDERS: dict[str, Callable[..., tuple[nn.Module, dict]]] = {
 }
 
 
-def load_weights(model: nn.Module, path: Path, name: str) -> str:
+def load_weights(model: nn.Module, path: Path, name: str, new_head: bool = False) -> str:
     """Load a state dict file (``torch.load(weights_only=True)``, or safetensors) into
     ``model``; one line naming the file and the first mismatching keys when it does not fit.
     Returns the file's sha256."""
@@ -358,6 +388,13 @@ def load_weights(model: nn.Module, path: Path, name: str) -> str:
     if isinstance(model, HFClassifier) and not any(k.startswith("model.") for k in state):
         state = {f"model.{k}": v for k, v in state.items()}  # a transformers state dict, without our wrapper's prefix
     own = model.state_dict()
+    head = _other_head(model, state, own)
+    if head is not None and new_head:  # weights for another label set: all but the head, which starts random
+        log(
+            f"model {name!r}: the weights' head {head} predicts {state[f'{head}.weight'].shape[0]} classes, the run "
+            f"{own[f'{head}.weight'].shape[0]}: loaded all but the head, which starts random (fine-tuned)"
+        )
+        state = {k: (own[k] if k.startswith(head + ".") else v) for k, v in state.items()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -371,9 +408,23 @@ def load_weights(model: nn.Module, path: Path, name: str) -> str:
             parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})")
-        raise ConfigError(f"model {name!r}: weights file {path} does not fit the model: {'; '.join(parts)}")
+        hint = "; for weights of another label set, fine-tune them with a new head (teacher.finetune)" if head else ""
+        raise ConfigError(f"model {name!r}: weights file {path} does not fit the model: {'; '.join(parts)}{hint}")
     model.load_state_dict(state)
     return sha256(path)
+
+
+def _other_head(model: nn.Module, state: dict[str, Tensor], own: dict[str, Tensor]) -> str | None:
+    """The head's path when ``state`` fits ``model`` but for the number of classes of its
+    final classifier (an ImageNet state dict for a model built for the run's classes)."""
+    path = head_path(model)
+    if path is None or set(state) != set(own):
+        return None
+    wrong = {k for k in own if tuple(state[k].shape) != tuple(own[k].shape)}
+    keys = {f"{path}.weight", f"{path}.bias"} & set(own)
+    if not wrong or wrong != keys or state[f"{path}.weight"].shape[1:] != own[f"{path}.weight"].shape[1:]:
+        return None
+    return path
 
 
 def _read_state_dict(path: Path, name: str) -> dict[str, Tensor]:

@@ -102,8 +102,18 @@ def cost_sentence(summary: dict[str, Any]) -> str | None:
     phases = [(p, m) for p, m in models.items() if m.get("train_seconds")]
     if not phases or "wall_seconds" not in summary:
         return None
-    parts = ", ".join(f"{label(p)} {m['train_seconds']:.0f} s ({m['images_per_second']:.0f} img/s)" for p, m in phases)
+    parts = ", ".join(
+        f"{label(p)}{' (fine-tuning)' if m.get('finetuned') else ''} {m['train_seconds']:.0f} s "
+        f"({m['images_per_second']:.0f} img/s{_at_size(m, models)})"
+        for p, m in phases
+    )
     return f"What it cost: training {parts}; the whole study {summary['wall_seconds']:.0f} s of wall time."
+
+
+def _at_size(model: dict[str, Any], models: dict[str, Any]) -> str:
+    """`` at 64 px`` where the models take different input sizes, else nothing."""
+    sizes = {m.get("input_size") for m in models.values()}
+    return f" at {model['input_size']} px" if len(sizes) > 1 and model.get("input_size") else ""
 
 
 # ----------------------------------------------------------------------------- run directories
@@ -208,6 +218,7 @@ def model_rows(run: Run) -> list[dict[str, Any]]:
                 "cpu_throughput_b256": nested(p, "throughput_b256", "images_per_second"),
                 "gpu_latency_b1_ms": nested(p, "gpu", "latency_b1", "median_ms"),
                 "gpu_throughput_b256": nested(p, "gpu", "throughput_b256", "images_per_second"),
+                "input_size": m.get("input_size"),  # the side of the images the model takes
                 "train_seconds": m.get("train_seconds"),
                 "train_images_per_second": m.get("images_per_second"),
                 "epochs": m.get("epochs"),
@@ -395,9 +406,11 @@ def _models_table(run: Run) -> Table:
     """Accuracy, calibration, agreement and cost of every model (GPU columns if measured)."""
     gpu = any(r["gpu_latency_b1_ms"] is not None for r in model_rows(run))
     extra = [k for k in ("top1_tta", "top1_raw") if any(r[k] is not None for r in model_rows(run))]
+    sizes = len({r["input_size"] for r in model_rows(run)}) > 1  # models at their own resolutions
     headers = [
         "model",
         "architecture",
+        *(["input"] if sizes else []),
         "test top-1",
         *[EXTRA_TOP1[k] for k in extra],
         "top-5",
@@ -419,6 +432,7 @@ def _models_table(run: Run) -> Table:
         row = [
             label(r["phase"]),
             str(r["model"]),
+            *([fmt_num(r["input_size"], ".0f", " px")] if sizes else []),
             fmt_num(r["top1"], ".2f", "%"),
             *[fmt_num(r[k], ".2f", "%") for k in extra],
             fmt_num(r["top5"], ".2f", "%"),
