@@ -473,3 +473,19 @@ def test_a_val_folder_is_the_validation_split(tmp_path: Path) -> None:
     files["val/owl/v.png"] = _png(1)
     with pytest.raises(DataError, match=r"val/ has classes that train/ has not \(owl\)"):
         load_dataset(_write("folder", tmp_path / "owl", files), image_size=8, data_dir=tmp_path / "cache")
+
+
+def test_a_folder_is_listed_without_reading_its_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Listing a folder reads no image (a folder larger than memory can be listed); each
+    image's bytes are read when it is decoded, and a file gone by then is one line naming it."""
+    root = _write("folder", tmp_path, _root_files())
+    reads: list[str] = []
+    original = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or original(self))
+    listing = read_imagefolder(root, {"val": 0.2, "test": 0.2, "seed": 0})
+    assert reads == []
+    key = listing.splits["train"][0][0]
+    assert listing.read(key) == (root / key).read_bytes() and reads
+    (root / key).unlink()
+    with pytest.raises(DataError, match=f"{key}: cannot read"):
+        listing.read(key)

@@ -48,19 +48,21 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
+ON_DISK = b""  # a folder's file: its bytes are read when it is decoded, not when it is listed
+
+
 def _iter_members(source: Path) -> Iterator[tuple[str, bytes | None]]:
-    """(relative posix name, file bytes) of every regular file in a folder or an archive,
-    and (name, None) for every folder (so that an empty class folder can be named)."""
+    """(relative posix name, file bytes) of every regular file in an archive, (name,
+    ON_DISK) of every file in a folder (read later, by :func:`_member_bytes`, so a folder
+    larger than memory can be listed), and (name, None) for every folder (so that an empty
+    class folder can be named)."""
     if source.is_dir():
         for path in sorted(source.rglob("*")):
             name = path.relative_to(source).as_posix()
             if path.is_dir():
                 yield name, None
             elif path.is_file():
-                try:
-                    yield name, path.read_bytes()
-                except OSError as e:
-                    raise DataError(f"{source}:{name}: cannot read ({e.strerror or e})") from None
+                yield name, ON_DISK
         return
     name = source.name.lower()
     try:
@@ -85,6 +87,17 @@ def _iter_members(source: Path) -> Iterator[tuple[str, bytes | None]]:
                         yield _checked(source, member.name).rstrip("/"), None
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise DataError(f"{source}: cannot read archive ({e}); expected a valid .tar, .tar.gz or .zip") from None
+
+
+def _member_bytes(source: Path, members: dict[str, bytes | None], name: str) -> bytes:
+    """A member's bytes: kept from the archive, or read from the folder now."""
+    data = members[name]
+    if data is not ON_DISK or not source.is_dir():
+        return data
+    try:
+        return (source / name).read_bytes()
+    except OSError as e:
+        raise DataError(f"{source}:{name}: cannot read ({e.strerror or e})") from None
 
 
 def _iter_names(source: Path) -> Iterator[tuple[str, bool]]:
@@ -279,7 +292,7 @@ def read_imagefolder(
         for s in splitting.SPLIT_NAMES
         if s in assigned
     }
-    return Listing(classes, splits, lambda key: members[key], record)
+    return Listing(classes, splits, lambda key: _member_bytes(source, members, key), record)
 
 
 RESIZE_POLICIES = ("crop", "squash")
