@@ -13,7 +13,7 @@ from typing import Any
 from kdistill import api, runs
 from kdistill.checkpoint import load_model
 from kdistill.config import RunConfig
-from kdistill.data.dataset import load_dataset
+from kdistill.data.dataset import load_recorded
 from kdistill.engine import predict, select_device
 from kdistill.errors import CheckpointError
 from kdistill.evaluate import agreement, classification_metrics, profile_model
@@ -106,10 +106,6 @@ def cache_teacher(cfg: RunConfig, out: Path, top_k: int = 0, dtype: str = "float
         return runs.cache_teacher(cfg, teacher, ds, device, out, top_k, dtype)
 
 
-def _same_path(a: str | Path, b: str | None) -> bool:
-    return b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
 def evaluate_checkpoint(
     path: Path,
     dataset: str | None = None,
@@ -126,17 +122,8 @@ def evaluate_checkpoint(
             f"{path} holds a model trained through the Python API without a registry name; evaluate it from Python"
         )
     info = state.get("data", {})
-    own = dataset is None or _same_path(dataset, info.get("dataset"))
+    ds = load_recorded(info, dataset, data_dir)
     dataset = dataset or info.get("dataset")
-    # the stored images as the checkpoint's run made them (squashed before data.resize existed),
-    # and on its own data set the checkpoint's split: the same test images as in training
-    ds = load_dataset(
-        dataset,
-        info.get("image_size", 32),
-        data_dir,
-        resize=info.get("resize", "squash"),
-        split=info.get("split") if own else None,
-    )
     expected = state["model_spec"]["kwargs"].get("num_classes")
     if expected is not None and expected != ds.num_classes:
         raise CheckpointError(f"{path} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.checkpoint import load_model
-from kdistill.data.dataset import load_dataset
+from kdistill.data.dataset import load_recorded
 from kdistill.data.loader import Normalize, centre_crop
 from kdistill.errors import ExportError
 from kdistill.evaluate import time_calls
@@ -396,16 +396,7 @@ def export_checkpoint(
         raise ExportError(
             f"{checkpoint} was trained on in-memory data; pass --data with a data set of the same classes to verify the export on"
         )
-    # the stored images as the checkpoint's run made them (squashed before data.resize existed),
-    # on its own data set with its split, at its training size (evaluation's centre crop)
-    own = dataset is None or Path(dataset).expanduser().resolve() == Path(str(info.get("dataset"))).resolve()
-    ds = load_dataset(
-        name,
-        info.get("image_size", 32),
-        data_dir,
-        resize=info.get("resize", "squash"),
-        split=info.get("split") if own else None,
-    )
+    ds = load_recorded(info, dataset, data_dir)  # at its training size below (evaluation's centre crop)
     if info.get("train_size"):
         # the training images stay a view (of the data store): calibration gathers a few of them
         size = info["train_size"]

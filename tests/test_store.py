@@ -389,7 +389,7 @@ def test_two_ddp_ranks_read_one_store(tmp_path: Path) -> None:
     _launch(_scenario_two_ranks_one_store, out, source, cache, timeout=240)
     assert _errors(out) == {}
     assert sorted(p.name for p in out.glob("decoded*")) == ["decoded0"]  # decoded once, by local rank 0
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     (store,) = (cache / "decoded").glob("*.kdstore")
     # (a forked rank also inherits the test process's mappings, e.g. the bundled sample's)
     assert [m for m in ranks[0]["mapped"] if m.startswith(str(cache))] == [str(store)]

@@ -451,3 +451,20 @@ def _check_recorded(split: dict | None, record: dict | None, source: Path) -> No
             f"warning: {source}: the recorded split (fingerprint {theirs}, {split.get('counts')}) is not this one "
             f"({record['fingerprint']}, {record['counts']}): its files changed since, so the test images are not the same"
         )
+
+
+def load_recorded(info: dict, dataset: str | Path | None = None, data_dir: Path | None = None) -> ImageDataset:
+    """The data set a checkpoint's data record (``info``) describes, or ``dataset`` instead:
+    its images stored as that run made them (squashed before ``data.resize`` existed) and, on
+    the checkpoint's own data set, its recorded split (the same test images as in training)."""
+    recorded = info.get("dataset")
+    own = dataset is None or (
+        recorded is not None and Path(dataset).expanduser().resolve() == Path(str(recorded)).expanduser().resolve()
+    )
+    return load_dataset(
+        dataset or recorded,
+        info.get("image_size", 32),
+        data_dir,
+        resize=info.get("resize", "squash"),
+        split=info.get("split") if own else None,
+    )
