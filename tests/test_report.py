@@ -303,6 +303,11 @@ def test_report_without_deployment_or_new_metrics(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_report_command_compares_two_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     a, b = fake_run(tmp_path / "runs", "t2", 2.0, seed=0), fake_run(tmp_path / "runs", "t4", 4.0, seed=1)
+    shared = json.loads((b / "summary.json").read_text())  # b distilled from a's teacher: no teacher phase of its own
+    shared["models"]["teacher"].update(train_seconds=0.0, images_per_second=None)
+    shared["models"]["baseline"].update(train_seconds=12.5, images_per_second=250.0)
+    shared["wall_seconds"] = 30.0
+    (b / "summary.json").write_text(json.dumps(shared))
     out = tmp_path / "cmp"
     assert main(["report", str(a), str(b), "--output", str(out)]) == 0
     assert "comparison report" in capsys.readouterr().out
@@ -314,8 +319,16 @@ def test_report_command_compares_two_runs(tmp_path: Path, capsys: pytest.Capture
         row = next(line for line in text.splitlines() if line.startswith(f"| {run.name} |"))
         assert f"kd (temperature {t}), alpha 0.9" in row and f"{gain:+.2f}" in row
     counts = check_html((out / "report.html").read_text())
-    assert counts["images"] == 4 and counts["tables"] == 4  # runs, how sure (models, each run)
+    assert counts["images"] == 4 and counts["tables"] == 5  # runs, how sure (models, each run), cost
     assert "Over these runs the distillation gain is" in text
+    # what each run cost: each phase's time and images/s, the run's wall time, the totals
+    cost = text[text.index("## What each run cost") :]
+    assert "| t2 | 10 s (100 img/s) | 10 s (100 img/s) | 10 s (100 img/s) | 1 s |" in cost
+    assert "| t4 | – | 12 s (250 img/s) | 10 s (100 img/s) | 30 s |" in cost  # 12.5 rounds to even
+    assert "| total | 10 s | 22 s | 20 s | 31 s |" in cost
+    written = json.loads((out / "summary.json").read_text())["cost"]
+    assert written["total"] == {"teacher": 10.0, "baseline": 22.5, "distilled": 20.0, "wall_seconds": 31.0}
+    assert written["runs"][1]["phases"]["teacher"] == {"train_seconds": None, "images_per_second": None}
     over = json.loads((out / "summary.json").read_text())["statistics"]
     assert over["gain"]["n"] == 2 and over["gain"]["low"] <= over["gain"]["mean"] <= over["gain"]["high"]
     csv_rows = (out / "comparison.csv").read_text().splitlines()

@@ -37,8 +37,14 @@ def write_comparison(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     out = Path(out_dir) if out_dir else default_comparison_dir(runs)
     out.mkdir(parents=True, exist_ok=True)
     statistics = over_runs(runs)
-    blocks = [*_summary_blocks(runs), *_statistics_blocks(runs, statistics), *_figure_blocks(runs, out)]
-    summary = {"runs": [str(r.path) for r in runs], "statistics": statistics}
+    cost = cost_over_runs(runs)
+    blocks = [
+        *_summary_blocks(runs),
+        *_statistics_blocks(runs, statistics),
+        *_cost_blocks(cost),
+        *_figure_blocks(runs, out),
+    ]
+    summary = {"runs": [str(r.path) for r in runs], "statistics": statistics, "cost": cost}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2), "summary")
     csv_rows = [{**r, "settings": run.settings()} for run in runs for r in model_rows(run)]
     atomic_write_text(out / "comparison.csv", to_csv(csv_rows), "comparison")
@@ -142,6 +148,55 @@ def _statistics_blocks(runs: list[Run], statistics: dict[str, Any]) -> list[Bloc
         Note(
             "The mean and its interval mean something when the runs differ only in their seed. Each run's own interval "
             "(paired bootstrap over its test images) and McNemar's exact test cover the test set's sampling only."
+        ),
+    ]
+
+
+PHASES = ("teacher", "baseline", "distilled")
+
+
+def cost_over_runs(runs: list[Run]) -> dict[str, Any]:
+    """What each run cost: each phase's training seconds and images/s (None where the run
+    did not train that phase, e.g. a teacher shared with another seed) and the run's wall
+    time; the totals over the runs."""
+    per_run = []
+    for r in runs:
+        phases = {}
+        for p in PHASES:
+            m = r.models.get(p) or {}
+            trained = bool(m.get("train_seconds"))
+            phases[p] = {
+                "train_seconds": m["train_seconds"] if trained else None,
+                "images_per_second": m.get("images_per_second") if trained else None,
+            }
+        per_run.append({"run": r.name, "phases": phases, "wall_seconds": r.summary.get("wall_seconds")})
+    total = {p: sum(e["phases"][p]["train_seconds"] or 0 for e in per_run) for p in PHASES}
+    walls = [e["wall_seconds"] for e in per_run]
+    total["wall_seconds"] = sum(walls) if None not in walls else None
+    return {"runs": per_run, "total": total}
+
+
+def _cost_blocks(cost: dict[str, Any]) -> list[Block]:
+    """Each run's phases: training time and images/s, and its wall time; the totals."""
+
+    def phase(entry: dict[str, Any]) -> str:
+        if entry["train_seconds"] is None:
+            return "–"
+        return f"{entry['train_seconds']:.0f} s ({fmt_num(entry['images_per_second'], '.0f')} img/s)"
+
+    rows = [
+        [e["run"], *(phase(e["phases"][p]) for p in PHASES), fmt_num(e["wall_seconds"], ".0f", " s")]
+        for e in cost["runs"]
+    ]
+    total = cost["total"]
+    rows.append(["total", *(f"{total[p]:.0f} s" for p in PHASES), fmt_num(total["wall_seconds"], ".0f", " s")])
+    return [
+        Heading("What each run cost", 2),
+        Table(["run", *(f"{label(p)}: training" for p in PHASES), "whole run (wall)"], rows, right={1, 2, 3, 4}),
+        Note(
+            "Training: each phase's training time and its median training images/s (– where the run did not train "
+            "that phase: a teacher shared with another run, a checkpoint given). Whole run: the wall time of the run, "
+            "evaluation, profiling, export and report included."
         ),
     ]
 
