@@ -51,8 +51,10 @@ def test_interface(name: str, num_classes: int) -> None:
 # resnet20 0.28, resnet32 0.47, resnet56 0.86, resnet110 1.74, resnet8x4 1.23,
 # resnet32x4 7.43, wrn_16_2 0.70, wrn_40_2 2.26, vgg8 3.96, vgg13 9.46,
 # MobileNetV2 (mobile_half) 0.81, ShuffleNetV2 1.36. All below are within 1% of those.
-# The seed pair is ours: 2,122,186 and 268,650 parameters for 10 classes.
+# The seed pair is ours: 2,122,186 and 268,650 parameters for 10 classes; so is airnet (the
+# airbench layout at widths 16, 64, 64: 127,106 for 10 classes).
 PARAMS_100 = {
+    "airnet": 132_956,
     "seed_teacher": 2_168_356,
     "seed_student": 280_260,
     "resnet20": 278_324,
@@ -82,6 +84,20 @@ def test_parameter_count(name: str) -> None:
 def test_seed_pair_sizes_for_ten_classes() -> None:
     assert count_parameters(create_model("seed_teacher")) == 2_122_186
     assert count_parameters(create_model("seed_student")) == 268_650
+
+
+def test_seed_pair_with_batch_norm_normalises_each_convolution() -> None:
+    """batch_norm=True: bias-free convolutions, each followed by a batch norm (2 parameters per
+    channel in place of the bias's 1), the same weights otherwise; training mode normalises."""
+    plain, normed = create_model("seed_student"), create_model("seed_student", batch_norm=True)
+    assert count_parameters(normed) == count_parameters(plain) + 16 + 32
+    assert [type(m).__name__ for m in normed.stage1] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    assert normed.stage1[0].bias is None
+    normed.train()
+    x = torch.randn(8, 3, 32, 32) * 5 + 3
+    pre = normed.stage1[1](normed.stage1[0](x))  # (8, 16, 32, 32), normalised per channel
+    assert torch.allclose(pre.mean(dim=(0, 2, 3)), torch.zeros(16), atol=1e-4)
+    assert normed(x).shape == (8, 10)
 
 
 def test_unknown_model_lists_valid_names() -> None:

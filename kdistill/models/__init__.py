@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from kdistill.errors import ConfigError
-from kdistill.models import cifar, seed
+from kdistill.models import cifar, fast, seed
 from kdistill.models.base import KDModel, ModelOutput, check_logits, count_parameters, forward_all
 from kdistill.models.sources import SYNTAX, ModelSource, is_source, load_weights, parse_source
 
@@ -24,6 +24,7 @@ MODELS: dict[str, Callable[..., KDModel]] = {
     "seed_teacher": seed.seed_teacher,
     "seed_student": seed.seed_student,
     **cifar.MODELS,
+    **fast.MODELS,
 }
 
 
