@@ -180,3 +180,58 @@ def test_data_scale_compares_the_store_with_the_packed_in_memory_path(mini, tmp_
         "| 32 px | 1.00 | 20 | 300 | 1,000 / 1,000 (1.00) | 500 (0.50) | 1,000 / 1,000 (1.00) | 200 / 900 | 210 / 220 |"
         in table
     )
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [
+        [c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith(first_cell)
+    ]
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_alternates_the_studies_and_compares_their_wall_time(tmp_path: Path) -> None:
+    one = ["train.epochs=1", "teacher.train.epochs=1", "student.train.epochs=1", "distill.train.epochs=1"]
+    args = ["--data", "cifar10-mini", "--seeds", "0", "1", "--output-dir", str(tmp_path / "runs")]
+    args += ["--out", str(tmp_path / "tta.md")]
+    for item in [*one, "deploy.onnx=false"]:
+        args += ["--fast-set", item, "--reference-set", item]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/time_to_accuracy.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = (tmp_path / "tta.md").read_text()
+    # the reference study of the first seed, then the fast study of both seeds, in the order they ran
+    reference, fast = _table_rows(text, "| reference"), _table_rows(text, "| fast")
+    assert [r[1] for r in reference] == ["0"] and [r[1] for r in fast] == ["0", "1"]
+    ran = [
+        line.split("--name ")[1].split()[0] for line in done.stdout.splitlines() if line.startswith("$ kdistill run")
+    ]
+    assert ran == ["fast_s0", "reference_s0", "fast_s1"]
+    for r in reference + fast:
+        assert r[2].endswith(" s") and all(c.endswith("%") or "%" in c for c in r[6:9])
+    summary = json.loads((tmp_path / "runs" / "fast_s1" / "summary.json").read_text())
+    assert f"{summary['models']['distilled']['test']['top1']:.2f}%" in fast[1][8]
+    assert "x the reference's" in text and "configs/cifar10_seed_fast.yaml" in text
+
+
+@pytest.mark.slow
+def test_budget_curve_compares_alone_live_and_cached_per_seed_and_prices_the_cache(tmp_path: Path) -> None:
+    teach = ["train", "-m", "seed_teacher", "--epochs", "1", "--output-dir", str(tmp_path), "--name", "teacher"]
+    done = subprocess.run(
+        [sys.executable, "-m", "kdistill", *teach], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "budget.md"
+    args = ["--data", "cifar10-mini", "--teacher-checkpoint", str(tmp_path / "teacher" / "checkpoint.pt")]
+    args += ["--budgets", "2s", "3s", "--seeds", "0", "1", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/budget_curve.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    rows = _table_rows(text, "| 0 |") + _table_rows(text, "| 1 |")
+    assert [(r[0], r[1]) for r in rows] == [("0", "2s"), ("0", "3s"), ("1", "2s"), ("1", "3s")]
+    assert all(len(r) == 8 and all(c.endswith("%") for c in r[3::2]) for r in rows)  # alone, live, cached
+    assert "| seed | budget | alone: epochs | alone: top-1 | live: epochs | live: top-1 | cached: epochs |" in text
+    # one cache per seed, its cost stated and amortised over the budgets that share it
+    assert text.count("Teacher cache, seed") == 2 and "once for the 2 budgets" in text

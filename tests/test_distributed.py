@@ -357,7 +357,12 @@ def test_two_ranks_build_the_same_teacher_cache_as_one_process(small: dict, tmp_
     for key in ("logits", "values", "classes", "tail"):
         a, b = getattr(built, key), getattr(reference, key)
         assert (a is None) == (b is None), key
-        if a is not None:
+        if a is not None and a.is_floating_point():
+            # the same to rounding: each rank runs with its share of the cores, and oneDNN's
+            # convolutions may sum in another order with fewer threads (on AMX CPUs they do),
+            # which can flip the last bit of a float16-stored top-k value (1e-3 relative)
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        elif a is not None:
             assert torch.equal(a, b), key
 
 

@@ -342,3 +342,34 @@ def test_two_ranks_average_evaluate_and_subset_like_one_process(small: dict, tmp
     single = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     multi = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("test_subset") for r in multi] == [r.get("test_subset") for r in single] == [30, None]
+
+
+# ------------------------------------------------------------------ bf16 on the CPU, airnet
+
+
+def test_bf16_autocast_on_the_cpu_trains_airnet_in_bfloat16_and_keeps_float32_weights() -> None:
+    """train.amp=bf16 (configs/cifar10_seed_fast.yaml) runs the forward in bfloat16 on the CPU
+    too; the weights, gradients and the loss stay float32, and the model learns."""
+    seen = []
+    model = kdistill.create_model("airnet", num_classes=2, widths=(4, 8, 8))
+    model.classifier.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.zeros(128, dtype=torch.long)
+    images[64:, 0] = 255  # class 1: a saturated red channel
+    labels[64:] = 1
+    result = kdistill.train(
+        model,
+        (images, labels),
+        (images, labels),
+        epochs=4,
+        batch_size=32,
+        lr=0.1,
+        device="cpu",
+        augment=False,
+        amp="bf16",
+        num_classes=2,
+    )
+    assert torch.bfloat16 in seen
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.metrics["top1"] > 90
