@@ -18,10 +18,9 @@ import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from machine import machine_description
+from machine import machine_description, publish
 from torch import nn
 
 from kdistill.models import create_model
@@ -86,10 +85,7 @@ def main() -> None:
         "evaluation batches of 500.",
         "",
     ]
-    text = "\n".join(head + lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(head + lines, args.out)
 
 
 if __name__ == "__main__":

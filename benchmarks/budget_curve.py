@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine_description
+from machine import machine_description, publish
 
 import kdistill
 from kdistill.checkpoint import load_model
@@ -111,10 +111,7 @@ def main() -> None:
             f"Teacher cache, seed {seed}: {epochs} epochs of views, built in {seconds:.0f} s once for the "
             f"{len(args.budgets)} budgets ({seconds / len(args.budgets):.0f} s each, amortised)."
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

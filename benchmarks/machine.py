@@ -26,3 +26,12 @@ def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         text += f"; GPU {torch.cuda.get_device_name(device)}"
     return text
+
+
+def publish(lines: list[str], out: str | Path | None) -> None:
+    """Print a result table and, if ``out`` is given, write it there (folders made as needed)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)

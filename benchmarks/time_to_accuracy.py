@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import machine_description
+from machine import machine_description, publish
 
 PHASES = ("teacher", "baseline", "distilled")
 
@@ -91,10 +91,7 @@ def main() -> None:
         f"{mean / reference['wall_seconds']:.2f}x the reference's {reference['wall_seconds']:.0f} s; "
         f"teacher {top['teacher']:.2f}%, student alone {top['baseline']:.2f}%, distilled {top['distilled']:.2f}%.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
