@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +38,10 @@ def run_study(config: str, seed: int, name: str, args, extra: list[str]) -> dict
         cmd += ["--set", item]
     print("$", shlex.join(cmd), flush=True)
     started = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    # an empty torch.compile cache: every study compiles (train.compile_teacher) from scratch,
+    # as on a user's first run
+    with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
+        subprocess.run(cmd, check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
     summary = json.loads((out / name / "summary.json").read_text())
     summary["command_seconds"] = time.perf_counter() - started
     return summary

@@ -454,8 +454,7 @@ def distill(
 ) -> Result:
     """Distill ``teacher`` into ``student``: loss = (1 - alpha) * CE + alpha * sum of the
     methods' terms (``methods="kd"`` or ``{"kd": {"temperature": 4}, ...}``; default: Hinton
-    et al.'s KD). The teacher
-    is frozen (eval mode, no gradients, never in the optimizer).
+    et al.'s KD). The teacher is frozen (eval mode, no gradients, never in the optimizer).
 
     ``teacher_cache`` (a :class:`TeacherCache` or its path, from :func:`cache_teacher`):
     read the teacher's logits from it instead of running the teacher. It must have been
@@ -494,6 +493,7 @@ def distill(
             dcfg.effective_ce_weight,
             cfg.label_smoothing,
             teacher_cache=cache,
+            compile_teacher=cfg.compile_teacher,
         )
         extra = {
             "kind": "distill",

@@ -51,6 +51,7 @@ class Distillation(nn.Module):
         ce_weight: float,
         label_smoothing: float = 0.0,
         teacher_cache: TeacherCache | None = None,
+        compile_teacher: bool = False,
     ):
         super().__init__()
         self.model = student
@@ -64,6 +65,14 @@ class Distillation(nn.Module):
         # teacher logits read by (epoch, sample index) instead of running the teacher
         self.teacher_cache = teacher_cache
         self.needs_features = any(m.needs_features for m in methods.values())
+        # the teacher's outputs for a batch: logits only, or logits, stage features and pre-logits
+        run = (
+            (lambda x: forward_all(teacher, x))
+            if self.needs_features
+            else (lambda x: ModelOutput(teacher(x), [], None))
+        )
+        # compiled: a separate callable, so the teacher module itself is given back untouched
+        self._run_teacher = torch.compile(run) if compile_teacher and teacher_cache is None else run
         if self.needs_features:
             names = ", ".join(n for n, m in methods.items() if m.needs_features)
             if teacher_cache is not None:
@@ -91,9 +100,7 @@ class Distillation(nn.Module):
             teacher = ModelOutput(self.teacher_cache.lookup(int(epoch), batch.indices), [], None)
         else:
             with torch.no_grad():
-                teacher = (
-                    forward_all(self.teacher, x) if self.needs_features else ModelOutput(self.teacher(x), [], None)
-                )
+                teacher = self._run_teacher(x)
         student = forward_all(self.model, x) if self.needs_features else ModelOutput(self.model(x), [], None)
         losses = {}
         if self.ce_weight > 0:

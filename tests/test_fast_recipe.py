@@ -12,13 +12,16 @@ from torch import nn
 
 import kdistill
 import kdistill.engine as engine
-from kdistill.api import make_train_config
+from kdistill.api import _distill_config, make_train_config
 from kdistill.checkpoint import load_checkpoint
 from kdistill.config import EmaConfig, load_config
-from kdistill.data.loader import EvalData
+from kdistill.data.loader import Batch, EvalData
 from kdistill.ema import WeightAverage
 from kdistill.errors import CheckpointError, ConfigError
+from kdistill.methods import MethodContext, build_methods
+from kdistill.models.base import forward_all
 from kdistill.report.run_report import write_report
+from kdistill.tasks import Distillation
 from tests.test_distributed import _assert_close, _distill, _errors, _launch
 from tests.test_engine import _subset
 from tests.test_report import fake_run
@@ -373,3 +376,57 @@ def test_bf16_autocast_on_the_cpu_trains_airnet_in_bfloat16_and_keeps_float32_we
     assert torch.bfloat16 in seen
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert result.metrics["top1"] > 90
+
+
+# ------------------------------------------------------------------ the compiled teacher
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("methods", ["kd", "at"])  # logits only; stage features (attention transfer)
+def test_compiled_teacher_gives_the_eager_teachers_losses_and_is_given_back_uncompiled(methods: str) -> None:
+    """train.compile_teacher runs the frozen teacher through torch.compile: the distillation
+    losses equal the eager teacher's, and the teacher module itself is not compiled."""
+
+    teacher = kdistill.create_model("airnet", num_classes=3, widths=(4, 8, 8)).eval()
+    student = kdistill.create_model("airnet", num_classes=3, widths=(4, 4, 8))
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g), torch.arange(8))
+    dcfg = _distill_config(methods, 0.5, None, None)
+    with torch.no_grad():
+        shapes = {"student": forward_all(student, batch.images), "teacher": forward_all(teacher, batch.images)}
+    losses = {}
+    for compiled in (False, True):
+        context = MethodContext(
+            student=shapes["student"], teacher=shapes["teacher"], num_classes=3, num_samples=8, epochs=1
+        )
+        task = Distillation(
+            student, teacher, build_methods(dcfg.method_options, context), 0.5, 0.5, compile_teacher=compiled
+        )
+        _, terms = task(batch, 0.0)
+        losses[compiled] = {k: v.item() for k, v in terms.items()}
+    assert losses[True].keys() == losses[False].keys()
+    for term, value in losses[False].items():
+        assert losses[True][term] == pytest.approx(value, rel=1e-4, abs=1e-6), term
+    assert type(teacher).__call__ is nn.Module.__call__ and getattr(teacher, "_compiled_call_impl", None) is None
+
+
+@pytest.mark.slow
+def test_distillation_with_a_compiled_teacher_learns(tmp_path: Path) -> None:
+    """End to end through kdistill.distill(..., compile_teacher=True): the run records the
+    setting and the student learns from a trained teacher."""
+    teacher = _train_tiny(epochs=6, ema=None).model
+    result = kdistill.distill(
+        teacher,
+        _tiny(),
+        _features(),
+        _features(40, seed=1),
+        epochs=6,
+        batch_size=16,
+        lr=0.1,
+        device="cpu",
+        num_classes=3,
+        compile_teacher=True,
+        run_dir=tmp_path,
+    )
+    assert result.metrics["top1"] > 50
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["train_config"]["compile_teacher"] is True
