@@ -210,9 +210,10 @@ class TrainConfig(StrictConfig):
     """Compile the trained model's forward with torch.compile."""
     compile_teacher: bool = False
     """Distillation runs with a live teacher: compile the frozen teacher's forward pass with
-    torch.compile. The compilation is paid once per run (about 20 s on 2 CPU cores); then
-    every teacher forward is faster (2.2x for airnet 32-64-128 in bf16 on a 2-core CPU,
-    benchmarks/results/time_to_accuracy.md). Other runs ignore it."""
+    torch.compile. The compilation is paid once per run (10-20 s on 2 CPU cores); it pays
+    where the teacher's forward passes are a large part of the run: in
+    configs/cifar10_seed_fast.yaml it saves about a tenth of the distilled phase
+    (benchmarks/results/time_to_accuracy.md). Other runs ignore it."""
     checkpoint_every: int = Field(1, gt=0)
     """Write a resumable checkpoint every N epochs (always after the last)."""
     tensorboard: bool = False

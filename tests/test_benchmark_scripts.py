@@ -127,6 +127,22 @@ def test_throughput_quick_writes_a_table(tmp_path: Path) -> None:
     assert "| seed_teacher → seed_student | cache |" in text
 
 
+@pytest.mark.slow
+def test_compile_teacher_quick_writes_a_table(tmp_path: Path) -> None:
+    """Eager and compiled frozen forward of a tiny airnet, bf16 autocast and float32."""
+    out = tmp_path / "compile_teacher.md"
+    args = ["--quick", "--steps", "2", "--repeats", "1", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/compile_teacher.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    assert "Command: `python benchmarks/compile_teacher.py --quick" in text and f"torch {torch.__version__}" in text
+    rows = [line for line in text.splitlines() if line.startswith("| airnet (4, 8, 8) |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["bf16 autocast", "float32"]
+    assert all(r.rstrip(" |").endswith("x") for r in rows)
+
+
 def test_throughput_rejects_a_pair_without_a_student(capsys) -> None:
     assert throughput.main(["--pair", "seed_teacher", "--quick"]) == 2
     assert "expected TEACHER:STUDENT" in capsys.readouterr().err
