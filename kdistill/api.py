@@ -197,6 +197,7 @@ def _prepare_dataset(ds: ImageDataset, cfg: TrainConfig, device, data: DataConfi
         shard=shard,
         rows=ds.train_rows,
         pixels=ds.train_pixels,  # the store's packed training split: crops read it in place
+        view_period=cfg.view_period,
         **augment,
     )
     size = augment["size"]
@@ -236,7 +237,9 @@ def _prepare_tensors(train_data, test_data, cfg: TrainConfig, device, data: Data
         normalize = Normalize(mean, std, device, cfg.channels_last)
         info.update(mean=mean, std=std, image_size=inputs.shape[-1])
     augment = augmentation(data, tuple(inputs.shape[1:]), images)
-    loader = TrainLoader(inputs, labels, cfg.batch_size, device, normalize, seed, shard=shard, **augment)
+    loader = TrainLoader(
+        inputs, labels, cfg.batch_size, device, normalize, seed, shard=shard, view_period=cfg.view_period, **augment
+    )
     size = augment.get("size")
     evals = {}
     if test_data is not None:
@@ -355,6 +358,7 @@ def cache_teacher(
     amp: str = "auto",
     top_k: int = 0,
     dtype: str = "float16",
+    view_period: int = 0,
 ) -> TeacherCache:
     """Run ``teacher`` once over ``epochs`` epochs of the augmented training views that a
     distillation run with the same ``data`` settings and ``seed`` will see, and keep its
@@ -362,13 +366,19 @@ def cache_teacher(
     :func:`distill` as ``teacher_cache=``: the student then trains without the teacher.
     The cache is the same for any number of processes: it is looked up by (epoch, global
     sample index), and every process of a torchrun job reads the whole of it. (Started by
-    torchrun, every process builds the whole cache and rank 0 writes it: no faster.)"""
+    torchrun, every process builds the whole cache and rank 0 writes it: no faster.)
+    ``view_period`` P > 0 (``train.view_period``): the views repeat every P epochs, so the
+    cache holds at most P epochs and serves a run of any length with the same period."""
     if epochs < 1:
         raise ConfigError(f"teacher cache epochs={epochs}: expected at least 1")
-    cfg = make_train_config(None, channels_last=channels_last, amp=amp, eval_batch_size=batch_size)
+    cfg = make_train_config(
+        None, channels_last=channels_last, amp=amp, eval_batch_size=batch_size, view_period=view_period
+    )
     device = _device(device)
     prepared = prepare_data(train_data, None, cfg=cfg, device=device, data=data, seed=seed)
     loader = _replayable(prepared)
+    if loader.view_period:  # the views repeat: a period's worth serves any run
+        epochs = min(epochs, loader.view_period)
     _place_teacher(teacher, device, channels_last)
     check_logits(
         feature_shapes(teacher, prepared.example, model_label(teacher, "teacher")).logits,
@@ -458,7 +468,10 @@ def distill(
 
     ``teacher_cache`` (a :class:`TeacherCache` or its path, from :func:`cache_teacher`):
     read the teacher's logits from it instead of running the teacher. It must have been
-    made for this teacher, data, augmentation and seed, and for at least ``epochs`` epochs."""
+    made for this teacher, data, augmentation and seed, and for at least ``epochs`` epochs
+    (or for the run's ``view_period``). Without one, ``view_period=P`` (logit methods)
+    repeats the views every P epochs and runs the teacher over the first P epochs' views
+    once, before training, instead of at every step."""
     cfg, data = _settings(config, data, overrides)
     dcfg = _distill_config(methods, alpha, temperature, ce_weight)
     _warn_if_student_larger(student, teacher)
@@ -468,22 +481,10 @@ def distill(
     _place_teacher(teacher, device, cfg.channels_last)
     student.to(device)
     cache, cache_info = _open_cache(teacher_cache, teacher, prepared, cfg, device, desc)
-    if needs_features(dcfg.method_options) and cache is None:  # stage features of models from other libraries
-        ensure_features(student, prepared.example, model_label(student, "student"))
-        ensure_features(teacher, prepared.example, model_label(teacher, "teacher"))
-    shapes = {
-        "student": feature_shapes(student, prepared.example, model_label(student, "student")),
-        "teacher": feature_shapes(teacher, prepared.example, model_label(teacher, "teacher")),
-    }
-    _check_outputs(shapes["teacher"].logits, shapes["student"].logits, prepared, teacher, student)
-    context = MethodContext(
-        student=shapes["student"],
-        teacher=shapes["teacher"],
-        num_classes=prepared.num_classes,
-        num_samples=prepared.num_samples,
-        epochs=cfg.epochs,
-        epochs_fixed=not (cfg.budget or cfg.max_steps),
-    )
+    views_info, fit_cfg = None, cfg
+    if cache is None and cfg.view_period:  # the teacher over the first P epochs' views, once
+        cache, views_info, fit_cfg = _teacher_views(teacher, prepared, cfg, dcfg, device, desc)
+    context = _method_context(student, teacher, prepared, cfg, needs_features(dcfg.method_options) and cache is None)
     with _borrowed(teacher):  # frozen for the run, given back as it came
         task = Distillation(
             student,
@@ -504,11 +505,42 @@ def distill(
             "distill_config": dcfg.model_dump(mode="json"),
             "seed": seed,
             "teacher_cache": cache_info,
+            "teacher_views": views_info,
         }
         result = _fit_prepared(
-            task, prepared, cfg, device, run_dir, resume, extra, desc, max_epochs=cache.epochs if cache else None
+            task,
+            prepared,
+            fit_cfg,
+            device,
+            run_dir,
+            resume,
+            extra,
+            desc,
+            max_epochs=cache.epochs if cache and not cache.period else None,
         )
     return _with_test_metrics(result, prepared, cfg)
+
+
+def _method_context(student, teacher, prepared: Prepared, cfg: TrainConfig, features: bool) -> MethodContext:
+    """What the methods are built for: the two models' output shapes (checked against each
+    other and the data) and the run's length. ``features``: the methods read stage features,
+    attached here to models from other libraries."""
+    if features:
+        ensure_features(student, prepared.example, model_label(student, "student"))
+        ensure_features(teacher, prepared.example, model_label(teacher, "teacher"))
+    shapes = {
+        "student": feature_shapes(student, prepared.example, model_label(student, "student")),
+        "teacher": feature_shapes(teacher, prepared.example, model_label(teacher, "teacher")),
+    }
+    _check_outputs(shapes["teacher"].logits, shapes["student"].logits, prepared, teacher, student)
+    return MethodContext(
+        student=shapes["student"],
+        teacher=shapes["teacher"],
+        num_classes=prepared.num_classes,
+        num_samples=prepared.num_samples,
+        epochs=cfg.epochs,
+        epochs_fixed=not (cfg.budget or cfg.max_steps),
+    )
 
 
 def _distill_config(
@@ -534,6 +566,46 @@ def _warn_if_student_larger(student: nn.Module, teacher: nn.Module) -> None:
             f"warning: the student ({student_size:,} parameters) is larger than its teacher ({teacher_size:,} parameters); "
             "distillation usually compresses into a smaller model"
         )
+
+
+def _teacher_views(teacher, prepared: Prepared, cfg: TrainConfig, dcfg: DistillConfig, device, desc: str):
+    """``train.view_period`` P with a live teacher: its logits on the views of the first P
+    epochs, which every later epoch repeats, computed once before training (an in-memory
+    teacher cache); what the checkpoint records of it; and the training config, whose
+    budget (if any) is what is left of it after this cost, part of this run's time."""
+    if needs_features(dcfg.method_options):
+        raise ConfigError(
+            f"train.view_period={cfg.view_period}: the teacher's logits are computed once for the repeated views, but "
+            f"among the methods {', '.join(dcfg.method_options)} some need the teacher's stage features at every step; use logit "
+            "methods (kd, dkd, ls, dist) or train.view_period: 0"
+        )
+    if not isinstance(prepared.loader, TrainLoader):
+        raise ConfigError(
+            f"train.view_period={cfg.view_period} needs in-memory training data whose views can be replayed (a data "
+            "set, its name, or a pair of tensors); batches from an iterable cannot: use train.view_period: 0"
+        )
+    period = prepared.loader.view_period  # 1 without augmentation: every epoch shows the same inputs
+    started = time.perf_counter()
+    cache = build_teacher_cache(
+        teacher,
+        prepared.loader,
+        period,
+        batch_size=cfg.eval_batch_size,
+        autocast=autocast_for(device, cfg.amp),
+        desc=f"{desc}: teacher on {period} epoch(s) of views",
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    cache.build_seconds = time.perf_counter() - started
+    log(
+        f"{desc}: the views repeat every {period} epoch(s); the teacher ran over them once "
+        f"({cache.build_seconds:.1f} s, part of this run's time) and is read from memory from now on"
+    )
+    fit_cfg = cfg
+    if cfg.budget:  # the teacher's cost comes out of the run's budget, as a live teacher's would
+        fit_cfg = cfg.model_copy(update={"budget": max(cfg.budget - cache.build_seconds, 1.0)})
+    info = {"period": period, "build_seconds": cache.build_seconds}
+    return cache, info, fit_cfg
 
 
 def _open_cache(

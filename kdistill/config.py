@@ -214,6 +214,14 @@ class TrainConfig(StrictConfig):
     where the teacher's forward passes are a large part of the run: in
     configs/cifar10_seed_fast.yaml it saves about a tenth of the distilled phase
     (benchmarks/results/time_to_accuracy.md). Other runs ignore it."""
+    view_period: int = Field(0, ge=0)
+    """P > 0: the training augmentation repeats every P epochs (epoch e shows each image's
+    crop and flip of epoch e mod P, in epoch e's own shuffled order). In a distillation run
+    with a live teacher and logit methods, the teacher then runs only over the views of the
+    first P epochs, once, before training (batched for inference, its cost counted in the
+    run's time and budget), and the student reads its logits from memory (P x N x K float16;
+    the teacher cache's storage) for every epoch: a teacher forward pass per image per epoch
+    saved from epoch P on, for fewer distinct augmented views. 0: a fresh view every epoch."""
     checkpoint_every: int = Field(1, gt=0)
     """Write a resumable checkpoint every N epochs (always after the last)."""
     tensorboard: bool = False

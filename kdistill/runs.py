@@ -382,6 +382,7 @@ def cache_teacher(
         amp=tcfg.amp,
         top_k=top_k,
         dtype=dtype,
+        view_period=tcfg.view_period,
     )
 
 

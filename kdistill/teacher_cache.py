@@ -16,6 +16,10 @@ For many classes, ``top_k`` keeps only the k largest logits of each view (values
 indices) and one value for all the others, their mean: KD's soft targets are dominated by
 the top classes, and the cache shrinks by about K / (1.5 k).
 
+With ``train.view_period`` P the views repeat every P epochs (epoch e shows each sample
+as epoch e mod P did, in its own shuffled order): a cache of P epochs then serves a run of
+any length, and a live-teacher distillation builds one in memory before training.
+
 The cache records a fingerprint (a digest of the training images and labels, of the
 normalisation, of the teacher's weights; the augmentation settings, seed and number of
 samples) and refuses to serve a run whose fingerprint differs, naming what differs.
@@ -53,6 +57,7 @@ FINGERPRINT_KEYS = {
     "flip": "data.flip",
     "resized_crop": "data.augmentation: random_resized_crop (train_size, crop_scale, crop_ratio)",
     "train_size": "data.train_size",
+    "view_period": "train.view_period (the augmentation repeats every P epochs)",
     "seed": "seed",
     "teacher": "teacher weights",
     "teacher_temperature": "ensemble temperature (the teachers' soft outputs are averaged at the method's T)",
@@ -109,6 +114,8 @@ def fingerprint(loader, teacher: nn.Module) -> dict[str, Any]:
         # None without them, as in caches made before they existed
         "resized_crop": _plain(loader.resized_crop),
         "train_size": loader.size,
+        # None without it, as in caches made before it existed
+        "view_period": getattr(loader, "view_period", 0) or None,
         "seed": loader.seed,
         "teacher": weights_digest(teacher),
         # an ensemble's combined logits depend on the temperature of its averaging
@@ -161,6 +168,12 @@ class TeacherCache:
     build_seconds: float | None = None  # what running the teacher over the views took, once for every run it serves
 
     @property
+    def period(self) -> int:
+        """P > 0: the cache holds the views of the first P epochs, which every later epoch
+        repeats (``train.view_period``); 0: one entry per epoch of the run."""
+        return self.fingerprint.get("view_period") or 0
+
+    @property
     def top_k(self) -> int:
         return 0 if self.values is None else self.values.shape[-1]
 
@@ -192,6 +205,8 @@ class TeacherCache:
 
     def lookup(self, epoch: int, indices: Tensor) -> Tensor:
         """Teacher logits (B, K), float32, of the samples ``indices`` as epoch ``epoch`` shows them."""
+        if self.period:
+            epoch %= self.period
         if self.logits is not None:
             return self.logits[epoch, indices].float()
         tail = self.tail[epoch, indices].float()  # (B,)
@@ -210,7 +225,7 @@ class TeacherCache:
             raise CacheError(
                 f"{where} was made for another run: {'; '.join(diffs)}. Rebuild it with `kdistill cache-teacher` for this data, teacher, seed and augmentation"
             )
-        if epochs > self.epochs:
+        if epochs > self.epochs and not (self.period and self.epochs >= self.period):
             raise CacheError(
                 f"{where} holds {self.epochs} epochs of teacher outputs but this run trains {epochs}; rebuild it with --epochs {epochs} or train for at most {self.epochs} epochs"
             )

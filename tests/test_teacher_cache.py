@@ -176,3 +176,97 @@ def test_ensemble_caches_its_combined_logits(small) -> None:
     other_t = TeacherEnsemble(members, [2.0, 1.0], temperature=2.0)
     with pytest.raises(CacheError, match="ensemble temperature"):
         kdistill.distill(other_t, _model("seed_student", 1), small, teacher_cache=cache, epochs=1, device="cpu")
+
+
+# ------------------------------------------------------------------ repeated views (train.view_period)
+
+
+def _loader(small, **settings):
+    return prepare_data(
+        small, cfg=make_train_config(batch_size=64, **settings), device=CPU, data=DataConfig(), seed=0
+    ).loader
+
+
+def test_view_period_repeats_the_crops_and_flips_in_each_epochs_own_order(small) -> None:
+    repeated, fresh = _loader(small, view_period=2), _loader(small)
+    for epoch in range(5):
+        v, own, first = repeated.views(epoch), fresh.views(epoch), fresh.views(epoch % 2)
+        assert torch.equal(v.order, own.order)  # shuffled as the epoch's own
+        assert torch.equal(v.offsets, first.offsets) and torch.equal(v.flips, first.flips)
+    assert not torch.equal(fresh.views(2).offsets, fresh.views(0).offsets)
+    assert not torch.equal(repeated.views(2).order, repeated.views(0).order)
+    # without augmentation every epoch shows the same inputs: one epoch of teacher outputs serves all
+    assert (
+        prepare_data(
+            small, cfg=make_train_config(view_period=4), device=CPU, data=DataConfig(augment=False), seed=0
+        ).loader.view_period
+        == 1
+    )
+
+
+def test_view_period_lookups_are_the_live_teachers_logits_on_the_repeated_views(small, teacher) -> None:
+    """Epochs 2 and 3 read the logits of epochs 0 and 1; every loss term as with the teacher
+    run live on the very batch the student sees (float32 storage: to rounding)."""
+    loader = _loader(small, view_period=2)
+    memo = build_teacher_cache(teacher, loader, 2, dtype="float32")
+    assert memo.period == 2 and memo.epochs == 2
+    student = _model("seed_student", 1)
+    live, read = _task(student, teacher, small), _task(student, teacher, small, memo)
+    for epoch in (2, 3):
+        for batch in loader.epoch(epoch):
+            _, a = live(batch, float(epoch))
+            _, b = read(batch, float(epoch))
+            for term in a:
+                torch.testing.assert_close(a[term], b[term], rtol=1e-5, atol=1e-6)
+
+
+def test_view_period_runs_the_teacher_once_over_the_first_views(small, teacher, tmp_path: Path) -> None:
+    seen: list[int] = []
+    hook = teacher.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    try:
+        result = kdistill.distill(
+            teacher,
+            _model("seed_student", 1),
+            small,
+            epochs=4,
+            batch_size=64,
+            lr=0.02,
+            device="cpu",
+            view_period=2,
+            run_dir=tmp_path / "run",
+        )
+    finally:
+        hook.remove()
+    # two epochs of views, 384 images each, in inference batches; the rest are shape probes
+    assert [n for n in seen if n == 384] == [384, 384] and sum(n for n in seen if n != 384) < 8
+    assert len(result.history) == 4 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    views = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["teacher_views"]
+    assert views["period"] == 2 and views["build_seconds"] > 0
+    # the budget pays for the teacher's pass, as it would pay for a live teacher
+    budgeted = kdistill.distill(
+        teacher,
+        _model("seed_student", 1),
+        small,
+        budget=3.0,
+        batch_size=64,
+        device="cpu",
+        view_period=2,
+        run_dir=tmp_path / "b",
+    )
+    built = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["teacher_views"]["build_seconds"]
+    assert budgeted.budget["budget_seconds"] == pytest.approx(3.0 - built)
+
+
+def test_a_periodic_cache_file_serves_any_number_of_epochs(small, teacher, tmp_path: Path) -> None:
+    cache = kdistill.cache_teacher(teacher, small, epochs=9, device="cpu", view_period=2, path=tmp_path / "c.pt")
+    assert cache.epochs == 2 and cache.period == 2
+    kw = dict(batch_size=64, device="cpu", lr=0.02, teacher_cache=tmp_path / "c.pt")
+    assert len(kdistill.distill(teacher, _model("seed_student", 1), small, epochs=3, view_period=2, **kw).history) == 3
+    with pytest.raises(CacheError, match="train.view_period"):  # fresh views need the cache of every epoch
+        kdistill.distill(teacher, _model("seed_student", 1), small, epochs=1, **kw)
+
+
+def test_view_period_refuses_feature_methods_in_one_line(small, teacher) -> None:
+    with pytest.raises(ConfigError, match="train.view_period=2") as err:
+        kdistill.distill(teacher, _model("seed_student", 1), small, methods="at", epochs=1, device="cpu", view_period=2)
+    assert "\n" not in str(err.value)

@@ -279,6 +279,9 @@ class TrainLoader:
     ``pixels``: the same images already packed a pixel per element (:func:`pack_pixels`'s
     layout, same rows; a data store keeps its training split so): the crops then read them
     in place (on the CPU) or gather their rows (for another device), with no per-batch pack.
+    ``view_period``: P > 0 repeats the augmentation every P epochs (epoch e shows every
+    sample as epoch e mod P did, in epoch e's own order), so that a teacher's outputs on the
+    views of the first P epochs serve the whole run (``train.view_period``).
     """
 
     def __init__(
@@ -298,7 +301,10 @@ class TrainLoader:
         resized_crop: ResizedCrop | None = None,
         size: int | None = None,
         pixels: Tensor | None = None,
+        view_period: int = 0,
     ):
+        if view_period < 0:
+            raise ValueError(f"TrainLoader: view_period={view_period}, expected 0 or more")
         if rows is not None and len(rows) != len(labels):
             raise ValueError(f"TrainLoader: {len(rows)} rows but {len(labels)} labels")
         if pixels is not None and (
@@ -329,6 +335,9 @@ class TrainLoader:
         # the images already packed (a data store keeps its training split so): the crops
         # read them where they are, with no per-batch pack
         self.pixels = pixels if self.augment else None
+        # the augmentation repeats every view_period epochs (0: a fresh view every epoch);
+        # without augmentation every epoch shows the same inputs: a period of 1
+        self.view_period = view_period if self.augment else min(view_period, 1)
 
     def _geometry(
         self, inputs: Tensor, images: bool, resized_crop: ResizedCrop | None, size: int | None
@@ -360,8 +369,16 @@ class TrainLoader:
         return min(self.batch_size, len(self.labels) - step * self.batch_size)
 
     def views(self, epoch: int) -> Views:
+        """Epoch ``epoch``'s order and augmentation; with ``view_period`` P the crops and
+        flips are those of epoch ``epoch % P`` (the order stays the epoch's own)."""
         hw = tuple(self.inputs.shape[-2:])
-        return epoch_views(len(self.labels), self.seed, epoch, self.padding, self.flip, self.resized_crop, hw)
+        views = epoch_views(len(self.labels), self.seed, epoch, self.padding, self.flip, self.resized_crop, hw)
+        if self.view_period and epoch >= self.view_period:
+            first = epoch_views(
+                len(self.labels), self.seed, epoch % self.view_period, self.padding, self.flip, self.resized_crop, hw
+            )
+            views = first._replace(order=views.order)
+        return views
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from step ``start_step`` on (a resumed, interrupted epoch)."""
