@@ -36,7 +36,7 @@ from kdistill.data.dataset import ImageDataset, channel_mean_std, load_dataset
 from kdistill.data.loader import EvalData, IterableLoader, Normalize, ResizedCrop, TrainLoader
 from kdistill.engine import Result, autocast_for, fit, predict_views, select_device
 from kdistill.errors import ConfigError, DataError
-from kdistill.evaluate import classification_metrics
+from kdistill.evaluate import metrics_with_tta
 from kdistill.methods import DEFAULT_METHOD, MethodContext, build_methods, needs_features, set_option
 from kdistill.models.base import check_logits, count_parameters, feature_shapes, model_label
 from kdistill.models.features import ensure_features
@@ -261,10 +261,7 @@ def _with_test_metrics(result: Result, prepared: Prepared, cfg: TrainConfig, ave
         return result
     data = prepared.eval_sets[name]
     logits, mirrored = predict_views(result.model, data, cfg.amp, flip=cfg.eval_tta == "flip")
-    metrics = classification_metrics(logits, data.labels, prepared.classes)
-    if mirrored is not None:  # flip TTA, beside the plain numbers (never instead of them)
-        tta = classification_metrics(mirrored, data.labels, prepared.classes)
-        metrics.update(top1_tta=tta["top1"], nll_tta=tta["nll"])
+    metrics = metrics_with_tta(logits, mirrored, data.labels, prepared.classes)
     last = result.history[-1] if result.history else {}
     if averaged and f"{name}_top1_raw" in last and f"{name}_subset" not in last:  # train.ema: the trained weights' own
         metrics["top1_raw"] = last[f"{name}_top1_raw"]
@@ -518,7 +515,17 @@ def distill(
             desc,
             max_epochs=cache.epochs if cache and not cache.period else None,
         )
-    return _with_test_metrics(result, prepared, cfg)
+    return _with_test_metrics(_counting(result, views_info), prepared, cfg)
+
+
+def _counting(result: Result, views_info: dict | None) -> Result:
+    """``result`` with the teacher's pass over the repeated views (train.view_period), made
+    for this run, counted in its training time (a shared teacher cache is not)."""
+    if not views_info or not result.train_seconds:
+        return result
+    seen = result.images_per_second * result.train_seconds
+    total = result.train_seconds + views_info["build_seconds"]
+    return replace(result, train_seconds=total, images_per_second=seen / total)
 
 
 def _method_context(student, teacher, prepared: Prepared, cfg: TrainConfig, features: bool) -> MethodContext:

@@ -213,6 +213,12 @@ def _add_tool_commands(sub) -> None:
         help="auto, cpu, cuda, cuda:N: where the test set is evaluated (latency is always measured on the CPU, and on the GPU too when there is one)",
     )
     p.add_argument("--teacher", help="also report agreement with this teacher checkpoint")
+    p.add_argument(
+        "--tta",
+        choices=["off", "flip"],
+        default="off",
+        help="flip: also report flip test-time augmentation's top-1 (the mean of the logits of each image and its mirror), beside the plain top-1",
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -462,6 +468,7 @@ def cmd_evaluate(args) -> None:
         Path(args.data_dir) if args.data_dir else None,
         args.device,
         Path(args.teacher) if args.teacher else None,
+        args.tta,
     )
     metrics["checkpoint"] = args.checkpoint
     if args.json:
@@ -469,7 +476,9 @@ def cmd_evaluate(args) -> None:
         return
     t = metrics["test"]
     print(
-        f"{args.checkpoint} on {metrics['dataset']} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}  ECE {t['ece']:.4f}"
+        f"{args.checkpoint} on {metrics['dataset']} test ({t['num_samples']} images): top-1 {t['top1']:.2f}%"
+        + (f" (flip TTA {t['top1_tta']:.2f}%)" if "top1_tta" in t else "")
+        + f"  top-5 {t['top5']:.2f}%  NLL {t['nll']:.4f}  ECE {t['ece']:.4f}"
     )
     if "agreement" in metrics:
         a = metrics["agreement"]

@@ -14,9 +14,9 @@ from kdistill import api, runs
 from kdistill.checkpoint import load_model
 from kdistill.config import RunConfig
 from kdistill.data.dataset import load_recorded
-from kdistill.engine import predict, select_device
+from kdistill.engine import predict, predict_views, select_device
 from kdistill.errors import CheckpointError
-from kdistill.evaluate import agreement, classification_metrics, profile_model
+from kdistill.evaluate import agreement, metrics_with_tta, profile_model
 from kdistill.study import Phases
 from kdistill.teacher_cache import TeacherCache
 
@@ -112,9 +112,11 @@ def evaluate_checkpoint(
     data_dir: Path | None = None,
     device: str = "auto",
     teacher: Path | None = None,
+    tta: str = "off",
 ) -> dict[str, Any]:
     """``kdistill evaluate``: a checkpoint's test metrics (on its own data set unless
-    ``dataset`` names another), its agreement with ``teacher``, and its profile."""
+    ``dataset`` names another; with ``tta="flip"`` also flip test-time augmentation's, beside
+    the plain ones), its agreement with ``teacher``, and its profile."""
     device = select_device(device)
     model, state = load_model(path)
     if state.get("model_spec") is None:
@@ -129,11 +131,11 @@ def evaluate_checkpoint(
         raise CheckpointError(f"{path} predicts {expected} classes but data set {dataset!r} has {ds.num_classes}")
     size = info.get("train_size")  # the checkpoint's own normalisation and training size
     test = runs.test_set(ds, device, info.get("mean"), info.get("std"), size)
-    logits = predict(model.to(device), test, desc="evaluate")
+    logits, mirrored = predict_views(model.to(device), test, flip=tta == "flip", desc="evaluate")
     metrics = {
         "checkpoint": str(path),
         "dataset": dataset,
-        "test": classification_metrics(logits, ds.test_labels, ds.classes),
+        "test": metrics_with_tta(logits, mirrored, ds.test_labels, ds.classes),
     }
     if teacher:
         teacher_model, _ = load_model(Path(teacher))

@@ -80,6 +80,17 @@ def classification_metrics(logits: Tensor, labels: Tensor, classes: list[str] | 
     }
 
 
+def metrics_with_tta(logits: Tensor, mirrored: Tensor | None, labels: Tensor, classes: list[str] | None = None) -> dict:
+    """:func:`classification_metrics` of ``logits`` and, given the flip test-time
+    augmentation's logits ``mirrored``, its top-1 and NLL beside them (``top1_tta``,
+    ``nll_tta``), never in place of the plain ones."""
+    metrics = classification_metrics(logits, labels, classes)
+    if mirrored is not None:
+        tta = classification_metrics(mirrored, labels, classes)
+        metrics.update(top1_tta=tta["top1"], nll_tta=tta["nll"])
+    return metrics
+
+
 def agreement(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> dict:
     """How closely the student imitates the teacher: top-1 agreement (%) and the mean
     KL(p_teacher || p_student) per sample at the given temperature."""

@@ -145,6 +145,14 @@ def test_evaluate_matches_the_summary(finished_run: Path, capsys: pytest.Capture
     shown = re.search(r"top-1 ([0-9.]+)%", out)
     assert shown and float(shown.group(1)) == pytest.approx(top1, abs=0.1), out
 
+    # flip test-time augmentation, beside the plain top-1, never in place of it
+    assert main(["evaluate", str(ckpt), "--json", "--device", "cpu", "--tta", "flip"]) == 0
+    flipped = json.loads(capsys.readouterr().out)["test"]
+    assert flipped["top1"] == metrics["test"]["top1"] and 0 < flipped["top1_tta"] <= 100
+    assert flipped["nll_tta"] != flipped["nll"]
+    assert main(["evaluate", str(ckpt), "--device", "cpu", "--tta", "flip"]) == 0
+    assert f"(flip TTA {flipped['top1_tta']:.2f}%)" in capsys.readouterr().out
+
 
 def test_train_and_distill_commands(finished_run: Path, tmp_path: Path) -> None:
     assert (

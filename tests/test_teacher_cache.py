@@ -242,6 +242,9 @@ def test_view_period_runs_the_teacher_once_over_the_first_views(small, teacher, 
     assert len(result.history) == 4 and result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     views = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["teacher_views"]
     assert views["period"] == 2 and views["build_seconds"] > 0
+    # made for this run, the teacher's pass is part of its training time
+    steps = sum(h["train_seconds"] for h in result.history)
+    assert result.train_seconds == pytest.approx(steps + views["build_seconds"])
     # the budget pays for the teacher's pass, as it would pay for a live teacher
     budgeted = kdistill.distill(
         teacher,
