@@ -822,9 +822,7 @@ def write_single_summary(
     }
     if result.budget:
         summary["budget"] = result.budget
-    cache = teacher_cache_record(result)
-    if cache:
-        summary["teacher_cache"] = cache
+    summary.update(teacher_source(result))
     if teacher_logits is not None:
         summary["agreement"] = agreement(result.test_logits, teacher_logits)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -841,9 +839,21 @@ def teacher_cache_record(result: Result) -> dict[str, Any] | None:
     """A distillation from a teacher cache: the cache's path, epochs and what building it
     cost (once, for every run that reads it: not part of this run's training time or
     budget), from the run's checkpoint. None without a cache."""
+    return teacher_source(result).get("teacher_cache")
+
+
+def teacher_source(result: Result) -> dict[str, Any]:
+    """Where a distilled student's teacher logits came from, for its summary: a teacher cache
+    (``teacher_cache``: path, epochs, build seconds: built once for every run that reads it,
+    not in this run's training time) or the teacher run once over the repeated views of
+    ``train.view_period`` (``teacher_views``: period, build seconds: in this run's training
+    time); empty for a live teacher."""
     if result.checkpoint is None or not result.checkpoint.is_file():
-        return None
-    info = load_checkpoint(result.checkpoint).get("teacher_cache")
-    if not info:
-        return None
-    return {k: info.get(k) for k in ("path", "epochs", "build_seconds")}
+        return {}
+    state = load_checkpoint(result.checkpoint)
+    source = {}
+    if state.get("teacher_cache"):
+        source["teacher_cache"] = {k: state["teacher_cache"].get(k) for k in ("path", "epochs", "build_seconds")}
+    if state.get("teacher_views"):
+        source["teacher_views"] = {k: state["teacher_views"].get(k) for k in ("period", "build_seconds")}
+    return source

@@ -25,7 +25,7 @@ from kdistill.config import RunConfig
 from kdistill.data.dataset import ImageDataset
 from kdistill.data.loader import centre_crop
 from kdistill.engine import Result, predict, select_device
-from kdistill.errors import ConfigError
+from kdistill.errors import CacheError, ConfigError
 from kdistill.evaluate import agreement, classification_metrics, profile_model
 from kdistill.export import EXPORT_HINT, deploy, onnx_available
 from kdistill.files import atomic_write, atomic_write_text
@@ -45,6 +45,7 @@ from kdistill.runs import (
     profile_seconds,
     spec_for,
     teacher_cache_record,
+    teacher_source,
     teacher_to_train,
     test_set,
     train_config,
@@ -186,6 +187,11 @@ def _train_phases(cfg: RunConfig, ds: ImageDataset, device, run_dir: Path, resum
     if cfg.distill.teacher_cache and not loaded:
         raise ConfigError(
             "distill.teacher_cache: a teacher cache needs a trained teacher (teacher.checkpoint or --teacher-checkpoint), not one trained in this run"
+        )
+    if cfg.distill.teacher_cache and not Path(cfg.distill.teacher_cache).is_file():  # before any phase trains
+        raise CacheError(
+            f"distill.teacher_cache: {cfg.distill.teacher_cache} does not exist; make it first with "
+            f"`kdistill cache-teacher --teacher <checkpoint> --out {cfg.distill.teacher_cache}` (the run's config and data)"
         )
     if loaded:
         teacher, teacher_spec = loaded
@@ -388,6 +394,7 @@ def _evaluate(
             # flip TTA's and the raw weights' top-1 (train.eval_tta, train.ema), from the phase's own test evaluation
             entry["test"].update({k: r.metrics[k] for k in ("top1_tta", "nll_tta", "top1_raw") if k in r.metrics})
             entry.update(train_seconds=r.train_seconds, images_per_second=r.images_per_second, epochs=len(r.history))
+            entry.update(teacher_source(r))  # a teacher cache, or the teacher run once over repeated views
             if r.budget:
                 entry["budget"] = r.budget
         else:

@@ -307,6 +307,7 @@ def test_report_command_compares_two_runs(tmp_path: Path, capsys: pytest.Capture
     shared["models"]["teacher"].update(train_seconds=0.0, images_per_second=None)
     shared["models"]["baseline"].update(train_seconds=12.5, images_per_second=250.0)
     shared["wall_seconds"] = 30.0
+    shared["models"]["distilled"]["teacher_cache"] = {"path": "c.pt", "epochs": 12, "build_seconds": 6.4}
     (b / "summary.json").write_text(json.dumps(shared))
     out = tmp_path / "cmp"
     assert main(["report", str(a), str(b), "--output", str(out)]) == 0
@@ -323,11 +324,18 @@ def test_report_command_compares_two_runs(tmp_path: Path, capsys: pytest.Capture
     assert "Over these runs the distillation gain is" in text
     # what each run cost: each phase's time and images/s, the run's wall time, the totals
     cost = text[text.index("## What each run cost") :]
-    assert "| t2 | 10 s (100 img/s) | 10 s (100 img/s) | 10 s (100 img/s) | 1 s |" in cost
-    assert "| t4 | – | 12 s (250 img/s) | 10 s (100 img/s) | 30 s |" in cost  # 12.5 rounds to even
-    assert "| total | 10 s | 22 s | 20 s | 31 s |" in cost
+    assert "| t2 | 10 s (100 img/s) | 10 s (100 img/s) | 10 s (100 img/s) | – | 1 s |" in cost
+    # 12.5 rounds to even; the teacher cache b's student read, built once, beside its training
+    assert "| t4 | – | 12 s (250 img/s) | 10 s (100 img/s) | 6 s (12 epochs of views) | 30 s |" in cost
+    assert "| total | 10 s | 22 s | 20 s | 6 s | 31 s |" in cost
     written = json.loads((out / "summary.json").read_text())["cost"]
-    assert written["total"] == {"teacher": 10.0, "baseline": 22.5, "distilled": 20.0, "wall_seconds": 31.0}
+    assert written["total"] == {
+        "teacher": 10.0,
+        "baseline": 22.5,
+        "distilled": 20.0,
+        "wall_seconds": 31.0,
+        "teacher_cache_seconds": 6.4,
+    }
     assert written["runs"][1]["phases"]["teacher"] == {"train_seconds": None, "images_per_second": None}
     over = json.loads((out / "summary.json").read_text())["statistics"]
     assert over["gain"]["n"] == 2 and over["gain"]["low"] <= over["gain"]["mean"] <= over["gain"]["high"]
@@ -647,3 +655,17 @@ def test_report_states_what_the_gain_cost(tmp_path: Path) -> None:
     text = write_report(run).read_text()
     assert "What it cost: training teacher 10 s (100 img/s), student alone (baseline) 10 s (100 img/s)" in text
     assert "the whole study 1 s of wall time" in text
+    assert "teacher cache" not in text and "views repeated" not in text
+
+    # a distilled student that read a teacher cache: its cost named, outside the student's time
+    summary = json.loads((run / "summary.json").read_text())
+    summary["models"]["distilled"]["teacher_cache"] = {"path": "c.pt", "epochs": 12, "build_seconds": 42.4}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = write_report(run).read_text()
+    assert "from a teacher cache (12 epoch(s) of views) built in 42 s once for every run that reads it" in text
+    # one whose views repeated (train.view_period): the teacher's one pass, inside its time
+    del summary["models"]["distilled"]["teacher_cache"]
+    summary["models"]["distilled"]["teacher_views"] = {"period": 4, "build_seconds": 7.6}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = write_report(run).read_text()
+    assert "views repeated every 4 epoch(s): its teacher ran over them once (8 s, in its training time)" in text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,30 @@ def test_view_period_refuses_feature_methods_in_one_line(small, teacher) -> None
     with pytest.raises(ConfigError, match="train.view_period=2") as err:
         kdistill.distill(teacher, _model("seed_student", 1), small, methods="at", epochs=1, device="cpu", view_period=2)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_study_records_where_its_distilled_students_teacher_logits_came_from(tmp_path: Path) -> None:
+    """`kdistill run` with repeated views, then with a teacher cache: summary.json and the
+    report say so, with each pass's cost and whether it is in the student's training time."""
+    from kdistill.cli import main
+
+    common = ["--epochs", "1", "--device", "cpu", "--output-dir", str(tmp_path), "--set", "deploy.onnx=false"]
+    assert main(["run", "--name", "views", "--set", "distill.train.view_period=2", *common]) == 0
+    views = json.loads((tmp_path / "views" / "summary.json").read_text())["models"]["distilled"]
+    assert views["teacher_views"]["period"] == 2 and views["teacher_views"]["build_seconds"] > 0
+    assert "teacher_cache" not in views
+    assert "its teacher ran over them once" in (tmp_path / "views" / "report.md").read_text()
+
+    teacher = tmp_path / "views" / "teacher" / "checkpoint.pt"
+    cache = tmp_path / "c.pt"
+    run = ["run", "--name", "cached", "--teacher-checkpoint", str(teacher), "--set", f"distill.teacher_cache={cache}"]
+    assert main([*run, *common]) == 2  # no cache yet: refused before any phase trains
+    assert not (tmp_path / "cached" / "baseline" / "checkpoint.pt").exists()
+    assert main(["cache-teacher", "--teacher", str(teacher), "--out", str(cache), "--epochs", "1"]) == 0
+    assert main([*run, *common]) == 0
+    cached = json.loads((tmp_path / "cached" / "summary.json").read_text())["models"]["distilled"]
+    assert cached["teacher_cache"]["path"] == str(cache) and cached["teacher_cache"]["epochs"] == 1
+    assert cached["teacher_cache"]["build_seconds"] == pytest.approx(TeacherCache.load(cache).build_seconds)
+    assert "teacher_views" not in cached
+    assert "from a teacher cache (1 epoch(s) of views)" in (tmp_path / "cached" / "report.md").read_text()

@@ -169,8 +169,15 @@ def cost_over_runs(runs: list[Run]) -> dict[str, Any]:
                 "train_seconds": m["train_seconds"] if trained else None,
                 "images_per_second": m.get("images_per_second") if trained else None,
             }
-        per_run.append({"run": r.name, "phases": phases, "wall_seconds": r.summary.get("wall_seconds")})
+        cache = (r.models.get("distilled") or {}).get("teacher_cache")
+        per_run.append(
+            {"run": r.name, "phases": phases, "wall_seconds": r.summary.get("wall_seconds"), "teacher_cache": cache}
+        )
     total = {p: sum(e["phases"][p]["train_seconds"] or 0 for e in per_run) for p in PHASES}
+    caches = {
+        e["teacher_cache"]["path"]: e["teacher_cache"]["build_seconds"] or 0 for e in per_run if e["teacher_cache"]
+    }
+    total["teacher_cache_seconds"] = sum(caches.values())  # each cache built once, however many runs read it
     walls = [e["wall_seconds"] for e in per_run]
     total["wall_seconds"] = sum(walls) if None not in walls else None
     return {"runs": per_run, "total": total}
@@ -184,19 +191,33 @@ def _cost_blocks(cost: dict[str, Any]) -> list[Block]:
             return "–"
         return f"{entry['train_seconds']:.0f} s ({fmt_num(entry['images_per_second'], '.0f')} img/s)"
 
+    def cache(entry: dict[str, Any]) -> str:
+        c = entry["teacher_cache"]
+        return f"{c['build_seconds']:.0f} s ({c['epochs']} epochs of views)" if c else "–"
+
     rows = [
-        [e["run"], *(phase(e["phases"][p]) for p in PHASES), fmt_num(e["wall_seconds"], ".0f", " s")]
+        [e["run"], *(phase(e["phases"][p]) for p in PHASES), cache(e), fmt_num(e["wall_seconds"], ".0f", " s")]
         for e in cost["runs"]
     ]
     total = cost["total"]
-    rows.append(["total", *(f"{total[p]:.0f} s" for p in PHASES), fmt_num(total["wall_seconds"], ".0f", " s")])
+    rows.append(
+        [
+            "total",
+            *(f"{total[p]:.0f} s" for p in PHASES),
+            f"{total['teacher_cache_seconds']:.0f} s" if total["teacher_cache_seconds"] else "–",
+            fmt_num(total["wall_seconds"], ".0f", " s"),
+        ]
+    )
+    headers = ["run", *(f"{label(p)}: training" for p in PHASES), "teacher cache: built", "whole run (wall)"]
     return [
         Heading("What each run cost", 2),
-        Table(["run", *(f"{label(p)}: training" for p in PHASES), "whole run (wall)"], rows, right={1, 2, 3, 4}),
+        Table(headers, rows, right={1, 2, 3, 4, 5}),
         Note(
             "Training: each phase's training time and its median training images/s (– where the run did not train "
-            "that phase: a teacher shared with another run, a checkpoint given). Whole run: the wall time of the run, "
-            "evaluation, profiling, export and report included."
+            "that phase: a teacher shared with another run, a checkpoint given). Teacher cache: the time it took to "
+            "build the cache the distilled student read its teacher's logits from, once for every run that reads it "
+            "(not in the distilled student's training time; the total counts each cache once). Whole run: the wall "
+            "time of the run, evaluation, profiling, export and report included."
         ),
     ]
 

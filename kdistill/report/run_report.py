@@ -107,7 +107,20 @@ def cost_sentence(summary: dict[str, Any]) -> str | None:
         f"({m['images_per_second']:.0f} img/s{_at_size(m, models)})"
         for p, m in phases
     )
-    return f"What it cost: training {parts}; the whole study {summary['wall_seconds']:.0f} s of wall time."
+    text = f"What it cost: training {parts}; the whole study {summary['wall_seconds']:.0f} s of wall time."
+    views = (models.get("distilled") or {}).get("teacher_views")
+    if views:
+        text += (
+            f" The distilled student's views repeated every {views['period']} epoch(s): its teacher ran over them once "
+            f"({views['build_seconds']:.0f} s, in its training time)."
+        )
+    cache = (models.get("distilled") or {}).get("teacher_cache")
+    if cache:
+        text += (
+            f" The distilled student read its teacher's logits from a teacher cache ({cache['epochs']} epoch(s) of views) "
+            f"built in {cache['build_seconds']:.0f} s once for every run that reads it: not in its training time."
+        )
+    return text
 
 
 def _at_size(model: dict[str, Any], models: dict[str, Any]) -> str:
