@@ -663,6 +663,9 @@ def test_report_states_what_the_gain_cost(tmp_path: Path) -> None:
     (run / "summary.json").write_text(json.dumps(summary))
     text = write_report(run).read_text()
     assert "from a teacher cache (12 epoch(s) of views) built in 42 s once for every run that reads it" in text
+    summary["models"]["distilled"]["teacher_cache"]["build_seconds"] = None  # a cache made before it was recorded
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert "(12 epoch(s) of views) built once for every run" in write_report(run).read_text()
     # one whose views repeated (train.view_period): the teacher's one pass, inside its time
     del summary["models"]["distilled"]["teacher_cache"]
     summary["models"]["distilled"]["teacher_views"] = {"period": 4, "build_seconds": 7.6}

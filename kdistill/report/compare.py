@@ -193,7 +193,9 @@ def _cost_blocks(cost: dict[str, Any]) -> list[Block]:
 
     def cache(entry: dict[str, Any]) -> str:
         c = entry["teacher_cache"]
-        return f"{c['build_seconds']:.0f} s ({c['epochs']} epochs of views)" if c else "–"
+        if not c:
+            return "–"
+        return f"{fmt_num(c['build_seconds'], '.0f', ' s')} ({c['epochs']} epochs of views)"
 
     rows = [
         [e["run"], *(phase(e["phases"][p]) for p in PHASES), cache(e), fmt_num(e["wall_seconds"], ".0f", " s")]

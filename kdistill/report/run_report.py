@@ -118,7 +118,8 @@ def cost_sentence(summary: dict[str, Any]) -> str | None:
     if cache:
         text += (
             f" The distilled student read its teacher's logits from a teacher cache ({cache['epochs']} epoch(s) of views) "
-            f"built in {cache['build_seconds']:.0f} s once for every run that reads it: not in its training time."
+            + (f"built in {cache['build_seconds']:.0f} s " if cache.get("build_seconds") is not None else "built ")
+            + "once for every run that reads it: not in its training time."
         )
     return text
 
