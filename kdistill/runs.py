@@ -835,13 +835,6 @@ def write_single_summary(
     )
 
 
-def teacher_cache_record(result: Result) -> dict[str, Any] | None:
-    """A distillation from a teacher cache: the cache's path, epochs and what building it
-    cost (once, for every run that reads it: not part of this run's training time or
-    budget), from the run's checkpoint. None without a cache."""
-    return teacher_source(result).get("teacher_cache")
-
-
 def teacher_source(result: Result) -> dict[str, Any]:
     """Where a distilled student's teacher logits came from, for its summary: a teacher cache
     (``teacher_cache``: path, epochs, build seconds: built once for every run that reads it,

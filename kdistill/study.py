@@ -44,7 +44,6 @@ from kdistill.runs import (
     open_run_dir,
     profile_seconds,
     spec_for,
-    teacher_cache_record,
     teacher_source,
     teacher_to_train,
     test_set,
@@ -280,7 +279,6 @@ class StudyBudget:
         self.remaining = list(plan.phases)
         self.results: dict[str, dict[str, Any]] = {}
         self.steps: int | None = None  # the student alone's steps, every later student's
-        self.cache: dict[str, Any] | None = None  # the teacher cache the distilled student read
         # how far past the budget the students after the first may go to reach its steps: one
         # epoch and its evaluation of the dearest of them (as measured), for all of them together
         self.allowance = max(
@@ -333,8 +331,6 @@ class StudyBudget:
     def spent(self, phase: str, result: Result) -> None:
         b = result.budget or {}
         self.results[phase] = {"spent_seconds": b.get("wall_seconds"), "steps": b.get("steps")}
-        if phase == "distilled" and self.cfg.distill.teacher_cache:
-            self.cache = distributed.on_main(lambda: teacher_cache_record(result))
         if self.steps is not None and b.get("steps") is not None and b["steps"] < self.steps:
             log(
                 f"warning: {phase}: the budget ran out after {b['steps']} of the student alone's {self.steps} steps "
@@ -349,8 +345,6 @@ class StudyBudget:
             record["phases"][phase].update(spent)
         record["evaluation"] = {"planned_seconds": self.plan.reserve, "spent_seconds": time.perf_counter() - trained}
         record["student_steps"] = self.steps
-        if self.cache:  # built before the study, once for every run that reads it: not in this budget
-            record["teacher_cache"] = self.cache
         return record
 
 
@@ -394,7 +388,8 @@ def _evaluate(
             # flip TTA's and the raw weights' top-1 (train.eval_tta, train.ema), from the phase's own test evaluation
             entry["test"].update({k: r.metrics[k] for k in ("top1_tta", "nll_tta", "top1_raw") if k in r.metrics})
             entry.update(train_seconds=r.train_seconds, images_per_second=r.images_per_second, epochs=len(r.history))
-            entry.update(teacher_source(r))  # a teacher cache, or the teacher run once over repeated views
+            if name == "distilled":  # a teacher cache, or the teacher run once over repeated views
+                entry.update(teacher_source(r))
             if r.budget:
                 entry["budget"] = r.budget
         else:
@@ -455,6 +450,9 @@ def _summarise(
         summary["deployment"] = deployment
     if spending is not None:
         summary["budget_plan"] = spending()
+        cache = summary_models["distilled"].get("teacher_cache")
+        if cache:  # built before the study, once for every run that reads it: not in this budget
+            summary["budget_plan"]["teacher_cache"] = cache
     summary["headline"] = headline(summary)
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     report = write_report(run_dir)
